@@ -1,0 +1,32 @@
+# The README's two commands: `make sandbox` (the main job) and `make test` (every test).
+# Each installs what it needs first, idempotently.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: sandbox test deps lint bench build
+
+deps:
+	bash scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+## The main job. Until the migration sandbox lands it replays the data-plane demo:
+## isthmus <-> wireguard-go in two network namespaces, ping and a transfer, a report.
+sandbox: build
+	bash scripts/sandbox.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Every test: formatting and lints, unit tests, and the end-to-end tests in network
+## namespaces (needs root, TUN and iproute2; installs wireguard-go, wireguard-tools, iperf3).
+test: deps lint
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) test --release --workspace -- --test-threads=2
+
+## Throughput side by side with wireguard-go and boringtun-cli; writes docs/benchmarks.md.
+bench: build
+	bash scripts/build-peers.sh
+	bash benches/netns-throughput.sh

@@ -1,0 +1,440 @@
+//! The packet engine, free of I/O: packets and datagrams come in through method calls,
+//! whatever must go out leaves through a [`Transmit`] sink. The threads and sockets that
+//! feed it live in `io`; tests and benchmarks can drive it directly.
+//!
+//! Outbound packets find their peer by longest-prefix match over allowed IPs; inbound
+//! datagrams by receiver index (or, for a handshake initiation, by the static key inside it).
+//! Decrypted packets are checked against the sender's allowed IPs (cryptokey routing).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ip_network_table::IpNetworkTable;
+use parking_lot::{Mutex, RwLock};
+use rand_core::RngCore;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use super::config::{DeviceConfig, SetEffects};
+use super::drops::{DropCounters, DropReason};
+use super::peer::Peer;
+use crate::key::Key;
+use crate::uapi::{DeviceSnapshot, PeerSnapshot};
+
+/// Handshakes per second the whole device answers before it demands cookies (boringtun's
+/// and wireguard-go's order of magnitude).
+const DEVICE_HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// A buffer this large holds any datagram or packet the engine produces.
+pub const MAX_PACKET: usize = 65_535 + 32;
+
+const COOKIE_REPLY_TYPE: u8 = 3;
+
+/// Where the engine's output goes.
+pub trait Transmit {
+    fn send(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<()>;
+    fn write_tun(&self, packet: &[u8]) -> io::Result<()>;
+}
+
+#[derive(Clone)]
+struct Identity {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Identity {
+    fn new(private: Key) -> Identity {
+        let secret = StaticSecret::from(private.0);
+        let public = PublicKey::from(&secret);
+        let limiter = Arc::new(RateLimiter::new(&public, DEVICE_HANDSHAKE_RATE_LIMIT));
+        Identity {
+            secret,
+            public,
+            limiter,
+        }
+    }
+}
+
+/// An immutable view of the configured device; replaced whole on every reconfiguration so
+/// the packet path never sees half a change.
+struct State {
+    config: DeviceConfig,
+    identity: Option<Identity>,
+    by_key: HashMap<Key, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    routes: IpNetworkTable<Arc<Peer>>,
+}
+
+impl State {
+    fn route(&self, addr: IpAddr) -> Option<&Arc<Peer>> {
+        self.routes.longest_match(addr).map(|(_, p)| p)
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            config: DeviceConfig::default(),
+            identity: None,
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            routes: IpNetworkTable::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Device {
+    state: RwLock<Arc<State>>,
+    /// Serialises reconfigurations (readers never take it).
+    reconfigure_lock: Mutex<()>,
+    drops: DropCounters,
+}
+
+impl Device {
+    pub fn new() -> Device {
+        Device::default()
+    }
+
+    fn state(&self) -> Arc<State> {
+        self.state.read().clone()
+    }
+
+    pub fn config(&self) -> DeviceConfig {
+        self.state().config.clone()
+    }
+
+    pub fn drops(&self) -> &DropCounters {
+        &self.drops
+    }
+
+    /// Moves the device to `next`. Peers whose key, preshared key and keepalive are unchanged
+    /// keep their sessions; removed peers are forgotten at once.
+    pub fn reconfigure(&self, next: DeviceConfig, effects: &SetEffects, out: &dyn Transmit) {
+        let _serial = self.reconfigure_lock.lock();
+        let old = self.state();
+        let identity_changed = old.config.private_key != next.private_key;
+        let identity = if identity_changed {
+            next.private_key.map(Identity::new)
+        } else {
+            old.identity.clone()
+        };
+        let secret = identity.as_ref().map(|i| &i.secret);
+
+        let mut by_key = HashMap::with_capacity(next.peers.len());
+        let mut by_index = HashMap::with_capacity(next.peers.len());
+        let mut routes = IpNetworkTable::new();
+        for pc in &next.peers {
+            let peer = match (
+                old.by_key.get(&pc.public_key),
+                old.config.peer(&pc.public_key),
+            ) {
+                (Some(peer), Some(before)) => {
+                    if identity_changed || before.session_params_differ(pc) {
+                        peer.rebuild_session(pc, secret);
+                    }
+                    if before.endpoint != pc.endpoint {
+                        if let Some(ep) = pc.endpoint {
+                            peer.set_endpoint(ep);
+                        }
+                    }
+                    peer.clone()
+                }
+                _ => {
+                    let index = fresh_index(&old.by_index, &by_index);
+                    Arc::new(Peer::new(pc, index, secret))
+                }
+            };
+            for net in &pc.allowed_ips {
+                routes.insert(*net, peer.clone());
+            }
+            by_index.insert(peer.index, peer.clone());
+            by_key.insert(pc.public_key, peer);
+        }
+        for (key, ep) in &effects.endpoints {
+            if let Some(peer) = by_key.get(key) {
+                peer.set_endpoint(*ep);
+            }
+        }
+        let state = Arc::new(State {
+            config: next,
+            identity,
+            by_key,
+            by_index,
+            routes,
+        });
+        *self.state.write() = state.clone();
+
+        let mut buf = vec![0u8; 256];
+        for key in &effects.keepalive_started {
+            if let Some(peer) = state.by_key.get(key) {
+                self.send_keepalive(peer, &mut buf, out);
+            }
+        }
+    }
+
+    /// A keepalive now (or a handshake initiation when there is no session yet).
+    fn send_keepalive(&self, peer: &Peer, buf: &mut [u8], out: &dyn Transmit) {
+        let mut guard = peer.tunn.lock();
+        if let Some(tunn) = guard.as_mut() {
+            if let TunnResult::WriteToNetwork(data) = tunn.encapsulate(&[], buf) {
+                self.send_to_peer(peer, data, out);
+            }
+        }
+    }
+
+    /// What `wg show` reports: the configuration plus each peer's live endpoint and counters.
+    pub fn snapshot(&self) -> DeviceSnapshot {
+        let state = self.state();
+        let peers = state
+            .config
+            .peers
+            .iter()
+            .filter_map(|pc| {
+                let live = state.by_key.get(&pc.public_key)?;
+                Some(PeerSnapshot {
+                    public_key: pc.public_key,
+                    preshared_key: pc.preshared_key,
+                    endpoint: live.endpoint(),
+                    last_handshake: live.last_handshake(),
+                    tx_bytes: live.tx_bytes(),
+                    rx_bytes: live.rx_bytes(),
+                    persistent_keepalive: pc.persistent_keepalive,
+                    allowed_ips: pc.allowed_ips.clone(),
+                })
+            })
+            .collect();
+        DeviceSnapshot {
+            private_key: state.config.private_key,
+            listen_port: state.config.listen_port,
+            fwmark: state.config.fwmark,
+            peers,
+        }
+    }
+
+    /// A packet read from the TUN device: encrypt it for the peer that owns its destination.
+    pub fn handle_outbound(&self, packet: &[u8], buf: &mut [u8], out: &dyn Transmit) {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            self.drops.record(DropReason::Malformed);
+            return;
+        };
+        let state = self.state();
+        let Some(peer) = state.route(dst) else {
+            self.drops.record(DropReason::NoRoute);
+            return;
+        };
+        let mut guard = peer.tunn.lock();
+        let Some(tunn) = guard.as_mut() else {
+            self.drops.record(DropReason::NoRoute);
+            return;
+        };
+        match tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
+            TunnResult::Err(e) => tracing::debug!(error = ?e, "encapsulate failed"),
+            _ => {}
+        }
+    }
+
+    /// A datagram received on the UDP socket from `from`.
+    pub fn handle_inbound(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        out: &dyn Transmit,
+    ) {
+        let state = self.state();
+        let packet = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                self.drops.record(DropReason::Malformed);
+                return;
+            }
+        };
+        let peer = match &packet {
+            Packet::HandshakeInit(init) => {
+                let Some(id) = &state.identity else {
+                    self.drops.record(DropReason::UnknownPeer);
+                    return;
+                };
+                // MAC check and device-wide load shedding before any Diffie-Hellman work.
+                match id.limiter.verify_packet(Some(from.ip()), datagram, buf) {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let _ = out.send(from, cookie);
+                        self.drops.record(DropReason::UnderLoad);
+                        return;
+                    }
+                    Err(_) => {
+                        self.drops.record(DropReason::HandshakeRejected);
+                        return;
+                    }
+                }
+                let half = match parse_handshake_anon(&id.secret, &id.public, init) {
+                    Ok(h) => h,
+                    Err(_) => {
+                        self.drops.record(DropReason::HandshakeRejected);
+                        return;
+                    }
+                };
+                match state.by_key.get(&Key(half.peer_static_public)) {
+                    Some(p) => p,
+                    None => {
+                        self.drops.record(DropReason::UnknownPeer);
+                        return;
+                    }
+                }
+            }
+            Packet::HandshakeResponse(p) => match state.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(peer) => peer,
+                None => return self.drops.record(DropReason::UnknownIndex),
+            },
+            Packet::PacketCookieReply(p) => match state.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(peer) => peer,
+                None => return self.drops.record(DropReason::UnknownIndex),
+            },
+            Packet::PacketData(p) => match state.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(peer) => peer,
+                None => return self.drops.record(DropReason::UnknownIndex),
+            },
+        };
+        let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
+
+        let mut guard = peer.tunn.lock();
+        let Some(tunn) = guard.as_mut() else {
+            self.drops.record(DropReason::UnknownPeer);
+            return;
+        };
+        match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+            TunnResult::Done => {
+                if !is_cookie {
+                    peer.add_rx(datagram.len());
+                    peer.set_endpoint(from);
+                }
+            }
+            TunnResult::Err(e) => self.drops.record(reason_for(&e)),
+            TunnResult::WriteToNetwork(reply) => {
+                if reply.first() == Some(&COOKIE_REPLY_TYPE) {
+                    // The peer's own limiter is shedding load: it answered with a cookie.
+                    let _ = out.send(from, reply);
+                    self.drops.record(DropReason::UnderLoad);
+                    return;
+                }
+                peer.add_rx(datagram.len());
+                peer.set_endpoint(from);
+                self.send_to_peer(peer, reply, out);
+                // A completed handshake releases the packets queued while it ran.
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
+                    self.send_to_peer(peer, queued, out);
+                }
+            }
+            TunnResult::WriteToTunnelV4(inner, src) => self.deliver(
+                &state,
+                peer,
+                IpAddr::V4(src),
+                inner,
+                from,
+                datagram.len(),
+                out,
+            ),
+            TunnResult::WriteToTunnelV6(inner, src) => self.deliver(
+                &state,
+                peer,
+                IpAddr::V6(src),
+                inner,
+                from,
+                datagram.len(),
+                out,
+            ),
+        }
+    }
+
+    /// Cryptokey routing on receive: only sources inside the sender's allowed IPs pass.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &self,
+        state: &State,
+        peer: &Arc<Peer>,
+        src: IpAddr,
+        inner: &[u8],
+        from: SocketAddr,
+        wire_len: usize,
+        out: &dyn Transmit,
+    ) {
+        // The datagram authenticated, so it counts and the peer may have roamed.
+        peer.add_rx(wire_len);
+        peer.set_endpoint(from);
+        match state.route(src) {
+            Some(owner) if Arc::ptr_eq(owner, peer) => {
+                if out.write_tun(inner).is_err() {
+                    self.drops.record(DropReason::IoError);
+                }
+            }
+            _ => self.drops.record(DropReason::SourceNotAllowed),
+        }
+    }
+
+    fn send_to_peer(&self, peer: &Peer, data: &[u8], out: &dyn Transmit) {
+        let Some(endpoint) = peer.endpoint() else {
+            self.drops.record(DropReason::NoEndpoint);
+            return;
+        };
+        match out.send(endpoint, data) {
+            Ok(()) => peer.add_tx(data.len()),
+            Err(e) => {
+                tracing::debug!(%endpoint, error = %e, "send failed");
+                self.drops.record(DropReason::IoError);
+            }
+        }
+    }
+
+    /// Drives handshake retries, rekeys, keepalives and session expiry; call every ~100 ms.
+    pub fn tick(&self, buf: &mut [u8], out: &dyn Transmit) {
+        let state = self.state();
+        if let Some(id) = &state.identity {
+            id.limiter.reset_count();
+        }
+        for peer in state.by_key.values() {
+            let mut guard = peer.tunn.lock();
+            let Some(tunn) = guard.as_mut() else { continue };
+            match tunn.update_timers(buf) {
+                TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
+                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                TunnResult::Err(e) => tracing::debug!(error = ?e, "timer update failed"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn reason_for(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::UnderLoad => DropReason::UnderLoad,
+        WireGuardError::InvalidMac
+        | WireGuardError::WrongKey
+        | WireGuardError::WrongIndex
+        | WireGuardError::InvalidTai64nTimestamp
+        | WireGuardError::UnexpectedPacket => DropReason::HandshakeRejected,
+        WireGuardError::IncorrectPacketLength
+        | WireGuardError::InvalidPacket
+        | WireGuardError::WrongPacketType => DropReason::Malformed,
+        _ => DropReason::DecryptFailed,
+    }
+}
+
+/// A random 24-bit receiver index not used by the old or the new peer set, so a datagram
+/// for a removed peer can never reach its successor.
+fn fresh_index(old: &HashMap<u32, Arc<Peer>>, new: &HashMap<u32, Arc<Peer>>) -> u32 {
+    loop {
+        let index = rand_core::OsRng.next_u32() & 0x00ff_ffff;
+        if !old.contains_key(&index) && !new.contains_key(&index) {
+            return index;
+        }
+    }
+}

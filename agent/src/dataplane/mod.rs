@@ -1,0 +1,13 @@
+//! The userspace WireGuard data plane: configuration model, sans-IO engine, and the I/O
+//! that feeds it.
+
+pub mod config;
+pub mod device;
+pub mod drops;
+pub mod peer;
+pub mod sockets;
+pub mod tunnel;
+
+pub use config::{DeviceConfig, PeerConfig, SetEffects};
+pub use device::{Device, Transmit};
+pub use tunnel::Tunnel;

@@ -1,0 +1,90 @@
+//! One peer's live state: its boringtun session, where it is now, and what it moved.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
+use parking_lot::{Mutex, RwLock};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use super::config::PeerConfig;
+use crate::key::Key;
+
+pub struct Peer {
+    pub public_key: Key,
+    /// Our receiver index for this peer (24 bits; boringtun adds 8 bits of session id).
+    pub index: u32,
+    /// `None` while the device has no private key.
+    pub tunn: Mutex<Option<Tunn>>,
+    endpoint: RwLock<Option<SocketAddr>>,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+}
+
+impl Peer {
+    pub fn new(config: &PeerConfig, index: u32, private: Option<&StaticSecret>) -> Peer {
+        let peer = Peer {
+            public_key: config.public_key,
+            index,
+            tunn: Mutex::new(None),
+            endpoint: RwLock::new(config.endpoint),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+        };
+        peer.rebuild_session(config, private);
+        peer
+    }
+
+    /// Replaces the session state (after a key, preshared key or keepalive change). The
+    /// counters and endpoint survive; the next packet starts a fresh handshake.
+    pub fn rebuild_session(&self, config: &PeerConfig, private: Option<&StaticSecret>) {
+        let tunn = private.map(|secret| {
+            let keepalive =
+                (config.persistent_keepalive > 0).then_some(config.persistent_keepalive);
+            Tunn::new(
+                secret.clone(),
+                PublicKey::from(config.public_key.0),
+                config.preshared_key.map(|k| k.0),
+                keepalive,
+                self.index,
+                None::<Arc<RateLimiter>>,
+            )
+        });
+        *self.tunn.lock() = tunn;
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.read()
+    }
+
+    pub fn set_endpoint(&self, addr: SocketAddr) {
+        if self.endpoint() != Some(addr) {
+            *self.endpoint.write() = Some(addr);
+        }
+    }
+
+    pub fn add_rx(&self, n: usize) {
+        self.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_tx(&self, n: usize) {
+        self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn rx_bytes(&self) -> u64 {
+        self.rx_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn tx_bytes(&self) -> u64 {
+        self.tx_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Wall-clock time of the latest completed handshake, if the current session has one.
+    pub fn last_handshake(&self) -> Option<SystemTime> {
+        let since = self.tunn.lock().as_ref()?.time_since_last_handshake()?;
+        SystemTime::now().checked_sub(since)
+    }
+}

@@ -1,0 +1,188 @@
+//! Shared helpers for the criterion benches.
+//!
+//! The benches drive two [`boringtun::noise::Tunn`] peers entirely in memory: no sockets,
+//! no TUN device, just the WireGuard data path (framing, counters, ChaCha20-Poly1305).
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+/// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
+pub const PACKET_LEN: usize = 1420;
+
+/// WireGuard data-message overhead: 16-byte header (type, receiver index, counter) + 16-byte tag.
+pub const DATA_OVERHEAD: usize = 32;
+
+/// Size of every scratch buffer: room for an encapsulated full packet and for any handshake message.
+pub const BUF_LEN: usize = PACKET_LEN + DATA_OVERHEAD + 128;
+
+/// WireGuard message type of a transport data message (the first little-endian u32).
+const MSG_DATA: u8 = 4;
+
+/// Builds a valid IPv4/UDP packet of `len` bytes (10.0.0.1:5000 -> 10.0.0.2:5001) with a correct
+/// total length and header checksum, as boringtun checks the inner length after decryption.
+pub fn ipv4_packet(len: usize) -> Vec<u8> {
+    assert!(
+        (28..=usize::from(u16::MAX)).contains(&len),
+        "IPv4/UDP packet length {len} out of range"
+    );
+    let mut p = vec![0u8; len];
+    p[0] = 0x45; // version 4, IHL 5 (20-byte header)
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[6] = 0x40; // don't fragment
+    p[8] = 64; // TTL
+    p[9] = 17; // UDP
+    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    let checksum = ipv4_header_checksum(&p[..20]);
+    p[10..12].copy_from_slice(&checksum.to_be_bytes());
+    // UDP header; a zero checksum means "none" over IPv4.
+    p[20..22].copy_from_slice(&5000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&5001u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
+    for (i, b) in p[28..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
+}
+
+/// RFC 791 header checksum of `header` (whose checksum field must be zero).
+fn ipv4_header_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Two peers with a completed handshake: `a` is the initiator and has sent its first
+/// keepalive, so both sides hold a current session and `a -> b` data flows at once.
+pub struct TunnPair {
+    /// The initiator.
+    pub a: Tunn,
+    /// The responder.
+    pub b: Tunn,
+}
+
+impl TunnPair {
+    /// Creates two peers with fixed keys and runs the handshake in memory until both have a session.
+    pub fn connected() -> Self {
+        let secret_a = StaticSecret::from([0x11; 32]);
+        let secret_b = StaticSecret::from([0x22; 32]);
+        let public_a = PublicKey::from(&secret_a);
+        let public_b = PublicKey::from(&secret_b);
+        let mut pair = TunnPair {
+            a: Tunn::new(secret_a, public_b, None, None, 1, None),
+            b: Tunn::new(secret_b, public_a, None, None, 2, None),
+        };
+        pair.handshake();
+        pair
+    }
+
+    /// Shuttles handshake messages between the peers until no one has anything left to send.
+    fn handshake(&mut self) {
+        let mut buf = vec![0u8; BUF_LEN];
+        // (true = for b, datagram); starts with a's initiation.
+        let mut in_flight: Vec<(bool, Vec<u8>)> = Vec::new();
+        match self.a.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(init) => in_flight.push((true, init.to_vec())),
+            other => panic!("expected a handshake initiation, got {}", describe(&other)),
+        }
+        let mut deliveries = 0;
+        while let Some((to_b, datagram)) = in_flight.pop() {
+            deliveries += 1;
+            assert!(deliveries < 16, "handshake did not settle");
+            let peer = if to_b { &mut self.b } else { &mut self.a };
+            let mut input: &[u8] = &datagram;
+            // Per boringtun's contract: after WriteToNetwork, call again with an empty datagram
+            // to flush queued packets, until Done.
+            loop {
+                match peer.decapsulate(None, input, &mut buf) {
+                    TunnResult::WriteToNetwork(out) => in_flight.push((!to_b, out.to_vec())),
+                    TunnResult::Done => break,
+                    other => panic!("unexpected result during handshake: {}", describe(&other)),
+                }
+                input = &[];
+            }
+        }
+        assert!(
+            self.a.time_since_last_handshake().is_some()
+                && self.b.time_since_last_handshake().is_some(),
+            "handshake finished without a session on both sides"
+        );
+    }
+}
+
+/// One data packet `a -> b`: `a` encapsulates `packet` into `net_buf`, `b` decapsulates it into
+/// `tun_buf`. Returns the length of the inner packet `b` hands to its tunnel.
+///
+/// # Panics
+/// If either step does not give the expected result (data message, then `WriteToTunnelV4`).
+#[inline]
+pub fn round_trip(
+    a: &mut Tunn,
+    b: &mut Tunn,
+    packet: &[u8],
+    net_buf: &mut [u8],
+    tun_buf: &mut [u8],
+) -> usize {
+    let datagram: &[u8] = match a.encapsulate(packet, net_buf) {
+        TunnResult::WriteToNetwork(d) if d.first() == Some(&MSG_DATA) => d,
+        other => panic!(
+            "encapsulate: expected a data message, got {}",
+            describe(&other)
+        ),
+    };
+    match b.decapsulate(None, datagram, tun_buf) {
+        TunnResult::WriteToTunnelV4(inner, _src) => inner.len(),
+        other => panic!(
+            "decapsulate: expected WriteToTunnelV4, got {}",
+            describe(&other)
+        ),
+    }
+}
+
+/// Short human-readable name of a [`TunnResult`] for panic messages.
+fn describe(r: &TunnResult<'_>) -> String {
+    match r {
+        TunnResult::Done => "Done".into(),
+        TunnResult::Err(e) => format!("Err({e:?})"),
+        TunnResult::WriteToNetwork(p) => format!("WriteToNetwork({} bytes)", p.len()),
+        TunnResult::WriteToTunnelV4(p, _) => format!("WriteToTunnelV4({} bytes)", p.len()),
+        TunnResult::WriteToTunnelV6(p, _) => format!("WriteToTunnelV6({} bytes)", p.len()),
+    }
+}
+
+/// True when the bench binary runs under `cargo bench` (which passes `--bench`), false under
+/// `cargo test --benches` or `--list`, where the benches should only smoke-test.
+pub fn bench_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_header_is_valid() {
+        let p = ipv4_packet(PACKET_LEN);
+        assert_eq!(p.len(), PACKET_LEN);
+        assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, PACKET_LEN);
+        // A header with its checksum filled in sums to zero.
+        assert_eq!(ipv4_header_checksum(&p[..20]), 0);
+    }
+
+    #[test]
+    fn pair_round_trips() {
+        let mut pair = TunnPair::connected();
+        let packet = ipv4_packet(PACKET_LEN);
+        let (mut net, mut tun) = (vec![0u8; BUF_LEN], vec![0u8; BUF_LEN]);
+        for _ in 0..3 {
+            let n = round_trip(&mut pair.a, &mut pair.b, &packet, &mut net, &mut tun);
+            assert_eq!(&tun[..n], &packet[..]);
+        }
+    }
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs, idempotently, the Debian packages the tests, the sandbox and the benchmarks use.
+# Safe to run again and again: it only calls apt-get when something is missing.
+set -euo pipefail
+
+# command -> Debian package that provides it
+declare -A wanted=(
+  [ip]=iproute2
+  [bridge]=iproute2
+  [wg]=wireguard-tools
+  [wireguard-go]=wireguard-go
+  [iperf3]=iperf3
+  [ping]=iputils-ping
+  [nc]=netcat-openbsd
+  [iptables]=iptables
+  [openssl]=openssl
+  [curl]=curl
+)
+
+missing=()
+for cmd in "${!wanted[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+done
+
+if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -e /dev/net/tun ]; then
+  mkdir -p /dev/net
+  mknod /dev/net/tun c 10 200
+  chmod 0666 /dev/net/tun
+fi
