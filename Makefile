@@ -21,10 +21,13 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Every test: formatting and lints, unit tests, and the end-to-end tests in network
-## namespaces (needs root, TUN and iproute2; installs wireguard-go, wireguard-tools, iperf3).
+## namespaces (needs root, TUN and iproute2). The interop peer is the current wireguard-go,
+## built once from Go modules into .cache/; Debian's older build is tested too.
 test: deps lint
+	bash scripts/build-peers.sh wireguard-go
 	$(CARGO) build --release --workspace --bins
-	$(CARGO) test --release --workspace -- --test-threads=2
+	ISTHMUS_WIREGUARD_GO=$(CURDIR)/.cache/bin/wireguard-go-current \
+	  $(CARGO) test --release --workspace -- --test-threads=2
 
 ## Throughput side by side with wireguard-go and boringtun-cli; writes docs/benchmarks.md.
 bench: build

@@ -1,0 +1,110 @@
+//! A daemon started by a test inside a namespace; stopped by its PID on drop.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts `program args` in namespace `ns` (`ip netns exec` execs, so the PID we hold is
+    /// the daemon's own), with stdout and stderr to `log`.
+    pub fn spawn(
+        ns: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> anyhow::Result<Daemon> {
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Daemon {
+            child,
+            log,
+            exited: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        if self.exited.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                self.exited = Some(status);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits up to `grace` for the exit; SIGKILL after that.
+    pub fn stop_with(&mut self, signal: i32, grace: Duration) -> Option<ExitStatus> {
+        if !self.is_running() {
+            return self.exited;
+        }
+        // SAFETY: kill on the PID of a child we have not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return self.exited;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
+        self.exited
+    }
+
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.stop_with(libc::SIGTERM, Duration::from_secs(5))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
