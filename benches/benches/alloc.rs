@@ -8,7 +8,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use isthmus_benches::{bench_mode, ipv4_packet, round_trip, TunnPair, BUF_LEN, PACKET_LEN};
+use isthmus_benches::{
+    bench_mode, ipv4_packet, round_trip, EnginePair, TunnPair, BUF_LEN, PACKET_LEN,
+};
 
 /// Forwards to [`System`], counting every allocation (`alloc`, `alloc_zeroed`, `realloc`).
 struct CountingAlloc;
@@ -64,14 +66,21 @@ fn main() {
     black_box(Vec::<u8>::with_capacity(black_box(64)));
     assert!(snapshot().0 > before, "counting allocator is not in use");
 
-    let mut pair = TunnPair::connected();
     let packet = ipv4_packet(PACKET_LEN);
+    let mut pair = TunnPair::connected();
     let (mut net, mut tun) = (vec![0u8; BUF_LEN], vec![0u8; BUF_LEN]);
-    let mut step = || {
+    measure("boringtun Tunn", warmup, packets, || {
         let n = round_trip(&mut pair.a, &mut pair.b, &packet, &mut net, &mut tun);
         assert_eq!(n, PACKET_LEN);
-    };
+    });
+    let mut engines = EnginePair::connected();
+    measure("isthmus engine", warmup, packets, || {
+        engines.round_trip(&packet);
+    });
+}
 
+/// Counts allocations over `packets` calls of `step`, after `warmup` uncounted ones.
+fn measure(name: &str, warmup: u64, packets: u64, mut step: impl FnMut()) {
     for _ in 0..warmup {
         step();
     }
@@ -81,13 +90,9 @@ fn main() {
     }
     let (allocs_1, bytes_1) = snapshot();
     let (allocs, bytes) = (allocs_1 - allocs_0, bytes_1 - bytes_0);
-
     println!(
-        "{packets} round trips of {PACKET_LEN}-byte packets after {warmup} warm-up: \
-         {allocs} allocations, {bytes} bytes"
-    );
-    println!(
-        "allocations per packet on steady state: {}",
+        "{name}: {packets} round trips of {PACKET_LEN}-byte packets after {warmup} warm-up: \
+         {allocs} allocations, {bytes} bytes; allocations per packet on steady state: {}",
         allocs as f64 / packets as f64
     );
 }

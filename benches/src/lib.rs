@@ -3,8 +3,15 @@
 //! The benches drive two [`boringtun::noise::Tunn`] peers entirely in memory: no sockets,
 //! no TUN device, just the WireGuard data path (framing, counters, ChaCha20-Poly1305).
 
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use isthmus_agent::dataplane::capture::{Capture, Output};
+use isthmus_agent::dataplane::{Device, DeviceConfig, PeerConfig, Transmit};
+use isthmus_agent::key::Key;
 
 /// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
 pub const PACKET_LEN: usize = 1420;
@@ -144,6 +151,125 @@ pub fn round_trip(
     }
 }
 
+/// Two isthmus engines ([`isthmus_agent::dataplane::Device`]) as peers, in memory: the
+/// whole per-packet path isthmus runs (allowed-IPs lookup, peer locks, counters, cryptokey
+/// check), not just boringtun's part of it.
+pub struct EnginePair {
+    pub a: Device,
+    pub b: Device,
+    sink_a: LastOutput,
+    sink_b: LastOutput,
+    scratch: Vec<u8>,
+}
+
+/// A [`Transmit`] that keeps only the last output in a reused buffer: no allocation.
+struct LastOutput {
+    buf: RefCell<Vec<u8>>,
+    len: Cell<usize>,
+}
+
+impl LastOutput {
+    fn new() -> Self {
+        LastOutput {
+            buf: RefCell::new(vec![0; BUF_LEN]),
+            len: Cell::new(0),
+        }
+    }
+
+    fn keep(&self, data: &[u8]) -> io::Result<()> {
+        self.buf.borrow_mut()[..data.len()].copy_from_slice(data);
+        self.len.set(data.len());
+        Ok(())
+    }
+}
+
+impl Transmit for LastOutput {
+    fn send(&self, _to: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        self.keep(datagram)
+    }
+    fn write_tun(&self, packet: &[u8]) -> io::Result<()> {
+        self.keep(packet)
+    }
+}
+
+const ENGINE_ADDR_A: &str = "192.0.2.1:51820";
+const ENGINE_ADDR_B: &str = "192.0.2.2:51820";
+
+impl EnginePair {
+    /// Two engines that are each other's peer (10.0.0.1 <-> 10.0.0.2), handshake done.
+    pub fn connected() -> Self {
+        let (ka, kb) = (Key([0x11; 32]), Key([0x22; 32]));
+        let config = |own: Key, peer: Key, endpoint: &str, allowed: &str| {
+            let mut pc = PeerConfig::new(peer.public_from_private());
+            pc.endpoint = Some(endpoint.parse().expect("endpoint"));
+            pc.allowed_ips = vec![allowed.parse().expect("prefix")];
+            DeviceConfig {
+                private_key: Some(own),
+                listen_port: 51820,
+                fwmark: 0,
+                peers: vec![pc],
+            }
+        };
+        let setup = Capture::default();
+        let (a, b) = (Device::new(), Device::new());
+        a.reconfigure(
+            config(ka, kb, ENGINE_ADDR_B, "10.0.0.2/32"),
+            &Default::default(),
+            &setup,
+        );
+        b.reconfigure(
+            config(kb, ka, ENGINE_ADDR_A, "10.0.0.1/32"),
+            &Default::default(),
+            &setup,
+        );
+        let mut scratch = vec![0; BUF_LEN];
+        a.handle_outbound(&ipv4_packet(PACKET_LEN), &mut scratch, &setup);
+        // Shuttle until quiet: initiation, response, keepalive and the queued packet.
+        for _ in 0..8 {
+            for out in setup.take() {
+                if let Output::Datagram(to, d) = out {
+                    let (dev, from) = if to.to_string() == ENGINE_ADDR_B {
+                        (&b, ENGINE_ADDR_A)
+                    } else {
+                        (&a, ENGINE_ADDR_B)
+                    };
+                    dev.handle_inbound(from.parse().expect("addr"), &d, &mut scratch, &setup);
+                }
+            }
+        }
+        assert!(
+            a.snapshot().peers[0].last_handshake.is_some(),
+            "engines did not complete a handshake"
+        );
+        EnginePair {
+            a,
+            b,
+            sink_a: LastOutput::new(),
+            sink_b: LastOutput::new(),
+            scratch,
+        }
+    }
+
+    /// One packet a -> b through both engines; returns the length b wrote to its TUN.
+    #[inline]
+    pub fn round_trip(&mut self, packet: &[u8]) -> usize {
+        self.sink_b.len.set(0);
+        self.a
+            .handle_outbound(packet, &mut self.scratch, &self.sink_a);
+        let datagram = self.sink_a.buf.borrow();
+        let from: SocketAddr = SocketAddr::from(([192, 0, 2, 1], 51820));
+        self.b.handle_inbound(
+            from,
+            &datagram[..self.sink_a.len.get()],
+            &mut self.scratch,
+            &self.sink_b,
+        );
+        let n = self.sink_b.len.get();
+        assert_eq!(n, packet.len(), "engine round trip lost the packet");
+        n
+    }
+}
+
 /// Short human-readable name of a [`TunnResult`] for panic messages.
 fn describe(r: &TunnResult<'_>) -> String {
     match r {
@@ -173,6 +299,15 @@ mod tests {
         assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, PACKET_LEN);
         // A header with its checksum filled in sums to zero.
         assert_eq!(ipv4_header_checksum(&p[..20]), 0);
+    }
+
+    #[test]
+    fn engines_round_trip() {
+        let mut pair = EnginePair::connected();
+        let packet = ipv4_packet(PACKET_LEN);
+        for _ in 0..3 {
+            assert_eq!(pair.round_trip(&packet), PACKET_LEN);
+        }
     }
 
     #[test]

@@ -1,0 +1,231 @@
+//! The engine driven in memory: two devices whose datagrams are handed across by the test.
+
+use std::net::SocketAddr;
+
+use super::capture::{Capture, Output};
+use super::config::{DeviceConfig, PeerConfig, SetEffects};
+use super::device::{Device, MAX_PACKET};
+use super::drops::DropReason;
+use crate::key::Key;
+
+const ADDR_A: &str = "192.0.2.1:51820";
+const ADDR_B: &str = "192.0.2.2:51820";
+
+struct Node {
+    device: Device,
+    out: Capture,
+    private: Key,
+}
+
+impl Node {
+    fn new(seed: u8) -> Node {
+        Node {
+            device: Device::new(),
+            out: Capture::default(),
+            private: Key([seed; 32]),
+        }
+    }
+
+    fn public(&self) -> Key {
+        self.private.public_from_private()
+    }
+
+    fn configure(&self, peer: &Node, endpoint: Option<&str>, allowed: &[&str]) {
+        let mut pc = PeerConfig::new(peer.public());
+        pc.endpoint = endpoint.map(|e| e.parse().unwrap());
+        pc.allowed_ips = allowed.iter().map(|n| n.parse().unwrap()).collect();
+        let cfg = DeviceConfig {
+            private_key: Some(self.private),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: vec![pc],
+        };
+        self.device
+            .reconfigure(cfg, &SetEffects::default(), &self.out);
+    }
+}
+
+/// A minimal IPv4 packet from `src` to `dst` (boringtun checks the header's length field).
+fn ipv4(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+    let len = 20 + payload;
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p
+}
+
+/// Hands every datagram `from` sent to `to`, as if it came from `source`; returns what
+/// `to` wrote to its TUN.
+fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_PACKET];
+    for o in from.out.take() {
+        match o {
+            Output::Datagram(_, d) => {
+                to.device
+                    .handle_inbound(source.parse().unwrap(), &d, &mut buf, &to.out)
+            }
+            Output::Tun(p) => panic!("unexpected TUN write {p:?}"),
+        }
+    }
+    let mut tun = Vec::new();
+    let mut rest = Vec::new();
+    for o in to.out.take() {
+        match o {
+            Output::Tun(p) => tun.push(p),
+            other => rest.push(other),
+        }
+    }
+    // Put back what `to` wants to send, for the next hop.
+    for o in rest {
+        if let Output::Datagram(addr, d) = o {
+            use super::device::Transmit;
+            let _ = to.out.send(addr, &d);
+        }
+    }
+    tun
+}
+
+fn pair() -> (Node, Node) {
+    let (a, b) = (Node::new(1), Node::new(2));
+    a.configure(&b, Some(ADDR_B), &["10.0.0.2/32"]);
+    b.configure(&a, Some(ADDR_A), &["10.0.0.1/32"]);
+    (a, b)
+}
+
+/// Sends one packet a -> b through a full handshake; returns what b's TUN received.
+fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_PACKET];
+    a.device.handle_outbound(packet, &mut buf, &a.out);
+    assert!(deliver(a, b, ADDR_A).is_empty()); // initiation -> response
+    assert!(deliver(b, a, ADDR_B).is_empty()); // response -> a sends keepalive + queued packet
+    deliver(a, b, ADDR_A)
+}
+
+#[test]
+fn packet_crosses_after_handshake() {
+    let (a, b) = pair();
+    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    let got = handshake_and_send(&a, &b, &packet);
+    assert_eq!(got, vec![packet]);
+    let snap = b.device.snapshot();
+    assert!(snap.peers[0].last_handshake.is_some());
+    assert!(snap.peers[0].rx_bytes > 0);
+}
+
+#[test]
+fn spoofed_source_is_dropped() {
+    let (a, b) = pair();
+    let spoofed = ipv4([10, 0, 0, 99], [10, 0, 0, 2], 10);
+    let got = handshake_and_send(&a, &b, &spoofed);
+    assert!(got.is_empty(), "spoofed packet delivered");
+    assert_eq!(b.device.drops().get(DropReason::SourceNotAllowed), 1);
+}
+
+#[test]
+fn outbound_without_route_is_dropped() {
+    let (a, _b) = pair();
+    let mut buf = vec![0u8; MAX_PACKET];
+    a.device
+        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 77], 10), &mut buf, &a.out);
+    assert!(a.out.take().is_empty());
+    assert_eq!(a.device.drops().get(DropReason::NoRoute), 1);
+}
+
+#[test]
+fn endpoint_follows_authenticated_source() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let moved = "198.51.100.7:4444";
+    let mut buf = vec![0u8; MAX_PACKET];
+    a.device
+        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    assert_eq!(deliver(&a, &b, moved).len(), 1);
+    let ep: SocketAddr = moved.parse().unwrap();
+    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(ep));
+
+    // A forged datagram from elsewhere does not move the endpoint.
+    let mut garbage = vec![4u8, 0, 0, 0];
+    garbage.extend([0u8; 60]);
+    b.device
+        .handle_inbound("203.0.113.1:1".parse().unwrap(), &garbage, &mut buf, &b.out);
+    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(ep));
+}
+
+#[test]
+fn unrelated_reconfiguration_keeps_the_session() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    // b gains a second peer; its session with a must survive (no new handshake needed).
+    let c = Node::new(3);
+    let mut cfg = b.device.config();
+    let mut pc = PeerConfig::new(c.public());
+    pc.allowed_ips = vec!["10.0.0.3/32".parse().unwrap()];
+    cfg.peers.push(pc);
+    b.device.reconfigure(cfg, &SetEffects::default(), &b.out);
+
+    let mut buf = vec![0u8; MAX_PACKET];
+    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
+    b.device.handle_outbound(&packet, &mut buf, &b.out);
+    let sent = b.out.take();
+    assert_eq!(sent.len(), 1);
+    match &sent[0] {
+        Output::Datagram(_, d) => assert_eq!(d[0], 4, "expected data, not a new handshake"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn handshake_flood_gets_cookie_replies() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    let (_a, b) = pair();
+    // A stranger with valid MACs (it knows b's public key) hammering b with initiations.
+    let mut stranger = Tunn::new(
+        StaticSecret::from([9u8; 32]),
+        PublicKey::from(b.public().0),
+        None,
+        None,
+        7,
+        None,
+    );
+    let mut init = vec![0u8; 256];
+    let mut buf = vec![0u8; MAX_PACKET];
+    let from: SocketAddr = "203.0.113.5:999".parse().unwrap();
+    let mut cookies = 0;
+    for _ in 0..300 {
+        let TunnResult::WriteToNetwork(msg) = stranger.format_handshake_initiation(&mut init, true)
+        else {
+            panic!("no initiation");
+        };
+        b.device.handle_inbound(from, msg, &mut buf, &b.out);
+        for o in b.out.take() {
+            if let Output::Datagram(to, d) = o {
+                assert_eq!(to, from);
+                assert_eq!(d[0], 3, "only cookie replies go to a stranger");
+                cookies += 1;
+            }
+        }
+    }
+    assert!(cookies > 0, "no cookie reply under load");
+    assert!(b.device.drops().get(DropReason::UnderLoad) > 0);
+    assert!(b.device.drops().get(DropReason::UnknownPeer) > 0);
+}
+
+#[test]
+fn removed_peer_is_forgotten_at_once() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let mut cfg = b.device.config();
+    cfg.peers.clear();
+    b.device.reconfigure(cfg, &SetEffects::default(), &b.out);
+    let mut buf = vec![0u8; MAX_PACKET];
+    a.device
+        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    assert!(deliver(&a, &b, ADDR_A).is_empty());
+    assert_eq!(b.device.drops().get(DropReason::UnknownIndex), 1);
+}
