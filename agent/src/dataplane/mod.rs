@@ -5,6 +5,7 @@ pub mod capture;
 pub mod config;
 pub mod device;
 pub mod drops;
+pub mod offload;
 pub mod peer;
 pub mod sockets;
 pub mod tunnel;

@@ -1,0 +1,348 @@
+//! Segmentation: one packet read from an offloading TUN (a virtio-net header, then up to
+//! 64 KiB of TCP or UDP) becomes the MTU-sized packets a peer expects, each with its own
+//! IP length and ID, TCP sequence number and flags, and complete checksums — what the
+//! kernel's own GSO would have put on the wire.
+
+use super::checksum::{finish, pseudo_header, sum};
+use super::virtio::{VirtioHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+use super::*;
+
+/// Why a packet read from the TUN could not be split (each is counted as malformed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SplitError {
+    #[error("packet shorter than its headers")]
+    Truncated,
+    #[error("not an IPv4 or IPv6 packet")]
+    NotIp,
+    #[error("unsupported GSO type {0}")]
+    GsoType(u8),
+    #[error("GSO type does not match the IP version")]
+    Family,
+    #[error("transport header offset or length out of range")]
+    Header,
+    #[error("segment size is zero")]
+    ZeroSegment,
+    #[error("scratch buffer too small for one segment")]
+    Scratch,
+}
+
+/// Hands `emit` every packet that `packet` (what followed `hdr` in the TUN read) stands for,
+/// in order, and returns how many. A packet that needs no segmentation is emitted in place
+/// (after completing a partial checksum); segments are built one at a time in `scratch`,
+/// which must hold headers plus one segment's payload.
+pub fn split(
+    hdr: VirtioHdr,
+    packet: &mut [u8],
+    scratch: &mut [u8],
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, SplitError> {
+    if hdr.gso_type == GSO_NONE {
+        if hdr.flags & F_NEEDS_CSUM != 0 {
+            complete_checksum(packet, hdr.csum_start.into(), hdr.csum_offset.into())?;
+        }
+        emit(packet);
+        return Ok(1);
+    }
+    let v6 = match packet.first().map(|b| b >> 4) {
+        Some(4) => false,
+        Some(6) => true,
+        _ => return Err(SplitError::NotIp),
+    };
+    let tcp = match hdr.gso_type & !GSO_ECN {
+        GSO_TCPV4 if !v6 => true,
+        GSO_TCPV6 if v6 => true,
+        GSO_TCPV4 | GSO_TCPV6 => return Err(SplitError::Family),
+        GSO_UDP_L4 => false,
+        other => return Err(SplitError::GsoType(other)),
+    };
+    // Where the transport header starts: trust csum_start, not hdr_len (the kernel may set
+    // hdr_len to the whole first segment on forwarded traffic), but check it against the IP
+    // header so every offset below is in bounds.
+    let l4 = usize::from(hdr.csum_start);
+    let ip_ok = if v6 {
+        l4 >= 40
+    } else {
+        packet.len() >= 20 && l4 == usize::from(packet[0] & 0x0f) * 4 && l4 >= 20
+    };
+    if !ip_ok || packet.len() < l4 + 8 {
+        return Err(SplitError::Header);
+    }
+    let l4_len = if tcp {
+        if packet.len() < l4 + 20 {
+            return Err(SplitError::Truncated);
+        }
+        let n = usize::from(packet[l4 + 12] >> 4) * 4;
+        if !(20..=60).contains(&n) {
+            return Err(SplitError::Header);
+        }
+        n
+    } else {
+        8
+    };
+    let hlen = l4 + l4_len;
+    if packet.len() <= hlen {
+        return Err(SplitError::Truncated);
+    }
+    let mss = usize::from(hdr.gso_size);
+    if mss == 0 {
+        return Err(SplitError::ZeroSegment);
+    }
+    let payload = packet.len() - hlen;
+    if scratch.len() < hlen + mss.min(payload) {
+        return Err(SplitError::Scratch);
+    }
+    let (proto, csum_at) = if tcp {
+        (IPPROTO_TCP, l4 + TCP_CSUM)
+    } else {
+        (IPPROTO_UDP, l4 + UDP_CSUM)
+    };
+    let segments = payload.div_ceil(mss);
+    let seq0 = if tcp { be32(packet, l4 + 4) } else { 0 };
+    let flags0 = if tcp { packet[l4 + TCP_FLAGS] } else { 0 };
+    let id0 = if v6 { 0 } else { be16(packet, 4) };
+
+    for i in 0..segments {
+        let start = hlen + i * mss;
+        let end = (start + mss).min(packet.len());
+        let len = hlen + (end - start);
+        let seg = &mut scratch[..len];
+        seg[..hlen].copy_from_slice(&packet[..hlen]);
+        seg[hlen..].copy_from_slice(&packet[start..end]);
+        if v6 {
+            put16(seg, 4, (len - 40) as u16);
+        } else {
+            put16(seg, 2, len as u16);
+            put16(seg, 4, id0.wrapping_add(i as u16));
+            put16(seg, 10, 0);
+            let c = finish(sum(&seg[..l4], 0));
+            put16(seg, 10, c);
+        }
+        if tcp {
+            put32(seg, l4 + 4, seq0.wrapping_add((i * mss) as u32));
+            let mut flags = flags0;
+            if i + 1 < segments {
+                // FIN and PSH belong to the end of the data, CWR to its start.
+                flags &= !(TCP_FIN | TCP_PSH);
+            }
+            if i > 0 {
+                flags &= !TCP_CWR;
+            }
+            seg[l4 + TCP_FLAGS] = flags;
+        } else {
+            put16(seg, l4 + 4, (len - l4) as u16);
+        }
+        put16(seg, csum_at, 0);
+        let (src, dst) = ip_addrs(seg, v6);
+        let c = finish(pseudo_header(src, dst, proto, len - l4) + sum(&seg[l4..], 0));
+        // A UDP checksum of zero means "none"; its one's-complement twin is sent instead.
+        put16(seg, csum_at, if c == 0 && !tcp { 0xffff } else { c });
+        emit(seg);
+    }
+    Ok(segments)
+}
+
+/// Completes a CHECKSUM_PARTIAL packet: the field holds the pseudo-header sum, the rest is
+/// summed from `start` to the end.
+fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(), SplitError> {
+    let at = start + offset;
+    if at + 2 > packet.len() {
+        return Err(SplitError::Truncated);
+    }
+    let c = finish(sum(&packet[start..], 0));
+    put16(packet, at, if c == 0 { 0xffff } else { c });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::checksum::fold;
+    use super::super::testpkt::{assert_valid, udp, Tcp};
+    use super::*;
+
+    /// A super-segment as the kernel hands it over: real headers, the transport checksum
+    /// field holding only the pseudo-header sum (CHECKSUM_PARTIAL).
+    fn super_segment(v6: bool, payload: usize, mss: u16, flags: u8) -> (VirtioHdr, Vec<u8>, Tcp) {
+        let mut t = Tcp::new(v6, 0xffff_f000, payload); // sequence numbers wrap inside
+        t.flags = flags;
+        let mut p = t.build();
+        let l4 = if v6 { 40 } else { 20 };
+        let (src, dst) = ip_addrs(&p, v6);
+        let partial = fold(pseudo_header(src, dst, IPPROTO_TCP, p.len() - l4));
+        put16(&mut p, l4 + TCP_CSUM, partial);
+        let hdr = VirtioHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            hdr_len: (l4 + 32) as u16,
+            gso_size: mss,
+            csum_start: l4 as u16,
+            csum_offset: TCP_CSUM as u16,
+        };
+        (hdr, p, t)
+    }
+
+    fn split_all(hdr: VirtioHdr, p: &mut [u8]) -> Result<Vec<Vec<u8>>, SplitError> {
+        let mut out = Vec::new();
+        let mut scratch = vec![0u8; 65_536];
+        let n = split(hdr, p, &mut scratch, |s| out.push(s.to_vec()))?;
+        assert_eq!(n, out.len());
+        Ok(out)
+    }
+
+    #[test]
+    fn tcp_super_segments_split_into_valid_mss_packets() {
+        // (IPv6?, payload, MSS, expected segments)
+        let cases = [
+            (false, 65_483, 1368, 48), // 64 KiB IPv4 TSO, timestamps on: MSS 1368
+            (true, 65_463, 1348, 49),  // 64 KiB IPv6
+            (false, 2 * 1368, 1368, 2),
+            (false, 1369, 1368, 2), // one byte over: a 1-byte tail
+            (false, 100, 1368, 1),  // GSO type but a single short segment
+            (true, 536 * 7 + 5, 536, 8),
+        ];
+        for (v6, payload, mss, want) in cases {
+            let (hdr, mut p, t) = super_segment(v6, payload, mss, TCP_ACK | TCP_PSH);
+            let segs = split_all(hdr, &mut p).expect("split");
+            assert_eq!(segs.len(), want, "v6={v6} payload={payload} mss={mss}");
+            let l4 = if v6 { 40 } else { 20 };
+            let mut data = Vec::new();
+            for (i, s) in segs.iter().enumerate() {
+                assert_valid(s);
+                let last = i + 1 == segs.len();
+                let plen = s.len() - l4 - 32;
+                assert!(plen == usize::from(mss) || (last && plen <= usize::from(mss)));
+                let seq = be32(s, l4 + 4);
+                assert_eq!(seq, t.seq.wrapping_add((i * usize::from(mss)) as u32));
+                assert_eq!(be32(s, l4 + 8), t.ack, "ack number kept");
+                let flags = s[l4 + TCP_FLAGS];
+                assert_eq!(flags & TCP_PSH != 0, last, "PSH only on the last segment");
+                assert!(flags & TCP_ACK != 0);
+                assert_eq!(&s[l4 + 20..l4 + 32], &t.options[..], "options copied");
+                if !v6 {
+                    assert_eq!(be16(s, 4), t.ip_id.wrapping_add(i as u16), "IPv4 ID");
+                }
+                data.extend_from_slice(&s[l4 + 32..]);
+            }
+            assert_eq!(data, t.payload, "payload reassembles");
+        }
+    }
+
+    #[test]
+    fn fin_stays_on_the_last_segment_and_cwr_on_the_first() {
+        let (mut hdr, mut p, _) = super_segment(false, 3000, 1000, TCP_ACK | TCP_FIN | TCP_CWR);
+        hdr.gso_type |= GSO_ECN;
+        let segs = split_all(hdr, &mut p).expect("split");
+        let flags: Vec<u8> = segs.iter().map(|s| s[20 + TCP_FLAGS]).collect();
+        assert_eq!(
+            flags,
+            vec![TCP_ACK | TCP_CWR, TCP_ACK, TCP_ACK | TCP_FIN],
+            "flags per segment"
+        );
+    }
+
+    #[test]
+    fn udp_super_segments_split() {
+        for v6 in [false, true] {
+            let mut p = udp(v6, 3000);
+            let l4 = if v6 { 40 } else { 20 };
+            let hdr = VirtioHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: GSO_UDP_L4,
+                hdr_len: (l4 + 8) as u16,
+                gso_size: 1200,
+                csum_start: l4 as u16,
+                csum_offset: UDP_CSUM as u16,
+            };
+            let segs = split_all(hdr, &mut p).expect("split");
+            assert_eq!(segs.len(), 3);
+            for s in &segs {
+                assert_valid(s);
+                assert_eq!(usize::from(be16(s, l4 + 4)), s.len() - l4, "UDP length");
+            }
+            assert_eq!(segs[2].len(), l4 + 8 + 600);
+        }
+    }
+
+    #[test]
+    fn partial_checksum_of_a_single_packet_is_completed_in_place() {
+        let t = Tcp::new(false, 1, 500);
+        let good = t.build();
+        let mut p = good.clone();
+        let (src, dst) = ip_addrs(&p, false);
+        let partial = fold(pseudo_header(src, dst, IPPROTO_TCP, p.len() - 20));
+        put16(&mut p, 20 + TCP_CSUM, partial);
+        let hdr = VirtioHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: TCP_CSUM as u16,
+            ..VirtioHdr::NONE
+        };
+        let segs = split_all(hdr, &mut p).expect("split");
+        assert_eq!(segs, vec![good]);
+        // Without NEEDS_CSUM the packet passes untouched.
+        let mut plain = udp(true, 10);
+        assert_eq!(
+            split_all(VirtioHdr::NONE, &mut plain).expect("split"),
+            vec![plain.clone()]
+        );
+    }
+
+    #[test]
+    fn malformed_input_is_refused() {
+        let (hdr, p, _) = super_segment(false, 5000, 1368, TCP_ACK);
+        let cases: Vec<(VirtioHdr, Vec<u8>, SplitError)> = vec![
+            (
+                VirtioHdr { gso_size: 0, ..hdr },
+                p.clone(),
+                SplitError::ZeroSegment,
+            ),
+            (
+                VirtioHdr {
+                    gso_type: GSO_TCPV6,
+                    ..hdr
+                },
+                p.clone(),
+                SplitError::Family,
+            ),
+            (
+                VirtioHdr { gso_type: 3, ..hdr },
+                p.clone(),
+                SplitError::GsoType(3),
+            ),
+            (
+                VirtioHdr {
+                    csum_start: 24,
+                    ..hdr
+                },
+                p.clone(),
+                SplitError::Header,
+            ),
+            (hdr, p[..52].to_vec(), SplitError::Truncated),
+            (hdr, p[..30].to_vec(), SplitError::Truncated),
+            (hdr, vec![0x20; 100], SplitError::NotIp),
+            (
+                VirtioHdr {
+                    flags: F_NEEDS_CSUM,
+                    csum_start: 20,
+                    csum_offset: 200,
+                    ..VirtioHdr::NONE
+                },
+                p[..100].to_vec(),
+                SplitError::Truncated,
+            ),
+        ];
+        for (hdr, mut p, want) in cases {
+            assert_eq!(split_all(hdr, &mut p), Err(want), "{hdr:?}");
+        }
+        // A TCP data offset below 5 words.
+        let (hdr, mut p, _) = super_segment(false, 5000, 1368, TCP_ACK);
+        p[20 + 12] = 4 << 4;
+        assert_eq!(split_all(hdr, &mut p), Err(SplitError::Header));
+        // Scratch too small for a segment.
+        let (hdr, mut p, _) = super_segment(false, 5000, 1368, TCP_ACK);
+        let mut small = [0u8; 1000];
+        assert_eq!(
+            split(hdr, &mut p, &mut small, |_| {}),
+            Err(SplitError::Scratch)
+        );
+    }
+}
