@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -42,14 +43,31 @@ fn pattern(offset: u64) -> u8 {
 /// Sends `bytes` of a known pattern over TCP from `from` to `to_addr` (an address in `to`)
 /// and checks that exactly those bytes arrived, in order.
 pub fn tcp_transfer(from: &Netns, to: &Netns, to_addr: IpAddr, bytes: u64) -> anyhow::Result<()> {
+    tcp_transfer_across(from, to, to_addr, bytes, || ())
+}
+
+/// [`tcp_transfer`] with `halfway` run in the middle of the stream: the receiver stops
+/// reading once half the bytes are in, `halfway` runs, then reading resumes. Whatever
+/// `halfway` changes (an address, a configuration) happens while the stream is in flight,
+/// however fast the tunnel is.
+pub fn tcp_transfer_across(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    bytes: u64,
+    halfway: impl FnOnce(),
+) -> anyhow::Result<()> {
     let listener = to.enter(move || TcpListener::bind(SocketAddr::new(to_addr, 0)))??;
     let addr = listener.local_addr()?;
+    let (half_tx, half_rx) = mpsc::channel::<()>();
+    let (resume_tx, resume_rx) = mpsc::channel::<()>();
     let server = thread::spawn(move || -> anyhow::Result<u64> {
         listener.set_nonblocking(false)?;
         let (mut conn, _) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(15)))?;
         let mut buf = vec![0u8; 64 * 1024];
         let mut offset = 0u64;
+        let mut paused = false;
         loop {
             let n = conn.read(&mut buf).context("reading the stream")?;
             if n == 0 {
@@ -61,10 +79,16 @@ pub fn tcp_transfer(from: &Netns, to: &Netns, to_addr: IpAddr, bytes: u64) -> an
                 }
             }
             offset += n as u64;
+            if !paused && offset >= bytes / 2 {
+                paused = true;
+                // Err only when the caller is gone; either way, read on.
+                let _ = half_tx.send(());
+                let _ = resume_rx.recv();
+            }
         }
     });
     let client = from.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))?;
-    let sent = (|| -> anyhow::Result<()> {
+    let writer = thread::spawn(move || -> anyhow::Result<()> {
         let mut conn = client.context("connecting through the tunnel")?;
         conn.set_write_timeout(Some(Duration::from_secs(15)))?;
         let mut buf = vec![0u8; 64 * 1024];
@@ -79,7 +103,40 @@ pub fn tcp_transfer(from: &Netns, to: &Netns, to_addr: IpAddr, bytes: u64) -> an
         }
         conn.shutdown(Shutdown::Write)?;
         Ok(())
-    })();
+    });
+    // Wait for the receiver to reach half way, unless the stream failed before that.
+    let join_writer = |w: thread::JoinHandle<anyhow::Result<()>>| {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))?
+    };
+    let mut writer = Some(writer);
+    let mut sent = None;
+    loop {
+        match half_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => {
+                halfway();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(w) = writer.take_if(|w| w.is_finished()) {
+                    let result = join_writer(w);
+                    let failed = result.is_err();
+                    sent = Some(result);
+                    if failed {
+                        // The receiver will never get half way.
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    drop(resume_tx);
+    let sent = match (sent, writer) {
+        (Some(result), _) => result,
+        (None, Some(w)) => join_writer(w),
+        (None, None) => Err(anyhow::anyhow!("writer lost")),
+    };
     if sent.is_err() && !server.is_finished() {
         // Unblock a server still waiting to accept so its thread ends.
         let _ = from.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use isthmus_tests::daemon::wait_until;
 use isthmus_tests::pair::{Impl, Pair, Underlay};
-use isthmus_tests::traffic::{ping, tcp_transfer, udp_socket};
+use isthmus_tests::traffic::{ping, tcp_transfer_across, udp_socket};
 
 /// Deterministic noise, so a failure reproduces.
 struct XorShift(u64);
@@ -108,12 +108,9 @@ fn roam(mover_is_a: bool, heard: Heard) {
         format!("10.250.0.{}/24", mover.n),
         format!("10.250.0.{}/24", mover.n + 10),
     );
-    thread::scope(|s| {
-        let stream = s.spawn(|| match heard {
-            Heard::BySending => tcp_transfer(&mover.ns, &other.ns, other.inner_v4(), 48 << 20),
-            Heard::ByKeepalive => tcp_transfer(&other.ns, &mover.ns, mover.inner_v4(), 48 << 20),
-        });
-        thread::sleep(Duration::from_millis(200));
+    // The move happens while the receiver holds the stream at half way, so it is in flight
+    // across the move however fast the tunnel is.
+    let move_address = || {
         mover
             .ns
             .ip(&["addr", "add", &new, "dev", &mover.underlay_if])
@@ -122,11 +119,17 @@ fn roam(mover_is_a: bool, heard: Heard) {
             .ns
             .ip(&["addr", "del", &old, "dev", &mover.underlay_if])
             .unwrap();
-        stream
-            .join()
-            .expect("stream thread")
-            .unwrap_or_else(|e| panic!("stream across the move: {e:#}\n{}", pair.logs()));
-    });
+    };
+    let bytes = 48 << 20;
+    match heard {
+        Heard::BySending => {
+            tcp_transfer_across(&mover.ns, &other.ns, other.inner_v4(), bytes, move_address)
+        }
+        Heard::ByKeepalive => {
+            tcp_transfer_across(&other.ns, &mover.ns, mover.inner_v4(), bytes, move_address)
+        }
+    }
+    .unwrap_or_else(|e| panic!("stream across the move: {e:#}\n{}", pair.logs()));
     let expected = format!("10.250.0.{}:{}", mover.n + 10, mover.port);
     let seen = other.dump().unwrap();
     assert_eq!(seen.peer(&mover.keys.public).unwrap().endpoint, expected);

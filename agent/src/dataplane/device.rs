@@ -14,7 +14,7 @@ use std::sync::Arc;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
 use ip_network_table::IpNetworkTable;
 use parking_lot::{Mutex, RwLock};
 use rand_core::RngCore;
@@ -39,6 +39,25 @@ const COOKIE_REPLY_TYPE: u8 = 3;
 pub trait Transmit {
     fn send(&self, to: SocketAddr, datagram: &[u8]) -> io::Result<()>;
     fn write_tun(&self, packet: &[u8]) -> io::Result<()>;
+}
+
+/// WireGuard data-message overhead: 16-byte header (type, receiver index, counter) and
+/// 16-byte authentication tag. A sealed datagram is this much longer than its packet.
+pub const DATA_OVERHEAD: usize = 32;
+
+const DATA_TYPE: u8 = 4;
+
+/// The configuration as one run of packets sees it: taken once per batch with
+/// [`Device::burst`], so a batch pays one state load instead of one per packet. Holding it
+/// across a reconfiguration is harmless: the batch finishes on the view it started with.
+pub struct Burst(Arc<State>);
+
+/// Where an encrypted datagram goes: `len` bytes at the start of the buffer given to
+/// [`Device::seal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    pub to: SocketAddr,
+    pub len: usize,
 }
 
 #[derive(Clone)]
@@ -104,6 +123,11 @@ impl Device {
 
     fn state(&self) -> Arc<State> {
         self.state.read().clone()
+    }
+
+    /// The current configuration, for a run of [`Device::seal`] or [`Device::open`] calls.
+    pub fn burst(&self) -> Burst {
+        Burst(self.state())
     }
 
     pub fn config(&self) -> DeviceConfig {
@@ -218,30 +242,68 @@ impl Device {
         }
     }
 
-    /// A packet read from the TUN device: encrypt it for the peer that owns its destination.
+    /// A packet read from the TUN device: encrypt it for the peer that owns its destination
+    /// and send it.
     pub fn handle_outbound(&self, packet: &[u8], buf: &mut [u8], out: &dyn Transmit) {
-        let Some(dst) = Tunn::dst_address(packet) else {
+        let burst = self.burst();
+        if let Some(sealed) = self.seal(&burst, packet, buf, out) {
+            if let Err(e) = out.send(sealed.to, &buf[..sealed.len]) {
+                tracing::debug!(endpoint = %sealed.to, error = %e, "send failed");
+                self.drops.record(DropReason::IoError);
+            }
+        }
+    }
+
+    /// Encrypts `packet` for the peer that owns its destination into the start of `dst`
+    /// (at least `packet.len() + DATA_OVERHEAD` bytes) and says where that datagram goes;
+    /// sending it is the caller's, so a batch can leave in one system call. Its bytes count
+    /// as sent here. With no session yet the packet is queued and the handshake initiation
+    /// leaves through `out` at once (`None`).
+    pub fn seal(
+        &self,
+        burst: &Burst,
+        packet: &[u8],
+        dst: &mut [u8],
+        out: &dyn Transmit,
+    ) -> Option<Sealed> {
+        let Some(dst_addr) = Tunn::dst_address(packet) else {
             self.drops.record(DropReason::Malformed);
-            return;
+            return None;
         };
-        let state = self.state();
-        let Some(peer) = state.route(dst) else {
+        let Some(peer) = burst.0.route(dst_addr) else {
             self.drops.record(DropReason::NoRoute);
-            return;
+            return None;
         };
         let mut guard = peer.tunn.lock();
         let Some(tunn) = guard.as_mut() else {
             self.drops.record(DropReason::NoRoute);
-            return;
+            return None;
         };
-        match tunn.encapsulate(packet, buf) {
-            TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
-            TunnResult::Err(e) => tracing::debug!(error = ?e, "encapsulate failed"),
-            _ => {}
+        match tunn.encapsulate(packet, dst) {
+            TunnResult::WriteToNetwork(data) if data.first() == Some(&DATA_TYPE) => {
+                let len = data.len();
+                drop(guard);
+                let Some(to) = peer.endpoint() else {
+                    self.drops.record(DropReason::NoEndpoint);
+                    return None;
+                };
+                peer.add_tx(len);
+                Some(Sealed { to, len })
+            }
+            TunnResult::WriteToNetwork(handshake) => {
+                self.send_to_peer(peer, handshake, out);
+                None
+            }
+            TunnResult::Err(e) => {
+                tracing::debug!(error = ?e, "encapsulate failed");
+                None
+            }
+            _ => None,
         }
     }
 
-    /// A datagram received on the UDP socket from `from`.
+    /// A datagram received on the UDP socket from `from`: decrypt it and write the packet
+    /// to the TUN.
     pub fn handle_inbound(
         &self,
         from: SocketAddr,
@@ -249,134 +311,154 @@ impl Device {
         buf: &mut [u8],
         out: &dyn Transmit,
     ) {
-        let state = self.state();
+        let burst = self.burst();
+        if let Some(len) = self.open(&burst, from, datagram, buf, out) {
+            if out.write_tun(&buf[..len]).is_err() {
+                self.drops.record(DropReason::IoError);
+            }
+        }
+    }
+
+    /// Decrypts `datagram` from `from` into `dst` and returns the length of the packet now
+    /// at the start of `dst`, for the caller to write to the TUN (alone or coalesced) —
+    /// only when it authenticated and its source is inside the sender's allowed IPs.
+    /// Handshake replies and the packets a completed handshake releases leave through `out`.
+    pub fn open(
+        &self,
+        burst: &Burst,
+        from: SocketAddr,
+        datagram: &[u8],
+        dst: &mut [u8],
+        out: &dyn Transmit,
+    ) -> Option<usize> {
+        let state = &burst.0;
         let packet = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => {
                 self.drops.record(DropReason::Malformed);
-                return;
+                return None;
             }
         };
-        let peer = match &packet {
-            Packet::HandshakeInit(init) => {
-                let Some(id) = &state.identity else {
-                    self.drops.record(DropReason::UnknownPeer);
-                    return;
-                };
-                // MAC check and device-wide load shedding before any Diffie-Hellman work.
-                match id.limiter.verify_packet(Some(from.ip()), datagram, buf) {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        let _ = out.send(from, cookie);
-                        self.drops.record(DropReason::UnderLoad);
-                        return;
-                    }
-                    Err(_) => {
-                        self.drops.record(DropReason::HandshakeRejected);
-                        return;
-                    }
-                }
-                let half = match parse_handshake_anon(&id.secret, &id.public, init) {
-                    Ok(h) => h,
-                    Err(_) => {
-                        self.drops.record(DropReason::HandshakeRejected);
-                        return;
-                    }
-                };
-                match state.by_key.get(&Key(half.peer_static_public)) {
-                    Some(p) => p,
-                    None => {
-                        self.drops.record(DropReason::UnknownPeer);
-                        return;
-                    }
-                }
-            }
-            Packet::HandshakeResponse(p) => match state.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(peer) => peer,
-                None => return self.drops.record(DropReason::UnknownIndex),
-            },
-            Packet::PacketCookieReply(p) => match state.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(peer) => peer,
-                None => return self.drops.record(DropReason::UnknownIndex),
-            },
-            Packet::PacketData(p) => match state.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(peer) => peer,
-                None => return self.drops.record(DropReason::UnknownIndex),
-            },
+        let found = match &packet {
+            Packet::HandshakeInit(init) => self.initiator(state, from, datagram, init, dst, out),
+            Packet::HandshakeResponse(p) => self.by_index(state, p.receiver_idx),
+            Packet::PacketCookieReply(p) => self.by_index(state, p.receiver_idx),
+            Packet::PacketData(p) => self.by_index(state, p.receiver_idx),
         };
+        let peer = found?;
         let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
 
         let mut guard = peer.tunn.lock();
         let Some(tunn) = guard.as_mut() else {
             self.drops.record(DropReason::UnknownPeer);
-            return;
+            return None;
         };
-        match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+        let base = dst.as_ptr() as usize;
+        let (inner, src) = match tunn.decapsulate(Some(from.ip()), datagram, dst) {
             TunnResult::Done => {
                 if !is_cookie {
                     peer.add_rx(datagram.len());
                     peer.set_endpoint(from);
                 }
+                return None;
             }
-            TunnResult::Err(e) => self.drops.record(reason_for(&e)),
+            TunnResult::Err(e) => {
+                self.drops.record(reason_for(&e));
+                return None;
+            }
             TunnResult::WriteToNetwork(reply) => {
                 if reply.first() == Some(&COOKIE_REPLY_TYPE) {
                     // The peer's own limiter is shedding load: it answered with a cookie.
                     let _ = out.send(from, reply);
                     self.drops.record(DropReason::UnderLoad);
-                    return;
+                    return None;
                 }
                 peer.add_rx(datagram.len());
                 peer.set_endpoint(from);
                 self.send_to_peer(peer, reply, out);
                 // A completed handshake releases the packets queued while it ran.
-                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], dst) {
                     self.send_to_peer(peer, queued, out);
                 }
+                return None;
             }
-            TunnResult::WriteToTunnelV4(inner, src) => self.deliver(
-                &state,
-                peer,
-                IpAddr::V4(src),
-                inner,
-                from,
-                datagram.len(),
-                out,
-            ),
-            TunnResult::WriteToTunnelV6(inner, src) => self.deliver(
-                &state,
-                peer,
-                IpAddr::V6(src),
-                inner,
-                from,
-                datagram.len(),
-                out,
-            ),
+            TunnResult::WriteToTunnelV4(inner, src) => (inner, IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(inner, src) => (inner, IpAddr::V6(src)),
+        };
+        let (offset, len) = (inner.as_ptr() as usize - base, inner.len());
+        drop(guard);
+        if offset != 0 {
+            // boringtun decrypts to the start of the buffer; keep the promise if it ever moves.
+            dst.copy_within(offset..offset + len, 0);
         }
+        self.admit(state, peer, src, from, datagram.len())
+            .then_some(len)
+    }
+
+    /// The peer a handshake initiation comes from, after the device-wide MAC check and load
+    /// shedding, and before any Diffie-Hellman work beyond identifying the sender.
+    fn initiator<'s>(
+        &self,
+        state: &'s State,
+        from: SocketAddr,
+        datagram: &[u8],
+        init: &HandshakeInit,
+        buf: &mut [u8],
+        out: &dyn Transmit,
+    ) -> Option<&'s Arc<Peer>> {
+        let Some(id) = &state.identity else {
+            self.drops.record(DropReason::UnknownPeer);
+            return None;
+        };
+        match id.limiter.verify_packet(Some(from.ip()), datagram, buf) {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let _ = out.send(from, cookie);
+                self.drops.record(DropReason::UnderLoad);
+                return None;
+            }
+            Err(_) => {
+                self.drops.record(DropReason::HandshakeRejected);
+                return None;
+            }
+        }
+        let Ok(half) = parse_handshake_anon(&id.secret, &id.public, init) else {
+            self.drops.record(DropReason::HandshakeRejected);
+            return None;
+        };
+        let peer = state.by_key.get(&Key(half.peer_static_public));
+        if peer.is_none() {
+            self.drops.record(DropReason::UnknownPeer);
+        }
+        peer
+    }
+
+    fn by_index<'s>(&self, state: &'s State, receiver_idx: u32) -> Option<&'s Arc<Peer>> {
+        let peer = state.by_index.get(&(receiver_idx >> 8));
+        if peer.is_none() {
+            self.drops.record(DropReason::UnknownIndex);
+        }
+        peer
     }
 
     /// Cryptokey routing on receive: only sources inside the sender's allowed IPs pass.
-    #[allow(clippy::too_many_arguments)]
-    fn deliver(
+    fn admit(
         &self,
         state: &State,
         peer: &Arc<Peer>,
         src: IpAddr,
-        inner: &[u8],
         from: SocketAddr,
         wire_len: usize,
-        out: &dyn Transmit,
-    ) {
+    ) -> bool {
         // The datagram authenticated, so it counts and the peer may have roamed.
         peer.add_rx(wire_len);
         peer.set_endpoint(from);
         match state.route(src) {
-            Some(owner) if Arc::ptr_eq(owner, peer) => {
-                if out.write_tun(inner).is_err() {
-                    self.drops.record(DropReason::IoError);
-                }
+            Some(owner) if Arc::ptr_eq(owner, peer) => true,
+            _ => {
+                self.drops.record(DropReason::SourceNotAllowed);
+                false
             }
-            _ => self.drops.record(DropReason::SourceNotAllowed),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The userspace WireGuard data plane: configuration model, sans-IO engine, and the I/O
 //! that feeds it.
 
+pub mod batch;
 pub mod capture;
 pub mod config;
 pub mod device;
@@ -14,5 +15,5 @@ pub mod tunnel;
 mod engine_tests;
 
 pub use config::{DeviceConfig, PeerConfig, SetEffects};
-pub use device::{Device, Transmit};
+pub use device::{Burst, Device, Sealed, Transmit, DATA_OVERHEAD};
 pub use tunnel::Tunnel;

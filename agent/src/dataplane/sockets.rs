@@ -1,38 +1,126 @@
 //! The UDP sockets WireGuard listens on: one IPv4 and one IPv6 (v6-only) on the same port,
 //! as wireguard-go binds them.
+//!
+//! Each socket sends with UDP GSO (one `sendmsg` with `UDP_SEGMENT` carries up to 64
+//! datagrams of one size to one destination) and receives with UDP GRO (one `recvmsg`
+//! returns up to 64 coalesced datagrams and their size), through `quinn-udp`, which probes
+//! what the kernel supports and stops segmenting if a device refuses it. The sockets stay
+//! blocking so a full send buffer pushes back on the TUN reader instead of dropping.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// How long a blocked receive waits before it looks whether its sockets were replaced.
 pub const RECV_POLL: Duration = Duration::from_millis(250);
 
-pub struct Sockets {
-    pub v4: UdpSocket,
-    /// `None` where the host has no IPv6.
-    pub v6: Option<UdpSocket>,
-    pub port: u16,
-    retired: AtomicBool,
+/// Bytes one GRO receive can return: up to 64 datagrams (the kernel's UDP_GRO_CNT_MAX) of
+/// at most a 1500-byte underlay's UDP payload, rounded up.
+pub const RECV_BUF: usize = 64 * 2048;
+
+/// The most UDP payload one GSO send may carry (an IPv4 packet's 65,535 bytes less the IP
+/// and UDP headers).
+pub const MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
+
+/// The most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// One bound UDP socket and what quinn-udp learnt about it.
+pub struct Udp {
+    pub sock: UdpSocket,
+    state: UdpSocketState,
 }
 
-fn open(domain: Domain, addr: SocketAddr, fwmark: u32) -> io::Result<UdpSocket> {
-    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if domain == Domain::IPV6 {
-        sock.set_only_v6(true)?;
+/// One receive: `len` bytes from `from`, datagrams of `stride` bytes (the last may be
+/// shorter).
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub from: SocketAddr,
+    pub len: usize,
+    pub stride: usize,
+}
+
+impl Udp {
+    fn open(domain: Domain, addr: SocketAddr, fwmark: u32) -> io::Result<Udp> {
+        let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if domain == Domain::IPV6 {
+            sock.set_only_v6(true)?;
+        }
+        if fwmark != 0 {
+            sock.set_mark(fwmark)?;
+        }
+        // Room for bursts: the defaults drop packets at a few hundred Mbit/s.
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        sock.bind(&addr.into())?;
+        let sock: UdpSocket = sock.into();
+        // quinn-udp enables GRO and packet info and makes the socket non-blocking; this
+        // data plane blocks in its own threads instead (see the module comment).
+        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        sock.set_nonblocking(false)?;
+        sock.set_read_timeout(Some(RECV_POLL))?;
+        Ok(Udp { sock, state })
     }
-    if fwmark != 0 {
-        sock.set_mark(fwmark)?;
+
+    /// Datagrams one [`Udp::send`] may carry (1 where the kernel has no UDP GSO).
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().min(MAX_GSO_SEGMENTS)
     }
-    // Room for bursts: the defaults drop packets at a few hundred Mbit/s.
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
-    sock.bind(&addr.into())?;
-    sock.set_read_timeout(Some(RECV_POLL))?;
-    Ok(sock.into())
+
+    /// Sends `contents` to `to`: one datagram, or with `segment` shorter than it, datagrams
+    /// of `segment` bytes (the last may be shorter) in one GSO send. Where GSO fails (a
+    /// device without checksum offload), the datagrams go one by one and later sends stop
+    /// segmenting.
+    pub fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+        let gso = segment < contents.len();
+        let transmit = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: gso.then_some(segment),
+            src_ip: None,
+        };
+        match self.state.try_send(UdpSockRef::from(&self.sock), &transmit) {
+            Err(e) if gso && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                for one in contents.chunks(segment) {
+                    self.sock.send_to(one, to)?;
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Waits up to [`RECV_POLL`] for datagrams (`WouldBlock` or `TimedOut` when none came).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let mut meta = [RecvMeta::default()];
+        let mut bufs = [IoSliceMut::new(buf)];
+        let n = self
+            .state
+            .recv(UdpSockRef::from(&self.sock), &mut bufs, &mut meta)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let m = meta[0];
+        Ok(Received {
+            from: m.addr,
+            len: m.len,
+            stride: if m.stride == 0 { m.len } else { m.stride },
+        })
+    }
+}
+
+pub struct Sockets {
+    pub v4: Udp,
+    /// `None` where the host has no IPv6.
+    pub v6: Option<Udp>,
+    pub port: u16,
+    retired: AtomicBool,
 }
 
 impl Sockets {
@@ -40,14 +128,14 @@ impl Sockets {
     pub fn bind(port: u16, fwmark: u32) -> io::Result<Sockets> {
         // With port 0 the v4 socket picks; the v6 one may find that port taken, so retry.
         for _ in 0..16 {
-            let v4 = open(
+            let v4 = Udp::open(
                 Domain::IPV4,
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into(),
                 fwmark,
             )?;
-            let chosen = v4.local_addr()?.port();
+            let chosen = v4.sock.local_addr()?.port();
             let v6addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, chosen, 0, 0).into();
-            let v6 = match open(Domain::IPV6, v6addr, fwmark) {
+            let v6 = match Udp::open(Domain::IPV6, v6addr, fwmark) {
                 Ok(s) => Some(s),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && port == 0 => continue,
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
@@ -70,14 +158,16 @@ impl Sockets {
     }
 
     pub fn set_mark(&self, fwmark: u32) -> io::Result<()> {
-        socket2::SockRef::from(&self.v4).set_mark(fwmark)?;
+        socket2::SockRef::from(&self.v4.sock).set_mark(fwmark)?;
         if let Some(v6) = &self.v6 {
-            socket2::SockRef::from(v6).set_mark(fwmark)?;
+            socket2::SockRef::from(&v6.sock).set_mark(fwmark)?;
         }
         Ok(())
     }
 
-    pub fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+    /// The socket for `to`, and `to` as that socket wants it (an IPv4-mapped IPv6 address
+    /// goes out on the IPv4 socket).
+    fn for_dest(&self, to: SocketAddr) -> io::Result<(&Udp, SocketAddr)> {
         let to = match to {
             SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
                 Some(v4) => SocketAddr::new(v4.into(), a.port()),
@@ -92,7 +182,27 @@ impl Sockets {
                 .as_ref()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, "no IPv6 socket"))?,
         };
-        sock.send_to(data, to).map(|_| ())
+        Ok((sock, to))
+    }
+
+    pub fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        let (sock, to) = self.for_dest(to)?;
+        sock.send(to, data, data.len())
+    }
+
+    /// Sends `data`, datagrams of `segment` bytes back to back (the last may be shorter),
+    /// to `to` in as few system calls as the kernel allows.
+    pub fn send_segments(&self, data: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+        let (sock, to) = self.for_dest(to)?;
+        let per_send = sock
+            .max_segments()
+            .max(1)
+            .min(MAX_GSO_BYTES / segment.max(1))
+            .max(1);
+        for run in data.chunks(per_send * segment) {
+            sock.send(to, run, segment)?;
+        }
+        Ok(())
     }
 
     /// Tells the reader threads of these sockets to stop (after a rebind).

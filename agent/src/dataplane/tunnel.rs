@@ -1,8 +1,16 @@
 //! A running tunnel: the TUN device, the sockets, the engine, and the threads between them.
 //! It also answers the UAPI, binding new sockets before it commits a configuration so a
 //! request that fails changes nothing.
+//!
+//! The hot path crosses the kernel once per batch, not once per packet. Outbound, the TUN
+//! (with virtio-net offloads) hands over TCP super-segments of up to 64 KiB; they are split
+//! ([`gso::split`]), sealed back to back into an [`OutBatch`], and leave in UDP GSO sends of
+//! up to 64 datagrams. Inbound, one UDP GRO receive returns up to 64 datagrams; they are
+//! opened one by one and coalesced ([`Coalescer`]) into super-segments written to the TUN
+//! in one go. One thread per direction (TUN reader; one UDP reader per family), so the two
+//! directions run on two cores; within a direction, per-peer order is kept.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
@@ -12,8 +20,12 @@ use anyhow::Context;
 use parking_lot::{Mutex, RwLock};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use super::device::{Device, Transmit, MAX_PACKET};
-use super::sockets::Sockets;
+use super::batch::OutBatch;
+use super::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
+use super::drops::DropReason;
+use super::offload::gro::Coalescer;
+use super::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
+use super::sockets::{Sockets, Udp, RECV_BUF};
 use crate::uapi::server::UapiHandler;
 use crate::uapi::{DeviceSnapshot, Errno, SetRequest, UapiError};
 
@@ -23,9 +35,23 @@ const TICK: Duration = Duration::from_millis(100);
 /// Default inner MTU: 1500 underlay minus the IPv6+UDP+WireGuard overhead (80 bytes).
 pub const DEFAULT_MTU: u16 = 1420;
 
+/// Outbound staging: room for two 64 KiB super-segments' worth of datagrams.
+const OUT_BATCH_BYTES: usize = 2 * (MAX_PACKET + 64 * DATA_OVERHEAD);
+const OUT_BATCH_RUNS: usize = 256;
+
+/// The least room a seal needs: a data message, or the 148-byte handshake initiation sent
+/// instead while there is no session.
+const MIN_SEAL_ROOM: usize = 256;
+
+/// Set to `0` to open the TUN without offloads (one packet per read and write), e.g. to
+/// measure what they bring or to work around a kernel that mishandles them.
+pub const OFFLOAD_ENV: &str = "ISTHMUS_TUN_OFFLOAD";
+
 /// The I/O side the engine transmits through.
 pub struct Net {
     tun: SyncDevice,
+    /// The TUN speaks virtio-net headers (offloads on): every read and write has one.
+    vnet: bool,
     sockets: RwLock<Arc<Sockets>>,
 }
 
@@ -35,8 +61,43 @@ impl Transmit for Net {
     }
 
     fn write_tun(&self, packet: &[u8]) -> io::Result<()> {
-        self.tun.send(packet).map(|_| ())
+        if self.vnet {
+            let mut hdr = [0u8; VIRTIO_HDR_LEN];
+            VirtioHdr::NONE.encode(&mut hdr);
+            self.tun
+                .send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet)])
+                .map(|_| ())
+        } else {
+            self.tun.send(packet).map(|_| ())
+        }
     }
+}
+
+/// Opens the TUN device, with offloads unless they are switched off or refused.
+fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool)> {
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(iface)
+            .mtu(mtu)
+            .offload(offload)
+            .build_sync()
+    };
+    let want = std::env::var(OFFLOAD_ENV).map_or(true, |v| v != "0");
+    if want {
+        match build(true) {
+            Ok(tun) => {
+                let vnet = tun.tcp_gso();
+                return Ok((tun, vnet));
+            }
+            Err(e) => {
+                tracing::warn!(iface, error = %e, "TUN offloads refused; one packet per read")
+            }
+        }
+    }
+    let tun = build(false).with_context(|| {
+        format!("creating TUN device {iface} (needs CAP_NET_ADMIN and /dev/net/tun)")
+    })?;
+    Ok((tun, false))
 }
 
 pub struct Tunnel {
@@ -49,13 +110,7 @@ pub struct Tunnel {
 impl Tunnel {
     /// Creates the TUN device `iface` and binds the UDP sockets; starts the packet threads.
     pub fn start(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<Arc<Tunnel>> {
-        let tun = DeviceBuilder::new()
-            .name(iface)
-            .mtu(mtu)
-            .build_sync()
-            .with_context(|| {
-                format!("creating TUN device {iface} (needs CAP_NET_ADMIN and /dev/net/tun)")
-            })?;
+        let (tun, vnet) = open_tun(iface, mtu)?;
         let sockets = Arc::new(
             Sockets::bind(listen_port, 0)
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
@@ -65,6 +120,7 @@ impl Tunnel {
         config.listen_port = sockets.port;
         let net = Arc::new(Net {
             tun,
+            vnet,
             sockets: RwLock::new(sockets.clone()),
         });
         device.reconfigure(config, &Default::default(), net.as_ref());
@@ -78,7 +134,14 @@ impl Tunnel {
         tunnel.spawn_socket_readers(&sockets)?;
         tunnel.spawn("tun-reader", Tunnel::tun_loop)?;
         tunnel.spawn("timers", Tunnel::timer_loop)?;
-        tracing::info!(iface, port = sockets.port, mtu, "tunnel up");
+        tracing::info!(
+            iface,
+            port = sockets.port,
+            mtu,
+            tun_offload = vnet,
+            udp_gso_segments = sockets.v4.max_segments(),
+            "tunnel up"
+        );
         Ok(tunnel)
     }
 
@@ -96,57 +159,132 @@ impl Tunnel {
     }
 
     fn spawn_socket_readers(self: &Arc<Self>, sockets: &Arc<Sockets>) -> anyhow::Result<()> {
-        let families = [Some(&sockets.v4), sockets.v6.as_ref()];
-        for (n, sock) in families.into_iter().enumerate() {
-            let Some(sock) = sock else { continue };
-            let sock = sock.try_clone().context("cloning UDP socket")?;
+        for v6 in [false, true] {
+            if v6 && sockets.v6.is_none() {
+                continue;
+            }
             let (me, set) = (self.clone(), sockets.clone());
             thread::Builder::new()
-                .name(format!("udp-reader-{n}"))
-                .spawn(move || me.socket_loop(&set, &sock))
+                .name(format!("udp-reader-{}", u8::from(v6)))
+                .spawn(move || {
+                    let udp = if v6 { set.v6.as_ref() } else { Some(&set.v4) };
+                    if let Some(udp) = udp {
+                        me.socket_loop(&set, udp);
+                    }
+                })
                 .context("spawning UDP reader")?;
         }
         Ok(())
     }
 
-    fn socket_loop(&self, set: &Sockets, sock: &std::net::UdpSocket) {
-        let mut rx = vec![0u8; MAX_PACKET];
-        let mut scratch = vec![0u8; MAX_PACKET];
+    /// Inbound: GRO receives, open each datagram, coalesce, write to the TUN.
+    fn socket_loop(&self, set: &Sockets, udp: &Udp) {
+        let mut rx = vec![0u8; RECV_BUF];
+        // Decrypted packets land after room for the virtio-net header.
+        let mut slot = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
+        let mut gro = Coalescer::new();
+        let net = self.net.as_ref();
+        let drops = self.device.drops();
+        let mut emit = |b: &[u8]| {
+            if net.tun.send(b).is_err() {
+                drops.record(DropReason::IoError);
+            }
+        };
         while !set.is_retired() {
-            match sock.recv_from(&mut rx) {
-                Ok((n, from)) => {
-                    self.device
-                        .handle_inbound(from, &rx[..n], &mut scratch, self.net.as_ref())
-                }
+            let got = match udp.recv(&mut rx) {
+                Ok(got) => got,
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => {
                     // ICMP errors surface here as ECONNREFUSED and the like; keep serving.
                     tracing::debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            let burst = self.device.burst();
+            let len = got.len.min(rx.len());
+            for datagram in rx[..len].chunks(got.stride.max(1)) {
+                let opened =
+                    self.device
+                        .open(&burst, got.from, datagram, &mut slot[VIRTIO_HDR_LEN..], net);
+                let Some(n) = opened else { continue };
+                if net.vnet {
+                    gro.push(&mut slot[..VIRTIO_HDR_LEN + n], &mut emit);
+                } else {
+                    emit(&slot[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + n]);
                 }
             }
+            gro.flush(&mut emit);
         }
     }
 
+    /// Outbound: read (super-)packets from the TUN, split, seal into a batch, GSO-send.
     fn tun_loop(&self) {
-        let mut rx = vec![0u8; MAX_PACKET];
-        let mut scratch = vec![0u8; MAX_PACKET];
+        let mut rx = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
+        let mut segment = vec![0u8; MAX_PACKET];
+        let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
         loop {
-            match self.net.tun.recv(&mut rx) {
-                Ok(n) => self
-                    .device
-                    .handle_outbound(&rx[..n], &mut scratch, self.net.as_ref()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            let n = match self.net.tun.recv(&mut rx) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!(error = %e, iface = %self.iface, "TUN read failed; stopping");
                     std::process::exit(1);
                 }
+            };
+            let burst = self.device.burst();
+            let mut seal = |packet: &[u8]| self.seal_into(&mut batch, &burst, packet);
+            if self.net.vnet {
+                let split = VirtioHdr::decode(&rx[..n])
+                    .ok_or(gso::SplitError::Truncated)
+                    .and_then(|hdr| {
+                        gso::split(hdr, &mut rx[VIRTIO_HDR_LEN..n], &mut segment, &mut seal)
+                    });
+                if let Err(e) = split {
+                    tracing::debug!(error = %e, "unusable packet from the TUN");
+                    self.device.drops().record(DropReason::Malformed);
+                }
+            } else {
+                seal(&rx[..n]);
             }
+            self.flush(&mut batch);
         }
+    }
+
+    fn seal_into(&self, batch: &mut OutBatch, burst: &Burst, packet: &[u8]) {
+        let need = (packet.len() + DATA_OVERHEAD).max(MIN_SEAL_ROOM);
+        if batch.space(need).is_none() {
+            self.flush(batch);
+        }
+        let Some(space) = batch.space(need) else {
+            // Larger than an empty batch: cannot happen for packets read from the TUN.
+            self.device.drops().record(DropReason::Malformed);
+            return;
+        };
+        if let Some(sealed) = self.device.seal(burst, packet, space, self.net.as_ref()) {
+            batch.commit(sealed.to, sealed.len);
+        }
+    }
+
+    fn flush(&self, batch: &mut OutBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        let sockets = self.net.sockets.read().clone();
+        batch.flush(|to, datagrams, segment| {
+            if let Err(e) = sockets.send_segments(datagrams, segment, to) {
+                tracing::debug!(endpoint = %to, error = %e, "send failed");
+                self.device.drops().record(DropReason::IoError);
+            }
+        });
     }
 
     fn timer_loop(&self) {
