@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use isthmus_benches::{
-    bench_mode, ipv4_packet, round_trip, EnginePair, TunnPair, BUF_LEN, PACKET_LEN,
+    bench_mode, ipv4_packet, round_trip, EnginePair, Pipeline, TunnPair, BUF_LEN, PACKET_LEN,
 };
 
 /// Forwards to [`System`], counting every allocation (`alloc`, `alloc_zeroed`, `realloc`).
@@ -74,9 +74,48 @@ fn main() {
         assert_eq!(n, PACKET_LEN);
     });
     let mut engines = EnginePair::connected();
-    measure("isthmus engine", warmup, packets, || {
+    measure("isthmus engine (seal/open)", warmup, packets, || {
         engines.round_trip(&packet);
     });
+    measure(
+        "isthmus engine (handle_outbound/handle_inbound)",
+        warmup,
+        packets,
+        || {
+            engines.round_trip_handle(&packet);
+        },
+    );
+    // The batched path: per run, one 64 KiB super-segment = Pipeline::packets() packets.
+    let mut pipeline = Pipeline::new();
+    let per_run = Pipeline::packets() as u64;
+    measure_runs(
+        "isthmus batched path (GSO split, seal, batch, open, GRO)",
+        warmup / per_run,
+        packets / per_run,
+        per_run,
+        || {
+            pipeline.run();
+        },
+    );
+}
+
+/// Like [`measure`] for a step that carries `per_run` packets.
+fn measure_runs(name: &str, warmup: u64, runs: u64, per_run: u64, mut step: impl FnMut()) {
+    for _ in 0..warmup {
+        step();
+    }
+    let (allocs_0, bytes_0) = snapshot();
+    for _ in 0..runs {
+        step();
+    }
+    let (allocs_1, bytes_1) = snapshot();
+    let (allocs, bytes) = (allocs_1 - allocs_0, bytes_1 - bytes_0);
+    let packets = runs * per_run;
+    println!(
+        "{name}: {runs} super-segments ({packets} packets of {PACKET_LEN} bytes) after {warmup} \
+         warm-up: {allocs} allocations, {bytes} bytes; allocations per packet on steady state: {}",
+        allocs as f64 / packets as f64
+    );
 }
 
 /// Counts allocations over `packets` calls of `step`, after `warmup` uncounted ones.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use isthmus_benches::{
-    bench_mode, ipv4_packet, round_trip, EnginePair, TunnPair, BUF_LEN, PACKET_LEN,
+    bench_mode, ipv4_packet, round_trip, EnginePair, Pipeline, TunnPair, BUF_LEN, PACKET_LEN,
 };
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 
@@ -21,6 +21,7 @@ const GROUP: &str = "data-path-1420B";
 const TUNN_ID: &str = "boringtun Tunn encapsulate+decapsulate";
 const ENGINE_ID: &str = "isthmus engine outbound+inbound";
 const AEAD_ID: &str = "raw ChaCha20-Poly1305 seal+open";
+const PIPELINE_ID: &str = "isthmus batched path per packet (GSO split+seal+open+GRO)";
 /// Project target for (boringtun round trip) / (raw AEAD) throughput.
 const TARGET_RATIO: f64 = 0.85;
 
@@ -111,6 +112,13 @@ fn bench_data_path(c: &mut Criterion) {
     let mut aead = AeadBench::new();
     group.bench_function(AEAD_ID, |b| b.iter(|| aead.step()));
     group.finish();
+
+    // The batched path moves one 64 KiB super-segment per iteration.
+    let mut group = c.benchmark_group("batched-path-64KiB");
+    group.throughput(Throughput::Bytes((Pipeline::packets() * PACKET_LEN) as u64));
+    let mut pipeline = Pipeline::new();
+    group.bench_function(PIPELINE_ID, |b| b.iter(|| pipeline.run()));
+    group.finish();
 }
 
 /// Time `iters` calls of `step`.
@@ -134,15 +142,28 @@ fn print_ratio() {
     let packet = ipv4_packet(PACKET_LEN);
     let mut tunn = TunnBench::new();
     let mut aead = AeadBench::new();
-    let mut steps: [Step; 3] = [
+    let mut pipeline = Pipeline::new();
+    // One super-segment per call, counted as that many packets' worth of calls below.
+    let per_run = Pipeline::packets();
+    let mut calls = 0;
+    let pipeline_step = move || {
+        calls += 1;
+        if calls < per_run {
+            return 0;
+        }
+        calls = 0;
+        pipeline.run()
+    };
+    let mut steps: [Step; 4] = [
         (
             ENGINE_ID,
             Box::new(|| engine.round_trip(black_box(&packet))),
         ),
         (TUNN_ID, Box::new(|| tunn.step())),
         (AEAD_ID, Box::new(|| aead.step())),
+        (PIPELINE_ID, Box::new(pipeline_step)),
     ];
-    let mut best = [Duration::MAX; 3];
+    let mut best = [Duration::MAX; 4];
     for (_, step) in steps.iter_mut() {
         time(ITERS, step);
     }

@@ -5,11 +5,16 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use isthmus_agent::dataplane::batch::OutBatch;
 use isthmus_agent::dataplane::capture::{Capture, Output};
+use isthmus_agent::dataplane::device::MAX_PACKET;
+use isthmus_agent::dataplane::offload::gro::Coalescer;
+use isthmus_agent::dataplane::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
+use isthmus_agent::dataplane::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
 use isthmus_agent::dataplane::{Device, DeviceConfig, PeerConfig, Transmit};
 use isthmus_agent::key::Key;
 
@@ -160,6 +165,10 @@ pub struct EnginePair {
     sink_a: LastOutput,
     sink_b: LastOutput,
     scratch: Vec<u8>,
+    /// The datagram `a` sealed, and the packet `b` opened: the buffers the daemon's own
+    /// threads hand to `seal` and `open`.
+    net: Vec<u8>,
+    tun: Vec<u8>,
 }
 
 /// A [`Transmit`] that keeps only the last output in a reused buffer: no allocation.
@@ -193,6 +202,8 @@ impl Transmit for LastOutput {
 }
 
 const ENGINE_ADDR_A: &str = "192.0.2.1:51820";
+const ENGINE_FROM_A: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 51820));
 const ENGINE_ADDR_B: &str = "192.0.2.2:51820";
 
 impl EnginePair {
@@ -247,12 +258,40 @@ impl EnginePair {
             sink_a: LastOutput::new(),
             sink_b: LastOutput::new(),
             scratch,
+            net: vec![0; MAX_PACKET],
+            tun: vec![0; MAX_PACKET],
         }
     }
 
-    /// One packet a -> b through both engines; returns the length b wrote to its TUN.
+    /// One packet a -> b through both engines as the daemon runs them: `seal` into a
+    /// datagram buffer, `open` from it into a packet buffer (the daemon sends and writes
+    /// from those buffers, so nothing is copied out). Returns the opened packet's length.
     #[inline]
     pub fn round_trip(&mut self, packet: &[u8]) -> usize {
+        let burst = self.a.burst();
+        let sealed = self
+            .a
+            .seal(&burst, packet, &mut self.net, &self.sink_a)
+            .expect("a sealed the packet");
+        let burst = self.b.burst();
+        let n = self
+            .b
+            .open(
+                &burst,
+                ENGINE_FROM_A,
+                &self.net[..sealed.len],
+                &mut self.tun,
+                &self.sink_b,
+            )
+            .expect("b opened the datagram");
+        assert_eq!(n, packet.len(), "engine round trip lost the packet");
+        n
+    }
+
+    /// One packet a -> b through the one-packet API (`handle_outbound` -> `handle_inbound`),
+    /// whose outputs the bench sinks copy.
+    #[inline]
+    pub fn round_trip_handle(&mut self, packet: &[u8]) -> usize {
         self.sink_b.len.set(0);
         self.a
             .handle_outbound(packet, &mut self.scratch, &self.sink_a);
@@ -268,6 +307,130 @@ impl EnginePair {
         assert_eq!(n, packet.len(), "engine round trip lost the packet");
         n
     }
+}
+
+/// TCP payload of the super-segment the batched pipeline pushes: a 64 KiB IPv4 TSO packet
+/// (20-byte IP and 20-byte TCP headers).
+pub const SUPER_PAYLOAD: usize = 65_535 - 40;
+
+/// Segment payload on a 1420-byte tunnel MTU (no TCP options).
+pub const SUPER_MSS: usize = PACKET_LEN - 40;
+
+/// The whole batched hot path in memory, one 64 KiB TCP super-segment at a time, as the
+/// daemon's threads run it: split (GSO) -> seal each segment into an [`OutBatch`] -> the
+/// batch's GSO runs cut back into datagrams -> open each -> coalesce (GRO) -> one TUN write.
+pub struct Pipeline {
+    engines: EnginePair,
+    /// Virtio header, then the super-segment.
+    tun_read: Vec<u8>,
+    segment: Vec<u8>,
+    batch: OutBatch,
+    slot: Vec<u8>,
+    gro: Coalescer,
+}
+
+impl Pipeline {
+    pub fn new() -> Self {
+        let mut tun_read = vec![0u8; VIRTIO_HDR_LEN];
+        VirtioHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: SUPER_MSS as u16,
+            csum_start: 20,
+            csum_offset: 16,
+        }
+        .encode(&mut tun_read);
+        tun_read.extend_from_slice(&tcp_super_segment(SUPER_PAYLOAD));
+        Pipeline {
+            engines: EnginePair::connected(),
+            tun_read,
+            segment: vec![0; MAX_PACKET],
+            batch: OutBatch::new(2 * (MAX_PACKET + 64 * DATA_OVERHEAD), 256),
+            slot: vec![0; VIRTIO_HDR_LEN + MAX_PACKET],
+            gro: Coalescer::new(),
+        }
+    }
+
+    /// Packets (MTU-sized segments) one [`Pipeline::run`] carries.
+    pub fn packets() -> usize {
+        SUPER_PAYLOAD.div_ceil(SUPER_MSS)
+    }
+
+    /// One super-segment through; returns the bytes of TUN writes on the far side.
+    pub fn run(&mut self) -> usize {
+        let Pipeline {
+            engines,
+            tun_read,
+            segment,
+            batch,
+            slot,
+            gro,
+        } = self;
+        let (a, b) = (&engines.a, &engines.b);
+        let hdr = VirtioHdr::decode(tun_read).expect("header");
+        let burst = a.burst();
+        gso::split(hdr, &mut tun_read[VIRTIO_HDR_LEN..], segment, |p| {
+            let space = batch
+                .space(p.len() + DATA_OVERHEAD)
+                .expect("the batch holds a super-segment");
+            let sealed = a.seal(&burst, p, space, &engines.sink_a).expect("sealed");
+            batch.commit(sealed.to, sealed.len);
+        })
+        .expect("split");
+        let burst = b.burst();
+        let mut written = 0;
+        let mut emit = |w: &[u8]| written += w.len();
+        batch.flush(|_to, datagrams, size| {
+            for d in datagrams.chunks(size) {
+                let n = b
+                    .open(
+                        &burst,
+                        ENGINE_FROM_A,
+                        d,
+                        &mut slot[VIRTIO_HDR_LEN..],
+                        &engines.sink_b,
+                    )
+                    .expect("opened");
+                gro.push(&mut slot[..VIRTIO_HDR_LEN + n], &mut emit);
+            }
+        });
+        gro.flush(&mut emit);
+        written
+    }
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A 10.0.0.1 -> 10.0.0.2 IPv4/TCP packet with `payload` bytes, as the kernel hands a TSO
+/// super-segment to the TUN (the TCP checksum field holds the pseudo-header sum).
+fn tcp_super_segment(payload: usize) -> Vec<u8> {
+    let len = 40 + payload;
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 6;
+    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    let c = ipv4_header_checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+    p[24..28].copy_from_slice(&1u32.to_be_bytes());
+    p[28..32].copy_from_slice(&1u32.to_be_bytes());
+    p[32] = 5 << 4;
+    p[33] = 0x18; // ACK | PSH
+    p[34..36].copy_from_slice(&512u16.to_be_bytes());
+    for (i, b) in p[40..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
 }
 
 /// Short human-readable name of a [`TunnResult`] for panic messages.
@@ -307,6 +470,24 @@ mod tests {
         let packet = ipv4_packet(PACKET_LEN);
         for _ in 0..3 {
             assert_eq!(pair.round_trip(&packet), PACKET_LEN);
+        }
+    }
+
+    #[test]
+    fn engines_round_trip_through_the_one_packet_api() {
+        let mut pair = EnginePair::connected();
+        let packet = ipv4_packet(PACKET_LEN);
+        for _ in 0..3 {
+            assert_eq!(pair.round_trip_handle(&packet), PACKET_LEN);
+        }
+    }
+
+    #[test]
+    fn the_pipeline_delivers_a_super_segment_in_one_write() {
+        let mut p = Pipeline::new();
+        for _ in 0..3 {
+            // One coalesced write: virtio header + IP + TCP + the whole payload.
+            assert_eq!(p.run(), VIRTIO_HDR_LEN + 40 + SUPER_PAYLOAD);
         }
     }
 
