@@ -15,7 +15,7 @@ use isthmus_agent::dataplane::device::MAX_PACKET;
 use isthmus_agent::dataplane::offload::gro::Coalescer;
 use isthmus_agent::dataplane::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
 use isthmus_agent::dataplane::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use isthmus_agent::dataplane::{Device, DeviceConfig, PeerConfig, Transmit};
+use isthmus_agent::dataplane::{Burst, Device, DeviceConfig, PeerConfig, Transmit};
 use isthmus_agent::key::Key;
 
 /// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
@@ -169,6 +169,10 @@ pub struct EnginePair {
     /// threads hand to `seal` and `open`.
     net: Vec<u8>,
     tun: Vec<u8>,
+    /// Each engine's view of its configuration, refreshed per packet as the daemon's
+    /// threads refresh it per batch.
+    burst_a: Burst,
+    burst_b: Burst,
 }
 
 /// A [`Transmit`] that keeps only the last output in a reused buffer: no allocation.
@@ -253,13 +257,15 @@ impl EnginePair {
             "engines did not complete a handshake"
         );
         EnginePair {
-            a,
-            b,
             sink_a: LastOutput::new(),
             sink_b: LastOutput::new(),
             scratch,
             net: vec![0; MAX_PACKET],
             tun: vec![0; MAX_PACKET],
+            burst_a: a.burst(),
+            burst_b: b.burst(),
+            a,
+            b,
         }
     }
 
@@ -268,16 +274,16 @@ impl EnginePair {
     /// from those buffers, so nothing is copied out). Returns the opened packet's length.
     #[inline]
     pub fn round_trip(&mut self, packet: &[u8]) -> usize {
-        let burst = self.a.burst();
+        self.a.refresh(&mut self.burst_a);
         let sealed = self
             .a
-            .seal(&burst, packet, &mut self.net, &self.sink_a)
+            .seal(&self.burst_a, packet, &mut self.net, &self.sink_a)
             .expect("a sealed the packet");
-        let burst = self.b.burst();
+        self.b.refresh(&mut self.burst_b);
         let n = self
             .b
             .open(
-                &burst,
+                &self.burst_b,
                 ENGINE_FROM_A,
                 &self.net[..sealed.len],
                 &mut self.tun,
@@ -369,23 +375,25 @@ impl Pipeline {
         } = self;
         let (a, b) = (&engines.a, &engines.b);
         let hdr = VirtioHdr::decode(tun_read).expect("header");
-        let burst = a.burst();
+        a.refresh(&mut engines.burst_a);
+        let burst = &engines.burst_a;
         gso::split(hdr, &mut tun_read[VIRTIO_HDR_LEN..], segment, |p| {
             let space = batch
                 .space(p.len() + DATA_OVERHEAD)
                 .expect("the batch holds a super-segment");
-            let sealed = a.seal(&burst, p, space, &engines.sink_a).expect("sealed");
+            let sealed = a.seal(burst, p, space, &engines.sink_a).expect("sealed");
             batch.commit(sealed.to, sealed.len);
         })
         .expect("split");
-        let burst = b.burst();
+        b.refresh(&mut engines.burst_b);
+        let burst = &engines.burst_b;
         let mut written = 0;
         let mut emit = |w: &[u8]| written += w.len();
         batch.flush(|_to, datagrams, size| {
             for d in datagrams.chunks(size) {
                 let n = b
                     .open(
-                        &burst,
+                        burst,
                         ENGINE_FROM_A,
                         d,
                         &mut slot[VIRTIO_HDR_LEN..],

@@ -6,9 +6,12 @@
 //! datagrams by receiver index (or, for a handshake initiation, by the static key inside it).
 //! Decrypted packets are checked against the sender's allowed IPs (cryptokey routing).
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use boringtun::noise::errors::WireGuardError;
@@ -47,10 +50,44 @@ pub const DATA_OVERHEAD: usize = 32;
 
 const DATA_TYPE: u8 = 4;
 
-/// The configuration as one run of packets sees it: taken once per batch with
-/// [`Device::burst`], so a batch pays one state load instead of one per packet. Holding it
-/// across a reconfiguration is harmless: the batch finishes on the view it started with.
-pub struct Burst(Arc<State>);
+/// The configuration as one run of packets sees it: taken with [`Device::burst`] and kept
+/// by a packet thread, which calls [`Device::refresh`] before each batch — one atomic load
+/// when nothing changed, instead of a lock and two reference-count updates per packet.
+/// Holding it across a reconfiguration is harmless: the batch finishes on the view it
+/// started with, and removed peers are let go at the next refresh.
+pub struct Burst {
+    state: Arc<State>,
+    generation: u64,
+    /// The last longest-prefix match each way, (address, index into `state.peers`): a bulk
+    /// flow asks the same question for every packet, and the tree walk costs as much as a
+    /// tenth of the packet's encryption. Valid for `state`, so it goes with it.
+    out_route: Cell<Option<(IpAddr, u32)>>,
+    in_route: Cell<Option<(IpAddr, u32)>>,
+}
+
+impl Burst {
+    fn new(state: Arc<State>, generation: u64) -> Burst {
+        Burst {
+            state,
+            generation,
+            out_route: Cell::new(None),
+            in_route: Cell::new(None),
+        }
+    }
+
+    /// The peer whose allowed IPs hold `addr` (longest prefix), through `cache`.
+    fn route(&self, cache: &Cell<Option<(IpAddr, u32)>>, addr: IpAddr) -> Option<&Arc<Peer>> {
+        let index = match cache.get() {
+            Some((cached, index)) if cached == addr => index,
+            _ => {
+                let (_, &index) = self.state.routes.longest_match(addr)?;
+                cache.set(Some((addr, index)));
+                index
+            }
+        };
+        self.state.peers.get(index as usize)
+    }
+}
 
 /// Where an encrypted datagram goes: `len` bytes at the start of the buffer given to
 /// [`Device::seal`].
@@ -86,13 +123,33 @@ struct State {
     config: DeviceConfig,
     identity: Option<Identity>,
     by_key: HashMap<Key, Arc<Peer>>,
-    by_index: HashMap<u32, Arc<Peer>>,
-    routes: IpNetworkTable<Arc<Peer>>,
+    by_index: IndexMap,
+    /// Every peer, in configuration order; `routes` points into it.
+    peers: Vec<Arc<Peer>>,
+    routes: IpNetworkTable<u32>,
 }
 
-impl State {
-    fn route(&self, addr: IpAddr) -> Option<&Arc<Peer>> {
-        self.routes.longest_match(addr).map(|(_, p)| p)
+/// Peers by receiver index, hashed with one multiplication: the indices are random, so a
+/// DoS-resistant hash buys nothing, and SipHash costs more than the rest of the lookup.
+type IndexMap = HashMap<u32, Arc<Peer>, BuildHasherDefault<IndexHasher>>;
+
+#[derive(Default)]
+struct IndexHasher(u64);
+
+impl Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u32(u32::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        // Fibonacci hashing: spreads the value over the high bits hashbrown uses as tags.
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 
@@ -102,7 +159,8 @@ impl Default for State {
             config: DeviceConfig::default(),
             identity: None,
             by_key: HashMap::new(),
-            by_index: HashMap::new(),
+            by_index: IndexMap::default(),
+            peers: Vec::new(),
             routes: IpNetworkTable::new(),
         }
     }
@@ -111,6 +169,8 @@ impl Default for State {
 #[derive(Default)]
 pub struct Device {
     state: RwLock<Arc<State>>,
+    /// Bumped on every reconfiguration, after the new state is in place.
+    generation: AtomicU64,
     /// Serialises reconfigurations (readers never take it).
     reconfigure_lock: Mutex<()>,
     drops: DropCounters,
@@ -127,7 +187,16 @@ impl Device {
 
     /// The current configuration, for a run of [`Device::seal`] or [`Device::open`] calls.
     pub fn burst(&self) -> Burst {
-        Burst(self.state())
+        // Generation first: a reconfiguration racing with this makes the next refresh reload.
+        let generation = self.generation.load(Ordering::Acquire);
+        Burst::new(self.state(), generation)
+    }
+
+    /// Brings `burst` up to date with the latest reconfiguration, if there was one.
+    pub fn refresh(&self, burst: &mut Burst) {
+        if burst.generation != self.generation.load(Ordering::Acquire) {
+            *burst = self.burst();
+        }
     }
 
     pub fn config(&self) -> DeviceConfig {
@@ -152,8 +221,9 @@ impl Device {
         let secret = identity.as_ref().map(|i| &i.secret);
 
         let mut by_key = HashMap::with_capacity(next.peers.len());
-        let mut by_index = HashMap::with_capacity(next.peers.len());
+        let mut by_index = IndexMap::with_capacity_and_hasher(next.peers.len(), Default::default());
         let mut routes = IpNetworkTable::new();
+        let mut peers = Vec::with_capacity(next.peers.len());
         for pc in &next.peers {
             let peer = match (
                 old.by_key.get(&pc.public_key),
@@ -175,9 +245,11 @@ impl Device {
                     Arc::new(Peer::new(pc, index, secret))
                 }
             };
+            let position = peers.len() as u32;
             for net in &pc.allowed_ips {
-                routes.insert(*net, peer.clone());
+                routes.insert(*net, position);
             }
+            peers.push(peer.clone());
             by_index.insert(peer.index, peer.clone());
             by_key.insert(pc.public_key, peer);
         }
@@ -191,9 +263,11 @@ impl Device {
             identity,
             by_key,
             by_index,
+            peers,
             routes,
         });
         *self.state.write() = state.clone();
+        self.generation.fetch_add(1, Ordering::Release);
 
         let mut buf = vec![0u8; 256];
         for key in &effects.keepalive_started {
@@ -270,7 +344,7 @@ impl Device {
             self.drops.record(DropReason::Malformed);
             return None;
         };
-        let Some(peer) = burst.0.route(dst_addr) else {
+        let Some(peer) = burst.route(&burst.out_route, dst_addr) else {
             self.drops.record(DropReason::NoRoute);
             return None;
         };
@@ -331,7 +405,7 @@ impl Device {
         dst: &mut [u8],
         out: &dyn Transmit,
     ) -> Option<usize> {
-        let state = &burst.0;
+        let state = &burst.state;
         let packet = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => {
@@ -391,7 +465,7 @@ impl Device {
             // boringtun decrypts to the start of the buffer; keep the promise if it ever moves.
             dst.copy_within(offset..offset + len, 0);
         }
-        self.admit(state, peer, src, from, datagram.len())
+        self.admit(burst, peer, src, from, datagram.len())
             .then_some(len)
     }
 
@@ -444,7 +518,7 @@ impl Device {
     /// Cryptokey routing on receive: only sources inside the sender's allowed IPs pass.
     fn admit(
         &self,
-        state: &State,
+        burst: &Burst,
         peer: &Arc<Peer>,
         src: IpAddr,
         from: SocketAddr,
@@ -453,7 +527,7 @@ impl Device {
         // The datagram authenticated, so it counts and the peer may have roamed.
         peer.add_rx(wire_len);
         peer.set_endpoint(from);
-        match state.route(src) {
+        match burst.route(&burst.in_route, src) {
             Some(owner) if Arc::ptr_eq(owner, peer) => true,
             _ => {
                 self.drops.record(DropReason::SourceNotAllowed);
@@ -512,7 +586,7 @@ fn reason_for(e: &WireGuardError) -> DropReason {
 
 /// A random 24-bit receiver index not used by the old or the new peer set, so a datagram
 /// for a removed peer can never reach its successor.
-fn fresh_index(old: &HashMap<u32, Arc<Peer>>, new: &HashMap<u32, Arc<Peer>>) -> u32 {
+fn fresh_index(old: &IndexMap, new: &IndexMap) -> u32 {
     loop {
         let index = rand_core::OsRng.next_u32() & 0x00ff_ffff;
         if !old.contains_key(&index) && !new.contains_key(&index) {

@@ -10,6 +10,7 @@ use crate::key::Key;
 
 const ADDR_A: &str = "192.0.2.1:51820";
 const ADDR_B: &str = "192.0.2.2:51820";
+const ADDR_C: &str = "192.0.2.3:51820";
 
 struct Node {
     device: Device,
@@ -228,4 +229,63 @@ fn removed_peer_is_forgotten_at_once() {
         .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
     assert!(deliver(&a, &b, ADDR_A).is_empty());
     assert_eq!(b.device.drops().get(DropReason::UnknownIndex), 1);
+}
+
+/// A packet thread keeps one `Burst` and refreshes it per batch: after a reconfiguration
+/// that moves an allowed IP, the refreshed view (and its route cache) follows the move.
+#[test]
+fn a_refreshed_burst_follows_a_moved_allowed_ip() {
+    let (a, b, c) = (Node::new(1), Node::new(2), Node::new(3));
+    let peer = |n: &Node, endpoint: &str, allowed: &[&str]| {
+        let mut pc = PeerConfig::new(n.public());
+        pc.endpoint = Some(endpoint.parse().unwrap());
+        pc.allowed_ips = allowed.iter().map(|x| x.parse().unwrap()).collect();
+        pc
+    };
+    let config = |b_allowed: &[&str], c_allowed: &[&str]| DeviceConfig {
+        private_key: Some(a.private),
+        listen_port: 51820,
+        fwmark: 0,
+        peers: vec![peer(&b, ADDR_B, b_allowed), peer(&c, ADDR_C, c_allowed)],
+    };
+    a.device.reconfigure(
+        config(&["10.0.0.0/24"], &["10.1.0.0/24"]),
+        &SetEffects::default(),
+        &a.out,
+    );
+    let packet = ipv4([10, 9, 0, 1], [10, 0, 0, 5], 8);
+    let mut buf = vec![0u8; MAX_PACKET];
+    // No session yet: each seal sends a handshake initiation to the routed peer.
+    let initiation_to = |burst: &super::device::Burst, buf: &mut [u8]| {
+        assert_eq!(a.device.seal(burst, &packet, buf, &a.out), None);
+        let sent: Vec<SocketAddr> = a
+            .out
+            .take()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Datagram(to, _) => Some(to),
+                Output::Tun(_) => None,
+            })
+            .collect();
+        sent
+    };
+    let mut burst = a.device.burst();
+    assert_eq!(
+        initiation_to(&burst, &mut buf),
+        vec![ADDR_B.parse().unwrap()]
+    );
+    // Twice: the second answer comes from the route cache.
+    let _ = initiation_to(&burst, &mut buf);
+
+    a.device.reconfigure(
+        config(&["10.0.0.0/24"], &["10.1.0.0/24", "10.0.0.5/32"]),
+        &SetEffects::default(),
+        &a.out,
+    );
+    a.device.refresh(&mut burst);
+    assert_eq!(
+        initiation_to(&burst, &mut buf),
+        vec![ADDR_C.parse().unwrap()],
+        "the refreshed view routes 10.0.0.5 to c"
+    );
 }

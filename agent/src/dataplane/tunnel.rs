@@ -190,6 +190,7 @@ impl Tunnel {
                 drops.record(DropReason::IoError);
             }
         };
+        let mut burst = self.device.burst();
         while !set.is_retired() {
             let got = match udp.recv(&mut rx) {
                 Ok(got) => got,
@@ -209,7 +210,7 @@ impl Tunnel {
                     continue;
                 }
             };
-            let burst = self.device.burst();
+            self.device.refresh(&mut burst);
             let len = got.len.min(rx.len());
             for datagram in rx[..len].chunks(got.stride.max(1)) {
                 let opened =
@@ -231,6 +232,7 @@ impl Tunnel {
         let mut rx = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut segment = vec![0u8; MAX_PACKET];
         let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
+        let mut burst = self.device.burst();
         loop {
             let n = match self.net.tun.recv(&mut rx) {
                 Ok(n) => n,
@@ -240,7 +242,7 @@ impl Tunnel {
                     std::process::exit(1);
                 }
             };
-            let burst = self.device.burst();
+            self.device.refresh(&mut burst);
             let mut seal = |packet: &[u8]| self.seal_into(&mut batch, &burst, packet);
             if self.net.vnet {
                 let split = VirtioHdr::decode(&rx[..n])
