@@ -99,3 +99,33 @@ fn isthmus_with_wireguard_go_over_ipv6() {
 fn isthmus_with_debian_wireguard_go() {
     exercise(Impl::Isthmus, Impl::WireguardGoDebian, Underlay::V4);
 }
+
+/// An underlay whose MTU is smaller than the tunnel MTU plus WireGuard's 80 bytes (as on
+/// 1460-byte cloud networks with the default 1420): full-size inner packets still cross,
+/// the outer datagrams being fragmented, and so does a TCP stream whose segments were
+/// batched for UDP GSO (the kernel refuses GSO segments above the MTU; isthmus falls back
+/// to one datagram per send).
+#[test]
+fn full_size_packets_cross_a_smaller_underlay_mtu() {
+    let pair = Pair::new(Impl::Isthmus, Impl::Isthmus, Underlay::V4).expect("pair");
+    for host in [&pair.a, &pair.b] {
+        host.ns
+            .ip(&["link", "set", &host.underlay_if, "mtu", "1400"])
+            .expect("underlay MTU");
+    }
+    let target = pair.b.inner_v4().to_string();
+    // 1392 + 8 (ICMP) + 20 (IP) = 1420 bytes inside, 1452 outside: above the 1400 MTU.
+    let pinged = pair.a.ns.exec(
+        "ping",
+        &["-c", "3", "-W", "2", "-s", "1392", "-M", "do", &target],
+    );
+    assert!(
+        pinged.is_ok(),
+        "full-size ping: {pinged:?}\n{}",
+        pair.logs()
+    );
+    tcp_transfer(&pair.a.ns, &pair.b.ns, pair.b.inner_v4(), STREAM)
+        .unwrap_or_else(|e| panic!("TCP a -> b: {e:#}\n{}", pair.logs()));
+    tcp_transfer(&pair.b.ns, &pair.a.ns, pair.a.inner_v4(), STREAM)
+        .unwrap_or_else(|e| panic!("TCP b -> a: {e:#}\n{}", pair.logs()));
+}

@@ -9,7 +9,8 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
@@ -33,6 +34,9 @@ pub const MAX_GSO_SEGMENTS: usize = 64;
 pub struct Udp {
     pub sock: UdpSocket,
     state: UdpSocketState,
+    /// Datagrams of this size or larger go one per send: the kernel refused to segment
+    /// them (EMSGSIZE: bigger than the path MTU, so each must be fragmented on its own).
+    gso_refused_from: AtomicUsize,
 }
 
 /// One receive: `len` bytes from `from`, datagrams of `stride` bytes (the last may be
@@ -62,8 +66,13 @@ impl Udp {
         // data plane blocks in its own threads instead (see the module comment).
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         sock.set_nonblocking(false)?;
+        allow_fragments(&sock, domain)?;
         sock.set_read_timeout(Some(RECV_POLL))?;
-        Ok(Udp { sock, state })
+        Ok(Udp {
+            sock,
+            state,
+            gso_refused_from: AtomicUsize::new(usize::MAX),
+        })
     }
 
     /// Datagrams one [`Udp::send`] may carry (1 where the kernel has no UDP GSO).
@@ -72,11 +81,15 @@ impl Udp {
     }
 
     /// Sends `contents` to `to`: one datagram, or with `segment` shorter than it, datagrams
-    /// of `segment` bytes (the last may be shorter) in one GSO send. Where GSO fails (a
-    /// device without checksum offload), the datagrams go one by one and later sends stop
-    /// segmenting.
+    /// of `segment` bytes (the last may be shorter) in one GSO send. Where the kernel
+    /// refuses to segment (a device without checksum offload: EIO; a segment above the path
+    /// MTU: EMSGSIZE or EINVAL), the datagrams go one by one, and so do later ones that
+    /// would meet the same refusal.
     pub fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let gso = segment < contents.len();
+        if gso && segment >= self.gso_refused_from.load(Ordering::Relaxed) {
+            return self.send_one_by_one(to, contents, segment);
+        }
         let transmit = quinn_udp::Transmit {
             destination: to,
             ecn: None,
@@ -85,15 +98,22 @@ impl Udp {
             src_ip: None,
         };
         match self.state.try_send(UdpSockRef::from(&self.sock), &transmit) {
-            Err(e) if gso && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
-                tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
-                for one in contents.chunks(segment) {
-                    self.sock.send_to(one, to)?;
+            Err(e) if gso && refused_gso(&e) => {
+                if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                    self.gso_refused_from.fetch_min(segment, Ordering::Relaxed);
                 }
-                Ok(())
+                tracing::info!(error = %e, segment, "UDP GSO refused; sending datagrams one by one");
+                self.send_one_by_one(to, contents, segment)
             }
             other => other,
         }
+    }
+
+    fn send_one_by_one(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+        for one in contents.chunks(segment) {
+            self.sock.send_to(one, to)?;
+        }
+        Ok(())
     }
 
     /// Waits up to [`RECV_POLL`] for datagrams (`WouldBlock` or `TimedOut` when none came).
@@ -113,6 +133,61 @@ impl Udp {
             stride: if m.stride == 0 { m.len } else { m.stride },
         })
     }
+}
+
+/// Undoes quinn-udp's "never fragment" (QUIC probes its own path MTU; WireGuard does
+/// not): with the kernel's default path-MTU handling, a datagram too big for the path is
+/// fragmented, as kernel WireGuard and wireguard-go have it, instead of failing with
+/// EMSGSIZE — which would black-hole full-size packets on an underlay whose MTU is smaller
+/// than the tunnel's MTU plus 80 bytes (1460-byte cloud networks, for one).
+fn allow_fragments(sock: &UdpSocket, domain: Domain) -> io::Result<()> {
+    set_int_option(
+        sock,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_WANT,
+    )?;
+    if domain == Domain::IPV6 {
+        set_int_option(
+            sock,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        )?;
+        set_int_option(sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)?;
+    }
+    Ok(())
+}
+
+fn set_int_option(
+    sock: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `sock` is an open socket for the whole call, and the option value is a c_int
+    // whose address and size are passed together.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn refused_gso(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE)
+    )
 }
 
 pub struct Sockets {
