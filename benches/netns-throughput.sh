@@ -12,7 +12,9 @@
 #   bash benches/netns-throughput.sh [--reps N] [--seconds S] [--only a,b] [--out FILE|-]
 #
 # Implementations: veth (no tunnel, the ceiling), isthmus, wireguard-go-current,
-# wireguard-go-debian, boringtun-cli. One whose binary is missing is skipped.
+# wireguard-go-debian, boringtun-cli. One whose binary is missing is skipped. With
+# ISTHMUS_BASELINE_AGENT=path, `isthmus-baseline` (another isthmus-agent build, e.g. before
+# a change) runs too, interleaved with the rest.
 # Peers come from scripts/build-peers.sh (.cache/bin/); isthmus from target/release/.
 # Needs root.
 set -euo pipefail
@@ -26,10 +28,11 @@ DURATION=${BENCH_SECONDS:-5}
 ONLY=${BENCH_ONLY:-}
 OUT=${BENCH_OUT:-$REPO/docs/benchmarks.md}
 STREAMS=${BENCH_STREAMS:-1,4}
-ALL_IMPLS=(veth isthmus wireguard-go-current wireguard-go-debian boringtun-cli)
+ISTHMUS_BASELINE_AGENT=${ISTHMUS_BASELINE_AGENT:-}
+ALL_IMPLS=(veth isthmus ${ISTHMUS_BASELINE_AGENT:+isthmus-baseline} wireguard-go-current wireguard-go-debian boringtun-cli)
 COMMAND_LINE="bash benches/netns-throughput.sh${*:+ $*}"
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case $1 in
@@ -108,6 +111,7 @@ impl_binary() {
   case $1 in
     veth) echo /bin/true ;;
     isthmus) echo "$ISTHMUS_AGENT" ;;
+    isthmus-baseline) echo "${ISTHMUS_BASELINE_AGENT:-/nonexistent}" ;;
     wireguard-go-current) echo "$PEERS/wireguard-go-current" ;;
     wireguard-go-debian) echo /usr/bin/wireguard-go ;;
     boringtun-cli) echo "$PEERS/boringtun-cli" ;;
@@ -122,6 +126,7 @@ impl_version() {
     veth) echo "kernel $(uname -r)" ;;
     isthmus) echo "isthmus-agent binary built $ISTHMUS_BUILT" \
       "(repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo none) at run time)" ;;
+    isthmus-baseline) echo "isthmus-agent binary $ISTHMUS_BASELINE_DESC, built $ISTHMUS_BASELINE_BUILT" ;;
     wireguard-go-current)
       # The binary's --version is wireguard-go's own version string; the module pin is exact.
       echo "$("$bin" --version 2>&1 | head -n1), module $(go version -m "$bin" 2>/dev/null |
@@ -154,7 +159,7 @@ impl_command() { # impl iface port -> DAEMON_CMD
   local bin
   bin=$(impl_binary "$1")
   case $1 in
-    isthmus) DAEMON_CMD=("$bin" tunnel --iface "$2" --listen-port "$3") ;;
+    isthmus | isthmus-baseline) DAEMON_CMD=("$bin" tunnel --iface "$2" --listen-port "$3") ;;
     wireguard-go-*) DAEMON_CMD=(env WG_PROCESS_FOREGROUND=1 "$bin" -f "$2") ;;
     # boringtun-cli drops privileges to the sudo user by default and exits when there is
     # none ("NULL from getlogin"); WG_SUDO / --disable-drop-privileges keep root.
@@ -331,6 +336,12 @@ if [[ " ${IMPLS[*]} " == *" isthmus "* ]]; then
   ISTHMUS_BUILT=$(date -u -r "$ISTHMUS_AGENT" +%Y-%m-%dT%H:%MZ)
   cp "$ISTHMUS_AGENT" "$WORK/isthmus-agent"
   ISTHMUS_AGENT=$WORK/isthmus-agent
+fi
+if [[ " ${IMPLS[*]} " == *" isthmus-baseline "* ]]; then
+  ISTHMUS_BASELINE_BUILT=$(date -u -r "$ISTHMUS_BASELINE_AGENT" +%Y-%m-%dT%H:%MZ)
+  ISTHMUS_BASELINE_DESC=${ISTHMUS_BASELINE_DESC:-$ISTHMUS_BASELINE_AGENT}
+  cp "$ISTHMUS_BASELINE_AGENT" "$WORK/isthmus-agent-baseline"
+  ISTHMUS_BASELINE_AGENT=$WORK/isthmus-agent-baseline
 fi
 
 umask 077
