@@ -15,6 +15,9 @@ use crate::wg::{self, Dump, KeyPair};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Impl {
     Isthmus,
+    /// isthmus with `ISTHMUS_TUN_OFFLOAD=0`: one packet per TUN read and write, no GSO
+    /// split or GRO coalescing (the fallback for kernels that refuse offloads).
+    IsthmusNoOffload,
     /// The current wireguard-go (see `wireguard_go_binary`).
     WireguardGo,
     /// Debian's packaged wireguard-go.
@@ -89,7 +92,7 @@ impl Host {
         let log = dir.join(format!("daemon-{n}.log"));
         let port = 51819 + u16::from(n);
         let daemon = match kind {
-            Impl::Isthmus => Daemon::spawn(
+            Impl::Isthmus | Impl::IsthmusNoOffload => Daemon::spawn(
                 &ns.name,
                 &crate::agent_binary(),
                 &[
@@ -99,7 +102,17 @@ impl Host {
                     "--listen-port",
                     &port.to_string(),
                 ],
-                &[("RUST_LOG", "info")],
+                &[
+                    ("RUST_LOG", "info"),
+                    (
+                        "ISTHMUS_TUN_OFFLOAD",
+                        if kind == Impl::IsthmusNoOffload {
+                            "0"
+                        } else {
+                            "1"
+                        },
+                    ),
+                ],
                 log,
             )?,
             Impl::WireguardGo | Impl::WireguardGoDebian => Daemon::spawn(

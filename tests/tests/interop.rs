@@ -95,6 +95,13 @@ fn isthmus_with_wireguard_go_over_ipv6() {
     exercise(Impl::Isthmus, Impl::WireguardGo, Underlay::V6);
 }
 
+/// One side without TUN offloads: the other's super-segments arrive split into packets it
+/// writes one by one, and its single packets arrive to be coalesced.
+#[test]
+fn isthmus_without_tun_offloads_with_isthmus_with_them() {
+    exercise(Impl::IsthmusNoOffload, Impl::Isthmus, Underlay::V4);
+}
+
 #[test]
 fn isthmus_with_debian_wireguard_go() {
     exercise(Impl::Isthmus, Impl::WireguardGoDebian, Underlay::V4);
