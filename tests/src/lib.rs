@@ -6,6 +6,7 @@
 //! namespaces.
 
 pub mod daemon;
+pub mod kube;
 pub mod netns;
 pub mod pair;
 pub mod traffic;
