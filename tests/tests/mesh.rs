@@ -71,7 +71,9 @@ async fn mesh_forms_admits_joins_and_collects() {
     // Same location: no tunnel (traffic stays on the LAN).
     assert_eq!(cluster.nodes[0].dump().unwrap().peers.len(), 2);
 
-    // A node joins: everyone in the other cloud configures it.
+    // A node joins: everyone in the other cloud configures it, and the sessions already
+    // up are left alone (no new handshake for an unrelated change).
+    let sessions_before = cluster.nodes[0].dump().unwrap();
     let joined = cluster.add_node(1, 3).await.expect("joining node");
     assert!(
         cluster.wait_converged(CONVERGE).await,
@@ -79,7 +81,17 @@ async fn mesh_forms_admits_joins_and_collects() {
         cluster.logs()
     );
     let joined_key = cluster.nodes[joined].dump().unwrap().public_key;
-    assert!(cluster.nodes[0].dump().unwrap().peer(&joined_key).is_some());
+    let sessions_after = cluster.nodes[0].dump().unwrap();
+    assert!(sessions_after.peer(&joined_key).is_some());
+    for before in &sessions_before.peers {
+        let after = sessions_after
+            .peer(&before.public_key)
+            .expect("existing peer kept");
+        assert_eq!(
+            after.latest_handshake, before.latest_handshake,
+            "a join reset an unrelated session"
+        );
+    }
 
     // Forged peers: no Node, or a nodeIP its Node does not have. Never admitted, never configured.
     let admin = cluster.rig.admin().await.unwrap();
