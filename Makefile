@@ -22,9 +22,11 @@ lint:
 
 ## Every test: formatting and lints, unit tests, and the end-to-end tests in network
 ## namespaces (needs root, TUN and iproute2). The interop peer is the current wireguard-go,
-## built once from Go modules into .cache/; Debian's older build is tested too.
+## built once from Go modules into .cache/; Debian's older build is tested too. The
+## control-plane tests run a real kube-apiserver and etcd, built once into .cache/kube.
 test: deps lint
 	bash scripts/build-peers.sh wireguard-go
+	bash scripts/build-kube.sh
 	$(CARGO) build --release --workspace --bins
 	ISTHMUS_WIREGUARD_GO=$(CURDIR)/.cache/bin/wireguard-go-current \
 	  $(CARGO) test --release --workspace -- --test-threads=2

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use isthmus_agent::control::publish::PublishOptions;
+use isthmus_agent::control::run::{run, RunOptions};
 use isthmus_agent::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
 use isthmus_agent::uapi::server;
 
@@ -33,12 +35,98 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MTU)]
         mtu: u16,
     },
+    /// The node agent (DaemonSet): tunnel, publish this node's WireGuardPeer, follow the
+    /// admitted peers.
+    Run(RunArgs),
 }
 
-fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name (the WireGuardPeer is named after it).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Where the node key lives (created once, mode 0600).
+    #[arg(long, default_value = "/var/lib/isthmus")]
+    state_dir: std::path::PathBuf,
+    #[arg(long, default_value = "isthmus0")]
+    iface: String,
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    #[arg(long, default_value_t = DEFAULT_MTU)]
+    mtu: u16,
+    /// host:port the other nodes dial (default: node IP and listen port); set it when the
+    /// node is reached through NAT or a public address.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Location override (default: the Node's topology.kubernetes.io/region label).
+    #[arg(long)]
+    location: Option<String>,
+    /// Node IP override (default: the Node's first InternalIP).
+    #[arg(long)]
+    node_ip: Option<String>,
+    /// Keepalive the peers send to this node, in seconds (keeps NAT mappings open).
+    #[arg(long, default_value_t = 25)]
+    keepalive: u16,
+    /// Kubeconfig (default: in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// For sandboxes and tests: create the tunnel and netlink sockets in this network
+    /// namespace (a path like /var/run/netns/NAME) while talking to the API from here.
+    #[arg(long)]
+    netns: Option<std::path::PathBuf>,
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    check_iface(&args.iface)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let opts = RunOptions {
+        node_name: args.node_name,
+        state_dir: args.state_dir,
+        iface: args.iface,
+        mtu: args.mtu,
+        publish: PublishOptions {
+            endpoint: args.endpoint,
+            location: args.location,
+            node_ip: args.node_ip,
+            listen_port: args.listen_port,
+            keepalive: args.keepalive,
+        },
+        kubeconfig: args.kubeconfig,
+        netns: args.netns,
+    };
+    runtime.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        run(opts, shutdown).await
+    })
+}
+
+fn check_iface(iface: &str) -> anyhow::Result<()> {
     if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
         anyhow::bail!("interface name {iface:?} must be 1 to 15 characters, no '/' or spaces");
     }
+    Ok(())
+}
+
+fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
+    check_iface(iface)?;
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let tunnel = Tunnel::start(iface, listen_port, mtu)?;
     let uapi = server::serve(iface, Arc::new(tunnel))?;
@@ -67,6 +155,7 @@ fn main() -> ExitCode {
             listen_port,
             mtu,
         } => run_tunnel(&iface, listen_port, mtu),
+        Command::Run(args) => run_agent(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,2 +1,28 @@
-//! The `WireGuardPeer` custom resource shared by agent and coordinator (see DESIGN.md).
-//! The types land with the control-plane issue; the data plane does not depend on them.
+//! The `WireGuardPeer` custom resource (`isthmus.dev/v1alpha1`, cluster-scoped, named after
+//! its node), shared by agent and coordinator, and the pure rules both apply to it.
+//!
+//! The spec is written by the node's agent, the status by the coordinator, each with its own
+//! server-side-apply field manager. Validation lives in the CRD (OpenAPI plus CEL), so the
+//! API server rejects a malformed key, endpoint or CIDR with a message before any controller
+//! sees it.
+
+pub mod peer;
+pub mod topology;
+
+pub use peer::{
+    Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED, AGENT_MANAGER,
+    COORDINATOR_MANAGER,
+};
+pub use topology::Topology;
+
+use kube::CustomResourceExt;
+
+/// The CRD as YAML, exactly as `deploy/crd.yaml` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let body = serde_yaml_ng::to_string(&WireGuardPeer::crd())?;
+    Ok(format!(
+        "# Generated from the Rust types in api/ by `cargo run -p isthmus-api --bin crdgen`.\n\
+         # Do not edit: a test fails when this file differs from what the types generate.\n\
+         ---\n{body}"
+    ))
+}

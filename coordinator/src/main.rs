@@ -1,17 +1,124 @@
-//! `isthmus-coordinator`: admits WireGuardPeers, allocates mesh IPs and computes the
-//! topology. Built by the control-plane issue; until then it only says so.
+//! `isthmus-coordinator`: runs in the seed cluster (a Deployment with two replicas).
 
-use clap::Parser;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use isthmus_api::Topology;
+use isthmus_coordinator::controller::{self, Settings};
+use isthmus_coordinator::decide::Pool;
 
 #[derive(Parser)]
-#[command(
-    name = "isthmus-coordinator",
-    version,
-    about = "isthmus coordinator (control-plane issue)"
-)]
-struct Cli {}
+#[command(name = "isthmus-coordinator", version, about = "isthmus coordinator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    Cli::parse();
-    anyhow::bail!("the coordinator is not built yet; see the control-plane issue")
+#[derive(Subcommand)]
+enum Command {
+    /// Watch WireGuardPeers and Nodes and admit, allocate, collect (one replica acts).
+    Run {
+        /// Pool the mesh IPs come from.
+        #[arg(long, default_value = "100.96.0.0/16")]
+        mesh_cidr: String,
+        /// Which pairs of nodes tunnel: cross-location or full.
+        #[arg(long, default_value = "cross-location")]
+        topology: Topology,
+        /// Namespace of the leader-election Lease.
+        #[arg(long, default_value = "isthmus-system")]
+        lease_namespace: String,
+        #[arg(long, default_value = "isthmus-coordinator")]
+        lease_name: String,
+        /// This replica's name in the Lease (default: $POD_NAME, else host name and PID).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Seconds a leader's lease lasts without renewal.
+        #[arg(long, default_value_t = 10)]
+        lease_seconds: u64,
+        /// Kubeconfig to use (default: in-cluster, then ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<std::path::PathBuf>,
+    },
+    /// Print the WireGuardPeer CRD.
+    Crd,
+}
+
+async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding cluster credentials")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", isthmus_api::crd_yaml()?);
+            Ok(())
+        }
+        Command::Run {
+            mesh_cidr,
+            topology,
+            lease_namespace,
+            lease_name,
+            identity,
+            lease_seconds,
+            kubeconfig,
+        } => {
+            let cidr = mesh_cidr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--mesh-cidr {mesh_cidr:?}: {e:?}"))?;
+            let identity = identity
+                .or_else(|| std::env::var("POD_NAME").ok())
+                .unwrap_or_else(|| {
+                    let host =
+                        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    format!("{}-{}", host.trim(), std::process::id())
+                });
+            let settings = Settings {
+                pool: Pool { cidr },
+                topology,
+                lease_namespace,
+                lease_name,
+                identity,
+                lease_duration: Duration::from_secs(lease_seconds.max(2)),
+                resync: Duration::from_secs(30),
+            };
+            let client = client(kubeconfig.as_deref()).await?;
+            controller::run(client, settings, shutdown_signal()).await
+        }
+    }
 }

@@ -24,18 +24,38 @@ impl Daemon {
         env: &[(&str, &str)],
         log: PathBuf,
     ) -> anyhow::Result<Daemon> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(program);
+        Daemon::start(cmd, args, env, log)
+    }
+
+    /// Starts `program args` in the host's own namespace (loopback services like the API
+    /// server).
+    pub fn spawn_host(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> anyhow::Result<Daemon> {
+        Daemon::start(Command::new(program), args, env, log)
+    }
+
+    fn start(
+        mut cmd: Command,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> anyhow::Result<Daemon> {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(program)
+        let child = cmd
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
         Ok(Daemon {
             child,
             log,

@@ -5,7 +5,9 @@
 //! tests and parallel runs never collide. Traffic only goes to addresses inside these
 //! namespaces.
 
+pub mod cluster;
 pub mod daemon;
+pub mod kube;
 pub mod netns;
 pub mod pair;
 pub mod traffic;
@@ -27,13 +29,18 @@ pub fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("ISTHMUS_AGENT") {
         return PathBuf::from(p);
     }
+    workspace_bin("isthmus-agent")
+}
+
+/// A binary of this workspace's build, next to the test executable's directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test-exe> -> target/<profile>/isthmus-agent
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target directory");
-    let bin = dir.join("isthmus-agent");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --workspace --bins`, as `make test` does)",

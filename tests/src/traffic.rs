@@ -21,6 +21,44 @@ pub fn ping_within(ns: &Netns, dst: IpAddr, timeout: std::time::Duration) -> boo
     crate::daemon::wait_until(timeout, || ping(ns, dst, 1))
 }
 
+/// `count` pings `interval` seconds apart from namespace `ns` (by name, so it can run on
+/// another thread); returns (sent, received).
+pub fn ping_stats(ns: &str, dst: IpAddr, count: u32, interval: &str) -> (u32, u32) {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            interval,
+            "-W",
+            "1",
+            &dst.to_string(),
+        ])
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // "N packets transmitted, M received, ..."
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (
+        nums.first().copied().unwrap_or(0),
+        nums.get(1).copied().unwrap_or(0),
+    )
+}
+
 pub fn ping_from(ns: &Netns, dst: IpAddr, count: u32, src: Option<IpAddr>) -> bool {
     let count = count.to_string();
     let dst = dst.to_string();

@@ -21,11 +21,13 @@ use parking_lot::{Mutex, RwLock};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::batch::OutBatch;
+use super::config::{DeviceConfig, PeerConfig, SetEffects};
 use super::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use super::drops::DropReason;
 use super::offload::gro::Coalescer;
 use super::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
 use super::sockets::{Sockets, Udp, RECV_BUF};
+use crate::key::Key;
 use crate::uapi::server::UapiHandler;
 use crate::uapi::{DeviceSnapshot, Errno, SetRequest, UapiError};
 
@@ -147,6 +149,34 @@ impl Tunnel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The control plane's step: our key and the mesh's peers, keeping the listen port and
+    /// fwmark. Unchanged peers keep their sessions; peers that are new (or newly keep
+    /// alive) handshake at once instead of at the first packet.
+    pub fn apply_mesh(&self, private_key: Key, peers: Vec<PeerConfig>) {
+        let _serial = self.set_lock.lock();
+        let current = self.device.config();
+        let keepalive_started = peers
+            .iter()
+            .filter(|p| p.persistent_keepalive > 0)
+            .filter(|p| {
+                current
+                    .peer(&p.public_key)
+                    .is_none_or(|c| c.persistent_keepalive == 0)
+            })
+            .map(|p| p.public_key)
+            .collect();
+        let next = DeviceConfig {
+            private_key: Some(private_key),
+            peers,
+            ..current
+        };
+        let effects = SetEffects {
+            endpoints: Vec::new(),
+            keepalive_started,
+        };
+        self.device.reconfigure(next, &effects, self.net.as_ref());
     }
 
     fn spawn(self: &Arc<Self>, name: &str, body: fn(&Tunnel)) -> anyhow::Result<()> {

@@ -1,0 +1,178 @@
+//! From the WireGuardPeers the agent watches to the mesh it should run: a pure function, so
+//! the rule "configure only admitted peers the topology pairs us with" is tested in a table.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ip_network::IpNetwork;
+use isthmus_api::{Topology, WireGuardPeer};
+use kube::ResourceExt;
+
+use crate::dataplane::PeerConfig;
+use crate::key::Key;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshPlan {
+    /// Whether the coordinator has admitted this node (nothing is configured before).
+    pub admitted: bool,
+    /// This node's mesh address and the pool's prefix length, for the tunnel device.
+    pub address: Option<(IpAddr, u8)>,
+    /// Peers sorted by public key.
+    pub peers: Vec<PeerConfig>,
+}
+
+fn mesh_address(peer: &WireGuardPeer) -> Option<(IpAddr, u8)> {
+    let status = peer.status.as_ref()?;
+    let ip: IpAddr = status.mesh_ip.as_deref()?.parse().ok()?;
+    let prefix = status
+        .mesh_cidr
+        .as_deref()
+        .and_then(|c| c.parse::<IpNetwork>().ok())
+        .map(|n| n.netmask())
+        .unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+    Some((ip, prefix))
+}
+
+/// The mesh for node `own`, given every WireGuardPeer.
+pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
+    let Some(me) = peers.iter().find(|p| p.name_any() == own) else {
+        return MeshPlan::default();
+    };
+    if !me.is_admitted() {
+        return MeshPlan::default();
+    }
+    let topology = me
+        .status
+        .as_ref()
+        .and_then(|s| s.topology)
+        .unwrap_or(Topology::CrossLocation);
+    let own_keepalive = me.spec.persistent_keepalive.unwrap_or(0);
+    let mut out: Vec<PeerConfig> = peers
+        .iter()
+        .filter(|p| p.name_any() != own && p.is_admitted())
+        .filter(|p| topology.wants_tunnel(&me.spec.location, &p.spec.location))
+        .filter_map(|p| {
+            let (mesh_ip, _) = mesh_address(p)?;
+            let public_key = Key::from_base64(&p.spec.public_key).ok()?;
+            let endpoint: SocketAddr = p.spec.endpoint.parse().ok()?;
+            let host = match mesh_ip {
+                IpAddr::V4(_) => 32,
+                IpAddr::V6(_) => 128,
+            };
+            let keepalive = own_keepalive.max(p.spec.persistent_keepalive.unwrap_or(0));
+            Some(PeerConfig {
+                public_key,
+                preshared_key: None,
+                endpoint: Some(endpoint),
+                persistent_keepalive: u16::try_from(keepalive).unwrap_or(u16::MAX),
+                allowed_ips: vec![IpNetwork::new(mesh_ip, host).ok()?],
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| p.public_key);
+    MeshPlan {
+        admitted: true,
+        address: mesh_address(me),
+        peers: out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_api::{WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn peer(
+        name: &str,
+        key: u8,
+        location: &str,
+        mesh: Option<&str>,
+        admitted: bool,
+    ) -> WireGuardPeer {
+        let mut p = WireGuardPeer::new(
+            name,
+            WireGuardPeerSpec {
+                public_key: Key([key; 32]).to_base64(),
+                endpoint: format!("203.0.113.{key}:51820"),
+                location: location.into(),
+                node_ip: "10.0.0.5".into(),
+                pod_cidrs: vec![],
+                vtep: None,
+                persistent_keepalive: Some(25),
+            },
+        );
+        p.metadata.generation = Some(2);
+        p.status = Some(WireGuardPeerStatus {
+            mesh_ip: mesh.map(str::to_string),
+            mesh_cidr: Some("100.96.0.0/16".into()),
+            topology: Some(Topology::CrossLocation),
+            conditions: vec![Condition {
+                type_: ADMITTED.into(),
+                status: if admitted { "True" } else { "False" }.into(),
+                reason: "NodeVerified".into(),
+                message: String::new(),
+                observed_generation: Some(2),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            }],
+        });
+        p
+    }
+
+    fn keys(plan: &MeshPlan) -> Vec<u8> {
+        plan.peers.iter().map(|p| p.public_key.0[0]).collect()
+    }
+
+    #[test]
+    fn cross_location_pairs_only_admitted_peers_elsewhere() {
+        let peers = vec![
+            peer("a1", 1, "old", Some("100.96.0.1"), true),
+            peer("a2", 2, "old", Some("100.96.0.2"), true),
+            peer("b1", 3, "new", Some("100.96.0.3"), true),
+            peer("b2", 4, "new", Some("100.96.0.4"), false),
+            peer("b3", 5, "new", None, true),
+        ];
+        let plan = plan("a1", &peers);
+        assert!(plan.admitted);
+        assert_eq!(plan.address, Some(("100.96.0.1".parse().unwrap(), 16)));
+        assert_eq!(
+            keys(&plan),
+            vec![3],
+            "same location, unadmitted and IP-less peers are left out"
+        );
+        let b1 = &plan.peers[0];
+        assert_eq!(b1.endpoint, Some("203.0.113.3:51820".parse().unwrap()));
+        assert_eq!(
+            b1.allowed_ips,
+            vec!["100.96.0.3/32".parse::<IpNetwork>().unwrap()]
+        );
+        assert_eq!(b1.persistent_keepalive, 25);
+    }
+
+    #[test]
+    fn full_topology_pairs_everyone_admitted() {
+        let mut peers = vec![
+            peer("a1", 1, "old", Some("100.96.0.1"), true),
+            peer("a2", 2, "old", Some("100.96.0.2"), true),
+            peer("b1", 3, "new", Some("100.96.0.3"), true),
+        ];
+        if let Some(s) = peers[0].status.as_mut() {
+            s.topology = Some(Topology::Full);
+        }
+        assert_eq!(keys(&plan("a1", &peers)), vec![2, 3]);
+    }
+
+    #[test]
+    fn nothing_before_own_admission_and_stale_admissions_do_not_count() {
+        let mut peers = vec![
+            peer("a1", 1, "old", Some("100.96.0.1"), false),
+            peer("b1", 3, "new", Some("100.96.0.3"), true),
+        ];
+        assert_eq!(plan("a1", &peers), MeshPlan::default());
+        assert_eq!(plan("nobody", &peers), MeshPlan::default());
+        peers[0] = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        // b1 changed its spec (generation 3) since it was admitted: not trusted yet.
+        peers[1].metadata.generation = Some(3);
+        assert!(plan("a1", &peers).peers.is_empty());
+    }
+}

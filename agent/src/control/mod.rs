@@ -1,0 +1,9 @@
+//! The agent's control plane: publish this node's WireGuardPeer, watch the admitted ones,
+//! turn them into the mesh this node should run (`mesh::plan`, pure) and apply only the
+//! difference to the data plane.
+
+pub mod address;
+pub mod keys;
+pub mod mesh;
+pub mod publish;
+pub mod run;

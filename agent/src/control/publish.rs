@@ -1,0 +1,160 @@
+//! This node's WireGuardPeer spec: what the agent tells the others about itself, derived
+//! from its Node object and flags, written with server-side apply as `isthmus-agent`.
+
+use anyhow::{bail, Context};
+use isthmus_api::{WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+
+use crate::key::Key;
+
+/// The label a node's location comes from unless `--location` overrides it.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+#[derive(Clone, Debug, Default)]
+pub struct PublishOptions {
+    /// `host:port` the other nodes dial (default: the node IP and the listen port).
+    pub endpoint: Option<String>,
+    pub location: Option<String>,
+    pub node_ip: Option<String>,
+    pub listen_port: u16,
+    pub keepalive: u16,
+}
+
+fn first_address(node: &Node, kind: &str) -> Option<String> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == kind)
+        .map(|a| a.address.clone())
+}
+
+/// The spec for this node. Pure: everything comes from the Node and the options.
+pub fn own_spec(
+    node: &Node,
+    public_key: &Key,
+    opts: &PublishOptions,
+) -> anyhow::Result<WireGuardPeerSpec> {
+    let node_ip = opts
+        .node_ip
+        .clone()
+        .or_else(|| first_address(node, "InternalIP"))
+        .or_else(|| first_address(node, "ExternalIP"))
+        .context("the Node lists no InternalIP or ExternalIP; pass --node-ip")?;
+    let location = match &opts.location {
+        Some(l) => l.clone(),
+        None => node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(REGION_LABEL).cloned())
+            .with_context(|| format!("the Node has no {REGION_LABEL} label; pass --location"))?,
+    };
+    if location.is_empty() {
+        bail!("location is empty");
+    }
+    let endpoint =
+        opts.endpoint
+            .clone()
+            .unwrap_or_else(|| match node_ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:{}", opts.listen_port),
+                _ => format!("{node_ip}:{}", opts.listen_port),
+            });
+    let pod_cidrs = node
+        .spec
+        .as_ref()
+        .and_then(|s| {
+            s.pod_cidrs
+                .clone()
+                .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+        })
+        .unwrap_or_default();
+    Ok(WireGuardPeerSpec {
+        public_key: public_key.to_base64(),
+        endpoint,
+        location,
+        node_ip,
+        pod_cidrs,
+        vtep: None,
+        persistent_keepalive: Some(i32::from(opts.keepalive)),
+    })
+}
+
+/// Writes the spec; the agent owns exactly these fields.
+pub async fn publish(
+    api: &Api<WireGuardPeer>,
+    name: &str,
+    spec: &WireGuardPeerSpec,
+) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "apiVersion": "isthmus.dev/v1alpha1",
+        "kind": "WireGuardPeer",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(AGENT_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .with_context(|| format!("publishing WireGuardPeer {name}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(json: serde_json::Value) -> Node {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn spec_from_node_and_overrides() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {REGION_LABEL: "eu-west-1"}},
+            "spec": {"podCIDRs": ["10.244.1.0/24"]},
+            "status": {"addresses": [{"type": "Hostname", "address": "n1"}, {"type": "InternalIP", "address": "10.0.0.5"}]}
+        }));
+        let key = Key([1; 32]);
+        let opts = PublishOptions {
+            listen_port: 51820,
+            keepalive: 25,
+            ..Default::default()
+        };
+        let s = own_spec(&n, &key, &opts).unwrap();
+        assert_eq!(
+            (s.node_ip.as_str(), s.location.as_str(), s.endpoint.as_str()),
+            ("10.0.0.5", "eu-west-1", "10.0.0.5:51820")
+        );
+        assert_eq!(s.pod_cidrs, vec!["10.244.1.0/24".to_string()]);
+        assert_eq!(s.public_key, key.to_base64());
+
+        let opts = PublishOptions {
+            endpoint: Some("203.0.113.1:40000".into()),
+            location: Some("vsphere".into()),
+            ..opts
+        };
+        let s = own_spec(&n, &key, &opts).unwrap();
+        assert_eq!(
+            (s.location.as_str(), s.endpoint.as_str()),
+            ("vsphere", "203.0.113.1:40000")
+        );
+    }
+
+    #[test]
+    fn missing_location_or_address_is_a_clear_error() {
+        let bare = node(serde_json::json!({"metadata": {"name": "n1"}}));
+        let err = own_spec(&bare, &Key([1; 32]), &PublishOptions::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("--node-ip"));
+        let no_label = node(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.5"}]}
+        }));
+        let err = own_spec(&no_label, &Key([1; 32]), &PublishOptions::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("--location"));
+    }
+}

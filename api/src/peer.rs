@@ -1,0 +1,121 @@
+//! The resource itself.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema, Resource};
+use serde::{Deserialize, Serialize};
+
+use crate::topology::Topology;
+
+/// Server-side-apply field manager of the agents (spec).
+pub const AGENT_MANAGER: &str = "isthmus-agent";
+/// Server-side-apply field manager of the coordinator (status).
+pub const COORDINATOR_MANAGER: &str = "isthmus-coordinator";
+/// Condition type: the coordinator checked this peer against its Node and lets it in.
+pub const ADMITTED: &str = "Admitted";
+
+/// CEL: `host:port` where host is an IPv4 address or a bracketed IPv6 address.
+const ENDPOINT_RULE: &str = r"self.matches(r'^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]{1,5}$') && isIP(self.substring(0, self.lastIndexOf(':')).replace('[', '').replace(']', '')) && int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535";
+
+/// What a node's agent publishes about itself.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "isthmus.dev",
+    version = "v1alpha1",
+    kind = "WireGuardPeer",
+    plural = "wireguardpeers",
+    shortname = "wgp",
+    status = "WireGuardPeerStatus",
+    printcolumn = r#"{"name":"Location","type":"string","jsonPath":".spec.location"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".spec.endpoint"}"#,
+    printcolumn = r#"{"name":"Mesh IP","type":"string","jsonPath":".status.meshIP"}"#,
+    printcolumn = r#"{"name":"Admitted","type":"string","jsonPath":".status.conditions[?(@.type==\"Admitted\")].status"}"#,
+    printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"Connected\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGuardPeerSpec {
+    /// The node's WireGuard public key, base64 as `wg` prints it.
+    #[schemars(length(min = 44, max = 44))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw480]=$')").message("publicKey must be a WireGuard public key: 44 characters of base64 encoding 32 bytes"))]
+    pub public_key: String,
+
+    /// Where the other nodes send to: `IPv4:port` or `[IPv6]:port`, the address they can
+    /// reach (often a public or NATed address, not the node IP).
+    #[schemars(length(min = 3, max = 64))]
+    #[x_kube(validation = Rule::new(ENDPOINT_RULE).message("endpoint must be IPv4:port or [IPv6]:port with a port from 1 to 65535"))]
+    pub endpoint: String,
+
+    /// Which cloud or region the node is in (from `topology.kubernetes.io/region` unless
+    /// overridden); nodes in different locations tunnel.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$')").message("location must be lowercase letters, digits, '-', '.' or '_', starting and ending alphanumeric"))]
+    pub location: String,
+
+    /// The node's own address, as its Node object lists it.
+    #[serde(rename = "nodeIP")]
+    #[schemars(length(min = 2, max = 45))]
+    #[x_kube(validation = Rule::new("isIP(self)").message("nodeIP must be an IP address"))]
+    pub node_ip: String,
+
+    /// The node's pod CIDRs, as its Node object lists them.
+    #[serde(default, rename = "podCIDRs")]
+    #[schemars(length(max = 2), inner(length(max = 49)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("podCIDRs must be CIDR prefixes like 10.244.1.0/24"))]
+    pub pod_cidrs: Vec<String>,
+
+    /// flannel's VXLAN endpoint on this node, when flannel runs there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<Vtep>,
+
+    /// Seconds between keepalives the others send to this node (0: off), for nodes behind NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub persistent_keepalive: Option<i32>,
+}
+
+/// flannel's VXLAN tunnel endpoint (the `flannel.1` device).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Vtep {
+    /// MAC address of the VXLAN device.
+    #[schemars(length(max = 17))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$')").message("vtep.mac must be a MAC address like 0a:58:0a:f4:01:00"))]
+    pub mac: String,
+    /// Address of the VXLAN device (flannel's `x.y.z.0` of the node's pod CIDR).
+    #[serde(rename = "ip")]
+    #[schemars(length(max = 45))]
+    #[x_kube(validation = Rule::new("isIP(self)").message("vtep.ip must be an IP address"))]
+    pub ip: String,
+}
+
+/// Written by the coordinator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGuardPeerStatus {
+    /// This node's unique address in the mesh (unique even where node IPs overlap).
+    #[serde(default, rename = "meshIP", skip_serializing_if = "Option::is_none")]
+    pub mesh_ip: Option<String>,
+    /// The pool the mesh IP came from; the agent puts this prefix on its tunnel device.
+    #[serde(default, rename = "meshCIDR", skip_serializing_if = "Option::is_none")]
+    pub mesh_cidr: Option<String>,
+    /// The topology the coordinator admitted this peer under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
+    /// Keyed by type, so coordinator and agent each own their conditions under
+    /// server-side apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+impl WireGuardPeer {
+    /// The coordinator's current verdict: `Admitted=True` for this very generation of the
+    /// spec. A spec changed since (a new key, say) is not admitted until re-checked.
+    pub fn is_admitted(&self) -> bool {
+        let generation = self.meta().generation;
+        self.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == ADMITTED))
+            .is_some_and(|c| c.status == "True" && c.observed_generation == generation)
+    }
+}

@@ -1,0 +1,306 @@
+//! Watches WireGuardPeers and Nodes, runs `decide` on every change (and periodically), and
+//! applies the plan: status through server-side apply with the coordinator's field manager,
+//! only where it differs; deletions for peers whose Node is gone. Acts only while holding the
+//! lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use isthmus_api::{Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::decide::{decide, DesiredStatus, NodeView, PeerView, Plan, Pool};
+use crate::lease::LeaseLock;
+
+pub struct Settings {
+    pub pool: Pool,
+    pub topology: Topology,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub resync: Duration,
+}
+
+pub fn peer_view(p: &WireGuardPeer) -> PeerView {
+    let status = p.status.as_ref();
+    let admitted = status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == ADMITTED))
+        .map(|c| {
+            (
+                c.status.clone(),
+                c.reason.clone(),
+                c.last_transition_time.0.to_string(),
+            )
+        });
+    PeerView {
+        name: p.name_any(),
+        generation: p.metadata.generation.unwrap_or(0),
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        public_key: p.spec.public_key.clone(),
+        node_ip: p.spec.node_ip.clone(),
+        pod_cidrs: p.spec.pod_cidrs.clone(),
+        mesh_ip: status.and_then(|s| s.mesh_ip.clone()),
+        admitted,
+    }
+}
+
+pub fn node_view(n: &Node) -> NodeView {
+    let status = n.status.as_ref();
+    NodeView {
+        name: n.name_any(),
+        addresses: status
+            .and_then(|s| s.addresses.as_ref())
+            .map(|a| a.iter().map(|a| a.address.clone()).collect())
+            .unwrap_or_default(),
+        pod_cidrs: n
+            .spec
+            .as_ref()
+            .and_then(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Whether the object already carries what we want (ignoring times when the verdict holds).
+fn up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
+    let Some(status) = p.status.as_ref() else {
+        return false;
+    };
+    let cond = status.conditions.iter().find(|c| c.type_ == ADMITTED);
+    status.mesh_ip == want.mesh_ip
+        && status.mesh_cidr.as_deref() == Some(want.mesh_cidr.as_str())
+        && status.topology == Some(want.topology)
+        && cond.is_some_and(|c| {
+            c.status
+                == if want.admission.admitted {
+                    "True"
+                } else {
+                    "False"
+                }
+                && c.reason == want.admission.reason
+                && c.message == want.admission.message
+                && c.observed_generation == Some(want.observed_generation)
+        })
+}
+
+fn status_patch(name: &str, want: &DesiredStatus) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "isthmus.dev/v1alpha1",
+        "kind": "WireGuardPeer",
+        "metadata": {"name": name},
+        "status": {
+            "meshIP": want.mesh_ip,
+            "meshCIDR": want.mesh_cidr,
+            "topology": want.topology,
+            "conditions": [{
+                "type": ADMITTED,
+                "status": if want.admission.admitted { "True" } else { "False" },
+                "reason": want.admission.reason,
+                "message": want.admission.message,
+                "observedGeneration": want.observed_generation,
+                "lastTransitionTime": want.last_transition,
+            }]
+        }
+    })
+}
+
+struct Controller {
+    peers: Api<WireGuardPeer>,
+    peer_store: Store<WireGuardPeer>,
+    node_store: Store<Node>,
+    settings: Settings,
+}
+
+impl Controller {
+    fn plan(&self) -> Plan {
+        let peers: Vec<PeerView> = self
+            .peer_store
+            .state()
+            .iter()
+            .map(|p| peer_view(p))
+            .collect();
+        let nodes: Vec<NodeView> = self
+            .node_store
+            .state()
+            .iter()
+            .map(|n| node_view(n))
+            .collect();
+        let now = Timestamp::now().to_string();
+        decide(
+            &peers,
+            &nodes,
+            &self.settings.pool,
+            self.settings.topology,
+            &now,
+        )
+    }
+
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let plan = self.plan();
+        let ssa = PatchParams::apply(COORDINATOR_MANAGER).force();
+        let mut written = 0;
+        for (name, want) in &plan.statuses {
+            let current = self
+                .peer_store
+                .state()
+                .into_iter()
+                .find(|p| p.name_any() == *name);
+            if current.as_deref().is_some_and(|p| up_to_date(p, want)) {
+                continue;
+            }
+            self.peers
+                .patch_status(name, &ssa, &Patch::Apply(status_patch(name, want)))
+                .await
+                .with_context(|| format!("writing status of {name}"))?;
+            written += 1;
+            tracing::info!(
+                peer = %name,
+                admitted = want.admission.admitted,
+                reason = want.admission.reason,
+                mesh_ip = want.mesh_ip.as_deref().unwrap_or("-"),
+                "status written"
+            );
+        }
+        for name in &plan.deletions {
+            match self.peers.delete(name, &DeleteParams::default()).await {
+                Ok(_) => tracing::info!(peer = %name, "deleted: its Node is gone"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting {name}")),
+            }
+        }
+        tracing::debug!(
+            written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "reconciled"
+        );
+        Ok(())
+    }
+}
+
+/// Runs until `shutdown` resolves; then releases the lease.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let peers: Api<WireGuardPeer> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let changed = Arc::new(Notify::new());
+
+    let (peer_store, peer_writer) = reflector::store();
+    let (node_store, node_writer) = reflector::store();
+    let watch_peers = {
+        let changed = changed.clone();
+        watcher(peers.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(peer_writer)
+            .for_each(move |event| {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "WireGuardPeer watch error; retrying");
+                }
+                changed.notify_one();
+                futures::future::ready(())
+            })
+    };
+    let watch_nodes = {
+        let changed = changed.clone();
+        watcher(nodes, watcher::Config::default())
+            .default_backoff()
+            .reflect(node_writer)
+            .for_each(move |event| {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "Node watch error; retrying");
+                }
+                changed.notify_one();
+                futures::future::ready(())
+            })
+    };
+    tokio::spawn(watch_peers);
+    tokio::spawn(watch_nodes);
+
+    let lock = LeaseLock::new(
+        client,
+        &settings.lease_namespace,
+        &settings.lease_name,
+        &settings.identity,
+        settings.lease_duration,
+    );
+    let controller = Controller {
+        peers,
+        peer_store,
+        node_store,
+        settings,
+    };
+    tokio::pin!(shutdown);
+
+    controller
+        .peer_store
+        .wait_until_ready()
+        .await
+        .context("peer cache")?;
+    controller
+        .node_store
+        .wait_until_ready()
+        .await
+        .context("node cache")?;
+    let renew_every = controller.settings.lease_duration / 5;
+    let mut leading = false;
+    let mut next_renew = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= next_renew {
+            let was = leading;
+            leading = match lock.acquire_or_renew().await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease check failed; not acting");
+                    false
+                }
+            };
+            if leading != was {
+                tracing::info!(identity = %controller.settings.identity, leading, "leadership changed");
+            }
+            next_renew = tokio::time::Instant::now() + renew_every;
+        }
+        if leading {
+            if let Err(e) = controller.reconcile().await {
+                tracing::warn!(error = format!("{e:#}"), "reconcile failed; will retry");
+            }
+        }
+        let wake = std::cmp::min(
+            next_renew,
+            tokio::time::Instant::now() + controller.settings.resync,
+        );
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = changed.notified() => {
+                // Let a burst of events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    if leading {
+        if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "could not release the lease");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! isthmus coordinator: admits WireGuardPeers against their Nodes, allocates mesh IPs,
+//! stamps the topology, collects peers of deleted Nodes. `decide` is the pure core;
+//! `controller` watches and applies; `lease` picks the one replica that acts.
+
+pub mod controller;
+pub mod decide;
+pub mod lease;

@@ -1,0 +1,353 @@
+//! Two clouds, a real API server, a coordinator and one agent per node: the migration's
+//! starting point. Both clouds use the same node subnet (10.0.0.0/24, node IPs overlap);
+//! each reaches the other only through its gateway namespace, which NATs the nodes' WireGuard
+//! port to a public address (static SNAT/DNAT per node, 203.0.113.0/24, which exists only
+//! inside these namespaces).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_api::WireGuardPeer;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::daemon::{wait_until, Daemon};
+use crate::kube::KubeRig;
+use crate::netns::{veth, Netns};
+use crate::wg::{dump, Dump};
+
+pub struct Cloud {
+    pub location: &'static str,
+    /// 1 or 2: the public address is 203.0.113.<n>.
+    pub n: u8,
+    pub gateway: Netns,
+}
+
+pub struct NodeHandle {
+    // Dropped first: the agent stops before its namespace goes.
+    pub agent: Option<Daemon>,
+    pub ns: Netns,
+    pub name: String,
+    pub iface: String,
+    pub cloud: usize,
+    /// Host part in the cloud's subnet and NAT port offset.
+    pub slot: u8,
+    pub kubeconfig: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl NodeHandle {
+    pub fn dump(&self) -> anyhow::Result<Dump> {
+        dump(&self.ns, &self.iface)
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<NodeHandle>,
+    pub coordinators: Vec<Daemon>,
+    pub clouds: Vec<Cloud>,
+    pub rig: KubeRig,
+    pub tag: String,
+    coordinator_kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    /// The API server and the two clouds' networks; no nodes or coordinator yet.
+    pub async fn new() -> anyhow::Result<Cluster> {
+        crate::require_root();
+        let rig = KubeRig::start().await?;
+        let tag = crate::unique_name();
+        let mut clouds = Vec::new();
+        for (n, location) in [(1u8, "vsphere"), (2u8, "aws")] {
+            let gateway = Netns::new(&format!("{tag}-g{n}"))?;
+            let g = |args: &[&str]| gateway.ip(args);
+            g(&["link", "add", "lan", "type", "bridge"])?;
+            g(&["addr", "add", "10.0.0.1/24", "dev", "lan"])?;
+            g(&["link", "set", "lan", "up"])?;
+            gateway.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            clouds.push(Cloud {
+                location,
+                n,
+                gateway,
+            });
+        }
+        let (pa, pb) = veth(&clouds[0].gateway, &clouds[1].gateway, &format!("{tag}p"))?;
+        clouds[0]
+            .gateway
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", &pa])?;
+        clouds[1]
+            .gateway
+            .ip(&["addr", "add", "203.0.113.2/24", "dev", &pb])?;
+        let coordinator_kubeconfig =
+            rig.kubeconfig("coordinator", &rig.coordinator_token().await?)?;
+        Ok(Cluster {
+            nodes: Vec::new(),
+            coordinators: Vec::new(),
+            clouds,
+            rig,
+            tag,
+            coordinator_kubeconfig,
+        })
+    }
+
+    /// Public endpoint of a node: its gateway's address, port 51800 + slot.
+    pub fn endpoint(&self, cloud: usize, slot: u8) -> String {
+        format!(
+            "203.0.113.{}:{}",
+            self.clouds[cloud].n,
+            51800 + u16::from(slot)
+        )
+    }
+
+    /// Adds a node to `cloud` (a namespace on the cloud's LAN, NATed; a Node object) and
+    /// starts its agent.
+    pub async fn add_node(&mut self, cloud: usize, slot: u8) -> anyhow::Result<usize> {
+        let c = &self.clouds[cloud];
+        let name = format!("{}-{slot}", c.location);
+        let ns = Netns::new(&format!("{}-{}{slot}", self.tag, c.n))?;
+        let (lan_end, node_end) = (format!("{}l{}{slot}", self.tag, c.n), "eth0".to_string());
+        crate::netns::ip(&[
+            "link",
+            "add",
+            &lan_end,
+            "netns",
+            &c.gateway.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node_end,
+            "netns",
+            &ns.name,
+        ])?;
+        c.gateway
+            .ip(&["link", "set", &lan_end, "master", "lan", "up"])?;
+        let node_ip = format!("10.0.0.{}", 10 + slot);
+        ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
+        let public = format!("203.0.113.{}", c.n);
+        let port = (51800 + u16::from(slot)).to_string();
+        c.gateway.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "udp",
+                "-d",
+                &public,
+                "--dport",
+                &port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{node_ip}:51820"),
+            ],
+        )?;
+        c.gateway.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-p",
+                "udp",
+                "-s",
+                &node_ip,
+                "--sport",
+                "51820",
+                "-j",
+                "SNAT",
+                "--to-source",
+                &format!("{public}:{port}"),
+            ],
+        )?;
+
+        let admin = self.rig.admin().await?;
+        let nodes: Api<Node> = Api::all(admin);
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/region": c.location}},
+            "spec": {"podCIDRs": [format!("10.244.{}.0/24", u16::from(c.n) * 10 + u16::from(slot))]},
+        }))?;
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .context("creating Node")?;
+        nodes
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({
+                    "status": {"addresses": [{"type": "InternalIP", "address": node_ip}]}
+                })),
+            )
+            .await
+            .context("Node status")?;
+        let token = self.rig.agent_token(&name).await?;
+        let kubeconfig = self.rig.kubeconfig(&format!("agent-{name}"), &token)?;
+        let state_dir = self.rig.dir.path().join(format!("state-{name}"));
+        let mut handle = NodeHandle {
+            agent: None,
+            ns,
+            iface: format!("{}m{}{slot}", self.tag, c.n),
+            name,
+            cloud,
+            slot,
+            kubeconfig,
+            state_dir,
+        };
+        let endpoint = self.endpoint(cloud, slot);
+        start_agent(&mut handle, &endpoint, self.rig.dir.path())?;
+        self.nodes.push(handle);
+        Ok(self.nodes.len() - 1)
+    }
+
+    pub fn start_coordinator(&mut self, identity: &str) -> anyhow::Result<()> {
+        let d = Daemon::spawn_host(
+            &crate::workspace_bin("isthmus-coordinator"),
+            &[
+                "run",
+                "--kubeconfig",
+                &self.coordinator_kubeconfig.display().to_string(),
+                "--mesh-cidr",
+                "100.96.0.0/24",
+                "--identity",
+                identity,
+                "--lease-seconds",
+                "4",
+            ],
+            &[("RUST_LOG", "info")],
+            self.rig
+                .dir
+                .path()
+                .join(format!("coordinator-{identity}.log")),
+        )?;
+        self.coordinators.push(d);
+        Ok(())
+    }
+
+    pub async fn peers(&self) -> anyhow::Result<Vec<WireGuardPeer>> {
+        let api: Api<WireGuardPeer> = Api::all(self.rig.admin().await?);
+        Ok(api.list(&Default::default()).await?.items)
+    }
+
+    /// Mesh IP of every admitted peer, by name.
+    pub async fn mesh_ips(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(self
+            .peers()
+            .await?
+            .iter()
+            .filter(|p| p.is_admitted())
+            .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.mesh_ip.clone()?)))
+            .collect())
+    }
+
+    /// The public keys node `i` should have as peers: admitted nodes in the other cloud.
+    pub async fn expected_peers(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let me = &self.nodes[i];
+        let mut keys: Vec<String> = self
+            .peers()
+            .await?
+            .iter()
+            .filter(|p| p.is_admitted() && p.name_any() != me.name)
+            .filter(|p| p.spec.location != self.clouds[me.cloud].location)
+            .map(|p| p.spec.public_key.clone())
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Whether every node has exactly its expected peers, each with a completed handshake.
+    pub async fn converged(&self) -> bool {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.agent.is_none() {
+                continue;
+            }
+            let (Ok(want), Ok(have)) = (self.expected_peers(i).await, node.dump()) else {
+                return false;
+            };
+            let mut keys: Vec<String> = have.peers.iter().map(|p| p.public_key.clone()).collect();
+            keys.sort();
+            if want.is_empty() || keys != want || have.peers.iter().any(|p| p.latest_handshake == 0)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    pub async fn wait_converged(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.converged().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (i, c) in self.coordinators.iter().enumerate() {
+            out.push_str(&format!("--- coordinator {i} ---\n{}\n", c.log()));
+        }
+        for n in &self.nodes {
+            if let Some(a) = &n.agent {
+                out.push_str(&format!("--- agent {} ---\n{}\n", n.name, a.log()));
+            }
+        }
+        out
+    }
+}
+
+/// Starts (or restarts) a node's agent.
+pub fn start_agent(
+    node: &mut NodeHandle,
+    endpoint: &str,
+    logs: &std::path::Path,
+) -> anyhow::Result<()> {
+    let netns = format!("/var/run/netns/{}", node.ns.name);
+    let agent = Daemon::spawn_host(
+        &crate::agent_binary(),
+        &[
+            "run",
+            "--node-name",
+            &node.name,
+            "--state-dir",
+            &node.state_dir.display().to_string(),
+            "--iface",
+            &node.iface,
+            "--endpoint",
+            endpoint,
+            "--keepalive",
+            "5",
+            "--kubeconfig",
+            &node.kubeconfig.display().to_string(),
+            "--netns",
+            &netns,
+        ],
+        &[("RUST_LOG", "info")],
+        logs.join(format!("agent-{}.log", node.name)),
+    )?;
+    node.agent = Some(agent);
+    let sock = format!("/var/run/wireguard/{}.sock", node.iface);
+    if !wait_until(Duration::from_secs(10), || {
+        std::path::Path::new(&sock).exists()
+    }) {
+        anyhow::bail!(
+            "agent {} never opened {sock}:\n{}",
+            node.name,
+            node.agent.as_ref().map(Daemon::log).unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! A real `kube-apiserver` with `etcd` on loopback, one pair per test (WireGuardPeers and
+//! Nodes are cluster-scoped, so tests sharing a server would see each other's objects).
+//! Binaries come from `scripts/build-kube.sh` (`.cache/kube/bin`, or `$KUBE_APISERVER_BIN`,
+//! `$ETCD_BIN`, `$KUBECTL_BIN`). Everything started is stopped by PID on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use tempfile::TempDir;
+
+use crate::daemon::{wait_until, Daemon};
+
+/// Namespace the deploy/ manifests install into.
+pub const NAMESPACE: &str = "isthmus-system";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn kube_bin(name: &str, env: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".cache/kube/bin").join(name));
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/build-kube.sh` (make test does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub struct KubeRig {
+    // Stopped in declaration order: the API server before its etcd.
+    apiserver: Option<Daemon>,
+    _etcd: Daemon,
+    pub dir: TempDir,
+    pub port: u16,
+    etcd_port: u16,
+    pub admin_token: String,
+}
+
+impl KubeRig {
+    /// Starts etcd and the API server, waits for `/readyz`, installs the CRD, RBAC and the
+    /// admission policy from deploy/.
+    pub async fn start() -> anyhow::Result<KubeRig> {
+        let dir = tempfile::Builder::new().prefix("isthmus-kube").tempdir()?;
+        let d = dir.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=isthmus-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        )?;
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=kube-apiserver",
+                "-keyout",
+                "apiserver.key",
+                "-out",
+                "apiserver.csr",
+            ],
+        )?;
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )?;
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "apiserver.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "apiserver.crt",
+            ],
+        )?;
+        openssl(d, &["genrsa", "-out", "sa.key", "2048"])?;
+        openssl(d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        let admin_token = format!(
+            "admin-{:x}",
+            std::process::id() as u64 * 7919 + free_port()? as u64
+        );
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{admin_token},admin,admin-uid,\"system:masters\"\n"),
+        )?;
+
+        let (etcd_port, peer_port) = (free_port()?, free_port()?);
+        let client_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd = Daemon::spawn_host(
+            &kube_bin("etcd", "ETCD_BIN"),
+            &[
+                "--name",
+                "rig",
+                "--data-dir",
+                &d.join("etcd").display().to_string(),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("rig={peer_url}"),
+                "--log-level",
+                "warn",
+            ],
+            &[],
+            d.join("etcd.log"),
+        )?;
+        let mut rig = KubeRig {
+            apiserver: None,
+            _etcd: etcd,
+            port: free_port()?,
+            etcd_port,
+            admin_token,
+            dir,
+        };
+        rig.start_apiserver().await?;
+        rig.install().await?;
+        Ok(rig)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) the API server on the same port and data.
+    pub async fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let p = |f: &str| d.join(f).display().to_string();
+        let apiserver = Daemon::spawn_host(
+            &kube_bin("kube-apiserver", "KUBE_APISERVER_BIN"),
+            &[
+                "--etcd-servers",
+                &format!("http://127.0.0.1:{}", self.etcd_port),
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                &self.port.to_string(),
+                "--tls-cert-file",
+                &p("apiserver.crt"),
+                "--tls-private-key-file",
+                &p("apiserver.key"),
+                "--client-ca-file",
+                &p("ca.crt"),
+                "--token-auth-file",
+                &p("tokens.csv"),
+                "--service-account-key-file",
+                &p("sa.pub"),
+                "--service-account-signing-key-file",
+                &p("sa.key"),
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--service-cluster-ip-range",
+                "10.96.0.0/16",
+                "--endpoint-reconciler-type",
+                "none",
+                "--authorization-mode",
+                "Node,RBAC",
+                "--cert-dir",
+                &p("certs"),
+            ],
+            &[],
+            d.join(format!("apiserver-{}.log", self.port)),
+        )?;
+        self.apiserver = Some(apiserver);
+        let ready = wait_until(Duration::from_secs(60), || {
+            self.kubectl(&["get", "--raw", "/readyz"])
+                .is_ok_and(|o| o.trim() == "ok")
+        });
+        if !ready {
+            bail!(
+                "kube-apiserver never became ready; log:\n{}",
+                self.apiserver.as_ref().map(Daemon::log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the API server (etcd stays), as an outage would.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut a) = self.apiserver.take() {
+            a.stop();
+        }
+    }
+
+    pub fn apiserver_log(&self) -> String {
+        self.apiserver.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    /// `kubectl` as admin.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let server = self.url();
+        let ca = self.dir.path().join("ca.crt").display().to_string();
+        let mut full = vec![
+            "--server",
+            &server,
+            "--token",
+            &self.admin_token,
+            "--certificate-authority",
+            &ca,
+        ];
+        full.extend_from_slice(args);
+        crate::netns::run(
+            &kube_bin("kubectl", "KUBECTL_BIN").display().to_string(),
+            &full,
+        )
+    }
+
+    /// `kubectl` with an arbitrary token: for checking what an identity may do.
+    pub fn kubectl_as(&self, token: &str, args: &[&str]) -> (bool, String) {
+        let server = self.url();
+        let ca = self.dir.path().join("ca.crt").display().to_string();
+        let out = Command::new(kube_bin("kubectl", "KUBECTL_BIN"))
+            .args([
+                "--server",
+                &server,
+                "--token",
+                token,
+                "--certificate-authority",
+                &ca,
+            ])
+            .args(args)
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+
+    async fn install(&self) -> anyhow::Result<()> {
+        let deploy = workspace_root().join("deploy");
+        for file in ["crd.yaml", "rbac.yaml", "admission-policy.yaml"] {
+            let path = deploy.join(file).display().to_string();
+            self.kubectl(&["apply", "--server-side", "-f", &path])
+                .with_context(|| format!("applying deploy/{file}"))?;
+        }
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/wireguardpeers.isthmus.dev",
+        ])?;
+        self.wait_for_admission_policy()
+    }
+
+    /// A new admission policy takes a moment to be enforced. Probe with a request it must
+    /// deny (a server-side dry run, so nothing is written) until it does.
+    fn wait_for_admission_policy(&self) -> anyhow::Result<()> {
+        let token = self.kubectl(&["create", "token", "isthmus-agent", "-n", NAMESPACE])?;
+        let probe = self.dir.path().join("policy-probe.yaml");
+        std::fs::write(
+            &probe,
+            "apiVersion: isthmus.dev/v1alpha1\nkind: WireGuardPeer\nmetadata:\n  name: policy-probe\n\
+             spec:\n  publicKey: WQL+aNNIySrhb3blZyAOhC0i5K9VtYYVqSgp1AcVmhQ=\n  endpoint: 192.0.2.1:51820\n\
+             \x20 location: probe\n  nodeIP: 192.0.2.1\n",
+        )?;
+        let probe = probe.display().to_string();
+        let enforced = wait_until(Duration::from_secs(30), || {
+            let (ok, out) =
+                self.kubectl_as(token.trim(), &["create", "--dry-run=server", "-f", &probe]);
+            !ok && out.contains("pod-bound")
+        });
+        if !enforced {
+            bail!("the admission policy from deploy/ was never enforced");
+        }
+        Ok(())
+    }
+
+    /// A kubeconfig file for `token`.
+    pub fn kubeconfig(&self, name: &str, token: &str) -> anyhow::Result<PathBuf> {
+        let ca = self.dir.path().join("ca.crt");
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: rig\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+             users:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: rig\n    user: {name}\n\
+             current-context: {name}\n",
+            self.url(),
+            ca.display()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// A client acting as `token`.
+    pub async fn client(&self, name: &str, token: &str) -> anyhow::Result<Client> {
+        let path = self.kubeconfig(name, token)?;
+        let kubeconfig = Kubeconfig::read_from(&path)?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<Client> {
+        self.client("admin", &self.admin_token.clone()).await
+    }
+
+    /// A token for the agent's ServiceAccount bound to a pod on `node`, as the kubelet would
+    /// mint it: the API server adds the node's name to the identity's extra info, which the
+    /// admission policy checks.
+    pub async fn agent_token(&self, node: &str) -> anyhow::Result<String> {
+        let admin = self.admin().await?;
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("isthmus-agent-{node}")},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": "isthmus-agent",
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "agent", "image": "isthmus-agent:test"}]
+            }
+        }))?;
+        let pod = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .context("creating agent pod")?;
+        let bound = BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: pod.metadata.name.clone(),
+            uid: pod.metadata.uid.clone(),
+        };
+        self.token("isthmus-agent", Some(bound)).await
+    }
+
+    /// A token for the coordinator's ServiceAccount.
+    pub async fn coordinator_token(&self) -> anyhow::Result<String> {
+        self.token("isthmus-coordinator", None).await
+    }
+
+    async fn token(
+        &self,
+        account: &str,
+        bound: Option<BoundObjectReference>,
+    ) -> anyhow::Result<String> {
+        let admin = self.admin().await?;
+        let sas: Api<ServiceAccount> = Api::namespaced(admin, NAMESPACE);
+        let req = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                bound_object_ref: bound,
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let resp = sas
+            .create_token_request(account, &PostParams::default(), &req)
+            .await
+            .with_context(|| format!("token for {account}"))?;
+        resp.status
+            .and_then(|s| s.token)
+            .context("token request answered without a token")
+    }
+}
