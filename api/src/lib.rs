@@ -6,6 +6,7 @@
 //! API server rejects a malformed key, endpoint or CIDR with a message before any controller
 //! sees it.
 
+pub mod node;
 pub mod peer;
 pub mod topology;
 

@@ -59,22 +59,13 @@ pub fn peer_view(p: &WireGuardPeer) -> PeerView {
 }
 
 pub fn node_view(n: &Node) -> NodeView {
-    let status = n.status.as_ref();
     NodeView {
         name: n.name_any(),
-        addresses: status
-            .and_then(|s| s.addresses.as_ref())
-            .map(|a| a.iter().map(|a| a.address.clone()).collect())
-            .unwrap_or_default(),
-        pod_cidrs: n
-            .spec
-            .as_ref()
-            .and_then(|s| {
-                s.pod_cidrs
-                    .clone()
-                    .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
-            })
-            .unwrap_or_default(),
+        addresses: isthmus_api::node::addresses(n)
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect(),
+        pod_cidrs: isthmus_api::node::pod_cidrs(n),
     }
 }
 

@@ -22,13 +22,10 @@ pub struct PublishOptions {
 }
 
 fn first_address(node: &Node, kind: &str) -> Option<String> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .find(|a| a.type_ == kind)
-        .map(|a| a.address.clone())
+    isthmus_api::node::addresses(node)
+        .into_iter()
+        .find(|(t, _)| t == kind)
+        .map(|(_, a)| a)
 }
 
 /// The spec for this node. Pure: everything comes from the Node and the options.
@@ -62,15 +59,7 @@ pub fn own_spec(
                 Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:{}", opts.listen_port),
                 _ => format!("{node_ip}:{}", opts.listen_port),
             });
-    let pod_cidrs = node
-        .spec
-        .as_ref()
-        .and_then(|s| {
-            s.pod_cidrs
-                .clone()
-                .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
-        })
-        .unwrap_or_default();
+    let pod_cidrs = isthmus_api::node::pod_cidrs(node);
     Ok(WireGuardPeerSpec {
         public_key: public_key.to_base64(),
         endpoint,
