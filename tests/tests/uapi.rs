@@ -75,9 +75,6 @@ fn wg_show_prints_the_same_for_isthmus_and_wireguard_go() {
     for cmd in [&["showconf"][..], &["show"][..], &["show", "dump"][..]] {
         let ours = normalise(&show(&pair.a, cmd), &pair.a.iface);
         let theirs = normalise(&show(&pair.b, cmd), &pair.b.iface);
-        if std::env::var_os("SHOW_WG").is_some() {
-            eprintln!("{cmd:?}:\n{ours:#?}");
-        }
         assert_eq!(
             ours, theirs,
             "wg {cmd:?} differs between isthmus and wireguard-go"
