@@ -6,4 +6,5 @@ pub mod control;
 pub mod dataplane;
 pub mod key;
 pub mod netns;
+pub mod routing;
 pub mod uapi;

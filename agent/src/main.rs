@@ -9,8 +9,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use isthmus_agent::control::publish::PublishOptions;
-use isthmus_agent::control::run::{run, RunOptions};
+use isthmus_agent::control::run::{cleanup, run, RoutingOptions, RunOptions};
 use isthmus_agent::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
+use isthmus_agent::routing::Mode;
 use isthmus_agent::uapi::server;
 
 #[derive(Parser)]
@@ -36,8 +37,20 @@ enum Command {
         mtu: u16,
     },
     /// The node agent (DaemonSet): tunnel, publish this node's WireGuardPeer, follow the
-    /// admitted peers.
+    /// admitted peers, steer cross-location overlay traffic into the tunnel.
     Run(RunArgs),
+    /// Restore the routing a killed agent left behind, from the journal in the state
+    /// directory. Safe to repeat: a second run does nothing.
+    Cleanup {
+        #[arg(long, default_value = "/var/lib/isthmus")]
+        state_dir: std::path::PathBuf,
+        /// The tunnel device, whose stale UAPI socket is removed.
+        #[arg(long, default_value = "isthmus0")]
+        iface: String,
+        /// For sandboxes and tests: the node's network namespace (a path).
+        #[arg(long)]
+        netns: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -52,8 +65,21 @@ struct RunArgs {
     iface: String,
     #[arg(long, default_value_t = 51820)]
     listen_port: u16,
-    #[arg(long, default_value_t = DEFAULT_MTU)]
-    mtu: u16,
+    /// Tunnel MTU (default: the underlay's, from the default route's device, minus 80).
+    #[arg(long)]
+    mtu: Option<u16>,
+    /// How cross-location pod traffic reaches the tunnel.
+    #[arg(long, value_enum, default_value_t = Mode::Vxlan)]
+    routing: Mode,
+    /// flannel's VXLAN device (mode `vxlan`).
+    #[arg(long, default_value = "flannel.1")]
+    vxlan_device: String,
+    /// Routing table for remote pod CIDRs (mode `routed`).
+    #[arg(long, default_value_t = 51820)]
+    table: u32,
+    /// Priority of the rule that looks the table up (mode `routed`).
+    #[arg(long, default_value_t = 5210)]
+    rule_priority: u32,
     /// host:port the other nodes dial (default: node IP and listen port); set it when the
     /// node is reached through NAT or a public address.
     #[arg(long)]
@@ -94,6 +120,14 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             node_ip: args.node_ip,
             listen_port: args.listen_port,
             keepalive: args.keepalive,
+            vtep: None,
+            mtu: None,
+        },
+        routing: RoutingOptions {
+            mode: args.routing,
+            vxlan_device: args.vxlan_device,
+            table: args.table,
+            rule_priority: args.rule_priority,
         },
         kubeconfig: args.kubeconfig,
         netns: args.netns,
@@ -116,6 +150,21 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         };
         run(opts, shutdown).await
     })
+}
+
+fn run_cleanup(
+    state_dir: &std::path::Path,
+    iface: &str,
+    netns: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    check_iface(iface)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(cleanup(state_dir, netns))?;
+    server::remove_stale_socket(iface)?;
+    Ok(())
 }
 
 fn check_iface(iface: &str) -> anyhow::Result<()> {
@@ -156,6 +205,11 @@ fn main() -> ExitCode {
             mtu,
         } => run_tunnel(&iface, listen_port, mtu),
         Command::Run(args) => run_agent(args),
+        Command::Cleanup {
+            state_dir,
+            iface,
+            netns,
+        } => run_cleanup(&state_dir, &iface, netns.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

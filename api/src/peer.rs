@@ -71,6 +71,11 @@ pub struct WireGuardPeerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 65535))]
     pub persistent_keepalive: Option<i32>,
+
+    /// MTU of this node's tunnel device; a peer clamps its path to the smaller of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 576, max = 65535))]
+    pub mtu: Option<i32>,
 }
 
 /// flannel's VXLAN tunnel endpoint (the `flannel.1` device).

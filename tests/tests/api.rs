@@ -19,6 +19,7 @@ fn spec() -> WireGuardPeerSpec {
         pod_cidrs: vec!["10.244.1.0/24".into()],
         vtep: None,
         persistent_keepalive: Some(25),
+        mtu: None,
     }
 }
 

@@ -106,6 +106,7 @@ async fn mesh_forms_admits_joins_and_collects() {
         pod_cidrs: vec![],
         vtep: None,
         persistent_keepalive: None,
+        mtu: None,
     };
     peers
         .create(

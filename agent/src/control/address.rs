@@ -21,6 +21,11 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
+    /// The connection's handle, for the other netlink users in the same namespace.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
     async fn index(&self, iface: &str) -> anyhow::Result<u32> {
         let link = self
             .handle

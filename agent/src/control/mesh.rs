@@ -9,6 +9,7 @@ use kube::ResourceExt;
 
 use crate::dataplane::PeerConfig;
 use crate::key::Key;
+use crate::routing::plan::{Remote, Vtep};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshPlan {
@@ -18,6 +19,8 @@ pub struct MeshPlan {
     pub address: Option<(IpAddr, u8)>,
     /// Peers sorted by public key.
     pub peers: Vec<PeerConfig>,
+    /// The peers in other locations, for routing, sorted by name.
+    pub remotes: Vec<Remote>,
 }
 
 fn mesh_address(peer: &WireGuardPeer) -> Option<(IpAddr, u8)> {
@@ -32,7 +35,32 @@ fn mesh_address(peer: &WireGuardPeer) -> Option<(IpAddr, u8)> {
     Some((ip, prefix))
 }
 
-/// The mesh for node `own`, given every WireGuardPeer.
+fn pod_cidrs(peer: &WireGuardPeer) -> Vec<IpNetwork> {
+    peer.spec
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+fn remote(peer: &WireGuardPeer, mesh_ip: IpAddr) -> Remote {
+    let vtep = peer.spec.vtep.as_ref().and_then(|v| {
+        Some(Vtep {
+            mac: v.mac.parse().ok()?,
+            ip: v.ip.parse().ok()?,
+        })
+    });
+    Remote {
+        name: peer.name_any(),
+        mesh_ip,
+        pod_cidrs: pod_cidrs(peer),
+        vtep,
+        mtu: peer.spec.mtu.and_then(|m| u16::try_from(m).ok()),
+    }
+}
+
+/// The mesh for node `own`, given every WireGuardPeer. A peer's allowed IPs are its mesh
+/// IP, plus its pod CIDRs when it is in another location (what routed mode sends it).
 pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
     let Some(me) = peers.iter().find(|p| p.name_any() == own) else {
         return MeshPlan::default();
@@ -46,12 +74,14 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
         .and_then(|s| s.topology)
         .unwrap_or(Topology::CrossLocation);
     let own_keepalive = me.spec.persistent_keepalive.unwrap_or(0);
+    let mut remotes = Vec::new();
     let mut out: Vec<PeerConfig> = peers
         .iter()
         .filter(|p| p.name_any() != own && p.is_admitted())
         .filter(|p| topology.wants_tunnel(&me.spec.location, &p.spec.location))
         .filter_map(|p| {
             let (mesh_ip, _) = mesh_address(p)?;
+            let elsewhere = p.spec.location != me.spec.location;
             let public_key = Key::from_base64(&p.spec.public_key).ok()?;
             let endpoint: SocketAddr = p.spec.endpoint.parse().ok()?;
             let host = match mesh_ip {
@@ -59,20 +89,27 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
                 IpAddr::V6(_) => 128,
             };
             let keepalive = own_keepalive.max(p.spec.persistent_keepalive.unwrap_or(0));
+            let mut allowed_ips = vec![IpNetwork::new(mesh_ip, host).ok()?];
+            if elsewhere {
+                allowed_ips.extend(pod_cidrs(p));
+                remotes.push(remote(p, mesh_ip));
+            }
             Some(PeerConfig {
                 public_key,
                 preshared_key: None,
                 endpoint: Some(endpoint),
                 persistent_keepalive: u16::try_from(keepalive).unwrap_or(u16::MAX),
-                allowed_ips: vec![IpNetwork::new(mesh_ip, host).ok()?],
+                allowed_ips,
             })
         })
         .collect();
     out.sort_by_key(|p| p.public_key);
+    remotes.sort_by(|a, b| a.name.cmp(&b.name));
     MeshPlan {
         admitted: true,
         address: mesh_address(me),
         peers: out,
+        remotes,
     }
 }
 
@@ -97,9 +134,13 @@ mod tests {
                 endpoint: format!("203.0.113.{key}:51820"),
                 location: location.into(),
                 node_ip: "10.0.0.5".into(),
-                pod_cidrs: vec![],
-                vtep: None,
+                pod_cidrs: vec![format!("10.244.{key}.0/24")],
+                vtep: Some(isthmus_api::Vtep {
+                    mac: format!("0a:58:0a:f4:{key:02x}:00"),
+                    ip: format!("10.244.{key}.0"),
+                }),
                 persistent_keepalive: Some(25),
+                mtu: Some(1420),
             },
         );
         p.metadata.generation = Some(2);
@@ -144,9 +185,26 @@ mod tests {
         assert_eq!(b1.endpoint, Some("203.0.113.3:51820".parse().unwrap()));
         assert_eq!(
             b1.allowed_ips,
-            vec!["100.96.0.3/32".parse::<IpNetwork>().unwrap()]
+            vec![
+                "100.96.0.3/32".parse::<IpNetwork>().unwrap(),
+                "10.244.3.0/24".parse().unwrap()
+            ],
+            "mesh IP, plus pod CIDRs for a peer in another location"
         );
         assert_eq!(b1.persistent_keepalive, 25);
+        assert_eq!(
+            plan.remotes,
+            vec![Remote {
+                name: "b1".into(),
+                mesh_ip: "100.96.0.3".parse().unwrap(),
+                pod_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
+                vtep: Some(Vtep {
+                    mac: "0a:58:0a:f4:03:00".parse().unwrap(),
+                    ip: "10.244.3.0".parse().unwrap(),
+                }),
+                mtu: Some(1420),
+            }]
+        );
     }
 
     #[test]
@@ -159,7 +217,15 @@ mod tests {
         if let Some(s) = peers[0].status.as_mut() {
             s.topology = Some(Topology::Full);
         }
-        assert_eq!(keys(&plan("a1", &peers)), vec![2, 3]);
+        let full = plan("a1", &peers);
+        assert_eq!(keys(&full), vec![2, 3]);
+        assert_eq!(
+            full.peers[0].allowed_ips.len(),
+            1,
+            "a same-location peer gets its mesh IP only"
+        );
+        let names: Vec<&str> = full.remotes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec!["b1"], "routing only concerns other locations");
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub struct PublishOptions {
     pub node_ip: Option<String>,
     pub listen_port: u16,
     pub keepalive: u16,
+    /// flannel's VTEP on this node, as the agent found it (routing mode `vxlan`).
+    pub vtep: Option<isthmus_api::Vtep>,
+    /// This node's tunnel MTU.
+    pub mtu: Option<u16>,
 }
 
 fn first_address(node: &Node, kind: &str) -> Option<String> {
@@ -66,8 +70,9 @@ pub fn own_spec(
         location,
         node_ip,
         pod_cidrs,
-        vtep: None,
+        vtep: opts.vtep.clone(),
         persistent_keepalive: Some(i32::from(opts.keepalive)),
+        mtu: opts.mtu.map(i32::from),
     })
 }
 
@@ -121,10 +126,16 @@ mod tests {
         );
         assert_eq!(s.pod_cidrs, vec!["10.244.1.0/24".to_string()]);
         assert_eq!(s.public_key, key.to_base64());
+        assert_eq!((s.vtep, s.mtu), (None, None));
 
         let opts = PublishOptions {
             endpoint: Some("203.0.113.1:40000".into()),
             location: Some("vsphere".into()),
+            vtep: Some(isthmus_api::Vtep {
+                mac: "0a:58:0a:f4:01:00".into(),
+                ip: "10.244.1.0".into(),
+            }),
+            mtu: Some(1420),
             ..opts
         };
         let s = own_spec(&n, &key, &opts).unwrap();
@@ -132,6 +143,8 @@ mod tests {
             (s.location.as_str(), s.endpoint.as_str()),
             ("vsphere", "203.0.113.1:40000")
         );
+        assert_eq!(s.vtep, opts.vtep);
+        assert_eq!(s.mtu, Some(1420));
     }
 
     #[test]

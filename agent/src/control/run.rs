@@ -1,16 +1,21 @@
 //! `isthmus-agent run`: the DaemonSet's main loop.
 //!
-//! Start the tunnel with the node key, publish the spec, then follow the WireGuardPeers: each
-//! change becomes a `MeshPlan` and only a changed plan touches the data plane. When the API
-//! server is unreachable the watch retries with backoff and the data plane keeps running on
-//! the last plan it applied.
+//! Restore whatever a previous run left in the journal, start the tunnel with the node key,
+//! publish the spec, then follow the WireGuardPeers and the kernel: each change of peers
+//! becomes a `MeshPlan` (only a changed plan touches the tunnel), and each change of either
+//! re-runs routing, which puts back any owned entry someone rewrote. When the API server is
+//! unreachable the watch retries with backoff and the node keeps the last plan it applied.
+//! On SIGTERM routing is restored before the process exits.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
+use ip_network::Ipv4Network;
 use isthmus_api::WireGuardPeer;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
@@ -23,18 +28,38 @@ use super::address::Netlink;
 use super::keys;
 use super::mesh::{self, MeshPlan};
 use super::publish::{self, PublishOptions};
-use crate::dataplane::tunnel::Tunnel;
+use crate::dataplane::snat::SourceRewrite;
+use crate::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
 use crate::netns;
+use crate::routing::kernel::Kernel;
+use crate::routing::plan::{self as routing_plan, Devices, Settings};
+use crate::routing::{watch, Mode, Router};
 use crate::uapi::server;
+
+/// What WireGuard adds to an inner packet on an IPv6 underlay (IPv6 40, UDP 8, data
+/// header and tag 32); subtracting it from the underlay MTU gives a tunnel MTU that fits
+/// either family, as wireguard-go's 1420 does for 1500.
+pub const TUNNEL_OVERHEAD: u16 = 80;
 
 pub struct RunOptions {
     pub node_name: String,
     pub state_dir: PathBuf,
     pub iface: String,
-    pub mtu: u16,
+    /// Tunnel MTU; `None`: the underlay's MTU minus [`TUNNEL_OVERHEAD`].
+    pub mtu: Option<u16>,
     pub publish: PublishOptions,
+    pub routing: RoutingOptions,
     pub kubeconfig: Option<PathBuf>,
     pub netns: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RoutingOptions {
+    pub mode: Mode,
+    /// flannel's VXLAN device.
+    pub vxlan_device: String,
+    pub table: u32,
+    pub rule_priority: u32,
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
@@ -51,7 +76,7 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> 
     Ok(Client::try_from(config)?)
 }
 
-/// Retries `f` every two seconds until it succeeds or `shutdown` fires.
+/// Retries `f` every two seconds until it succeeds.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -68,10 +93,25 @@ where
     }
 }
 
+/// The tunnel MTU for an underlay MTU (none known: the 1500-byte default).
+pub fn tunnel_mtu(underlay: Option<u32>) -> u16 {
+    match underlay {
+        Some(m) => u16::try_from(m)
+            .unwrap_or(u16::MAX)
+            .saturating_sub(TUNNEL_OVERHEAD)
+            .max(1280),
+        None => DEFAULT_MTU,
+    }
+}
+
 struct Agent {
     opts: RunOptions,
     tunnel: Arc<Tunnel>,
+    tunnel_mtu: u16,
+    tun_index: u32,
     netlink: Netlink,
+    router: Router,
+    vxlan_index: Arc<AtomicU32>,
     private_key: crate::key::Key,
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
@@ -93,7 +133,37 @@ impl Agent {
         publish::publish(&self.peers, &self.opts.node_name, &spec).await
     }
 
-    async fn converge(&mut self, store: &Store<WireGuardPeer>) {
+    /// Reads flannel's VTEP; says whether it changed since the last publish.
+    async fn refresh_vtep(&mut self) -> bool {
+        if self.opts.routing.mode != Mode::Vxlan {
+            return false;
+        }
+        let kernel = self.router.kernel();
+        let device = &self.opts.routing.vxlan_device;
+        let (index, vtep) = match (kernel.link(device).await, kernel.vtep(device).await) {
+            (Ok(link), Ok(vtep)) => (link.map_or(0, |l| l.0), vtep),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = format!("{e:#}"), "reading {device} failed");
+                return false;
+            }
+        };
+        self.vxlan_index.store(index, Ordering::Relaxed);
+        let vtep = vtep.map(|v| isthmus_api::Vtep {
+            mac: v.mac.to_string(),
+            ip: v.ip.to_string(),
+        });
+        if vtep == self.opts.publish.vtep {
+            return false;
+        }
+        match &vtep {
+            Some(v) => tracing::info!(device, mac = %v.mac, ip = %v.ip, "found flannel's VTEP"),
+            None => tracing::warn!(device, "no VXLAN device with an IPv4 address yet; cross-location overlay traffic waits for it"),
+        }
+        self.opts.publish.vtep = vtep;
+        true
+    }
+
+    async fn converge_mesh(&mut self, store: &Store<WireGuardPeer>) {
         let all: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
         let plan = mesh::plan(&self.opts.node_name, &all);
         if self.applied.as_ref() == Some(&plan) {
@@ -113,52 +183,145 @@ impl Agent {
             }
         }
         self.tunnel.apply_mesh(self.private_key, plan.peers.clone());
+        self.tunnel
+            .set_source_rewrite(self.source_rewrite(plan.address));
         tracing::info!(
             admitted = plan.admitted,
             peers = plan.peers.len(),
+            remotes = plan.remotes.len(),
             address = ?plan.address,
             "mesh configuration applied"
         );
         self.applied = Some(plan);
     }
+
+    /// In `vxlan` mode, flannel's packets to mesh IPs leave with our mesh IP as source.
+    fn source_rewrite(&self, address: Option<(IpAddr, u8)>) -> Option<SourceRewrite> {
+        if self.opts.routing.mode != Mode::Vxlan {
+            return None;
+        }
+        let (IpAddr::V4(ip), prefix) = address? else {
+            return None;
+        };
+        Some(SourceRewrite {
+            mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
+            to: ip,
+        })
+    }
+
+    async fn converge_routing(&mut self) {
+        let remotes = self
+            .applied
+            .as_ref()
+            .map(|p| p.remotes.clone())
+            .unwrap_or_default();
+        let settings = Settings {
+            mode: self.opts.routing.mode,
+            table: self.opts.routing.table,
+            rule_priority: self.opts.routing.rule_priority,
+        };
+        let vxlan = self.vxlan_index.load(Ordering::Relaxed);
+        let devices = Devices {
+            vxlan: (vxlan != 0).then_some(vxlan),
+            tun: self.tun_index,
+        };
+        let desired = routing_plan::desired(&settings, devices, self.tunnel_mtu, &remotes);
+        self.router.set_desired(desired);
+        let started = Instant::now();
+        match self.router.reconcile().await {
+            Ok(o) if o.changed > 0 || o.failed > 0 => tracing::info!(
+                changed = o.changed,
+                reasserted = o.reasserted.len(),
+                failed = o.failed,
+                took_us = started.elapsed().as_micros() as u64,
+                "routing reconciled"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "routing pass failed; will retry"),
+        }
+    }
 }
 
-/// Runs until `shutdown` resolves.
+/// Runs until `shutdown` resolves, then restores routing.
 pub async fn run(
     opts: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let private_key = keys::load_or_create(&opts.state_dir)?;
-    let (iface, port, mtu) = (opts.iface.clone(), opts.publish.listen_port, opts.mtu);
+    let runtime = tokio::runtime::Handle::current();
+    let netlink = {
+        let runtime = runtime.clone();
+        netns::run_in(opts.netns.as_deref(), move || {
+            let _entered = runtime.enter();
+            Netlink::connect()
+        })?
+    };
+    let kernel = Kernel::new(netlink.handle());
+    let mut router = Router::open(kernel.clone(), &opts.state_dir)?;
+    if !router.journal().is_empty() {
+        let o = router
+            .restore()
+            .await
+            .context("restoring what a previous run left")?;
+        tracing::info!(
+            restored = o.changed,
+            "restored the routing a previous run left behind"
+        );
+    }
+    let tunnel_mtu = match opts.mtu {
+        Some(m) => m,
+        None => tunnel_mtu(kernel.underlay_mtu().await.unwrap_or(None)),
+    };
+    let (iface, port) = (opts.iface.clone(), opts.publish.listen_port);
     let tunnel = netns::run_in(opts.netns.as_deref(), move || {
-        Tunnel::start(&iface, port, mtu)
+        Tunnel::start(&iface, port, tunnel_mtu)
     })?;
     tunnel.apply_mesh(private_key, Vec::new());
     let _uapi = server::serve(&opts.iface, Arc::new(tunnel.clone()))?;
-    let runtime = tokio::runtime::Handle::current();
-    let netlink = netns::run_in(opts.netns.as_deref(), move || {
-        let _entered = runtime.enter();
-        Netlink::connect()
-    })?;
+    let tun_index = kernel
+        .link(&opts.iface)
+        .await?
+        .map(|l| l.0)
+        .with_context(|| format!("{} vanished", opts.iface))?;
+
+    let kernel_changed = Arc::new(Notify::new());
+    let vxlan_index = Arc::new(AtomicU32::new(0));
+    {
+        let (changed, index) = (kernel_changed.clone(), vxlan_index.clone());
+        netns::run_in(opts.netns.as_deref(), move || {
+            let _entered = runtime.enter();
+            watch::subscribe(index, changed)
+        })?;
+    }
 
     let client = client(opts.kubeconfig.as_deref()).await?;
+    let mut publish_opts = opts.publish.clone();
+    publish_opts.mtu = Some(tunnel_mtu);
     let mut agent = Agent {
         peers: Api::all(client.clone()),
         nodes: Api::all(client),
-        opts,
+        opts: RunOptions {
+            publish: publish_opts,
+            ..opts
+        },
         tunnel,
+        tunnel_mtu,
+        tun_index,
         netlink,
+        router,
+        vxlan_index,
         private_key,
         applied: None,
     };
     agent.netlink.set_address(&agent.opts.iface, None).await?;
+    agent.refresh_vtep().await;
     retry("publishing this node's WireGuardPeer", || agent.publish()).await;
-    tracing::info!(node = %agent.opts.node_name, "published");
+    tracing::info!(node = %agent.opts.node_name, mode = ?agent.opts.routing.mode, mtu = tunnel_mtu, "published");
 
-    let changed = Arc::new(Notify::new());
+    let peers_changed = Arc::new(Notify::new());
     let (store, writer) = reflector::store();
     let watch = {
-        let changed = changed.clone();
+        let changed = peers_changed.clone();
         watcher(agent.peers.clone(), watcher::Config::default())
             .default_backoff()
             .reflect(writer)
@@ -172,28 +335,80 @@ pub async fn run(
     };
     tokio::spawn(watch);
     tokio::pin!(shutdown);
-    tokio::select! {
-        _ = &mut shutdown => return Ok(()),
-        ready = store.wait_until_ready() => ready.context("peer cache")?,
-    }
-    loop {
-        agent.converge(&store).await;
-        // Our own peer gone (deleted by hand, or a fresh API server): publish it again.
-        if !store
-            .state()
-            .iter()
-            .any(|p| p.name_any() == agent.opts.node_name)
-        {
-            if let Err(e) = agent.publish().await {
-                tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
+    let stopped_early = tokio::select! {
+        _ = &mut shutdown => true,
+        ready = store.wait_until_ready() => { ready.context("peer cache")?; false }
+    };
+    if !stopped_early {
+        loop {
+            let republish = agent.refresh_vtep().await;
+            agent.converge_mesh(&store).await;
+            agent.converge_routing().await;
+            // Our own peer gone (deleted by hand, or a fresh API server), or our VTEP
+            // changed: publish again.
+            let missing = !store
+                .state()
+                .iter()
+                .any(|p| p.name_any() == agent.opts.node_name);
+            if republish || missing {
+                if let Err(e) = agent.publish().await {
+                    tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = peers_changed.notified() => {}
+                _ = kernel_changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             }
         }
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-        }
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: restoring routing");
+    let started = Instant::now();
+    let o = agent.router.restore().await?;
+    tracing::info!(
+        restored = o.changed,
+        failed = o.failed,
+        took_ms = started.elapsed().as_millis() as u64,
+        "routing restored"
+    );
     Ok(())
+}
+
+/// `isthmus-agent cleanup`: restores what the journal under `state_dir` lists, for after a
+/// crash or SIGKILL (the DaemonSet's preStop and next start run it too). A second run finds
+/// an empty journal and does nothing.
+pub async fn cleanup(
+    state_dir: &std::path::Path,
+    netns_path: Option<&std::path::Path>,
+) -> anyhow::Result<crate::routing::Outcome> {
+    let runtime = tokio::runtime::Handle::current();
+    let netlink = netns::run_in(netns_path, move || {
+        let _entered = runtime.enter();
+        Netlink::connect()
+    })?;
+    let mut router = Router::open(Kernel::new(netlink.handle()), state_dir)?;
+    let listed = router.journal().len();
+    let outcome = router.restore().await?;
+    tracing::info!(
+        journal = %router.journal().path().display(),
+        listed,
+        restored = outcome.changed,
+        "cleanup done"
+    );
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_mtu_follows_the_underlay() {
+        assert_eq!(tunnel_mtu(Some(1500)), 1420);
+        assert_eq!(tunnel_mtu(Some(1400)), 1320);
+        assert_eq!(tunnel_mtu(Some(9001)), 8921);
+        assert_eq!(tunnel_mtu(Some(1300)), 1280, "never below IPv6's minimum");
+        assert_eq!(tunnel_mtu(None), 1420);
+    }
 }

@@ -8,6 +8,7 @@ pub mod device;
 pub mod drops;
 pub mod offload;
 pub mod peer;
+pub mod snat;
 pub mod sockets;
 pub mod tunnel;
 

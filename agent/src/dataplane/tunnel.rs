@@ -26,6 +26,7 @@ use super::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use super::drops::DropReason;
 use super::offload::gro::Coalescer;
 use super::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
+use super::snat::SourceRewrite;
 use super::sockets::{Sockets, Udp, RECV_BUF};
 use crate::key::Key;
 use crate::uapi::server::UapiHandler;
@@ -107,6 +108,8 @@ pub struct Tunnel {
     device: Arc<Device>,
     net: Arc<Net>,
     set_lock: Mutex<()>,
+    /// VXLAN source rewrite (routing mode `vxlan`); read once per TUN read.
+    source_rewrite: RwLock<Option<SourceRewrite>>,
 }
 
 impl Tunnel {
@@ -132,6 +135,7 @@ impl Tunnel {
             device,
             net,
             set_lock: Mutex::new(()),
+            source_rewrite: RwLock::new(None),
         });
         tunnel.spawn_socket_readers(&sockets)?;
         tunnel.spawn("tun-reader", Tunnel::tun_loop)?;
@@ -177,6 +181,17 @@ impl Tunnel {
             keepalive_started,
         };
         self.device.reconfigure(next, &effects, self.net.as_ref());
+    }
+
+    /// Rewrites the source of UDP to mesh IPs to this node's mesh IP from now on (`None`:
+    /// stop). See [`SourceRewrite`].
+    pub fn set_source_rewrite(&self, rewrite: Option<SourceRewrite>) {
+        *self.source_rewrite.write() = rewrite;
+    }
+
+    /// The TUN device's MTU as configured.
+    pub fn mtu(&self) -> u16 {
+        self.net.tun.mtu().unwrap_or(DEFAULT_MTU)
     }
 
     fn spawn(self: &Arc<Self>, name: &str, body: fn(&Tunnel)) -> anyhow::Result<()> {
@@ -273,7 +288,13 @@ impl Tunnel {
                 }
             };
             self.device.refresh(&mut burst);
-            let mut seal = |packet: &[u8]| self.seal_into(&mut batch, &burst, packet);
+            let rewrite = *self.source_rewrite.read();
+            let mut seal = |packet: &mut [u8]| {
+                if let Some(r) = &rewrite {
+                    r.apply(packet);
+                }
+                self.seal_into(&mut batch, &burst, packet)
+            };
             if self.net.vnet {
                 let split = VirtioHdr::decode(&rx[..n])
                     .ok_or(gso::SplitError::Truncated)
@@ -285,7 +306,7 @@ impl Tunnel {
                     self.device.drops().record(DropReason::Malformed);
                 }
             } else {
-                seal(&rx[..n]);
+                seal(&mut rx[..n]);
             }
             self.flush(&mut batch);
         }

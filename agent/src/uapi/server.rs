@@ -47,6 +47,18 @@ impl Drop for UapiServer {
     }
 }
 
+/// Removes the socket file a killed daemon left for `iface`; a socket somebody still
+/// serves is left alone.
+pub fn remove_stale_socket(iface: &str) -> anyhow::Result<()> {
+    let path = socket_path(iface);
+    if !path.exists() || UnixStream::connect(&path).is_ok() {
+        return Ok(());
+    }
+    std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+    tracing::info!(path = %path.display(), "removed a stale UAPI socket");
+    Ok(())
+}
+
 /// Binds the socket for `iface` and serves it on a background thread.
 pub fn serve<H: UapiHandler>(iface: &str, handler: Arc<H>) -> anyhow::Result<UapiServer> {
     let path = socket_path(iface);

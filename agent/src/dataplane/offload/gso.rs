@@ -34,7 +34,7 @@ pub fn split(
     hdr: VirtioHdr,
     packet: &mut [u8],
     scratch: &mut [u8],
-    mut emit: impl FnMut(&[u8]),
+    mut emit: impl FnMut(&mut [u8]),
 ) -> Result<usize, SplitError> {
     if hdr.gso_type == GSO_NONE {
         if hdr.flags & F_NEEDS_CSUM != 0 {

@@ -1,0 +1,184 @@
+//! The routing journal: every kernel entry the agent changes, with what was there before,
+//! written durably *before* the change (temp file, fsync, rename, fsync of the directory).
+//! Removal — graceful stop, `isthmus-agent cleanup` after a crash, the next start —
+//! restores from it, so nothing isthmus wrote outlives it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use super::model::{Key, Value};
+
+/// File name under the agent's state directory.
+pub const FILE: &str = "routing-journal.json";
+const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: Key,
+    /// What the kernel had before we first changed it (`None`: nothing).
+    pub prior: Option<Value>,
+    /// What we set.
+    pub applied: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    entries: BTreeMap<Key, Entry>,
+}
+
+impl Journal {
+    /// Loads the journal under `state_dir` (empty when there is none). A journal that
+    /// cannot be read is an error, never silently dropped: it is the only record of what
+    /// to restore.
+    pub fn open(state_dir: &Path) -> anyhow::Result<Journal> {
+        let path = state_dir.join(FILE);
+        let entries = match fs::read(&path) {
+            Ok(bytes) => {
+                let disk: OnDisk = serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "{} is unreadable; fix or remove it by hand after checking the \
+                         VXLAN FDB, neighbours, routes and rules it lists",
+                        path.display()
+                    )
+                })?;
+                if disk.version != VERSION {
+                    bail!(
+                        "{} has version {}, this agent reads {VERSION}",
+                        path.display(),
+                        disk.version
+                    );
+                }
+                disk.entries.into_iter().map(|e| (e.key, e)).collect()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Journal { path, entries })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.entries.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Applies `puts` and `drops` and makes the result durable before returning. An empty
+    /// journal is no file at all.
+    pub fn commit(&mut self, puts: Vec<Entry>, drops: &[Key]) -> anyhow::Result<()> {
+        if puts.is_empty() && drops.is_empty() {
+            return Ok(());
+        }
+        let mut next = self.entries.clone();
+        for k in drops {
+            next.remove(k);
+        }
+        for e in puts {
+            next.insert(e.key, e);
+        }
+        if next.is_empty() {
+            match fs::remove_file(&self.path) {
+                Ok(()) => sync_dir(&self.path)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("removing {}", self.path.display()))
+                }
+            }
+        } else {
+            let disk = OnDisk {
+                version: VERSION,
+                entries: next.values().cloned().collect(),
+            };
+            let bytes = serde_json::to_vec_pretty(&disk).context("encoding the journal")?;
+            write_durably(&self.path, &bytes)?;
+        }
+        self.entries = next;
+        Ok(())
+    }
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::model::Mac;
+
+    fn entry(n: u8) -> Entry {
+        Entry {
+            key: Key::Fdb {
+                ifindex: 5,
+                mac: Mac([10, 88, 10, 244, n, 0]),
+            },
+            prior: Some(Value::Fdb {
+                dst: "10.0.0.11".parse().unwrap(),
+            }),
+            applied: Value::Fdb {
+                dst: format!("100.96.0.{n}").parse().unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn survives_a_reopen_and_disappears_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        assert!(j.is_empty());
+        j.commit(vec![entry(1), entry(2)], &[]).unwrap();
+        let reopened = Journal::open(dir.path()).unwrap();
+        assert_eq!(reopened.len(), 2);
+        assert_eq!(reopened.get(&entry(1).key), Some(&entry(1)));
+        j.commit(vec![], &[entry(1).key, entry(2).key]).unwrap();
+        assert!(!dir.path().join(FILE).exists());
+        assert!(Journal::open(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_an_error_and_stays_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE), b"{ half a journal").unwrap();
+        let err = Journal::open(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("unreadable"), "{err:#}");
+        assert!(dir.path().join(FILE).exists());
+    }
+}

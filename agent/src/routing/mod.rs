@@ -1,0 +1,136 @@
+//! Routing: steering cross-location overlay traffic into the tunnel, and restoring exactly
+//! what was there when isthmus goes.
+//!
+//! [`plan`] turns the remote nodes into the kernel entries wanted (pure); [`reconcile`]
+//! decides per entry what to do given the kernel's value and the [`journal`] (pure);
+//! [`kernel`] reads and writes the entries over rtnetlink; [`Router`] runs the three in
+//! order — journal first, durably, then the kernel — and [`watch`] wakes it when anyone
+//! rewrites an entry, so it can put ours back.
+
+pub mod journal;
+pub mod kernel;
+pub mod model;
+pub mod plan;
+pub mod reconcile;
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use journal::Journal;
+use kernel::Kernel;
+use model::{Key, Value};
+use reconcile::{decide, Record};
+
+/// How cross-location pod traffic reaches the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Repoint flannel's VXLAN forwarding entries for remote-location nodes at their mesh
+    /// IPs: the overlay stays flannel's, its packets ride the tunnel.
+    Vxlan,
+    /// Route remote-location pod CIDRs straight into the tunnel (own table and rule).
+    Routed,
+}
+
+/// What one pass changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Entries set, restored or deleted.
+    pub changed: usize,
+    /// Entries somebody else had rewritten and we put back.
+    pub reasserted: Vec<Key>,
+    /// Entries that could not be written (the pass goes on; the next one retries).
+    pub failed: usize,
+}
+
+pub struct Router {
+    kernel: Kernel,
+    journal: Journal,
+    desired: BTreeMap<Key, Value>,
+}
+
+impl Router {
+    /// Opens the journal under `state_dir`; nothing is touched yet.
+    pub fn open(kernel: Kernel, state_dir: &Path) -> anyhow::Result<Router> {
+        Ok(Router {
+            kernel,
+            journal: Journal::open(state_dir)?,
+            desired: BTreeMap::new(),
+        })
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Replaces what routing wants; [`Router::reconcile`] makes it so.
+    pub fn set_desired(&mut self, desired: BTreeMap<Key, Value>) {
+        self.desired = desired;
+    }
+
+    /// One pass: read the owned entries, record every change durably, then apply them.
+    pub async fn reconcile(&mut self) -> anyhow::Result<Outcome> {
+        let keys: BTreeSet<Key> = self
+            .desired
+            .keys()
+            .chain(self.journal.keys())
+            .copied()
+            .collect();
+        let current = self.kernel.read(&keys).await?;
+        let decisions: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let d = decide(*k, self.desired.get(k), current.get(k), self.journal.get(k));
+                (*k, d)
+            })
+            .collect();
+        let puts = decisions
+            .iter()
+            .filter_map(|(_, d)| match &d.record {
+                Record::Put(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect();
+        // Written down before anything is applied.
+        self.journal.commit(puts, &[])?;
+        let mut outcome = Outcome::default();
+        let mut drops = Vec::new();
+        for (key, d) in &decisions {
+            let mut ok = true;
+            if let Some(action) = &d.action {
+                match self.kernel.apply(key, action, current.get(key)).await {
+                    Ok(()) => outcome.changed += 1,
+                    Err(e) => {
+                        ok = false;
+                        outcome.failed += 1;
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "routing entry not written; will retry"
+                        );
+                    }
+                }
+            }
+            if d.reasserted {
+                tracing::info!(entry = %key, was = ?current.get(key).map(ToString::to_string), "re-asserted an entry someone rewrote");
+                outcome.reasserted.push(*key);
+            }
+            if ok && d.record == Record::Drop {
+                drops.push(*key);
+            }
+        }
+        self.journal.commit(Vec::new(), &drops)?;
+        Ok(outcome)
+    }
+
+    /// Restores everything in the journal (what removal does) and empties it. Entries that
+    /// changed since we wrote them are left as they are now.
+    pub async fn restore(&mut self) -> anyhow::Result<Outcome> {
+        self.desired.clear();
+        self.reconcile().await
+    }
+}

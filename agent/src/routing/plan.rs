@@ -1,0 +1,274 @@
+//! From the remote nodes to the kernel entries routing wants: a pure function, tested in a
+//! table like Kilo's topology → routes.
+//!
+//! `vxlan` keeps flannel in charge of the overlay and only moves where its packets go: each
+//! remote VTEP's FDB entry points at the node's mesh IP, so the encapsulated packets enter
+//! the tunnel. flannel's neighbour entry and route for the node are asserted as flannel
+//! writes them, the route with an MTU that fits through the tunnel. `routed` leaves
+//! flannel's entries alone: a policy rule sends remote pod CIDRs to a table of our own whose
+//! routes lead straight into the TUN.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ip_network::IpNetwork;
+
+use super::model::{
+    Key, Mac, Route, Value, MAIN_TABLE, PROTO_BOOT, PROTO_STATIC, SCOPE_LINK, SCOPE_UNIVERSE,
+};
+use super::Mode;
+
+/// What VXLAN adds around an inner Ethernet frame: outer IPv4 (20), UDP (8), VXLAN (8) and
+/// the inner Ethernet header (14). flannel sizes `flannel.1` as underlay MTU − 50 likewise.
+pub const VXLAN_OVERHEAD: u16 = 50;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    /// `routed`: the table our routes live in.
+    pub table: u32,
+    /// `routed`: the priority of the rule that looks that table up.
+    pub rule_priority: u32,
+}
+
+/// The devices the entries hang off, by index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Devices {
+    /// flannel's VXLAN device, when it exists.
+    pub vxlan: Option<u32>,
+    pub tun: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vtep {
+    pub mac: Mac,
+    pub ip: IpAddr,
+}
+
+/// A node in another location that this node has a tunnel to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    pub name: String,
+    pub mesh_ip: IpAddr,
+    pub pod_cidrs: Vec<IpNetwork>,
+    pub vtep: Option<Vtep>,
+    /// The remote tunnel's MTU, when it published one.
+    pub mtu: Option<u16>,
+}
+
+/// The entries routing wants for `remotes`, given this node's tunnel MTU.
+pub fn desired(
+    settings: &Settings,
+    devices: Devices,
+    tunnel_mtu: u16,
+    remotes: &[Remote],
+) -> BTreeMap<Key, Value> {
+    let mut out = BTreeMap::new();
+    for remote in remotes {
+        // The smaller of the two tunnels bounds the path.
+        let path_mtu = remote.mtu.map_or(tunnel_mtu, |m| m.min(tunnel_mtu));
+        match settings.mode {
+            Mode::Vxlan => vxlan_entries(&mut out, devices, path_mtu, remote),
+            Mode::Routed => routed_entries(&mut out, settings, devices, path_mtu, remote),
+        }
+    }
+    out
+}
+
+fn vxlan_entries(out: &mut BTreeMap<Key, Value>, devices: Devices, path_mtu: u16, remote: &Remote) {
+    let (Some(vxlan), Some(vtep)) = (devices.vxlan, remote.vtep) else {
+        return;
+    };
+    out.insert(
+        Key::Fdb {
+            ifindex: vxlan,
+            mac: vtep.mac,
+        },
+        Value::Fdb {
+            dst: remote.mesh_ip,
+        },
+    );
+    out.insert(
+        Key::Neigh {
+            ifindex: vxlan,
+            ip: vtep.ip,
+        },
+        Value::Neigh { mac: vtep.mac },
+    );
+    let inner_mtu = path_mtu.saturating_sub(VXLAN_OVERHEAD);
+    for cidr in remote
+        .pod_cidrs
+        .iter()
+        .filter(|c| c.network_address().is_ipv4() == vtep.ip.is_ipv4())
+    {
+        out.insert(
+            route_key(MAIN_TABLE, cidr),
+            Value::Route(Route {
+                oif: vxlan,
+                gateway: Some(vtep.ip),
+                onlink: true,
+                protocol: PROTO_BOOT,
+                scope: SCOPE_UNIVERSE,
+                prefsrc: None,
+                mtu: Some(u32::from(inner_mtu)),
+            }),
+        );
+    }
+}
+
+fn routed_entries(
+    out: &mut BTreeMap<Key, Value>,
+    settings: &Settings,
+    devices: Devices,
+    path_mtu: u16,
+    remote: &Remote,
+) {
+    for cidr in &remote.pod_cidrs {
+        let v6 = !cidr.network_address().is_ipv4();
+        out.insert(
+            Key::Rule {
+                v6,
+                priority: settings.rule_priority,
+            },
+            Value::Rule {
+                table: settings.table,
+            },
+        );
+        out.insert(
+            route_key(settings.table, cidr),
+            Value::Route(Route {
+                oif: devices.tun,
+                gateway: None,
+                onlink: false,
+                protocol: PROTO_STATIC,
+                scope: SCOPE_LINK,
+                prefsrc: None,
+                mtu: Some(u32::from(path_mtu)),
+            }),
+        );
+    }
+}
+
+fn route_key(table: u32, cidr: &IpNetwork) -> Key {
+    Key::Route {
+        table,
+        dst: cidr.network_address(),
+        prefix: cidr.netmask(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VXLAN: u32 = 5;
+    const TUN: u32 = 9;
+
+    fn settings(mode: Mode) -> Settings {
+        Settings {
+            mode,
+            table: 51820,
+            rule_priority: 5210,
+        }
+    }
+
+    fn devices() -> Devices {
+        Devices {
+            vxlan: Some(VXLAN),
+            tun: TUN,
+        }
+    }
+
+    fn remote(n: u8, mtu: Option<u16>) -> Remote {
+        Remote {
+            name: format!("aws-{n}"),
+            mesh_ip: format!("100.96.0.{n}").parse().unwrap(),
+            pod_cidrs: vec![format!("10.244.2{n}.0/24").parse().unwrap()],
+            vtep: Some(Vtep {
+                mac: Mac([0x0a, 0x58, 10, 244, 20 + n, 0]),
+                ip: format!("10.244.2{n}.0").parse().unwrap(),
+            }),
+            mtu,
+        }
+    }
+
+    fn render(map: &BTreeMap<Key, Value>) -> Vec<String> {
+        map.iter().map(|(k, v)| format!("{k}: {v}")).collect()
+    }
+
+    /// Name, settings, devices, remotes, the entries wanted.
+    type Case = (
+        &'static str,
+        Settings,
+        Devices,
+        Vec<Remote>,
+        Vec<&'static str>,
+    );
+
+    #[test]
+    fn table() {
+        let cases: Vec<Case> = vec![
+            (
+                "vxlan: fdb to the mesh IP, flannel's neigh, route clamped to the tunnel",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![remote(1, None)],
+                vec![
+                    "fdb 0a:58:0a:f4:15:00 dev #5: dst 100.96.0.1",
+                    "neigh 10.244.21.0 dev #5: lladdr 0a:58:0a:f4:15:00",
+                    "route 10.244.21.0/24 table 254: via 10.244.21.0 dev #5 proto 3 onlink mtu 1370",
+                ],
+            ),
+            (
+                "vxlan: a remote with a smaller tunnel clamps the path",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![remote(2, Some(1320))],
+                vec![
+                    "fdb 0a:58:0a:f4:16:00 dev #5: dst 100.96.0.2",
+                    "neigh 10.244.22.0 dev #5: lladdr 0a:58:0a:f4:16:00",
+                    "route 10.244.22.0/24 table 254: via 10.244.22.0 dev #5 proto 3 onlink mtu 1270",
+                ],
+            ),
+            (
+                "vxlan: no VXLAN device yet, nothing to repoint",
+                settings(Mode::Vxlan),
+                Devices { vxlan: None, tun: TUN },
+                vec![remote(1, None)],
+                vec![],
+            ),
+            (
+                "vxlan: a remote that published no VTEP is skipped",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![Remote { vtep: None, ..remote(1, None) }, remote(3, None)],
+                vec![
+                    "fdb 0a:58:0a:f4:17:00 dev #5: dst 100.96.0.3",
+                    "neigh 10.244.23.0 dev #5: lladdr 0a:58:0a:f4:17:00",
+                    "route 10.244.23.0/24 table 254: via 10.244.23.0 dev #5 proto 3 onlink mtu 1370",
+                ],
+            ),
+            (
+                "routed: one rule, one route per remote pod CIDR into the TUN",
+                settings(Mode::Routed),
+                devices(),
+                vec![remote(1, None), remote(2, Some(1320))],
+                vec![
+                    "route 10.244.21.0/24 table 51820: dev #9 proto 4 mtu 1420",
+                    "route 10.244.22.0/24 table 51820: dev #9 proto 4 mtu 1320",
+                    "rule -4 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "routed: no remotes, no rule",
+                settings(Mode::Routed),
+                devices(),
+                vec![],
+                vec![],
+            ),
+        ];
+        for (name, s, d, remotes, want) in cases {
+            assert_eq!(render(&desired(&s, d, 1420, &remotes)), want, "{name}");
+        }
+    }
+}
