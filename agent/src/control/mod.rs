@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod keys;
+pub mod lock;
 pub mod mesh;
 pub mod publish;
 pub mod run;

@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use super::address::Netlink;
 use super::keys;
+use super::lock::StateLock;
 use super::mesh::{self, MeshPlan};
 use super::publish::{self, PublishOptions};
 use crate::dataplane::snat::SourceRewrite;
@@ -248,6 +249,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let private_key = keys::load_or_create(&opts.state_dir)?;
+    let _lock = StateLock::try_acquire(&opts.state_dir)?.with_context(|| {
+        format!(
+            "another agent is running with state directory {}",
+            opts.state_dir.display()
+        )
+    })?;
     let runtime = tokio::runtime::Handle::current();
     let netlink = {
         let runtime = runtime.clone();
@@ -377,11 +384,19 @@ pub async fn run(
 
 /// `isthmus-agent cleanup`: restores what the journal under `state_dir` lists, for after a
 /// crash or SIGKILL (the DaemonSet's preStop and next start run it too). A second run finds
-/// an empty journal and does nothing.
+/// an empty journal and does nothing; so does a run while a live agent holds the state
+/// directory (it restores on SIGTERM, and would put back what cleanup took away).
 pub async fn cleanup(
     state_dir: &std::path::Path,
     netns_path: Option<&std::path::Path>,
 ) -> anyhow::Result<crate::routing::Outcome> {
+    let Some(_lock) = StateLock::try_acquire(state_dir)? else {
+        tracing::info!(
+            state_dir = %state_dir.display(),
+            "an agent is running here; it restores routing itself when it stops"
+        );
+        return Ok(Default::default());
+    };
     let runtime = tokio::runtime::Handle::current();
     let netlink = netns::run_in(netns_path, move || {
         let _entered = runtime.enter();
