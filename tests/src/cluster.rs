@@ -5,6 +5,7 @@
 //! inside these namespaces).
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -36,6 +37,12 @@ pub struct NodeHandle {
     pub cloud: usize,
     /// Host part in the cloud's subnet and NAT port offset.
     pub slot: u8,
+    /// Underlay address on eth0 (10.0.0.(10+slot)): the same in both clouds for a slot.
+    pub node_ip: Ipv4Addr,
+    /// Network address of the node's /24 pod CIDR (the Node's `spec.podCIDRs[0]`).
+    pub pod_subnet: Ipv4Addr,
+    /// This node's public WireGuard endpoint (its gateway's NAT), what `--endpoint` gets.
+    pub endpoint: String,
     pub kubeconfig: PathBuf,
     pub state_dir: PathBuf,
 }
@@ -43,6 +50,26 @@ pub struct NodeHandle {
 impl NodeHandle {
     pub fn dump(&self) -> anyhow::Result<Dump> {
         dump(&self.ns, &self.iface)
+    }
+
+    /// The pod CIDR as written in the Node object, e.g. `10.244.11.0/24`.
+    pub fn pod_cidr(&self) -> String {
+        format!("{}/24", self.pod_subnet)
+    }
+}
+
+/// How the clouds' networks are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// MTU of every underlay link: the gateways' public veth, each cloud's `lan` bridge and
+    /// both ends of every node's eth0 veth. Clouds differ here in practice (1500 on most,
+    /// 1400 or less behind some VPNs and overlays), and the overlay MTU derives from it.
+    pub underlay_mtu: u32,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions { underlay_mtu: 1500 }
     }
 }
 
@@ -52,20 +79,28 @@ pub struct Cluster {
     pub clouds: Vec<Cloud>,
     pub rig: KubeRig,
     pub tag: String,
+    pub options: ClusterOptions,
     coordinator_kubeconfig: PathBuf,
 }
 
 impl Cluster {
-    /// The API server and the two clouds' networks; no nodes or coordinator yet.
+    /// The API server and the two clouds' networks (MTU 1500); no nodes or coordinator yet.
     pub async fn new() -> anyhow::Result<Cluster> {
+        Cluster::with_options(ClusterOptions::default()).await
+    }
+
+    /// [`Cluster::new`] with the underlay built as `options` say.
+    pub async fn with_options(options: ClusterOptions) -> anyhow::Result<Cluster> {
         crate::require_root();
         let rig = KubeRig::start().await?;
         let tag = crate::unique_name();
+        let mtu = options.underlay_mtu.to_string();
         let mut clouds = Vec::new();
         for (n, location) in [(1u8, "vsphere"), (2u8, "aws")] {
             let gateway = Netns::new(&format!("{tag}-g{n}"))?;
             let g = |args: &[&str]| gateway.ip(args);
-            g(&["link", "add", "lan", "type", "bridge"])?;
+            // Set explicitly: a bridge otherwise follows its ports' MTU, and has none yet.
+            g(&["link", "add", "lan", "mtu", &mtu, "type", "bridge"])?;
             g(&["addr", "add", "10.0.0.1/24", "dev", "lan"])?;
             g(&["link", "set", "lan", "up"])?;
             gateway.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
@@ -76,6 +111,8 @@ impl Cluster {
             });
         }
         let (pa, pb) = veth(&clouds[0].gateway, &clouds[1].gateway, &format!("{tag}p"))?;
+        clouds[0].gateway.ip(&["link", "set", &pa, "mtu", &mtu])?;
+        clouds[1].gateway.ip(&["link", "set", &pb, "mtu", &mtu])?;
         clouds[0]
             .gateway
             .ip(&["addr", "add", "203.0.113.1/24", "dev", &pa])?;
@@ -90,6 +127,7 @@ impl Cluster {
             clouds,
             rig,
             tag,
+            options,
             coordinator_kubeconfig,
         })
     }
@@ -106,7 +144,16 @@ impl Cluster {
     /// Adds a node to `cloud` (a namespace on the cloud's LAN, NATed; a Node object) and
     /// starts its agent.
     pub async fn add_node(&mut self, cloud: usize, slot: u8) -> anyhow::Result<usize> {
+        let i = self.add_node_idle(cloud, slot).await?;
+        self.start_node_agent(i, &[])?;
+        Ok(i)
+    }
+
+    /// Adds a node as [`Cluster::add_node`] does but leaves its agent stopped, so a test can
+    /// build what the agent will find (an overlay, say) before it starts. Returns its index.
+    pub async fn add_node_idle(&mut self, cloud: usize, slot: u8) -> anyhow::Result<usize> {
         let c = &self.clouds[cloud];
+        let mtu = self.options.underlay_mtu.to_string();
         let name = format!("{}-{slot}", c.location);
         let ns = Netns::new(&format!("{}-{}{slot}", self.tag, c.n))?;
         let (lan_end, node_end) = (format!("{}l{}{slot}", self.tag, c.n), "eth0".to_string());
@@ -114,6 +161,8 @@ impl Cluster {
             "link",
             "add",
             &lan_end,
+            "mtu",
+            &mtu,
             "netns",
             &c.gateway.name,
             "type",
@@ -121,12 +170,18 @@ impl Cluster {
             "peer",
             "name",
             &node_end,
+            "mtu",
+            &mtu,
             "netns",
             &ns.name,
         ])?;
         c.gateway
             .ip(&["link", "set", &lan_end, "master", "lan", "up"])?;
-        let node_ip = format!("10.0.0.{}", 10 + slot);
+        let host = slot
+            .checked_add(10)
+            .filter(|h| *h < 255)
+            .with_context(|| format!("slot {slot} has no address in 10.0.0.0/24"))?;
+        let node_ip = Ipv4Addr::new(10, 0, 0, host);
         ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
@@ -161,7 +216,7 @@ impl Cluster {
                 "-p",
                 "udp",
                 "-s",
-                &node_ip,
+                &node_ip.to_string(),
                 "--sport",
                 "51820",
                 "-j",
@@ -173,9 +228,10 @@ impl Cluster {
 
         let admin = self.rig.admin().await?;
         let nodes: Api<Node> = Api::all(admin);
+        let pod_subnet = pod_subnet(c.n, slot)?;
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"topology.kubernetes.io/region": c.location}},
-            "spec": {"podCIDRs": [format!("10.244.{}.0/24", u16::from(c.n) * 10 + u16::from(slot))]},
+            "spec": {"podCIDRs": [format!("{pod_subnet}/24")]},
         }))?;
         nodes
             .create(&PostParams::default(), &node)
@@ -186,7 +242,7 @@ impl Cluster {
                 &name,
                 &PatchParams::default(),
                 &Patch::Merge(json!({
-                    "status": {"addresses": [{"type": "InternalIP", "address": node_ip}]}
+                    "status": {"addresses": [{"type": "InternalIP", "address": node_ip.to_string()}]}
                 })),
             )
             .await
@@ -194,20 +250,33 @@ impl Cluster {
         let token = self.rig.agent_token(&name).await?;
         let kubeconfig = self.rig.kubeconfig(&format!("agent-{name}"), &token)?;
         let state_dir = self.rig.dir.path().join(format!("state-{name}"));
-        let mut handle = NodeHandle {
+        let handle = NodeHandle {
             agent: None,
             ns,
             iface: format!("{}m{}{slot}", self.tag, c.n),
             name,
             cloud,
             slot,
+            node_ip,
+            pod_subnet,
+            endpoint: self.endpoint(cloud, slot),
             kubeconfig,
             state_dir,
         };
-        let endpoint = self.endpoint(cloud, slot);
-        start_agent(&mut handle, &endpoint, self.rig.dir.path())?;
         self.nodes.push(handle);
         Ok(self.nodes.len() - 1)
+    }
+
+    /// Starts (or restarts) node `i`'s agent with the usual arguments plus `extra_args`
+    /// appended (e.g. `["--mode", "routed"]`), and waits for its UAPI socket.
+    pub fn start_node_agent(&mut self, i: usize, extra_args: &[&str]) -> anyhow::Result<()> {
+        let logs = self.rig.dir.path().to_path_buf();
+        let node = self
+            .nodes
+            .get_mut(i)
+            .with_context(|| format!("no node {i}"))?;
+        let endpoint = node.endpoint.clone();
+        start_agent_with(node, &endpoint, &logs, extra_args)
     }
 
     pub fn start_coordinator(&mut self, identity: &str) -> anyhow::Result<()> {
@@ -309,32 +378,56 @@ impl Cluster {
     }
 }
 
+/// Network address of the pod CIDR of node `slot` in cloud `n`: 10.244.(n*10+slot).0, so
+/// pod CIDRs are unique across clouds although node IPs are not.
+fn pod_subnet(n: u8, slot: u8) -> anyhow::Result<Ipv4Addr> {
+    let third = u8::try_from(u16::from(n) * 10 + u16::from(slot))
+        .with_context(|| format!("slot {slot} of cloud {n} has no /24 in 10.244.0.0/16"))?;
+    Ok(Ipv4Addr::new(10, 244, third, 0))
+}
+
 /// Starts (or restarts) a node's agent.
 pub fn start_agent(
     node: &mut NodeHandle,
     endpoint: &str,
     logs: &std::path::Path,
 ) -> anyhow::Result<()> {
+    start_agent_with(node, endpoint, logs, &[])
+}
+
+/// [`start_agent`] with `extra_args` appended to the agent's command line.
+pub fn start_agent_with(
+    node: &mut NodeHandle,
+    endpoint: &str,
+    logs: &std::path::Path,
+    extra_args: &[&str],
+) -> anyhow::Result<()> {
+    // Stop a running agent first (by its PID, on drop) so the new one can take the socket.
+    node.agent = None;
     let netns = format!("/var/run/netns/{}", node.ns.name);
+    let state_dir = node.state_dir.display().to_string();
+    let kubeconfig = node.kubeconfig.display().to_string();
+    let mut args = vec![
+        "run",
+        "--node-name",
+        &node.name,
+        "--state-dir",
+        &state_dir,
+        "--iface",
+        &node.iface,
+        "--endpoint",
+        endpoint,
+        "--keepalive",
+        "5",
+        "--kubeconfig",
+        &kubeconfig,
+        "--netns",
+        &netns,
+    ];
+    args.extend_from_slice(extra_args);
     let agent = Daemon::spawn_host(
         &crate::agent_binary(),
-        &[
-            "run",
-            "--node-name",
-            &node.name,
-            "--state-dir",
-            &node.state_dir.display().to_string(),
-            "--iface",
-            &node.iface,
-            "--endpoint",
-            endpoint,
-            "--keepalive",
-            "5",
-            "--kubeconfig",
-            &node.kubeconfig.display().to_string(),
-            "--netns",
-            &netns,
-        ],
+        &args,
         &[("RUST_LOG", "info")],
         logs.join(format!("agent-{}.log", node.name)),
     )?;

@@ -7,9 +7,12 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod fdb;
 pub mod kube;
 pub mod netns;
+pub mod overlay;
 pub mod pair;
+pub mod snapshot;
 pub mod traffic;
 pub mod wg;
 

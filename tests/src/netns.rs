@@ -55,6 +55,17 @@ impl Netns {
         ip(&full)
     }
 
+    /// The MTU of device `dev` in this namespace.
+    pub fn link_mtu(&self, dev: &str) -> anyhow::Result<u32> {
+        let out = self.ip(&["-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("ip -j output")?;
+        v.get(0)
+            .and_then(|l| l.get("mtu"))
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|m| u32::try_from(m).ok())
+            .with_context(|| format!("no MTU for {dev} in {}", self.name))
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live there.
     pub fn enter<T: Send + 'static>(
         &self,

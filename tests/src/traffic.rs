@@ -1,10 +1,12 @@
-//! Traffic a user would check: ping, and a TCP byte stream whose every byte is verified.
+//! Traffic a user would check: ping, a TCP byte stream whose every byte is verified, a
+//! paced UDP stream whose every datagram is counted, and a device's packet counters.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
@@ -71,6 +73,21 @@ pub fn ping_from(ns: &Netns, dst: IpAddr, count: u32, src: Option<IpAddr>) -> bo
     ns.exec("ping", &args).is_ok()
 }
 
+/// One ping of `payload` ICMP bytes with fragmentation forbidden (`-M do`): true when the
+/// reply came. A packet of `payload + 28` bytes must fit every link's MTU on the path (and
+/// the sender's route MTU) to get through.
+pub fn ping_df(ns: &Netns, dst: IpAddr, payload: u32) -> bool {
+    let size = payload.to_string();
+    let dst = dst.to_string();
+    ns.exec(
+        "ping",
+        &[
+            "-n", "-q", "-c", "1", "-W", "1", "-M", "do", "-s", &size, &dst,
+        ],
+    )
+    .is_ok()
+}
+
 /// The byte at `offset` of the checked stream: cheap, position-dependent, not periodic at
 /// any TCP segment size.
 fn pattern(offset: u64) -> u8 {
@@ -80,8 +97,25 @@ fn pattern(offset: u64) -> u8 {
 
 /// Sends `bytes` of a known pattern over TCP from `from` to `to_addr` (an address in `to`)
 /// and checks that exactly those bytes arrived, in order.
+///
+/// The timeouts bound each connect (10 s), read and write (15 s), not the whole transfer, so
+/// any size works at any speed as long as the stream keeps moving: 100 MB through a tunnel
+/// at ~1 Gbit/s takes about a second, and even at 10 Mbit/s nothing times out.
 pub fn tcp_transfer(from: &Netns, to: &Netns, to_addr: IpAddr, bytes: u64) -> anyhow::Result<()> {
     tcp_transfer_across(from, to, to_addr, bytes, || ())
+}
+
+/// [`tcp_transfer`], returning how long it took from connecting to the last byte checked
+/// (bytes / elapsed is the goodput).
+pub fn tcp_transfer_timed(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    bytes: u64,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    tcp_transfer(from, to, to_addr, bytes)?;
+    Ok(start.elapsed())
 }
 
 /// [`tcp_transfer`] with `halfway` run in the middle of the stream: the receiver stops
@@ -197,4 +231,357 @@ pub fn tcp_transfer_across(
 /// A UDP socket inside `ns`, for sending arbitrary datagrams at a daemon.
 pub fn udp_socket(ns: &Netns, bind: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(ns.enter(move || UdpSocket::bind(bind))??)
+}
+
+/// The shape of a [`Stream`].
+#[derive(Debug, Clone, Copy)]
+pub struct StreamConfig {
+    /// Datagrams per second. 500/s resolves an outage to 2 ms without loading anything.
+    pub rate: u32,
+    /// UDP payload bytes (at least 16: magic and sequence number).
+    pub payload: usize,
+    /// How long `stop` waits for datagrams still in flight before counting.
+    pub drain: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> StreamConfig {
+        StreamConfig {
+            rate: 500,
+            payload: 64,
+            drain: Duration::from_millis(300),
+        }
+    }
+}
+
+/// What a [`Stream`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Datagrams handed to the kernel (a send that failed counts as sent, and lost).
+    pub sent: u64,
+    /// Distinct sequence numbers that arrived.
+    pub received: u64,
+    /// `sent - received`.
+    pub lost: u64,
+    /// The longest time without an arrival, from the first send to the last send
+    /// (so an outage at the very start or end counts too). At 500/s about 2 ms when
+    /// nothing is lost.
+    pub longest_gap: Duration,
+    /// The longest run of consecutive sequence numbers that never arrived.
+    pub longest_loss_run: u64,
+    /// Datagrams that arrived more than once, or after a later one.
+    pub duplicates: u64,
+    pub reordered: u64,
+    /// Sends the kernel refused (unreachable, no buffer).
+    pub send_errors: u64,
+}
+
+/// A paced UDP stream of numbered datagrams from one namespace to another, running on two
+/// background threads until [`Stream::stop`]: it shows exactly how many packets a change
+/// (an FDB rewrite, an agent restart) cost and how long the outage was. Dropping it without
+/// `stop` ends both threads too.
+pub struct Stream {
+    stop_sender: Arc<AtomicBool>,
+    stop_receiver: Arc<AtomicBool>,
+    sender: Option<thread::JoinHandle<SenderReport>>,
+    receiver: Option<thread::JoinHandle<ReceiverReport>>,
+    drain: Duration,
+}
+
+/// Marks the stream's datagrams, so a stray one is never counted.
+const STREAM_MAGIC: u64 = 0x6973_7468_6d75_7321;
+
+struct SenderReport {
+    sent: u64,
+    errors: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+struct ReceiverReport {
+    /// (sequence number, arrival), in arrival order.
+    arrivals: Vec<(u64, Instant)>,
+}
+
+/// Starts a [`Stream`] from `from` to `to_addr` (an address inside `to`), port chosen by the
+/// kernel.
+pub fn start_stream(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    config: StreamConfig,
+) -> anyhow::Result<Stream> {
+    if config.payload < 16 || config.rate == 0 {
+        bail!("a stream needs a payload of at least 16 bytes and a rate above 0");
+    }
+    // Sockets keep the namespace they were created in; the threads using them need not.
+    let rx = to.enter(move || UdpSocket::bind(SocketAddr::new(to_addr, 0)))??;
+    let dst = rx.local_addr()?;
+    let unspecified: IpAddr = match to_addr {
+        IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let tx = from.enter(move || UdpSocket::bind(SocketAddr::new(unspecified, 0)))??;
+    rx.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let stop_sender = Arc::new(AtomicBool::new(false));
+    let stop_receiver = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let stop = stop_receiver.clone();
+        thread::spawn(move || receive_stream(rx, &stop))
+    };
+    let sender = {
+        let stop = stop_sender.clone();
+        thread::spawn(move || send_stream(tx, dst, config, &stop))
+    };
+    Ok(Stream {
+        stop_sender,
+        stop_receiver,
+        sender: Some(sender),
+        receiver: Some(receiver),
+        drain: config.drain,
+    })
+}
+
+/// Sends on a fixed schedule (datagram `i` at `start + i / rate`): after a stall of the
+/// sender itself the missed datagrams go out at once, so the count per second holds and
+/// a gap seen at the receiver is the network's.
+fn send_stream(
+    tx: UdpSocket,
+    dst: SocketAddr,
+    config: StreamConfig,
+    stop: &AtomicBool,
+) -> SenderReport {
+    let mut report = SenderReport {
+        sent: 0,
+        errors: 0,
+        first: None,
+        last: None,
+    };
+    let interval = Duration::from_secs(1) / config.rate;
+    let mut buf = vec![0u8; config.payload];
+    buf[..8].copy_from_slice(&STREAM_MAGIC.to_be_bytes());
+    let start = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let due = start + interval * u32::try_from(report.sent).unwrap_or(u32::MAX);
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        buf[8..16].copy_from_slice(&report.sent.to_be_bytes());
+        if tx.send_to(&buf, dst).is_err() {
+            report.errors += 1;
+        }
+        let t = Instant::now();
+        report.first.get_or_insert(t);
+        report.last = Some(t);
+        report.sent += 1;
+    }
+    report
+}
+
+fn receive_stream(rx: UdpSocket, stop: &AtomicBool) -> ReceiverReport {
+    let mut arrivals = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        // Timeouts (WouldBlock/TimedOut) only let the loop look at `stop`.
+        let Ok(n) = rx.recv(&mut buf) else {
+            continue;
+        };
+        if n < 16 || buf[..8] != STREAM_MAGIC.to_be_bytes() {
+            continue;
+        }
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&buf[8..16]);
+        arrivals.push((u64::from_be_bytes(seq), Instant::now()));
+    }
+    ReceiverReport { arrivals }
+}
+
+impl Stream {
+    /// Stops sending, waits the drain time for datagrams in flight, stops receiving, and
+    /// counts.
+    pub fn stop(mut self) -> anyhow::Result<StreamStats> {
+        let sender = self.sender.take().context("stream already stopped")?;
+        let receiver = self.receiver.take().context("stream already stopped")?;
+        // The sender stops first; the receiver reads on while the last datagrams land.
+        self.stop_sender.store(true, Ordering::Relaxed);
+        let sent = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream sender panicked"))?;
+        thread::sleep(self.drain);
+        self.stop_receiver.store(true, Ordering::Relaxed);
+        let received = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream receiver panicked"))?;
+        Ok(stream_stats(&sent, &received))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop_sender.store(true, Ordering::Relaxed);
+        self.stop_receiver.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counts a stream from both ends' records.
+fn stream_stats(sent: &SenderReport, received: &ReceiverReport) -> StreamStats {
+    let mut seen = vec![false; usize::try_from(sent.sent).unwrap_or(usize::MAX)];
+    let (mut distinct, mut duplicates, mut reordered) = (0u64, 0u64, 0u64);
+    let mut highest: Option<u64> = None;
+    for &(seq, _) in &received.arrivals {
+        let Some(slot) = usize::try_from(seq).ok().and_then(|i| seen.get_mut(i)) else {
+            continue;
+        };
+        if *slot {
+            duplicates += 1;
+            continue;
+        }
+        *slot = true;
+        distinct += 1;
+        if highest.is_some_and(|h| seq < h) {
+            reordered += 1;
+        }
+        highest = highest.max(Some(seq));
+    }
+    let mut longest_loss_run = 0u64;
+    let mut run = 0u64;
+    for arrived in &seen {
+        run = if *arrived { 0 } else { run + 1 };
+        longest_loss_run = longest_loss_run.max(run);
+    }
+    StreamStats {
+        sent: sent.sent,
+        received: distinct,
+        lost: sent.sent - distinct,
+        longest_gap: longest_gap(sent, received),
+        longest_loss_run,
+        duplicates,
+        reordered,
+        send_errors: sent.errors,
+    }
+}
+
+/// The longest stretch without an arrival between the first and the last send.
+fn longest_gap(sent: &SenderReport, received: &ReceiverReport) -> Duration {
+    let (Some(first), Some(last)) = (sent.first, sent.last) else {
+        return Duration::ZERO;
+    };
+    let mut times: Vec<Instant> = received.arrivals.iter().map(|&(_, t)| t).collect();
+    times.sort();
+    let mut previous = first;
+    let mut longest = Duration::ZERO;
+    for t in times.into_iter().chain(std::iter::once(last)) {
+        if t > previous {
+            longest = longest.max(t - previous);
+            previous = t;
+        }
+    }
+    longest
+}
+
+/// Packet and byte counters of a device, as the kernel keeps them (`ip -s`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
+}
+
+impl LinkCounters {
+    /// What grew from `earlier` to `self` (counters only grow while the device exists).
+    pub fn since(&self, earlier: &LinkCounters) -> LinkCounters {
+        LinkCounters {
+            rx_packets: self.rx_packets.saturating_sub(earlier.rx_packets),
+            rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
+            rx_errors: self.rx_errors.saturating_sub(earlier.rx_errors),
+            rx_dropped: self.rx_dropped.saturating_sub(earlier.rx_dropped),
+            tx_packets: self.tx_packets.saturating_sub(earlier.tx_packets),
+            tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
+            tx_errors: self.tx_errors.saturating_sub(earlier.tx_errors),
+            tx_dropped: self.tx_dropped.saturating_sub(earlier.tx_dropped),
+        }
+    }
+}
+
+/// The counters of device `dev` in `ns` (the agent's TUN: did the traffic go through the
+/// mesh?), from `ip -s -j link show`.
+pub fn link_counters(ns: &Netns, dev: &str) -> anyhow::Result<LinkCounters> {
+    let out = ns.ip(&["-s", "-j", "link", "show", "dev", dev])?;
+    parse_link_counters(&out).with_context(|| format!("counters of {dev} in {}", ns.name))
+}
+
+fn parse_link_counters(json: &str) -> anyhow::Result<LinkCounters> {
+    let v: serde_json::Value = serde_json::from_str(json).context("ip -j output")?;
+    let stats = v
+        .get(0)
+        .and_then(|l| l.get("stats64"))
+        .context("no stats64 in ip -j output")?;
+    let get = |dir: &str, key: &str| -> anyhow::Result<u64> {
+        stats
+            .get(dir)
+            .and_then(|d| d.get(key))
+            .and_then(serde_json::Value::as_u64)
+            .with_context(|| format!("no {dir}.{key}"))
+    };
+    Ok(LinkCounters {
+        rx_packets: get("rx", "packets")?,
+        rx_bytes: get("rx", "bytes")?,
+        rx_errors: get("rx", "errors")?,
+        rx_dropped: get("rx", "dropped")?,
+        tx_packets: get("tx", "packets")?,
+        tx_bytes: get("tx", "bytes")?,
+        tx_errors: get("tx", "errors")?,
+        tx_dropped: get("tx", "dropped")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn stream_counts_losses_gaps_and_duplicates() {
+        let t0 = Instant::now();
+        let sent = SenderReport {
+            sent: 6,
+            errors: 0,
+            first: Some(t0),
+            last: Some(at(t0, 10)),
+        };
+        // 0, 1 arrive; 2, 3 lost; 5 before 4; 5 twice.
+        let received = ReceiverReport {
+            arrivals: vec![
+                (0, at(t0, 0)),
+                (1, at(t0, 2)),
+                (5, at(t0, 9)),
+                (4, at(t0, 9)),
+                (5, at(t0, 9)),
+            ],
+        };
+        let s = stream_stats(&sent, &received);
+        assert_eq!((s.sent, s.received, s.lost), (6, 4, 2));
+        assert_eq!(s.longest_loss_run, 2);
+        assert_eq!((s.duplicates, s.reordered), (1, 1));
+        assert_eq!(s.longest_gap, Duration::from_millis(7));
+    }
+
+    #[test]
+    fn counters_parse_from_ip_json() {
+        let json = r#"[{"ifname":"x","stats64":{"rx":{"bytes":10,"packets":1,"errors":0,
+            "dropped":2,"over_errors":0,"multicast":0},"tx":{"bytes":20,"packets":3,
+            "errors":0,"dropped":0,"carrier_errors":0,"collisions":0}}}]"#;
+        let c = parse_link_counters(json).unwrap();
+        assert_eq!((c.rx_packets, c.rx_bytes, c.rx_dropped), (1, 10, 2));
+        assert_eq!((c.tx_packets, c.tx_bytes), (3, 20));
+    }
 }

@@ -1,0 +1,358 @@
+//! A flannel VXLAN overlay in the cluster's node namespaces, built the way flannel's `vxlan`
+//! backend and the CNI `bridge` plugin build it, so the agent meets what it meets on a real
+//! node:
+//!
+//! - `flannel.1`: VXLAN, VNI 1, UDP 8472, `nolearning`, `local <node IP>`, `dev eth0`, MTU
+//!   underlay − 50, address = the pod subnet's network address /32;
+//! - `cni0`: a bridge with the pod subnet's `.1`, one pod namespace behind it (`.2`);
+//! - for every other node, in flannel's order: a permanent ARP entry for its VTEP address,
+//!   an FDB entry sending its VTEP MAC to its node IP, and the onlink route to its pod CIDR.
+//!
+//! flannel only knows the node IPs of the Node objects (10.0.0.x), and those overlap across
+//! the clouds: an FDB entry for a node in the other cloud points at a node of this cloud (or
+//! at this node itself), so cross-location pod traffic is lost until the agent repoints the
+//! entry at the mesh. That is the migration's problem, reproduced on purpose.
+//!
+//! MACs are derived from addresses (`0a:58` + IPv4, the CNI convention) so snapshots are
+//! stable and a MAC in a log says which node it belongs to.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context};
+
+use crate::cluster::{Cluster, NodeHandle};
+use crate::netns::Netns;
+
+/// flannel's VXLAN device name for VNI 1.
+pub const VXLAN_DEV: &str = "flannel.1";
+/// The CNI bridge flannel's CNI config names.
+pub const BRIDGE: &str = "cni0";
+/// flannel's default VNI.
+pub const VNI: u32 = 1;
+/// flannel's default VXLAN port (the Linux kernel's historical one, not IANA's 4789).
+pub const VXLAN_PORT: u16 = 8472;
+/// flannel's `encapOverhead`: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const ENCAP_OVERHEAD: u32 = 50;
+
+/// One node's part of the overlay: what flannel publishes about it and its pod.
+pub struct OverlayNode {
+    /// Index of the node in [`Cluster::nodes`].
+    pub node: usize,
+    pub name: String,
+    pub cloud: usize,
+    /// The address flannel knows for the node (its Node's InternalIP), the FDB destination.
+    pub node_ip: Ipv4Addr,
+    /// Network address of the pod CIDR (a /24).
+    pub pod_subnet: Ipv4Addr,
+    /// The VTEP: `flannel.1`'s address (the pod subnet's network address) and MAC.
+    pub vtep_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+    /// The one pod on this node.
+    pub pod_ip: Ipv4Addr,
+    /// MTU of `flannel.1`, `cni0` and the pod's eth0: underlay − [`ENCAP_OVERHEAD`].
+    pub mtu: u32,
+    pub pod: Netns,
+}
+
+impl OverlayNode {
+    /// The pod CIDR, e.g. `10.244.11.0/24`.
+    pub fn pod_cidr(&self) -> String {
+        format!("{}/24", self.pod_subnet)
+    }
+
+    /// The VTEP MAC as `ip`/`bridge` print it.
+    pub fn vtep_mac_str(&self) -> String {
+        mac_str(&self.vtep_mac)
+    }
+}
+
+/// The overlay over some or all of a cluster's nodes. Pod namespaces are removed on drop;
+/// everything else lives in the node namespaces and goes with them.
+pub struct Overlay {
+    tag: String,
+    pub nodes: Vec<OverlayNode>,
+}
+
+impl Default for Overlay {
+    fn default() -> Overlay {
+        Overlay::new()
+    }
+}
+
+impl Overlay {
+    /// An overlay over no node yet.
+    pub fn new() -> Overlay {
+        Overlay {
+            tag: crate::unique_name(),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// The overlay over every node the cluster has now.
+    pub fn build(cluster: &Cluster) -> anyhow::Result<Overlay> {
+        let mut overlay = Overlay::new();
+        for i in 0..cluster.nodes.len() {
+            overlay.add_node(cluster, i)?;
+        }
+        Ok(overlay)
+    }
+
+    /// Brings node `i` of `cluster` into the overlay as flannel does when a node joins: its
+    /// own VTEP, bridge and pod, then entries for every node already in the overlay on the
+    /// new node, and for the new node on every one of them.
+    pub fn add_node(&mut self, cluster: &Cluster, i: usize) -> anyhow::Result<&OverlayNode> {
+        if self.get(i).is_some() {
+            bail!("node {i} is in the overlay already");
+        }
+        let node = cluster
+            .nodes
+            .get(i)
+            .with_context(|| format!("no node {i} in the cluster"))?;
+        let mtu = cluster
+            .options
+            .underlay_mtu
+            .checked_sub(ENCAP_OVERHEAD)
+            .context("underlay MTU below the VXLAN overhead")?;
+        let new = self
+            .build_node(node, i, mtu)
+            .with_context(|| format!("overlay on {}", node.name))?;
+        for other in &self.nodes {
+            let other_ns = &cluster.nodes[other.node].ns;
+            flannel_add(&node.ns, other)
+                .with_context(|| format!("{}: entries for {}", node.name, other.name))?;
+            flannel_add(other_ns, &new)
+                .with_context(|| format!("{}: entries for {}", other.name, node.name))?;
+        }
+        self.nodes.push(new);
+        let last = self.nodes.len() - 1;
+        Ok(&self.nodes[last])
+    }
+
+    /// Takes node `i` out as flannel does when a Node's lease goes: every other node deletes
+    /// its ARP entry, FDB entry and route; the pod namespace is removed.
+    pub fn remove_node(&mut self, cluster: &Cluster, i: usize) -> anyhow::Result<()> {
+        let at = self
+            .nodes
+            .iter()
+            .position(|n| n.node == i)
+            .with_context(|| format!("node {i} is not in the overlay"))?;
+        let gone = self.nodes.remove(at);
+        for other in &self.nodes {
+            flannel_del(&cluster.nodes[other.node].ns, &gone)
+                .with_context(|| format!("{}: removing {}", other.name, gone.name))?;
+        }
+        Ok(())
+    }
+
+    /// Replays, on node `i`, flannel's entries for every other node (what flannel does at
+    /// start-up, e.g. after its pod restarts): each FDB entry goes back to the node IP.
+    pub fn flannel_resync(&self, cluster: &Cluster, i: usize) -> anyhow::Result<()> {
+        let ns = &cluster
+            .nodes
+            .get(i)
+            .with_context(|| format!("no node {i} in the cluster"))?
+            .ns;
+        for other in self.nodes.iter().filter(|n| n.node != i) {
+            flannel_add(ns, other).with_context(|| format!("resync of {}", other.name))?;
+        }
+        Ok(())
+    }
+
+    /// The overlay part of cluster node `i`, if it is in the overlay.
+    pub fn get(&self, i: usize) -> Option<&OverlayNode> {
+        self.nodes.iter().find(|n| n.node == i)
+    }
+
+    /// [`Overlay::get`], as an error when the node is not in the overlay.
+    pub fn node(&self, i: usize) -> anyhow::Result<&OverlayNode> {
+        self.get(i)
+            .with_context(|| format!("node {i} is not in the overlay"))
+    }
+
+    /// VTEP, bridge and pod on one node; no entries for other nodes yet.
+    fn build_node(&self, node: &NodeHandle, i: usize, mtu: u32) -> anyhow::Result<OverlayNode> {
+        let vtep_ip = node.pod_subnet;
+        let vtep_mac = mac_for(vtep_ip);
+        let [a, b, c, _] = node.pod_subnet.octets();
+        let gateway = Ipv4Addr::new(a, b, c, 1);
+        let pod_ip = Ipv4Addr::new(a, b, c, 2);
+        let ns = &node.ns;
+        ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        create_vtep(ns, node.node_ip, vtep_ip, &vtep_mac, mtu)?;
+        create_bridge(ns, gateway, mtu)?;
+        let pod = Netns::new(&format!("{}-pod{i}", self.tag))?;
+        attach_pod(ns, &pod, &format!("{}v{i}", self.tag), pod_ip, gateway, mtu)?;
+        Ok(OverlayNode {
+            node: i,
+            name: node.name.clone(),
+            cloud: node.cloud,
+            node_ip: node.node_ip,
+            pod_subnet: node.pod_subnet,
+            vtep_ip,
+            vtep_mac,
+            pod_ip,
+            mtu,
+            pod,
+        })
+    }
+}
+
+/// `flannel.1` as flannel's `newVXLANDevice` + `Configure` make it (learning off, address
+/// /32, up). flannel also turns off IPv6 router advertisements on it.
+fn create_vtep(
+    ns: &Netns,
+    local: Ipv4Addr,
+    vtep_ip: Ipv4Addr,
+    mac: &[u8; 6],
+    mtu: u32,
+) -> anyhow::Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        VXLAN_DEV,
+        "address",
+        &mac_str(mac),
+        "mtu",
+        &mtu.to_string(),
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "local",
+        &local.to_string(),
+        "dev",
+        "eth0",
+        "dstport",
+        &VXLAN_PORT.to_string(),
+        "nolearning",
+    ])?;
+    ns.exec(
+        "sysctl",
+        &["-qw", &format!("net/ipv6/conf/{VXLAN_DEV}/accept_ra=0")],
+    )?;
+    ns.ip(&["addr", "add", &format!("{vtep_ip}/32"), "dev", VXLAN_DEV])?;
+    ns.ip(&["link", "set", VXLAN_DEV, "up"])?;
+    Ok(())
+}
+
+/// `cni0` as the CNI bridge plugin makes it, with a fixed MAC: a bridge without one takes
+/// its lowest port's, which would change as pods come and go.
+fn create_bridge(ns: &Netns, gateway: Ipv4Addr, mtu: u32) -> anyhow::Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        BRIDGE,
+        "address",
+        &mac_str(&mac_for(gateway)),
+        "mtu",
+        &mtu.to_string(),
+        "type",
+        "bridge",
+    ])?;
+    ns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", BRIDGE])?;
+    ns.ip(&["link", "set", BRIDGE, "up"])?;
+    Ok(())
+}
+
+/// A pod: its eth0 is a veth whose node end (`host_end`) is a port of `cni0`.
+fn attach_pod(
+    node: &Netns,
+    pod: &Netns,
+    host_end: &str,
+    pod_ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    mtu: u32,
+) -> anyhow::Result<()> {
+    let mtu = mtu.to_string();
+    crate::netns::ip(&[
+        "link",
+        "add",
+        host_end,
+        "mtu",
+        &mtu,
+        "netns",
+        &node.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "address",
+        &mac_str(&mac_for(pod_ip)),
+        "mtu",
+        &mtu,
+        "netns",
+        &pod.name,
+    ])?;
+    node.ip(&["link", "set", host_end, "master", BRIDGE, "up"])?;
+    pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+    Ok(())
+}
+
+/// What flannel's `handleSubnetEvents` does on `ns` for a remote lease, in its order (ARP,
+/// FDB, then the route, so the kernel never has to resolve the gateway), all as replace:
+/// flannel uses `NeighSet` and `RouteReplace`, so this also overwrites whatever is there.
+/// The FDB entry is written over netlink with flannel's exact state (`NUD_PERMANENT`);
+/// `bridge fdb replace … permanent` would add `NUD_NOARP`, a different entry to the kernel.
+pub fn flannel_add(ns: &Netns, remote: &OverlayNode) -> anyhow::Result<()> {
+    let mac = remote.vtep_mac_str();
+    let vtep = remote.vtep_ip.to_string();
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &vtep,
+        "lladdr",
+        &mac,
+        "dev",
+        VXLAN_DEV,
+        "nud",
+        "permanent",
+    ])?;
+    crate::fdb::fdb_set(ns, VXLAN_DEV, remote.vtep_mac, remote.node_ip)?;
+    ns.ip(&[
+        "route",
+        "replace",
+        &remote.pod_cidr(),
+        "via",
+        &vtep,
+        "dev",
+        VXLAN_DEV,
+        "onlink",
+    ])?;
+    Ok(())
+}
+
+/// What flannel does on `ns` when a remote lease is removed.
+fn flannel_del(ns: &Netns, remote: &OverlayNode) -> anyhow::Result<()> {
+    let mac = remote.vtep_mac_str();
+    ns.ip(&[
+        "neigh",
+        "del",
+        &remote.vtep_ip.to_string(),
+        "dev",
+        VXLAN_DEV,
+    ])?;
+    crate::netns::run(
+        "bridge",
+        &["-n", &ns.name, "fdb", "del", &mac, "dev", VXLAN_DEV, "self"],
+    )?;
+    ns.ip(&["route", "del", &remote.pod_cidr(), "dev", VXLAN_DEV])?;
+    Ok(())
+}
+
+/// The MAC for an address: `0a:58` (locally administered, unicast) + the IPv4 octets, as
+/// the CNI plugins derive pod MACs.
+pub fn mac_for(addr: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = addr.octets();
+    [0x0a, 0x58, a, b, c, d]
+}
+
+/// `aa:bb:cc:dd:ee:ff`, lower case, as `ip` and `bridge` print MACs.
+pub fn mac_str(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
