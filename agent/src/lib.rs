@@ -2,6 +2,7 @@
 //! through the standard UAPI (`uapi`), and the control plane (`control`) that configures it
 //! from the WireGuardPeers in the API.
 
+pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod key;

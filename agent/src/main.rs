@@ -39,6 +39,28 @@ enum Command {
     /// The node agent (DaemonSet): tunnel, publish this node's WireGuardPeer, follow the
     /// admitted peers, steer cross-location overlay traffic into the tunnel.
     Run(RunArgs),
+    /// One row per peer: node, location, endpoint, mesh IP, latest handshake, rx/tx, state
+    /// (up / stale / never).
+    Peers {
+        #[arg(long, default_value = "isthmus0")]
+        iface: String,
+        /// Stable JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Kubeconfig for node names and mesh IPs (default: in-cluster; without an API the
+        /// rows show public keys).
+        #[arg(long)]
+        kubeconfig: Option<std::path::PathBuf>,
+    },
+    /// This node: public key, mode, topology, mesh IP, journal, API connectivity, peers.
+    Status {
+        #[arg(long, default_value = "/var/lib/isthmus")]
+        state_dir: std::path::PathBuf,
+        #[arg(long, default_value = "isthmus0")]
+        iface: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Restore the routing a killed agent left behind, from the journal in the state
     /// directory. Safe to repeat: a second run does nothing.
     Cleanup {
@@ -152,6 +174,73 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     })
 }
 
+fn peer_rows(
+    iface: &str,
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<isthmus_agent::cli::peers::PeerRow>> {
+    let snapshot = isthmus_agent::uapi::client::get(iface)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let peers = match runtime.block_on(isthmus_agent::control::run::list_peers(kubeconfig)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "no node names: the API is not reachable"
+            );
+            Vec::new()
+        }
+    };
+    Ok(isthmus_agent::cli::peers::rows(
+        &snapshot,
+        &peers,
+        std::time::SystemTime::now(),
+    ))
+}
+
+fn run_peers(iface: &str, json: bool, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<()> {
+    check_iface(iface)?;
+    let rows = peer_rows(iface, kubeconfig)?;
+    let out = if json {
+        isthmus_agent::cli::peers::json(&rows)? + "\n"
+    } else {
+        isthmus_agent::cli::peers::render(&rows)
+    };
+    print!("{out}");
+    Ok(())
+}
+
+fn run_status(state_dir: &std::path::Path, iface: &str, json: bool) -> anyhow::Result<()> {
+    use isthmus_agent::cli::status::{count, render, Status};
+    use isthmus_agent::control::{keys, lock::StateLock, runtime};
+    check_iface(iface)?;
+    let agent_running = StateLock::try_acquire(state_dir)?.is_none();
+    let rows = if agent_running {
+        // Names come from the agent's own view; the API is not asked here.
+        isthmus_agent::uapi::client::get(iface)
+            .map(|snap| isthmus_agent::cli::peers::rows(&snap, &[], std::time::SystemTime::now()))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let status = Status {
+        public_key: keys::public_key(state_dir)?.map(|k| k.to_base64()),
+        agent_running,
+        runtime: runtime::read(state_dir)?,
+        journal_entries: isthmus_agent::routing::journal::Journal::open(state_dir)?.len(),
+        peers: count(&rows),
+    };
+    let out = if json {
+        serde_json::to_string_pretty(&status)? + "\n"
+    } else {
+        render(&status)
+    };
+    print!("{out}");
+    Ok(())
+}
+
 fn run_cleanup(
     state_dir: &std::path::Path,
     iface: &str,
@@ -205,6 +294,16 @@ fn main() -> ExitCode {
             mtu,
         } => run_tunnel(&iface, listen_port, mtu),
         Command::Run(args) => run_agent(args),
+        Command::Peers {
+            iface,
+            json,
+            kubeconfig,
+        } => run_peers(&iface, json, kubeconfig.as_deref()),
+        Command::Status {
+            state_dir,
+            iface,
+            json,
+        } => run_status(&state_dir, &iface, json),
         Command::Cleanup {
             state_dir,
             iface,

@@ -47,6 +47,18 @@ pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Key> {
     }
 }
 
+/// The node's public key, if the agent created one; reads only, never creates.
+pub fn public_key(state_dir: &Path) -> anyhow::Result<Option<Key>> {
+    let path = state_dir.join(KEY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => Key::from_base64(&text)
+            .map(|k| Some(k.public_from_private()))
+            .with_context(|| format!("{} is not a key", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

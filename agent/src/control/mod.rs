@@ -8,3 +8,4 @@ pub mod lock;
 pub mod mesh;
 pub mod publish;
 pub mod run;
+pub mod runtime;

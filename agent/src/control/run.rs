@@ -29,6 +29,7 @@ use super::keys;
 use super::lock::StateLock;
 use super::mesh::{self, MeshPlan};
 use super::publish::{self, PublishOptions};
+use super::runtime::{self, Runtime};
 use crate::dataplane::snat::SourceRewrite;
 use crate::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
 use crate::netns;
@@ -77,6 +78,18 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> 
     Ok(Client::try_from(config)?)
 }
 
+/// Every WireGuardPeer, for the CLI's node names and mesh IPs.
+pub async fn list_peers(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<WireGuardPeer>> {
+    let api: Api<WireGuardPeer> = Api::all(client(kubeconfig).await?);
+    Ok(api
+        .list(&Default::default())
+        .await
+        .context("listing WireGuardPeers")?
+        .items)
+}
+
 /// Retries `f` every two seconds until it succeeds.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
 where
@@ -117,6 +130,10 @@ struct Agent {
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
     applied: Option<MeshPlan>,
+    /// The watch's last error (`None`: healthy), for `status`.
+    api_error: Arc<parking_lot::Mutex<Option<String>>>,
+    routing_ok: bool,
+    reported: Option<Runtime>,
 }
 
 impl Agent {
@@ -229,7 +246,9 @@ impl Agent {
         let desired = routing_plan::desired(&settings, devices, self.tunnel_mtu, &remotes);
         self.router.set_desired(desired);
         let started = Instant::now();
-        match self.router.reconcile().await {
+        let result = self.router.reconcile().await;
+        self.routing_ok = matches!(&result, Ok(o) if o.failed == 0);
+        match result {
             Ok(o) if o.changed > 0 || o.failed > 0 => tracing::info!(
                 changed = o.changed,
                 reasserted = o.reasserted.len(),
@@ -239,6 +258,45 @@ impl Agent {
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "routing pass failed; will retry"),
+        }
+    }
+}
+
+impl Agent {
+    /// Writes `runtime.json` for `isthmus-agent status` when anything in it changed.
+    fn report(&mut self, store: &Store<WireGuardPeer>) {
+        let me = store
+            .state()
+            .iter()
+            .find(|p| p.name_any() == self.opts.node_name)
+            .cloned();
+        let api_error = self.api_error.lock().clone();
+        let now = Runtime {
+            node: self.opts.node_name.clone(),
+            iface: self.opts.iface.clone(),
+            listen_port: self.opts.publish.listen_port,
+            mtu: self.tunnel_mtu,
+            mode: format!("{:?}", self.opts.routing.mode).to_lowercase(),
+            topology: me
+                .as_ref()
+                .and_then(|p| p.status.as_ref()?.topology)
+                .and_then(|t| serde_json::to_value(t).ok()?.as_str().map(str::to_string)),
+            mesh_ip: self
+                .applied
+                .as_ref()
+                .and_then(|p| p.address)
+                .map(|(ip, _)| ip.to_string()),
+            admitted: self.applied.as_ref().is_some_and(|p| p.admitted),
+            api_reachable: api_error.is_none(),
+            api_error,
+            routing_ok: self.routing_ok,
+        };
+        if self.reported.as_ref() == Some(&now) {
+            return;
+        }
+        match runtime::write(&self.opts.state_dir, &now) {
+            Ok(()) => self.reported = Some(now),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "writing runtime state failed"),
         }
     }
 }
@@ -319,6 +377,9 @@ pub async fn run(
         vxlan_index,
         private_key,
         applied: None,
+        api_error: Arc::new(parking_lot::Mutex::new(None)),
+        routing_ok: false,
+        reported: None,
     };
     agent.netlink.set_address(&agent.opts.iface, None).await?;
     agent.refresh_vtep().await;
@@ -329,12 +390,17 @@ pub async fn run(
     let (store, writer) = reflector::store();
     let watch = {
         let changed = peers_changed.clone();
+        let api_error = agent.api_error.clone();
         watcher(agent.peers.clone(), watcher::Config::default())
             .default_backoff()
             .reflect(writer)
             .for_each(move |event| {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "WireGuardPeer watch error; keeping the last configuration");
+                match &event {
+                    Err(e) => {
+                        tracing::warn!(error = %e, "WireGuardPeer watch error; keeping the last configuration");
+                        *api_error.lock() = Some(e.to_string());
+                    }
+                    Ok(_) => *api_error.lock() = None,
                 }
                 changed.notify_one();
                 futures::future::ready(())
@@ -351,6 +417,7 @@ pub async fn run(
             let republish = agent.refresh_vtep().await;
             agent.converge_mesh(&store).await;
             agent.converge_routing().await;
+            agent.report(&store);
             // Our own peer gone (deleted by hand, or a fresh API server), or our VTEP
             // changed: publish again.
             let missing = !store

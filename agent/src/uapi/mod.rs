@@ -4,6 +4,7 @@
 //! `protocol` turns request text into typed values and snapshots into response text, with
 //! no I/O; `server` owns the socket.
 
+pub mod client;
 pub mod protocol;
 pub mod server;
 
