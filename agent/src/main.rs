@@ -112,6 +112,9 @@ struct RunArgs {
     /// Node IP override (default: the Node's first InternalIP).
     #[arg(long)]
     node_ip: Option<String>,
+    /// Seconds between health reports into this node's WireGuardPeer status (0: off).
+    #[arg(long, default_value_t = 15)]
+    health_interval: u64,
     /// Keepalive the peers send to this node, in seconds (keeps NAT mappings open).
     #[arg(long, default_value_t = 25)]
     keepalive: u16,
@@ -153,6 +156,8 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         },
         kubeconfig: args.kubeconfig,
         netns: args.netns,
+        health_interval: (args.health_interval > 0)
+            .then(|| std::time::Duration::from_secs(args.health_interval)),
     };
     runtime.block_on(async {
         let shutdown = async {

@@ -11,8 +11,8 @@ pub mod peer;
 pub mod topology;
 
 pub use peer::{
-    Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED, AGENT_MANAGER,
-    COORDINATOR_MANAGER,
+    MeshHealth, PeerHealth, Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED,
+    AGENT_MANAGER, COORDINATOR_MANAGER, MESH_CONNECTED,
 };
 pub use topology::Topology;
 

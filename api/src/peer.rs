@@ -1,6 +1,6 @@
 //! The resource itself.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema, Resource};
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,9 @@ pub const AGENT_MANAGER: &str = "isthmus-agent";
 pub const COORDINATOR_MANAGER: &str = "isthmus-coordinator";
 /// Condition type: the coordinator checked this peer against its Node and lets it in.
 pub const ADMITTED: &str = "Admitted";
+/// Condition type (coordinator): every tunnel the topology wants for this node is up.
+/// `kubectl wait --for=condition=MeshConnected wgp --all` gates a migration step on it.
+pub const MESH_CONNECTED: &str = "MeshConnected";
 
 /// CEL: `host:port` where host is an IPv4 address or a bracketed IPv6 address.
 const ENDPOINT_RULE: &str = r"self.matches(r'^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]{1,5}$') && isIP(self.substring(0, self.lastIndexOf(':')).replace('[', '').replace(']', '')) && int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535";
@@ -29,7 +32,8 @@ const ENDPOINT_RULE: &str = r"self.matches(r'^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".spec.endpoint"}"#,
     printcolumn = r#"{"name":"Mesh IP","type":"string","jsonPath":".status.meshIP"}"#,
     printcolumn = r#"{"name":"Admitted","type":"string","jsonPath":".status.conditions[?(@.type==\"Admitted\")].status"}"#,
-    printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"Connected\")].status"}"#,
+    printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"MeshConnected\")].status"}"#,
+    printcolumn = r#"{"name":"Pairs","type":"string","jsonPath":".status.conditions[?(@.type==\"MeshConnected\")].message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -111,6 +115,36 @@ pub struct WireGuardPeerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Written by the node's agent (its own field manager, rate-limited): how its tunnels
+    /// look. The coordinator turns these into `MeshConnected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<MeshHealth>,
+}
+
+/// One agent's reading of its tunnels.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshHealth {
+    /// When the agent took the reading; an old one means the agent stopped reporting.
+    pub observed_time: Time,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub peers: Vec<PeerHealth>,
+}
+
+/// One tunnel, as the agent sees it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerHealth {
+    /// The peer's node (its WireGuardPeer's name).
+    pub node: String,
+    /// The latest completed handshake; absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_handshake: Option<Time>,
+    #[schemars(range(min = 0))]
+    pub rx_bytes: i64,
+    #[schemars(range(min = 0))]
+    pub tx_bytes: i64,
 }
 
 impl WireGuardPeer {

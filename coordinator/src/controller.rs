@@ -3,12 +3,13 @@
 //! only where it differs; deletions for peers whose Node is gone. Acts only while holding the
 //! lease.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use isthmus_api::{Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER};
+use isthmus_api::{Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER, MESH_CONNECTED};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -18,6 +19,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::decide::{decide, DesiredStatus, NodeView, PeerView, Plan, Pool};
+use crate::health::{self, Member, Report, Thresholds, Verdict};
 use crate::lease::LeaseLock;
 
 pub struct Settings {
@@ -28,6 +30,58 @@ pub struct Settings {
     pub identity: String,
     pub lease_duration: Duration,
     pub resync: Duration,
+    pub health: Thresholds,
+}
+
+/// The `MeshConnected` condition the coordinator wants on an admitted peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshCondition {
+    pub verdict: Verdict,
+    pub observed_generation: i64,
+    /// Kept from the current condition while its status holds.
+    pub last_transition: String,
+}
+
+fn timestamp(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
+    t.0.as_second()
+}
+
+/// What `health` needs of a peer: its location and its agent's last reading.
+pub fn member(p: &WireGuardPeer) -> Member {
+    let report = p
+        .status
+        .as_ref()
+        .and_then(|s| s.health.as_ref())
+        .map(|h| Report {
+            observed: timestamp(&h.observed_time),
+            handshakes: h
+                .peers
+                .iter()
+                .map(|ph| (ph.node.clone(), ph.latest_handshake.as_ref().map(timestamp)))
+                .collect(),
+        });
+    Member {
+        name: p.name_any(),
+        location: p.spec.location.clone(),
+        report,
+    }
+}
+
+fn condition<'a>(
+    p: &'a WireGuardPeer,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+fn true_false(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
 }
 
 pub fn peer_view(p: &WireGuardPeer) -> PeerView {
@@ -70,7 +124,21 @@ pub fn node_view(n: &Node) -> NodeView {
 }
 
 /// Whether the object already carries what we want (ignoring times when the verdict holds).
-fn up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
+fn up_to_date(p: &WireGuardPeer, want: &DesiredStatus, mesh: Option<&MeshCondition>) -> bool {
+    let mesh_ok = match (condition(p, MESH_CONNECTED), mesh) {
+        (None, None) => true,
+        (Some(c), Some(m)) => {
+            c.status == true_false(m.verdict.connected)
+                && c.reason == m.verdict.reason
+                && c.message == m.verdict.message
+                && c.observed_generation == Some(m.observed_generation)
+        }
+        _ => false,
+    };
+    mesh_ok && admission_up_to_date(p, want)
+}
+
+fn admission_up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
     let Some(status) = p.status.as_ref() else {
         return false;
     };
@@ -91,7 +159,29 @@ fn up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
         })
 }
 
-fn status_patch(name: &str, want: &DesiredStatus) -> serde_json::Value {
+fn status_patch(
+    name: &str,
+    want: &DesiredStatus,
+    mesh: Option<&MeshCondition>,
+) -> serde_json::Value {
+    let mut conditions = vec![serde_json::json!({
+        "type": ADMITTED,
+        "status": true_false(want.admission.admitted),
+        "reason": want.admission.reason,
+        "message": want.admission.message,
+        "observedGeneration": want.observed_generation,
+        "lastTransitionTime": want.last_transition,
+    })];
+    if let Some(m) = mesh {
+        conditions.push(serde_json::json!({
+            "type": MESH_CONNECTED,
+            "status": true_false(m.verdict.connected),
+            "reason": m.verdict.reason,
+            "message": m.verdict.message,
+            "observedGeneration": m.observed_generation,
+            "lastTransitionTime": m.last_transition,
+        }));
+    }
     serde_json::json!({
         "apiVersion": "isthmus.dev/v1alpha1",
         "kind": "WireGuardPeer",
@@ -100,14 +190,7 @@ fn status_patch(name: &str, want: &DesiredStatus) -> serde_json::Value {
             "meshIP": want.mesh_ip,
             "meshCIDR": want.mesh_cidr,
             "topology": want.topology,
-            "conditions": [{
-                "type": ADMITTED,
-                "status": if want.admission.admitted { "True" } else { "False" },
-                "reason": want.admission.reason,
-                "message": want.admission.message,
-                "observedGeneration": want.observed_generation,
-                "lastTransitionTime": want.last_transition,
-            }]
+            "conditions": conditions,
         }
     })
 }
@@ -143,9 +226,51 @@ impl Controller {
         )
     }
 
+    /// `MeshConnected` for every peer the plan admits.
+    fn mesh_conditions(&self, plan: &Plan, now: &Timestamp) -> BTreeMap<String, MeshCondition> {
+        let peers = self.peer_store.state();
+        let members: Vec<Member> = peers
+            .iter()
+            .filter(|p| {
+                plan.statuses
+                    .get(&p.name_any())
+                    .is_some_and(|s| s.admission.admitted)
+            })
+            .map(|p| member(p))
+            .collect();
+        let verdicts = health::mesh_connected(
+            &members,
+            self.settings.topology,
+            now.as_second(),
+            &self.settings.health,
+        );
+        verdicts
+            .into_iter()
+            .filter_map(|(name, verdict)| {
+                let peer = peers.iter().find(|p| p.name_any() == name)?;
+                let last_transition = match condition(peer, MESH_CONNECTED) {
+                    Some(c) if c.status == true_false(verdict.connected) => {
+                        c.last_transition_time.0.to_string()
+                    }
+                    _ => now.to_string(),
+                };
+                let observed_generation = peer.metadata.generation.unwrap_or(0);
+                Some((
+                    name,
+                    MeshCondition {
+                        verdict,
+                        observed_generation,
+                        last_transition,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     async fn reconcile(&self) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let plan = self.plan();
+        let mesh = self.mesh_conditions(&plan, &Timestamp::now());
         let ssa = PatchParams::apply(COORDINATOR_MANAGER).force();
         let mut written = 0;
         for (name, want) in &plan.statuses {
@@ -154,11 +279,15 @@ impl Controller {
                 .state()
                 .into_iter()
                 .find(|p| p.name_any() == *name);
-            if current.as_deref().is_some_and(|p| up_to_date(p, want)) {
+            let mesh = mesh.get(name);
+            if current
+                .as_deref()
+                .is_some_and(|p| up_to_date(p, want, mesh))
+            {
                 continue;
             }
             self.peers
-                .patch_status(name, &ssa, &Patch::Apply(status_patch(name, want)))
+                .patch_status(name, &ssa, &Patch::Apply(status_patch(name, want, mesh)))
                 .await
                 .with_context(|| format!("writing status of {name}"))?;
             written += 1;
@@ -167,6 +296,8 @@ impl Controller {
                 admitted = want.admission.admitted,
                 reason = want.admission.reason,
                 mesh_ip = want.mesh_ip.as_deref().unwrap_or("-"),
+                mesh_connected = mesh.map(|m| m.verdict.connected),
+                mesh_reason = mesh.map(|m| m.verdict.reason),
                 "status written"
             );
         }

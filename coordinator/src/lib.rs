@@ -4,4 +4,5 @@
 
 pub mod controller;
 pub mod decide;
+pub mod health;
 pub mod lease;

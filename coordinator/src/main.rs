@@ -39,6 +39,12 @@ enum Command {
         /// Kubeconfig to use (default: in-cluster, then ~/.kube/config).
         #[arg(long)]
         kubeconfig: Option<std::path::PathBuf>,
+        /// A pair whose latest handshake is older than this is down (MeshConnected).
+        #[arg(long, default_value_t = 180)]
+        handshake_stale_seconds: i64,
+        /// A node whose agent has not reported for this long is not connected.
+        #[arg(long, default_value_t = 60)]
+        report_stale_seconds: i64,
     },
     /// Print the WireGuardPeer CRD.
     Crd,
@@ -97,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
             identity,
             lease_seconds,
             kubeconfig,
+            handshake_stale_seconds,
+            report_stale_seconds,
         } => {
             let cidr = mesh_cidr
                 .parse()
@@ -115,7 +123,16 @@ async fn main() -> anyhow::Result<()> {
                 lease_name,
                 identity,
                 lease_duration: Duration::from_secs(lease_seconds.max(2)),
-                resync: Duration::from_secs(30),
+                // Often enough that a silent agent turns MeshConnected false on time.
+                resync: Duration::from_secs(
+                    u64::try_from(report_stale_seconds / 3)
+                        .unwrap_or(1)
+                        .clamp(1, 30),
+                ),
+                health: isthmus_coordinator::health::Thresholds {
+                    handshake: handshake_stale_seconds,
+                    report: report_stale_seconds,
+                },
             };
             let client = client(kubeconfig.as_deref()).await?;
             controller::run(client, settings, shutdown_signal()).await

@@ -280,19 +280,31 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self, identity: &str) -> anyhow::Result<()> {
+        self.start_coordinator_with(identity, &[])
+    }
+
+    /// [`Cluster::start_coordinator`] with `extra_args` appended.
+    pub fn start_coordinator_with(
+        &mut self,
+        identity: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<()> {
+        let kubeconfig = self.coordinator_kubeconfig.display().to_string();
+        let mut args = vec![
+            "run",
+            "--kubeconfig",
+            &kubeconfig,
+            "--mesh-cidr",
+            "100.96.0.0/24",
+            "--identity",
+            identity,
+            "--lease-seconds",
+            "4",
+        ];
+        args.extend_from_slice(extra_args);
         let d = Daemon::spawn_host(
             &crate::workspace_bin("isthmus-coordinator"),
-            &[
-                "run",
-                "--kubeconfig",
-                &self.coordinator_kubeconfig.display().to_string(),
-                "--mesh-cidr",
-                "100.96.0.0/24",
-                "--identity",
-                identity,
-                "--lease-seconds",
-                "4",
-            ],
+            &args,
             &[("RUST_LOG", "info")],
             self.rig
                 .dir

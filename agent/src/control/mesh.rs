@@ -156,6 +156,7 @@ mod tests {
                 observed_generation: Some(2),
                 last_transition_time: Time(Timestamp::UNIX_EPOCH),
             }],
+            health: None,
         });
         p
     }

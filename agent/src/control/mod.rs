@@ -3,6 +3,7 @@
 //! difference to the data plane.
 
 pub mod address;
+pub mod health;
 pub mod keys;
 pub mod lock;
 pub mod mesh;

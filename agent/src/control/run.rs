@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub routing: RoutingOptions,
     pub kubeconfig: Option<PathBuf>,
     pub netns: Option<PathBuf>,
+    /// How often the agent writes its health report (`None`: never).
+    pub health_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -407,6 +409,15 @@ pub async fn run(
             })
     };
     tokio::spawn(watch);
+    let health = agent.opts.health_interval.map(|every| {
+        tokio::spawn(super::health::report_loop(
+            agent.peers.clone(),
+            agent.opts.node_name.clone(),
+            agent.tunnel.clone(),
+            store.clone(),
+            every,
+        ))
+    });
     tokio::pin!(shutdown);
     let stopped_early = tokio::select! {
         _ = &mut shutdown => true,
@@ -436,6 +447,9 @@ pub async fn run(
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             }
         }
+    }
+    if let Some(h) = health {
+        h.abort();
     }
     tracing::info!("shutting down: restoring routing");
     let started = Instant::now();
