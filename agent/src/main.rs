@@ -100,6 +100,9 @@ struct RunArgs {
     /// namespace (a path like /var/run/netns/NAME) while talking to the API from here.
     #[arg(long)]
     netns: Option<std::path::PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here ("" or "off": don't).
+    #[arg(long, default_value = "0.0.0.0:9580")]
+    metrics_addr: String,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -131,6 +134,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         },
         kubeconfig: args.kubeconfig,
         netns: args.netns,
+        metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
     };
     runtime.block_on(async {
         let shutdown = async {

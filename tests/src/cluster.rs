@@ -280,19 +280,35 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self, identity: &str) -> anyhow::Result<()> {
+        self.start_coordinator_with(identity, &[])
+    }
+
+    /// [`Cluster::start_coordinator`] with more arguments. Without `--metrics-addr` among
+    /// them the metrics endpoint is off (replicas in one namespace would fight for 9581).
+    pub fn start_coordinator_with(
+        &mut self,
+        identity: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<()> {
+        let kubeconfig = self.coordinator_kubeconfig.display().to_string();
+        let mut args = vec![
+            "run",
+            "--kubeconfig",
+            &kubeconfig,
+            "--mesh-cidr",
+            "100.96.0.0/24",
+            "--identity",
+            identity,
+            "--lease-seconds",
+            "4",
+        ];
+        args.extend_from_slice(extra_args);
+        if !extra_args.contains(&"--metrics-addr") {
+            args.extend_from_slice(&["--metrics-addr", "off"]);
+        }
         let d = Daemon::spawn_host(
             &crate::workspace_bin("isthmus-coordinator"),
-            &[
-                "run",
-                "--kubeconfig",
-                &self.coordinator_kubeconfig.display().to_string(),
-                "--mesh-cidr",
-                "100.96.0.0/24",
-                "--identity",
-                identity,
-                "--lease-seconds",
-                "4",
-            ],
+            &args,
             &[("RUST_LOG", "info")],
             self.rig
                 .dir
@@ -425,6 +441,10 @@ pub fn start_agent_with(
         &netns,
     ];
     args.extend_from_slice(extra_args);
+    // Agents share the host namespace here: each test that wants metrics picks a port.
+    if !extra_args.contains(&"--metrics-addr") {
+        args.extend_from_slice(&["--metrics-addr", "off"]);
+    }
     let agent = Daemon::spawn_host(
         &crate::agent_binary(),
         &args,

@@ -6,5 +6,6 @@ pub mod address;
 pub mod keys;
 pub mod lock;
 pub mod mesh;
+pub mod ops;
 pub mod publish;
 pub mod run;

@@ -28,6 +28,7 @@ use super::address::Netlink;
 use super::keys;
 use super::lock::StateLock;
 use super::mesh::{self, MeshPlan};
+use super::ops::AgentOps;
 use super::publish::{self, PublishOptions};
 use crate::dataplane::snat::SourceRewrite;
 use crate::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
@@ -52,6 +53,9 @@ pub struct RunOptions {
     pub routing: RoutingOptions,
     pub kubeconfig: Option<PathBuf>,
     pub netns: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the
+    /// agent's own network namespace.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +121,7 @@ struct Agent {
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
     applied: Option<MeshPlan>,
+    ops: Arc<AgentOps>,
 }
 
 impl Agent {
@@ -193,6 +198,7 @@ impl Agent {
             address = ?plan.address,
             "mesh configuration applied"
         );
+        self.ops.mesh_applied(&plan);
         self.applied = Some(plan);
     }
 
@@ -229,7 +235,8 @@ impl Agent {
         let desired = routing_plan::desired(&settings, devices, self.tunnel_mtu, &remotes);
         self.router.set_desired(desired);
         let started = Instant::now();
-        match self.router.reconcile().await {
+        let result = self.router.reconcile().await;
+        match &result {
             Ok(o) if o.changed > 0 || o.failed > 0 => tracing::info!(
                 changed = o.changed,
                 reasserted = o.reasserted.len(),
@@ -239,6 +246,10 @@ impl Agent {
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "routing pass failed; will retry"),
+        }
+        match result {
+            Ok(o) => self.ops.routing_pass(o.failed == 0, o.reasserted.len()),
+            Err(_) => self.ops.routing_pass(false, 0),
         }
     }
 }
@@ -255,6 +266,12 @@ pub async fn run(
             opts.state_dir.display()
         )
     })?;
+    let ops = Arc::new(AgentOps::default());
+    if let Some(addr) = opts.metrics_addr {
+        isthmus_ops::serve(addr, ops.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     let runtime = tokio::runtime::Handle::current();
     let netlink = {
         let runtime = runtime.clone();
@@ -284,6 +301,7 @@ pub async fn run(
         Tunnel::start(&iface, port, tunnel_mtu)
     })?;
     tunnel.apply_mesh(private_key, Vec::new());
+    ops.dataplane_up(tunnel.clone());
     let _uapi = server::serve(&opts.iface, Arc::new(tunnel.clone()))?;
     let tun_index = kernel
         .link(&opts.iface)
@@ -319,6 +337,7 @@ pub async fn run(
         vxlan_index,
         private_key,
         applied: None,
+        ops,
     };
     agent.netlink.set_address(&agent.opts.iface, None).await?;
     agent.refresh_vtep().await;
@@ -347,10 +366,14 @@ pub async fn run(
         ready = store.wait_until_ready() => { ready.context("peer cache")?; false }
     };
     if !stopped_early {
+        agent.ops.peers_synced();
         loop {
             let republish = agent.refresh_vtep().await;
+            let started = Instant::now();
+            agent.ops.pass_started();
             agent.converge_mesh(&store).await;
             agent.converge_routing().await;
+            agent.ops.pass_finished(started.elapsed());
             // Our own peer gone (deleted by hand, or a fresh API server), or our VTEP
             // changed: publish again.
             let missing = !store
