@@ -125,6 +125,9 @@ struct RunArgs {
     /// namespace (a path like /var/run/netns/NAME) while talking to the API from here.
     #[arg(long)]
     netns: Option<std::path::PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here ("" or "off": don't).
+    #[arg(long, default_value = "0.0.0.0:9580")]
+    metrics_addr: String,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -158,6 +161,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         netns: args.netns,
         health_interval: (args.health_interval > 0)
             .then(|| std::time::Duration::from_secs(args.health_interval)),
+        metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
     };
     runtime.block_on(async {
         let shutdown = async {

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use crate::decide::{decide, DesiredStatus, NodeView, PeerView, Plan, Pool};
 use crate::health::{self, Member, Report, Thresholds, Verdict};
 use crate::lease::LeaseLock;
+use crate::ops::CoordinatorOps;
 
 pub struct Settings {
     pub pool: Pool,
@@ -317,10 +318,11 @@ impl Controller {
     }
 }
 
-/// Runs until `shutdown` resolves; then releases the lease.
+/// Runs until `shutdown` resolves; then releases the lease. Progress is reported to `ops`.
 pub async fn run(
     client: Client,
     settings: Settings,
+    ops: Arc<CoordinatorOps>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let peers: Api<WireGuardPeer> = Api::all(client.clone());
@@ -383,29 +385,36 @@ pub async fn run(
         .wait_until_ready()
         .await
         .context("node cache")?;
+    ops.caches_synced(controller.peer_store.clone());
     let renew_every = controller.settings.lease_duration / 5;
     let mut leading = false;
     let mut next_renew = tokio::time::Instant::now();
     loop {
+        ops.pass_started();
         if tokio::time::Instant::now() >= next_renew {
             let was = leading;
-            leading = match lock.acquire_or_renew().await {
-                Ok(held) => held,
+            let checked = lock.acquire_or_renew().await;
+            leading = match &checked {
+                Ok(held) => *held,
                 Err(e) => {
                     tracing::warn!(error = %e, "lease check failed; not acting");
                     false
                 }
             };
+            ops.lease_checked(checked.is_ok(), leading);
             if leading != was {
                 tracing::info!(identity = %controller.settings.identity, leading, "leadership changed");
             }
             next_renew = tokio::time::Instant::now() + renew_every;
         }
         if leading {
+            let started = std::time::Instant::now();
             if let Err(e) = controller.reconcile().await {
                 tracing::warn!(error = format!("{e:#}"), "reconcile failed; will retry");
             }
+            ops.observe_reconcile(started.elapsed());
         }
+        ops.pass_finished();
         let wake = std::cmp::min(
             next_renew,
             tokio::time::Instant::now() + controller.settings.resync,

@@ -1,5 +1,6 @@
 //! `isthmus-coordinator`: runs in the seed cluster (a Deployment with two replicas).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -7,6 +8,7 @@ use clap::{Parser, Subcommand};
 use isthmus_api::Topology;
 use isthmus_coordinator::controller::{self, Settings};
 use isthmus_coordinator::decide::Pool;
+use isthmus_coordinator::ops::CoordinatorOps;
 
 #[derive(Parser)]
 #[command(name = "isthmus-coordinator", version, about = "isthmus coordinator")]
@@ -45,6 +47,9 @@ enum Command {
         /// A node whose agent has not reported for this long is not connected.
         #[arg(long, default_value_t = 60)]
         report_stale_seconds: i64,
+        /// Serve /metrics, /healthz and /readyz here ("" or "off": don't).
+        #[arg(long, default_value = "0.0.0.0:9581")]
+        metrics_addr: String,
     },
     /// Print the WireGuardPeer CRD.
     Crd,
@@ -105,7 +110,10 @@ async fn main() -> anyhow::Result<()> {
             kubeconfig,
             handshake_stale_seconds,
             report_stale_seconds,
+            metrics_addr,
         } => {
+            let metrics_addr =
+                isthmus_ops::parse_addr(&metrics_addr).map_err(anyhow::Error::msg)?;
             let cidr = mesh_cidr
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--mesh-cidr {mesh_cidr:?}: {e:?}"))?;
@@ -134,8 +142,14 @@ async fn main() -> anyhow::Result<()> {
                     report: report_stale_seconds,
                 },
             };
+            let ops = Arc::new(CoordinatorOps::default());
+            if let Some(addr) = metrics_addr {
+                isthmus_ops::serve(addr, ops.clone())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
+            }
             let client = client(kubeconfig.as_deref()).await?;
-            controller::run(client, settings, shutdown_signal()).await
+            controller::run(client, settings, ops, shutdown_signal()).await
         }
     }
 }

@@ -283,7 +283,8 @@ impl Cluster {
         self.start_coordinator_with(identity, &[])
     }
 
-    /// [`Cluster::start_coordinator`] with `extra_args` appended.
+    /// [`Cluster::start_coordinator`] with more arguments. Without `--metrics-addr` among
+    /// them the metrics endpoint is off (replicas in one namespace would fight for 9581).
     pub fn start_coordinator_with(
         &mut self,
         identity: &str,
@@ -302,6 +303,9 @@ impl Cluster {
             "4",
         ];
         args.extend_from_slice(extra_args);
+        if !extra_args.contains(&"--metrics-addr") {
+            args.extend_from_slice(&["--metrics-addr", "off"]);
+        }
         let d = Daemon::spawn_host(
             &crate::workspace_bin("isthmus-coordinator"),
             &args,
@@ -437,6 +441,10 @@ pub fn start_agent_with(
         &netns,
     ];
     args.extend_from_slice(extra_args);
+    // Agents share the host namespace here: each test that wants metrics picks a port.
+    if !extra_args.contains(&"--metrics-addr") {
+        args.extend_from_slice(&["--metrics-addr", "off"]);
+    }
     let agent = Daemon::spawn_host(
         &crate::agent_binary(),
         &args,

@@ -1,6 +1,7 @@
 //! From the WireGuardPeers the agent watches to the mesh it should run: a pure function, so
 //! the rule "configure only admitted peers the topology pairs us with" is tested in a table.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ip_network::IpNetwork;
@@ -21,6 +22,8 @@ pub struct MeshPlan {
     pub peers: Vec<PeerConfig>,
     /// The peers in other locations, for routing, sorted by name.
     pub remotes: Vec<Remote>,
+    /// Node name of each configured peer, by public key (metrics label peers by name).
+    pub names: BTreeMap<Key, String>,
 }
 
 fn mesh_address(peer: &WireGuardPeer) -> Option<(IpAddr, u8)> {
@@ -75,6 +78,7 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
         .unwrap_or(Topology::CrossLocation);
     let own_keepalive = me.spec.persistent_keepalive.unwrap_or(0);
     let mut remotes = Vec::new();
+    let mut names = BTreeMap::new();
     let mut out: Vec<PeerConfig> = peers
         .iter()
         .filter(|p| p.name_any() != own && p.is_admitted())
@@ -94,6 +98,7 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
                 allowed_ips.extend(pod_cidrs(p));
                 remotes.push(remote(p, mesh_ip));
             }
+            names.insert(public_key, p.name_any());
             Some(PeerConfig {
                 public_key,
                 preshared_key: None,
@@ -110,6 +115,7 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
         address: mesh_address(me),
         peers: out,
         remotes,
+        names,
     }
 }
 

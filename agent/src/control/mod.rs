@@ -7,6 +7,7 @@ pub mod health;
 pub mod keys;
 pub mod lock;
 pub mod mesh;
+pub mod ops;
 pub mod publish;
 pub mod run;
 pub mod runtime;

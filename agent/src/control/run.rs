@@ -28,6 +28,7 @@ use super::address::Netlink;
 use super::keys;
 use super::lock::StateLock;
 use super::mesh::{self, MeshPlan};
+use super::ops::AgentOps;
 use super::publish::{self, PublishOptions};
 use super::runtime::{self, Runtime};
 use crate::dataplane::snat::SourceRewrite;
@@ -55,6 +56,9 @@ pub struct RunOptions {
     pub netns: Option<PathBuf>,
     /// How often the agent writes its health report (`None`: never).
     pub health_interval: Option<Duration>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the
+    /// agent's own network namespace.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -136,6 +140,7 @@ struct Agent {
     api_error: Arc<parking_lot::Mutex<Option<String>>>,
     routing_ok: bool,
     reported: Option<Runtime>,
+    ops: Arc<AgentOps>,
 }
 
 impl Agent {
@@ -212,6 +217,7 @@ impl Agent {
             address = ?plan.address,
             "mesh configuration applied"
         );
+        self.ops.mesh_applied(&plan);
         self.applied = Some(plan);
     }
 
@@ -250,7 +256,7 @@ impl Agent {
         let started = Instant::now();
         let result = self.router.reconcile().await;
         self.routing_ok = matches!(&result, Ok(o) if o.failed == 0);
-        match result {
+        match &result {
             Ok(o) if o.changed > 0 || o.failed > 0 => tracing::info!(
                 changed = o.changed,
                 reasserted = o.reasserted.len(),
@@ -260,6 +266,10 @@ impl Agent {
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = format!("{e:#}"), "routing pass failed; will retry"),
+        }
+        match result {
+            Ok(o) => self.ops.routing_pass(o.failed == 0, o.reasserted.len()),
+            Err(_) => self.ops.routing_pass(false, 0),
         }
     }
 }
@@ -315,6 +325,12 @@ pub async fn run(
             opts.state_dir.display()
         )
     })?;
+    let ops = Arc::new(AgentOps::default());
+    if let Some(addr) = opts.metrics_addr {
+        isthmus_ops::serve(addr, ops.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     let runtime = tokio::runtime::Handle::current();
     let netlink = {
         let runtime = runtime.clone();
@@ -344,6 +360,7 @@ pub async fn run(
         Tunnel::start(&iface, port, tunnel_mtu)
     })?;
     tunnel.apply_mesh(private_key, Vec::new());
+    ops.dataplane_up(tunnel.clone());
     let _uapi = server::serve(&opts.iface, Arc::new(tunnel.clone()))?;
     let tun_index = kernel
         .link(&opts.iface)
@@ -382,6 +399,7 @@ pub async fn run(
         api_error: Arc::new(parking_lot::Mutex::new(None)),
         routing_ok: false,
         reported: None,
+        ops,
     };
     agent.netlink.set_address(&agent.opts.iface, None).await?;
     agent.refresh_vtep().await;
@@ -424,11 +442,15 @@ pub async fn run(
         ready = store.wait_until_ready() => { ready.context("peer cache")?; false }
     };
     if !stopped_early {
+        agent.ops.peers_synced();
         loop {
             let republish = agent.refresh_vtep().await;
+            let started = Instant::now();
+            agent.ops.pass_started();
             agent.converge_mesh(&store).await;
             agent.converge_routing().await;
             agent.report(&store);
+            agent.ops.pass_finished(started.elapsed());
             // Our own peer gone (deleted by hand, or a fresh API server), or our VTEP
             // changed: publish again.
             let missing = !store

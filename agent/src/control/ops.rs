@@ -1,0 +1,369 @@
+//! What the agent serves on `--metrics-addr` (see `isthmus_ops`): its readiness rule and its
+//! metrics.
+//!
+//! The run loop reports milestones here ([`AgentOps::mesh_applied`], [`AgentOps::routing_pass`],
+//! ...); per-peer values are read from the tunnel at scrape time, so a scrape always sees
+//! the data plane's own counters and never a copy that lags behind. [`Readiness::check`] and
+//! [`render`] are pure and unit-tested; [`AgentOps`] only gathers their inputs.
+//!
+//! `isthmus_peer_last_handshake_seconds` is a Unix timestamp (0: no handshake in the
+//! current session), as the node exporter's WireGuard collector does, so
+//! `time() - isthmus_peer_last_handshake_seconds > 180` finds stale peers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use isthmus_ops::prometheus_client::metrics::counter::Counter;
+use isthmus_ops::prometheus_client::metrics::family::Family;
+use isthmus_ops::prometheus_client::metrics::gauge::Gauge;
+use isthmus_ops::prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use isthmus_ops::prometheus_client::registry::{Registry, Unit};
+use isthmus_ops::Watchdog;
+use parking_lot::Mutex;
+
+use super::mesh::MeshPlan;
+use crate::dataplane::drops::DropReason;
+use crate::dataplane::tunnel::Tunnel;
+use crate::key::Key;
+
+/// A mesh or routing pass only touches the tunnel and netlink; one that runs this long is
+/// wedged, and a restart (which restores routing from the journal) is the cure.
+const PASS_LIMIT: Duration = Duration::from_secs(120);
+
+/// The drop reasons that are failed inbound handshakes; `isthmus_handshake_failures_total`
+/// is their sum by reason (the data plane does not count outbound handshake timeouts).
+const HANDSHAKE_FAILURES: [DropReason; 2] =
+    [DropReason::HandshakeRejected, DropReason::UnknownPeer];
+
+/// The inputs of the readiness decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub dataplane_up: bool,
+    pub peers_synced: bool,
+    /// `None`: no mesh plan applied yet; `Some(admitted)` for the last one applied.
+    pub admitted: Option<bool>,
+    /// `None`: routing has not run yet; else whether its last pass succeeded.
+    pub routing_ok: Option<bool>,
+}
+
+impl Readiness {
+    /// Ready means this node carries mesh traffic: the tunnel is up, it runs a configuration
+    /// the coordinator admitted, and the routes to it are in place.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.dataplane_up {
+            return Err("data plane not up");
+        }
+        if !self.peers_synced {
+            return Err("WireGuardPeer cache not synced");
+        }
+        match self.admitted {
+            None => return Err("no mesh configuration applied yet"),
+            Some(false) => return Err("not admitted by the coordinator yet"),
+            Some(true) => {}
+        }
+        match self.routing_ok {
+            None => Err("routing has not run yet"),
+            Some(false) => Err("last routing pass failed"),
+            Some(true) => Ok(()),
+        }
+    }
+}
+
+/// One configured peer as a scrape sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSample {
+    /// Node name, or the public key (base64) when the name is unknown.
+    pub peer: String,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// Everything a scrape reports besides the long-lived counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sample {
+    pub peers: Vec<PeerSample>,
+    /// Drops so far, by [`DropReason`].
+    pub drops: Vec<(DropReason, u64)>,
+    pub ready: bool,
+}
+
+/// Metrics kept between scrapes (the rest is read fresh each time).
+#[derive(Clone)]
+pub struct Counters {
+    pub reconcile: Histogram,
+    pub reassertions: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            // 1 ms .. ~4 s: a pass is a few netlink calls, slower means trouble.
+            reconcile: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
+            reassertions: Counter::default(),
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: Default + Clone>() -> Family<Labels, M> {
+    Family::default()
+}
+
+/// The OpenMetrics exposition for `sample` and `counters`.
+pub fn render(sample: &Sample, counters: &Counters) -> String {
+    let mut r = Registry::default();
+    let handshake = family::<Gauge>();
+    let (rx, tx) = (family::<Counter>(), family::<Counter>());
+    for p in &sample.peers {
+        let labels = vec![("peer", p.peer.clone())];
+        let at = p
+            .last_handshake
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        handshake.get_or_create(&labels).set(at);
+        rx.get_or_create(&labels).inc_by(p.rx_bytes);
+        tx.get_or_create(&labels).inc_by(p.tx_bytes);
+    }
+    let drops = family::<Counter>();
+    let handshake_failures = family::<Counter>();
+    for (reason, n) in &sample.drops {
+        let labels = vec![("reason", reason.name().to_string())];
+        drops.get_or_create(&labels).inc_by(*n);
+        if HANDSHAKE_FAILURES.contains(reason) {
+            handshake_failures.get_or_create(&labels).inc_by(*n);
+        }
+    }
+    let peers = Gauge::<i64>::default();
+    peers.set(sample.peers.len() as i64);
+    let ready = Gauge::<i64>::default();
+    ready.set(i64::from(sample.ready));
+
+    r.register("isthmus_peers", "Peers configured on the tunnel", peers);
+    r.register_with_unit(
+        "isthmus_peer_last_handshake",
+        "Unix time of the peer's latest completed handshake (0: none in this session)",
+        Unit::Seconds,
+        handshake,
+    );
+    r.register_with_unit(
+        "isthmus_peer_rx",
+        "Bytes received from the peer",
+        Unit::Bytes,
+        rx,
+    );
+    r.register_with_unit("isthmus_peer_tx", "Bytes sent to the peer", Unit::Bytes, tx);
+    r.register(
+        "isthmus_handshake_failures",
+        "Inbound handshakes refused (bad MAC or key, or an unknown peer)",
+        handshake_failures,
+    );
+    r.register(
+        "isthmus_dropped_packets",
+        "Packets the data plane dropped, by reason",
+        drops,
+    );
+    r.register(
+        "isthmus_routing_reassertions",
+        "Owned routing entries put back after someone else changed them",
+        counters.reassertions.clone(),
+    );
+    r.register_with_unit(
+        "isthmus_reconcile_duration",
+        "Time of one mesh and routing pass",
+        Unit::Seconds,
+        counters.reconcile.clone(),
+    );
+    r.register("isthmus_ready", "1 while /readyz answers 200", ready);
+    isthmus_ops::encode(&r)
+}
+
+#[derive(Default)]
+struct State {
+    tunnel: Option<Arc<Tunnel>>,
+    readiness: Readiness,
+    names: BTreeMap<Key, String>,
+}
+
+/// The agent's side of the ops endpoint, shared between the run loop and the HTTP server.
+#[derive(Default)]
+pub struct AgentOps {
+    watchdog: Watchdog,
+    counters: Counters,
+    state: Mutex<State>,
+}
+
+impl AgentOps {
+    pub fn dataplane_up(&self, tunnel: Arc<Tunnel>) {
+        let mut s = self.state.lock();
+        s.tunnel = Some(tunnel);
+        s.readiness.dataplane_up = true;
+    }
+
+    pub fn peers_synced(&self) {
+        self.state.lock().readiness.peers_synced = true;
+    }
+
+    pub fn mesh_applied(&self, plan: &MeshPlan) {
+        let mut s = self.state.lock();
+        s.readiness.admitted = Some(plan.admitted);
+        s.names = plan.names.clone();
+    }
+
+    pub fn routing_pass(&self, ok: bool, reasserted: usize) {
+        self.state.lock().readiness.routing_ok = Some(ok);
+        self.counters.reassertions.inc_by(reasserted as u64);
+    }
+
+    /// Marks the start of a mesh and routing pass (for `/healthz`).
+    pub fn pass_started(&self) {
+        self.watchdog.enter();
+    }
+
+    pub fn pass_finished(&self, took: Duration) {
+        self.watchdog.exit();
+        self.counters.reconcile.observe(took.as_secs_f64());
+    }
+
+    fn readiness(&self) -> Readiness {
+        self.state.lock().readiness
+    }
+
+    fn sample(&self) -> Sample {
+        let (tunnel, names, readiness) = {
+            let s = self.state.lock();
+            (s.tunnel.clone(), s.names.clone(), s.readiness)
+        };
+        let Some(tunnel) = tunnel else {
+            return Sample::default();
+        };
+        let device = tunnel.device();
+        let peers = device
+            .snapshot()
+            .peers
+            .into_iter()
+            .map(|p| PeerSample {
+                peer: names
+                    .get(&p.public_key)
+                    .cloned()
+                    .unwrap_or_else(|| p.public_key.to_base64()),
+                last_handshake: p.last_handshake,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect();
+        Sample {
+            peers,
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (*r, device.drops().get(*r)))
+                .collect(),
+            ready: readiness.check().is_ok(),
+        }
+    }
+}
+
+impl isthmus_ops::Probes for AgentOps {
+    fn metrics(&self) -> String {
+        render(&self.sample(), &self.counters)
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.watchdog.check(PASS_LIMIT)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.readiness().check().map_err(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_with_an_admitted_plan_and_routing_in_place() {
+        let ready = Readiness {
+            dataplane_up: true,
+            peers_synced: true,
+            admitted: Some(true),
+            routing_ok: Some(true),
+        };
+        assert_eq!(ready.check(), Ok(()));
+        let cases = [
+            (Readiness::default(), "data plane not up"),
+            (
+                Readiness {
+                    peers_synced: false,
+                    ..ready
+                },
+                "WireGuardPeer cache not synced",
+            ),
+            (
+                Readiness {
+                    admitted: None,
+                    routing_ok: None,
+                    ..ready
+                },
+                "no mesh configuration applied yet",
+            ),
+            (
+                Readiness {
+                    admitted: Some(false),
+                    ..ready
+                },
+                "not admitted by the coordinator yet",
+            ),
+            (
+                Readiness {
+                    routing_ok: Some(false),
+                    ..ready
+                },
+                "last routing pass failed",
+            ),
+        ];
+        for (r, reason) in cases {
+            assert_eq!(r.check(), Err(reason), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn renders_prometheus_names() {
+        let counters = Counters::default();
+        counters.reassertions.inc_by(3);
+        counters.reconcile.observe(0.002);
+        let sample = Sample {
+            peers: vec![PeerSample {
+                peer: "aws-1".into(),
+                last_handshake: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+                rx_bytes: 10,
+                tx_bytes: 20,
+            }],
+            drops: DropReason::ALL.iter().map(|r| (*r, 1)).collect(),
+            ready: true,
+        };
+        let text = render(&sample, &counters);
+        for line in [
+            "isthmus_peers 1",
+            "isthmus_peer_last_handshake_seconds{peer=\"aws-1\"} 1700000000",
+            "isthmus_peer_rx_bytes_total{peer=\"aws-1\"} 10",
+            "isthmus_peer_tx_bytes_total{peer=\"aws-1\"} 20",
+            "isthmus_dropped_packets_total{reason=\"no_route\"} 1",
+            "isthmus_dropped_packets_total{reason=\"io_error\"} 1",
+            "isthmus_handshake_failures_total{reason=\"handshake_rejected\"} 1",
+            "isthmus_routing_reassertions_total 3",
+            "isthmus_reconcile_duration_seconds_count 1",
+            "isthmus_ready 1",
+            "# TYPE isthmus_peer_rx_bytes counter",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("handshake_failures_total{reason=\"no_route\"}"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! What the coordinator serves on `--metrics-addr` (see `isthmus_ops`).
+//!
+//! Ready means "able to act": both caches synced and the last API call (the lease check every
+//! replica makes) succeeded. Holding the lease is deliberately not part of it: a standby
+//! must stay ready, or the PodDisruptionBudget would count it unavailable and block drains.
+//! Peer counts are read from the watch cache at scrape time; [`render`] and
+//! [`Readiness::check`] are pure.
+
+use std::time::Duration;
+
+use isthmus_api::WireGuardPeer;
+use isthmus_ops::prometheus_client::metrics::family::Family;
+use isthmus_ops::prometheus_client::metrics::gauge::Gauge;
+use isthmus_ops::prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use isthmus_ops::prometheus_client::registry::{Registry, Unit};
+use isthmus_ops::Watchdog;
+use kube::runtime::reflector::Store;
+use parking_lot::Mutex;
+
+/// A pass includes API writes (each bounded by the client's timeouts); a pass this long
+/// means the loop is wedged.
+const PASS_LIMIT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub caches_synced: bool,
+    /// `None`: no API call made yet; else whether the last one succeeded.
+    pub api_ok: Option<bool>,
+}
+
+impl Readiness {
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.caches_synced {
+            return Err("WireGuardPeer and Node caches not synced");
+        }
+        match self.api_ok {
+            None => Err("API server not checked yet"),
+            Some(false) => Err("API server unreachable (last lease check failed)"),
+            Some(true) => Ok(()),
+        }
+    }
+}
+
+/// What a scrape reports besides the reconcile histogram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    pub admitted: usize,
+    pub not_admitted: usize,
+    pub mesh_ips_allocated: usize,
+    pub leader: bool,
+}
+
+impl Sample {
+    pub fn of(peers: &[std::sync::Arc<WireGuardPeer>], leader: bool) -> Sample {
+        let admitted = peers.iter().filter(|p| p.is_admitted()).count();
+        Sample {
+            admitted,
+            not_admitted: peers.len() - admitted,
+            mesh_ips_allocated: peers
+                .iter()
+                .filter(|p| p.status.as_ref().is_some_and(|s| s.mesh_ip.is_some()))
+                .count(),
+            leader,
+        }
+    }
+}
+
+fn reconcile_histogram() -> Histogram {
+    // 5 ms .. ~20 s: a pass is a list from cache and a few status writes.
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+pub fn render(sample: &Sample, reconcile: &Histogram) -> String {
+    let mut r = Registry::default();
+    let peers = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    peers
+        .get_or_create(&vec![("admitted", "true")])
+        .set(sample.admitted as i64);
+    peers
+        .get_or_create(&vec![("admitted", "false")])
+        .set(sample.not_admitted as i64);
+    let allocated = Gauge::<i64>::default();
+    allocated.set(sample.mesh_ips_allocated as i64);
+    let leader = Gauge::<i64>::default();
+    leader.set(i64::from(sample.leader));
+    r.register(
+        "isthmus_coordinator_peers",
+        "WireGuardPeers, by admission",
+        peers,
+    );
+    r.register(
+        "isthmus_coordinator_mesh_ips_allocated",
+        "WireGuardPeers holding a mesh IP",
+        allocated,
+    );
+    r.register(
+        "isthmus_coordinator_leader",
+        "1 while this replica holds the lease and acts",
+        leader,
+    );
+    r.register_with_unit(
+        "isthmus_coordinator_reconcile_duration",
+        "Time of one reconcile pass (leader only)",
+        Unit::Seconds,
+        reconcile.clone(),
+    );
+    isthmus_ops::encode(&r)
+}
+
+struct State {
+    readiness: Readiness,
+    leader: bool,
+    peers: Option<Store<WireGuardPeer>>,
+}
+
+/// The coordinator's side of the ops endpoint, shared between the loop and the server.
+pub struct CoordinatorOps {
+    watchdog: Watchdog,
+    reconcile: Histogram,
+    state: Mutex<State>,
+}
+
+impl Default for CoordinatorOps {
+    fn default() -> CoordinatorOps {
+        CoordinatorOps {
+            watchdog: Watchdog::default(),
+            reconcile: reconcile_histogram(),
+            state: Mutex::new(State {
+                readiness: Readiness::default(),
+                leader: false,
+                peers: None,
+            }),
+        }
+    }
+}
+
+impl CoordinatorOps {
+    pub fn caches_synced(&self, peers: Store<WireGuardPeer>) {
+        let mut s = self.state.lock();
+        s.readiness.caches_synced = true;
+        s.peers = Some(peers);
+    }
+
+    /// The outcome of a lease check: whether the API answered, and whether we lead.
+    pub fn lease_checked(&self, api_ok: bool, leader: bool) {
+        let mut s = self.state.lock();
+        s.readiness.api_ok = Some(api_ok);
+        s.leader = leader;
+    }
+
+    pub fn pass_started(&self) {
+        self.watchdog.enter();
+    }
+
+    pub fn pass_finished(&self) {
+        self.watchdog.exit();
+    }
+
+    pub fn observe_reconcile(&self, took: Duration) {
+        self.reconcile.observe(took.as_secs_f64());
+    }
+}
+
+impl isthmus_ops::Probes for CoordinatorOps {
+    fn metrics(&self) -> String {
+        let (peers, leader) = {
+            let s = self.state.lock();
+            (s.peers.clone(), s.leader)
+        };
+        let peers = peers.map(|p| p.state()).unwrap_or_default();
+        render(&Sample::of(&peers, leader), &self.reconcile)
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.watchdog.check(PASS_LIMIT)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.state.lock().readiness.check().map_err(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_when_synced_and_the_api_answers_leader_or_not() {
+        let ok = Readiness {
+            caches_synced: true,
+            api_ok: Some(true),
+        };
+        assert_eq!(ok.check(), Ok(()));
+        assert!(Readiness::default().check().is_err());
+        assert!(Readiness { api_ok: None, ..ok }.check().is_err());
+        assert_eq!(
+            Readiness {
+                api_ok: Some(false),
+                ..ok
+            }
+            .check(),
+            Err("API server unreachable (last lease check failed)")
+        );
+    }
+
+    #[test]
+    fn renders_prometheus_names() {
+        let h = reconcile_histogram();
+        h.observe(0.01);
+        let text = render(
+            &Sample {
+                admitted: 3,
+                not_admitted: 1,
+                mesh_ips_allocated: 3,
+                leader: true,
+            },
+            &h,
+        );
+        for line in [
+            "isthmus_coordinator_peers{admitted=\"true\"} 3",
+            "isthmus_coordinator_peers{admitted=\"false\"} 1",
+            "isthmus_coordinator_mesh_ips_allocated 3",
+            "isthmus_coordinator_leader 1",
+            "isthmus_coordinator_reconcile_duration_seconds_count 1",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+}
