@@ -25,6 +25,7 @@ use anyhow::{bail, Context};
 use isthmus_tests::cluster::{Cluster, ClusterOptions};
 use isthmus_tests::netns::Netns;
 use isthmus_tests::overlay::Overlay;
+use isthmus_tests::traffic::link_counters;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams};
 use kube::ResourceExt;
@@ -598,6 +599,12 @@ async fn migrate(
     lock(ledger).begin("4 old pods, across the mesh");
     let mut client = Client::start(&client_pod.pod, ledger.clone());
     hold(profile.steady).await?;
+    let node = &cluster.nodes[node_index(cluster, &new_names[0])?];
+    let tunnel = link_counters(&node.ns, &node.iface)?;
+    story.say(&format!(
+        "  {}'s tunnel {} carried {} packets out, {} in: the calls ride the mesh",
+        node.name, node.iface, tunnel.tx_packets, tunnel.rx_packets
+    ));
 
     story.step(5, "the pods roll from the old nodes to the new ones")?;
     lock(ledger).begin("5 rollout to the new nodes");
