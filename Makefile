@@ -11,10 +11,20 @@ deps:
 build: deps
 	$(CARGO) build --release --workspace --bins
 
-## The main job. Until the migration sandbox lands it replays the data-plane demo:
-## isthmus <-> wireguard-go in two network namespaces, ping and a transfer, a report.
+## The main job: the migration sandbox (tests/src/bin/isthmus-sandbox.rs). A real API
+## server, the coordinator and an agent per node in network namespaces, two clouds, a
+## flannel-like overlay, and a client calling a service through a stable address while the
+## cluster moves from one cloud to the other; a report per phase. Needs root.
+## `make sandbox PROFILE=short` is the CI-sized run (under a minute).
+PROFILE ?= default
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 sandbox: build
-	bash scripts/sandbox.sh
+	bash scripts/build-kube.sh >/dev/null
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "make sandbox needs root (network namespaces, TUN, iptables): run it as root" >&2; \
+	  exit 1; \
+	fi
+	$(TARGET_DIR)/release/isthmus-sandbox --profile $(PROFILE)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -36,21 +36,24 @@ pub fn agent_binary() -> PathBuf {
     workspace_bin("isthmus-agent")
 }
 
-/// A binary of this workspace's build, next to the test executable's directory.
+/// A binary of this workspace's build: next to the running executable (a binary such as
+/// `isthmus-sandbox` in target/<profile>/) or in its parent directory (a test executable in
+/// target/<profile>/deps/).
 pub fn workspace_bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/<test-exe> -> target/<profile>/isthmus-agent
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target directory");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build --workspace --bins`, as `make test` does)",
-        bin.display()
-    );
-    bin
+    let exe = std::env::current_exe().expect("executable path");
+    let bin = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|bin| bin.exists());
+    bin.unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: build it first (`cargo build --release --workspace \
+             --bins`, as `make test` and `make sandbox` do)",
+            exe.display()
+        )
+    })
 }
 
 /// The independent WireGuard implementation to interoperate with: `$ISTHMUS_WIREGUARD_GO`

@@ -71,8 +71,19 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> anyhow::Result<T> {
+        self.spawn_in(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    /// Starts `f` on a thread that has entered this namespace and returns at once (for a
+    /// long-running client or server); [`Netns::enter`] waits for it.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<anyhow::Result<T>> {
         let path = format!("/var/run/netns/{}", self.name);
-        let handle = thread::spawn(move || -> anyhow::Result<T> {
+        thread::spawn(move || -> anyhow::Result<T> {
             let file = File::open(&path).with_context(|| format!("opening {path}"))?;
             // SAFETY: a valid namespace fd; setns only affects this thread.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -80,10 +91,7 @@ impl Netns {
                 bail!("setns {path}: {}", std::io::Error::last_os_error());
             }
             Ok(f())
-        });
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        })
     }
 }
 

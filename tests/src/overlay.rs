@@ -4,7 +4,8 @@
 //!
 //! - `flannel.1`: VXLAN, VNI 1, UDP 8472, `nolearning`, `local <node IP>`, `dev eth0`, MTU
 //!   underlay − 50, address = the pod subnet's network address /32;
-//! - `cni0`: a bridge with the pod subnet's `.1`, one pod namespace behind it (`.2`);
+//! - `cni0`: a bridge with the pod subnet's `.1`, one pod namespace behind it (`.2`), its
+//!   port in hairpin mode (flannel's CNI `hairpinMode: true`);
 //! - for every other node, in flannel's order: a permanent ARP entry for its VTEP address,
 //!   an FDB entry sending its VTEP MAC to its node IP, and the onlink route to its pod CIDR.
 //!
@@ -285,6 +286,15 @@ fn attach_pod(
         &pod.name,
     ])?;
     node.ip(&["link", "set", host_end, "master", BRIDGE, "up"])?;
+    // flannel's CNI config delegates with `hairpinMode: true`: a pod may reach itself
+    // through a service address (DNAT back to its own IP). With br_netfilter loaded the
+    // DNAT happens on the bridge, which then sends the frame back out the port it came in.
+    crate::netns::run(
+        "bridge",
+        &[
+            "-n", &node.name, "link", "set", "dev", host_end, "hairpin", "on",
+        ],
+    )?;
     pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
     pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
