@@ -172,3 +172,50 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
         conditions(&cluster).await
     );
 }
+
+/// The path between the clouds breaks: no handshake can renew, and once the last one is
+/// older than the threshold every node's MeshConnected turns False with the pair named.
+/// (The threshold is lowered from 180 s to 125 s to keep the test short; it must stay above
+/// WireGuard's 120 s rekey interval, or healthy tunnels would look stale.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_path_turns_mesh_connected_false_once_handshakes_go_stale() {
+    let mut cluster = Cluster::new().await.expect("cluster");
+    for (cloud, slot) in [(0, 1), (1, 1)] {
+        let i = cluster.add_node_idle(cloud, slot).await.expect("node");
+        cluster
+            .start_node_agent(i, &["--health-interval", "2"])
+            .expect("agent");
+    }
+    cluster
+        .start_coordinator_with("c1", &["--handshake-stale-seconds", "125"])
+        .expect("coordinator");
+    let waited = cluster.rig.kubectl(&[
+        "wait",
+        "--for=condition=MeshConnected",
+        "wireguardpeers",
+        "--all",
+        "--timeout=90s",
+    ]);
+    assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+
+    // Everything crossing vsphere's gateway is dropped from now on.
+    cluster.clouds[0]
+        .gateway
+        .exec("iptables", &["-I", "FORWARD", "-j", "DROP"])
+        .expect("iptables");
+    let stale = wait_for(&cluster, Duration::from_secs(200), |all| {
+        all.len() == 2
+            && all.iter().all(|(_, c)| {
+                is(c, "False", "PairsDown", "0/1 pairs up; down: ")
+                    && c.as_ref()
+                        .is_some_and(|(_, _, m)| m.ends_with("(no handshake for over 125s)"))
+            })
+    })
+    .await;
+    assert!(
+        stale,
+        "{:?}\n{}",
+        conditions(&cluster).await,
+        cluster.logs()
+    );
+}

@@ -98,6 +98,9 @@ async fn hold(d: Duration) -> anyhow::Result<()> {
     checkpoint()
 }
 
+/// Agents report their health every 2 s, so MeshConnected follows the mesh closely.
+const AGENT_ARGS: &[&str] = &["--health-interval", "2"];
+
 /// How long each phase lasts.
 #[derive(Debug, Clone, Copy)]
 struct Profile {
@@ -527,7 +530,7 @@ async fn migrate(
     cluster.start_coordinator("sandbox")?;
     for name in &old_names {
         let i = node_index(cluster, name)?;
-        cluster.start_node_agent(i, &[])?;
+        cluster.start_node_agent(i, AGENT_ARGS)?;
         story.say(&format!(
             "  agent on {name} started, endpoint {}",
             cluster.nodes[i].endpoint
@@ -541,7 +544,7 @@ async fn migrate(
     for slot in SLOTS {
         let i = cluster.add_node_idle(NEW, slot).await?;
         overlay.add_node(cluster, i)?;
-        cluster.start_node_agent(i, &[])?;
+        cluster.start_node_agent(i, AGENT_ARGS)?;
         let node = &cluster.nodes[i];
         story.say(&format!(
             "  {} joined: node IP {}, pod CIDR {}, endpoint {}",
@@ -551,20 +554,35 @@ async fn migrate(
             node.endpoint
         ));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cluster.converged().await {
-        checkpoint()?;
-        if Instant::now() > deadline {
-            bail!(
-                "the mesh did not connect within 60 s:\n{}",
+    // The gate a platform team uses: every node's MeshConnected condition, set by the
+    // coordinator from the agents' health reports.
+    checkpoint()?;
+    cluster
+        .rig
+        .kubectl(&[
+            "wait",
+            "--for=condition=MeshConnected",
+            "wireguardpeers",
+            "--all",
+            "--timeout=60s",
+        ])
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the mesh did not connect within 60 s: {e:#}\n{}",
                 tail(&cluster.logs(), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            )
+        })?;
+    checkpoint()?;
+    let table = cluster
+        .rig
+        .kubectl(&["get", "wireguardpeers", "-o", "wide"])?;
+    story.say("  kubectl wait --for=condition=MeshConnected wireguardpeers --all: met");
+    for line in table.lines() {
+        story.say(&format!("    {line}"));
     }
     let mesh_ips = cluster.mesh_ips().await?;
     story.say(&format!(
-        "  mesh connected: every cross-cloud pair has a handshake; mesh IPs {}",
+        "  mesh IPs {}",
         mesh_ips
             .iter()
             .map(|(n, ip)| format!("{n}={ip}"))
