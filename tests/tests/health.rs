@@ -55,20 +55,19 @@ fn is(
         .is_some_and(|(s, r, m)| s == status && r == reason && m.starts_with(message_prefix))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet() {
+/// Nodes at `(cloud, slot)` with agents reporting every `interval` seconds, a coordinator
+/// with `coordinator_args`, once `kubectl wait --for=condition=MeshConnected` is met.
+async fn connected(nodes: &[(usize, u8)], interval: &str, coordinator_args: &[&str]) -> Cluster {
     let mut cluster = Cluster::new().await.expect("cluster");
-    for (cloud, slot) in [(0, 1), (1, 1), (1, 2)] {
+    for &(cloud, slot) in nodes {
         let i = cluster.add_node_idle(cloud, slot).await.expect("node");
         cluster
-            .start_node_agent(i, &["--health-interval", "1"])
+            .start_node_agent(i, &["--health-interval", interval])
             .expect("agent");
     }
     cluster
-        .start_coordinator_with("c1", &["--report-stale-seconds", "5"])
+        .start_coordinator_with("c1", coordinator_args)
         .expect("coordinator");
-
-    // The gate an operator uses before cordoning old nodes.
     let waited = cluster.rig.kubectl(&[
         "wait",
         "--for=condition=MeshConnected",
@@ -77,6 +76,18 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
         "--timeout=90s",
     ]);
     assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet() {
+    // The gate an operator uses before cordoning old nodes.
+    let cluster = connected(
+        &[(0, 1), (1, 1), (1, 2)],
+        "1",
+        &["--report-stale-seconds", "5"],
+    )
+    .await;
     let all = conditions(&cluster).await;
     assert!(
         is(&all[0].1, "True", "AllPairsUp", "1/1 pairs up"),
@@ -179,24 +190,12 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
 /// WireGuard's 120 s rekey interval, or healthy tunnels would look stale.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_path_turns_mesh_connected_false_once_handshakes_go_stale() {
-    let mut cluster = Cluster::new().await.expect("cluster");
-    for (cloud, slot) in [(0, 1), (1, 1)] {
-        let i = cluster.add_node_idle(cloud, slot).await.expect("node");
-        cluster
-            .start_node_agent(i, &["--health-interval", "2"])
-            .expect("agent");
-    }
-    cluster
-        .start_coordinator_with("c1", &["--handshake-stale-seconds", "125"])
-        .expect("coordinator");
-    let waited = cluster.rig.kubectl(&[
-        "wait",
-        "--for=condition=MeshConnected",
-        "wireguardpeers",
-        "--all",
-        "--timeout=90s",
-    ]);
-    assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+    let cluster = connected(
+        &[(0, 1), (1, 1)],
+        "2",
+        &["--handshake-stale-seconds", "125"],
+    )
+    .await;
 
     // Everything crossing vsphere's gateway is dropped from now on.
     cluster.clouds[0]
