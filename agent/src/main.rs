@@ -163,24 +163,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             .then(|| std::time::Duration::from_secs(args.health_interval)),
         metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
     };
-    runtime.block_on(async {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                }
-                _ => std::future::pending::<()>().await,
-            }
-        };
-        run(opts, shutdown).await
-    })
+    runtime.block_on(async { run(opts, isthmus_ops::daemon::shutdown_signal()).await })
 }
 
 fn peer_rows(
@@ -287,14 +270,7 @@ fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    isthmus_ops::daemon::init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Tunnel {

@@ -55,46 +55,9 @@ enum Command {
     Crd,
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding cluster credentials")?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    isthmus_ops::daemon::init_tracing();
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", isthmus_api::crd_yaml()?);
@@ -148,8 +111,14 @@ async fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("serving metrics on {addr}"))?;
             }
-            let client = client(kubeconfig.as_deref()).await?;
-            controller::run(client, settings, ops, shutdown_signal()).await
+            let client = isthmus_ops::daemon::kube_client(kubeconfig.as_deref()).await?;
+            controller::run(
+                client,
+                settings,
+                ops,
+                isthmus_ops::daemon::shutdown_signal(),
+            )
+            .await
         }
     }
 }

@@ -8,6 +8,8 @@
 //! [`Probes`]; [`respond`] maps a request to a response without I/O (unit-tested), and
 //! [`serve`] is the thin hyper loop around it.
 
+pub mod daemon;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

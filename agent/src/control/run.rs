@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use tokio::sync::Notify;
 
 use super::address::Netlink;
@@ -70,25 +70,11 @@ pub struct RoutingOptions {
     pub rule_priority: u32,
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding cluster credentials")?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
 /// Every WireGuardPeer, for the CLI's node names and mesh IPs.
 pub async fn list_peers(
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<WireGuardPeer>> {
-    let api: Api<WireGuardPeer> = Api::all(client(kubeconfig).await?);
+    let api: Api<WireGuardPeer> = Api::all(isthmus_ops::daemon::kube_client(kubeconfig).await?);
     Ok(api
         .list(&Default::default())
         .await
@@ -378,7 +364,7 @@ pub async fn run(
         })?;
     }
 
-    let client = client(opts.kubeconfig.as_deref()).await?;
+    let client = isthmus_ops::daemon::kube_client(opts.kubeconfig.as_deref()).await?;
     let mut publish_opts = opts.publish.clone();
     publish_opts.mtu = Some(tunnel_mtu);
     let mut agent = Agent {
