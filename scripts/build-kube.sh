@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build a real kube-apiserver, kubectl and etcd from Go modules (through the Go
+# Build a real Kubernetes (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+# kube-proxy, kubectl), etcd, upstream's test image binary agnhost and the pause container's
+# pause.c, from Go modules (through the Go
 # module proxy only: no GitHub downloads, no release tarballs, no images) into
 # the git-ignored cache folder .cache/kube/bin/.
 #
@@ -7,7 +9,7 @@
 #   scripts/build-kube.sh            # build if needed, print the binary paths
 #   scripts/build-kube.sh --verify   # ...then smoke-test etcd + kube-apiserver
 #                                    #    + kubectl on 127.0.0.1 and clean up
-#   eval "$(scripts/build-kube.sh)"  # sets KUBE_APISERVER_BIN, KUBECTL_BIN, ETCD_BIN
+#   eval "$(scripts/build-kube.sh)"  # sets KUBE_APISERVER_BIN, KUBECTL_BIN, ETCD_BIN, ...
 #
 # Idempotent: if the binaries exist and were built from the pinned versions
 # (recorded in .cache/kube/bin/.versions) nothing is built. Bump the pins below
@@ -32,7 +34,9 @@ CACHE="${KUBE_CACHE_DIR:-$ROOT/.cache/kube}"
 BIN="$CACHE/bin"
 SRC="$CACHE/src"
 STAMP="$BIN/.versions"
-WANT_STAMP="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION"
+# The Kubernetes commands built; the stamp names them, so adding one rebuilds.
+KUBE_CMDS=(kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy)
+WANT_STAMP="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION cmds=${KUBE_CMDS[*]} agnhost pause"
 
 VERIFY=0
 for arg in "$@"; do
@@ -46,14 +50,16 @@ done
 log() { echo "build-kube: $*" >&2; }
 
 print_paths() {
-  echo "KUBE_APISERVER_BIN=$BIN/kube-apiserver"
-  echo "KUBECTL_BIN=$BIN/kubectl"
-  echo "ETCD_BIN=$BIN/etcd"
+  local c
+  for c in "${KUBE_CMDS[@]}" etcd agnhost pause; do
+    echo "$(echo "$c" | tr 'a-z-' 'A-Z_')_BIN=$BIN/$c"
+  done
 }
 
 have_all() {
-  [[ -x "$BIN/kube-apiserver" && -x "$BIN/kubectl" && -x "$BIN/etcd" ]] &&
-    [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]
+  local c
+  for c in "${KUBE_CMDS[@]}" etcd agnhost pause; do [[ -x "$BIN/$c" ]] || return 1; done
+  [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]]
 }
 
 # Go settings shared by both builds. GOTOOLCHAIN=local: never try to download
@@ -96,8 +102,8 @@ build_kubernetes() {
     grep -E '^godebug[[:space:]]' "$gomod" || true
     echo
     echo "tool ("
-    echo "	k8s.io/kubernetes/cmd/kube-apiserver"
-    echo "	k8s.io/kubernetes/cmd/kubectl"
+    for c in "${KUBE_CMDS[@]}"; do echo "	k8s.io/kubernetes/cmd/$c"; done
+    echo "	k8s.io/kubernetes/test/images/agnhost"
     echo ")"
     echo
     echo "require k8s.io/kubernetes $K8S_VERSION"
@@ -118,11 +124,20 @@ build_kubernetes() {
     key="${kv%%=*}" val="${kv#*=}"
     ld+=" -X k8s.io/client-go/pkg/version.$key=$val -X k8s.io/component-base/version.$key=$val"
   done
-  log "building kube-apiserver + kubectl $K8S_VERSION (nice, CGO_ENABLED=0; ~10-20 min on 2 cores)"
+  log "building ${KUBE_CMDS[*]} $K8S_VERSION (nice, CGO_ENABLED=0; ~25-30 min cold on 2 cores)"
   mkdir -p "$BIN.tmp"
+  local pkgs=()
+  for c in "${KUBE_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
   (cd "$dir" && "${NICE[@]}" go build -trimpath -tags selinux,notest,grpcnotrace \
-      -ldflags "all=$ld -s -w" -o "$BIN.tmp/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+      -ldflags "all=$ld -s -w" -o "$BIN.tmp/" "${pkgs[@]}")
+  # agnhost: upstream's e2e test image (netexec: HTTP and UDP echo), the pods' workload.
+  (cd "$dir" && "${NICE[@]}" go build -trimpath -ldflags "-s -w" -o "$BIN.tmp/agnhost" \
+      k8s.io/kubernetes/test/images/agnhost)
+  # The pause container's binary, from the same module's build/pause (static, tiny).
+  local kdir
+  kdir="$(cd "$dir" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
+  gcc -Os -static -DVERSION="$K8S_VERSION" -o "$BIN.tmp/pause" "$kdir/build/pause/linux/pause.c"
+  strip "$BIN.tmp/pause"
   log "kubernetes build took $((SECONDS - t0))s"
 }
 
@@ -165,7 +180,8 @@ ensure_built() {
   build_kubernetes
   mkdir -p "$BIN"
   rm -f "$STAMP"
-  mv -f "$BIN.tmp/etcd" "$BIN.tmp/kube-apiserver" "$BIN.tmp/kubectl" "$BIN/"
+  local c
+  for c in "${KUBE_CMDS[@]}" etcd agnhost pause; do mv -f "$BIN.tmp/$c" "$BIN/"; done
   rmdir "$BIN.tmp" 2>/dev/null || true
   echo "$WANT_STAMP" >"$STAMP"
   exec 9>&-

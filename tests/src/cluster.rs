@@ -94,31 +94,7 @@ impl Cluster {
         crate::require_root();
         let rig = KubeRig::start().await?;
         let tag = crate::unique_name();
-        let mtu = options.underlay_mtu.to_string();
-        let mut clouds = Vec::new();
-        for (n, location) in [(1u8, "vsphere"), (2u8, "aws")] {
-            let gateway = Netns::new(&format!("{tag}-g{n}"))?;
-            let g = |args: &[&str]| gateway.ip(args);
-            // Set explicitly: a bridge otherwise follows its ports' MTU, and has none yet.
-            g(&["link", "add", "lan", "mtu", &mtu, "type", "bridge"])?;
-            g(&["addr", "add", "10.0.0.1/24", "dev", "lan"])?;
-            g(&["link", "set", "lan", "up"])?;
-            gateway.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-            clouds.push(Cloud {
-                location,
-                n,
-                gateway,
-            });
-        }
-        let (pa, pb) = veth(&clouds[0].gateway, &clouds[1].gateway, &format!("{tag}p"))?;
-        clouds[0].gateway.ip(&["link", "set", &pa, "mtu", &mtu])?;
-        clouds[1].gateway.ip(&["link", "set", &pb, "mtu", &mtu])?;
-        clouds[0]
-            .gateway
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", &pa])?;
-        clouds[1]
-            .gateway
-            .ip(&["addr", "add", "203.0.113.2/24", "dev", &pb])?;
+        let clouds = make_clouds(&tag, options.underlay_mtu)?;
         let coordinator_kubeconfig =
             rig.kubeconfig("coordinator", &rig.coordinator_token().await?)?;
         Ok(Cluster {
@@ -153,78 +129,10 @@ impl Cluster {
     /// build what the agent will find (an overlay, say) before it starts. Returns its index.
     pub async fn add_node_idle(&mut self, cloud: usize, slot: u8) -> anyhow::Result<usize> {
         let c = &self.clouds[cloud];
-        let mtu = self.options.underlay_mtu.to_string();
         let name = format!("{}-{slot}", c.location);
         let ns = Netns::new(&format!("{}-{}{slot}", self.tag, c.n))?;
-        let (lan_end, node_end) = (format!("{}l{}{slot}", self.tag, c.n), "eth0".to_string());
-        crate::netns::ip(&[
-            "link",
-            "add",
-            &lan_end,
-            "mtu",
-            &mtu,
-            "netns",
-            &c.gateway.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node_end,
-            "mtu",
-            &mtu,
-            "netns",
-            &ns.name,
-        ])?;
-        c.gateway
-            .ip(&["link", "set", &lan_end, "master", "lan", "up"])?;
-        let host = slot
-            .checked_add(10)
-            .filter(|h| *h < 255)
-            .with_context(|| format!("slot {slot} has no address in 10.0.0.0/24"))?;
-        let node_ip = Ipv4Addr::new(10, 0, 0, host);
-        ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
-        let public = format!("203.0.113.{}", c.n);
-        let port = (51800 + u16::from(slot)).to_string();
-        c.gateway.exec(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "udp",
-                "-d",
-                &public,
-                "--dport",
-                &port,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{node_ip}:51820"),
-            ],
-        )?;
-        c.gateway.exec(
-            "iptables",
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-p",
-                "udp",
-                "-s",
-                &node_ip.to_string(),
-                "--sport",
-                "51820",
-                "-j",
-                "SNAT",
-                "--to-source",
-                &format!("{public}:{port}"),
-            ],
-        )?;
+        let lan_end = format!("{}l{}{slot}", self.tag, c.n);
+        let node_ip = wire_node(c, &ns, &lan_end, slot, self.options.underlay_mtu)?;
 
         let admin = self.rig.admin().await?;
         let nodes: Api<Node> = Api::all(admin);
@@ -392,6 +300,123 @@ impl Cluster {
         }
         out
     }
+}
+
+/// The two clouds' gateways, vsphere (1) and aws (2): each with a `lan` bridge
+/// (10.0.0.1/24) for its nodes, forwarding on, and a public link between them
+/// (203.0.113.1 and .2), all with MTU `mtu`.
+pub fn make_clouds(tag: &str, mtu: u32) -> anyhow::Result<Vec<Cloud>> {
+    let mtu = mtu.to_string();
+    let mut clouds = Vec::new();
+    for (n, location) in [(1u8, "vsphere"), (2u8, "aws")] {
+        let gateway = Netns::new(&format!("{tag}-g{n}"))?;
+        let g = |args: &[&str]| gateway.ip(args);
+        // Set explicitly: a bridge otherwise follows its ports' MTU, and has none yet.
+        g(&["link", "add", "lan", "mtu", &mtu, "type", "bridge"])?;
+        g(&["addr", "add", "10.0.0.1/24", "dev", "lan"])?;
+        g(&["link", "set", "lan", "up"])?;
+        gateway.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        clouds.push(Cloud {
+            location,
+            n,
+            gateway,
+        });
+    }
+    let (pa, pb) = veth(&clouds[0].gateway, &clouds[1].gateway, &format!("{tag}p"))?;
+    clouds[0].gateway.ip(&["link", "set", &pa, "mtu", &mtu])?;
+    clouds[1].gateway.ip(&["link", "set", &pb, "mtu", &mtu])?;
+    clouds[0]
+        .gateway
+        .ip(&["addr", "add", "203.0.113.1/24", "dev", &pa])?;
+    clouds[1]
+        .gateway
+        .ip(&["addr", "add", "203.0.113.2/24", "dev", &pb])?;
+    Ok(clouds)
+}
+
+/// Puts node namespace `ns` on `cloud`'s LAN as host `slot`: `eth0` with 10.0.0.(10+slot)
+/// (the same address in both clouds), a default route via the gateway, and the gateway's
+/// static NAT of the node's WireGuard port 51820 to its public endpoint
+/// (203.0.113.<n>:51800+slot). Returns the node IP.
+pub fn wire_node(
+    cloud: &Cloud,
+    ns: &Netns,
+    lan_end: &str,
+    slot: u8,
+    mtu: u32,
+) -> anyhow::Result<Ipv4Addr> {
+    let c = cloud;
+    let mtu = mtu.to_string();
+    let node_end = "eth0";
+    crate::netns::ip(&[
+        "link",
+        "add",
+        lan_end,
+        "mtu",
+        &mtu,
+        "netns",
+        &c.gateway.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        node_end,
+        "mtu",
+        &mtu,
+        "netns",
+        &ns.name,
+    ])?;
+    c.gateway
+        .ip(&["link", "set", lan_end, "master", "lan", "up"])?;
+    let host = slot
+        .checked_add(10)
+        .filter(|h| *h < 255)
+        .with_context(|| format!("slot {slot} has no address in 10.0.0.0/24"))?;
+    let node_ip = Ipv4Addr::new(10, 0, 0, host);
+    ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
+    let public = format!("203.0.113.{}", c.n);
+    let port = (51800 + u16::from(slot)).to_string();
+    c.gateway.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "-d",
+            &public,
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{node_ip}:51820"),
+        ],
+    )?;
+    c.gateway.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-p",
+            "udp",
+            "-s",
+            &node_ip.to_string(),
+            "--sport",
+            "51820",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &format!("{public}:{port}"),
+        ],
+    )?;
+    Ok(node_ip)
 }
 
 /// Network address of the pod CIDR of node `slot` in cloud `n`: 10.244.(n*10+slot).0, so

@@ -28,7 +28,7 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn kube_bin(name: &str, env: &str) -> PathBuf {
+pub fn kube_bin(name: &str, env: &str) -> PathBuf {
     let path = std::env::var_os(env)
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".cache/kube/bin").join(name));
@@ -60,6 +60,58 @@ fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How [`KubeRig::start_with`] sets the API server up.
+#[derive(Clone, Debug, Default)]
+pub struct RigOptions {
+    /// More subject alternative names for the serving certificate (`IP:…` or `DNS:…`).
+    pub extra_sans: Vec<String>,
+    /// More API server flags; a flag given again overrides the rig's own. `{dir}` stands for
+    /// the rig's directory (CA, keys, logs).
+    pub apiserver_args: Vec<String>,
+    /// Client certificates to issue before the API server starts: (file name without
+    /// extension, subject such as `/O=system:masters/CN=someone`), into the rig's directory.
+    pub client_certs: Vec<(String, String)>,
+    /// Install the CRD, RBAC and admission policy from deploy/ before returning.
+    pub install_isthmus: bool,
+}
+
+/// A client certificate `<name>.crt`/`.key` in `dir` for `subject`, signed by the CA there.
+pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out",
+            &csr,
+        ],
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+            "-out",
+            &crt,
+        ],
+    )
+}
+
 pub struct KubeRig {
     // Stopped in declaration order: the API server before its etcd.
     apiserver: Option<Daemon>,
@@ -68,12 +120,22 @@ pub struct KubeRig {
     pub port: u16,
     etcd_port: u16,
     pub admin_token: String,
+    options: RigOptions,
 }
 
 impl KubeRig {
     /// Starts etcd and the API server, waits for `/readyz`, installs the CRD, RBAC and the
     /// admission policy from deploy/.
     pub async fn start() -> anyhow::Result<KubeRig> {
+        KubeRig::start_with(RigOptions {
+            install_isthmus: true,
+            ..RigOptions::default()
+        })
+        .await
+    }
+
+    /// [`KubeRig::start`] as `options` say.
+    pub async fn start_with(options: RigOptions) -> anyhow::Result<KubeRig> {
         let dir = tempfile::Builder::new().prefix("isthmus-kube").tempdir()?;
         let d = dir.path();
         openssl(
@@ -109,9 +171,11 @@ impl KubeRig {
                 "apiserver.csr",
             ],
         )?;
+        let mut sans = vec!["IP:127.0.0.1".to_string(), "DNS:localhost".to_string()];
+        sans.extend(options.extra_sans.iter().cloned());
         std::fs::write(
             d.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            format!("subjectAltName={}\n", sans.join(",")),
         )?;
         openssl(
             d,
@@ -133,6 +197,9 @@ impl KubeRig {
                 "apiserver.crt",
             ],
         )?;
+        for (name, subject) in &options.client_certs {
+            client_cert(d, name, subject)?;
+        }
         openssl(d, &["genrsa", "-out", "sa.key", "2048"])?;
         openssl(d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         let admin_token = format!(
@@ -177,9 +244,12 @@ impl KubeRig {
             etcd_port,
             admin_token,
             dir,
+            options,
         };
         rig.start_apiserver().await?;
-        rig.install().await?;
+        if rig.options.install_isthmus {
+            rig.install().await?;
+        }
         Ok(rig)
     }
 
@@ -191,40 +261,40 @@ impl KubeRig {
     pub async fn start_apiserver(&mut self) -> anyhow::Result<()> {
         let d = self.dir.path();
         let p = |f: &str| d.join(f).display().to_string();
+        let mut args: Vec<String> = [
+            ("--etcd-servers", format!("http://127.0.0.1:{}", self.etcd_port)),
+            ("--bind-address", "127.0.0.1".into()),
+            ("--advertise-address", "127.0.0.1".into()),
+            ("--secure-port", self.port.to_string()),
+            ("--tls-cert-file", p("apiserver.crt")),
+            ("--tls-private-key-file", p("apiserver.key")),
+            ("--client-ca-file", p("ca.crt")),
+            ("--token-auth-file", p("tokens.csv")),
+            ("--service-account-key-file", p("sa.pub")),
+            ("--service-account-signing-key-file", p("sa.key")),
+            (
+                "--service-account-issuer",
+                "https://kubernetes.default.svc".into(),
+            ),
+            ("--service-cluster-ip-range", "10.96.0.0/16".into()),
+            ("--endpoint-reconciler-type", "none".into()),
+            ("--authorization-mode", "Node,RBAC".into()),
+            ("--cert-dir", p("certs")),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect();
+        let dir = d.display().to_string();
+        args.extend(
+            self.options
+                .apiserver_args
+                .iter()
+                .map(|a| a.replace("{dir}", &dir)),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let apiserver = Daemon::spawn_host(
             &kube_bin("kube-apiserver", "KUBE_APISERVER_BIN"),
-            &[
-                "--etcd-servers",
-                &format!("http://127.0.0.1:{}", self.etcd_port),
-                "--bind-address",
-                "127.0.0.1",
-                "--advertise-address",
-                "127.0.0.1",
-                "--secure-port",
-                &self.port.to_string(),
-                "--tls-cert-file",
-                &p("apiserver.crt"),
-                "--tls-private-key-file",
-                &p("apiserver.key"),
-                "--client-ca-file",
-                &p("ca.crt"),
-                "--token-auth-file",
-                &p("tokens.csv"),
-                "--service-account-key-file",
-                &p("sa.pub"),
-                "--service-account-signing-key-file",
-                &p("sa.key"),
-                "--service-account-issuer",
-                "https://kubernetes.default.svc",
-                "--service-cluster-ip-range",
-                "10.96.0.0/16",
-                "--endpoint-reconciler-type",
-                "none",
-                "--authorization-mode",
-                "Node,RBAC",
-                "--cert-dir",
-                &p("certs"),
-            ],
+            &args,
             &[],
             d.join(format!("apiserver-{}.log", self.port)),
         )?;

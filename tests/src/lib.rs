@@ -12,6 +12,7 @@ pub mod kube;
 pub mod netns;
 pub mod overlay;
 pub mod pair;
+pub mod rig;
 pub mod scrape;
 pub mod snapshot;
 pub mod traffic;

@@ -11,6 +11,12 @@ use crate::key::Key;
 /// The label a node's location comes from unless `--location` overrides it.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 
+/// A Node annotation naming the `host:port` other nodes dial when the node sits behind NAT
+/// (a cloud's 1:1 or port-mapped public address), set by whoever provisions the node. The
+/// `--endpoint` flag overrides it; without either, the Node's ExternalIP and then its
+/// InternalIP are used with the listen port.
+pub const ENDPOINT_ANNOTATION: &str = "isthmus.dev/endpoint";
+
 #[derive(Clone, Debug, Default)]
 pub struct PublishOptions {
     /// `host:port` the other nodes dial (default: the node IP and the listen port).
@@ -56,13 +62,26 @@ pub fn own_spec(
     if location.is_empty() {
         bail!("location is empty");
     }
-    let endpoint =
-        opts.endpoint
-            .clone()
-            .unwrap_or_else(|| match node_ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:{}", opts.listen_port),
-                _ => format!("{node_ip}:{}", opts.listen_port),
-            });
+    let annotated = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ENDPOINT_ANNOTATION));
+    if let Some(a) = annotated {
+        a.parse::<std::net::SocketAddr>().with_context(|| {
+            format!("the Node's {ENDPOINT_ANNOTATION} annotation {a:?} is not an IP:port")
+        })?;
+    }
+    let with_port = |ip: &str| match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:{}", opts.listen_port),
+        _ => format!("{ip}:{}", opts.listen_port),
+    };
+    let endpoint = opts
+        .endpoint
+        .clone()
+        .or_else(|| annotated.cloned())
+        .or_else(|| first_address(node, "ExternalIP").map(|ip| with_port(&ip)))
+        .unwrap_or_else(|| with_port(&node_ip));
     let pod_cidrs = isthmus_api::node::pod_cidrs(node);
     Ok(WireGuardPeerSpec {
         public_key: public_key.to_base64(),
@@ -145,6 +164,47 @@ mod tests {
         );
         assert_eq!(s.vtep, opts.vtep);
         assert_eq!(s.mtu, Some(1420));
+    }
+
+    #[test]
+    fn endpoint_from_flag_then_annotation_then_external_then_internal_ip() {
+        let base = serde_json::json!({
+            "metadata": {"name": "n1", "labels": {REGION_LABEL: "aws"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.5"}]}
+        });
+        let opts = PublishOptions {
+            listen_port: 51820,
+            ..Default::default()
+        };
+        let key = Key([1; 32]);
+        let endpoint = |n: &serde_json::Value, o: &PublishOptions| {
+            own_spec(&node(n.clone()), &key, o).map(|s| s.endpoint)
+        };
+        let mut external = base.clone();
+        external["status"]["addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "ExternalIP", "address": "2001:db8::7"}));
+        let mut annotated = external.clone();
+        annotated["metadata"]["annotations"] =
+            serde_json::json!({ENDPOINT_ANNOTATION: "203.0.113.2:51802"});
+        let flag = PublishOptions {
+            endpoint: Some("198.51.100.9:4000".into()),
+            ..opts.clone()
+        };
+        let cases = [
+            (&base, &opts, "10.0.0.5:51820"),
+            (&external, &opts, "[2001:db8::7]:51820"),
+            (&annotated, &opts, "203.0.113.2:51802"),
+            (&annotated, &flag, "198.51.100.9:4000"),
+        ];
+        for (n, o, want) in cases {
+            assert_eq!(endpoint(n, o).unwrap(), want, "{n}");
+        }
+        let mut bad = base.clone();
+        bad["metadata"]["annotations"] = serde_json::json!({ENDPOINT_ANNOTATION: "nat-gw:51802"});
+        let err = endpoint(&bad, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains(ENDPOINT_ANNOTATION), "{err:#}");
     }
 
     #[test]
