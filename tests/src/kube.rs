@@ -301,11 +301,11 @@ impl KubeRig {
     }
 
     async fn install(&self) -> anyhow::Result<()> {
-        let deploy = workspace_root().join("deploy");
+        let deploy = workspace_root().join("deploy/base");
         for file in ["crd.yaml", "rbac.yaml", "admission-policy.yaml"] {
             let path = deploy.join(file).display().to_string();
             self.kubectl(&["apply", "--server-side", "-f", &path])
-                .with_context(|| format!("applying deploy/{file}"))?;
+                .with_context(|| format!("applying deploy/base/{file}"))?;
         }
         self.kubectl(&[
             "wait",
