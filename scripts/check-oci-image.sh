@@ -7,6 +7,11 @@
 #   - a throwaway containerd (own root, state and socket in a temp dir, stopped by PID)
 #     imports it with `ctr images import` and runs it with `ctr run` (runc).
 # Needs root, python3, skopeo, umoci, containerd, ctr, runc. Prints one line per check.
+#
+#   bash scripts/check-oci-image.sh                      the probe image
+#   bash scripts/check-oci-image.sh ARCHIVE REF CMD...   an archive built already, e.g.
+#     bash scripts/check-oci-image.sh .cache/image/isthmus-0.1.0.oci.tar \
+#       localhost/isthmus:0.1.0 isthmus-agent --version
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,14 +36,21 @@ trap cleanup EXIT
 
 ok() { echo "ok: $*"; }
 
-REF=localhost/probe:1
-ARCHIVE=$WORK/probe.oci.tar
-build() { python3 "$ROOT/scripts/oci-image.py" --name "$REF" --out "$1" --bin /usr/bin/true \
-  --cmd '["/usr/local/bin/true"]' 2>/dev/null; }
-build "$ARCHIVE"
-build "$WORK/again.tar"
-cmp -s "$ARCHIVE" "$WORK/again.tar" || { echo "FAIL: two builds differ" >&2; exit 1; }
-ok "deterministic: $(sha256sum <"$ARCHIVE" | cut -c1-16)…, $(stat -c %s "$ARCHIVE") bytes"
+if (($# >= 3)); then
+  ARCHIVE=$(realpath "$1") REF=$2
+  shift 2
+  RUN=("$@")
+else
+  REF=localhost/probe:1
+  ARCHIVE=$WORK/probe.oci.tar
+  RUN=(/usr/local/bin/true)
+  build() { python3 "$ROOT/scripts/oci-image.py" --name "$REF" --out "$1" --bin /usr/bin/true \
+    --cmd '["/usr/local/bin/true"]' 2>/dev/null; }
+  build "$ARCHIVE"
+  build "$WORK/again.tar"
+  cmp -s "$ARCHIVE" "$WORK/again.tar" || { echo "FAIL: two builds differ" >&2; exit 1; }
+  ok "deterministic: $(sha256sum <"$ARCHIVE" | cut -c1-16)…, $(stat -c %s "$ARCHIVE") bytes"
+fi
 
 skopeo inspect "oci-archive:$ARCHIVE" >"$WORK/inspect.json"
 python3 - "$WORK/inspect.json" <<'EOF'
@@ -55,8 +67,9 @@ ok "skopeo copy to docker-archive (podman load / docker load format)"
 
 skopeo copy -q "oci-archive:$ARCHIVE" "oci:$WORK/oci:1" >/dev/null
 umoci unpack --image "$WORK/oci:1" "$WORK/bundle" >/dev/null
-chroot "$WORK/bundle/rootfs" /usr/local/bin/true
-ok "umoci unpack + chroot /usr/local/bin/true"
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  chroot "$WORK/bundle/rootfs" "${RUN[@]}"
+ok "umoci unpack + chroot ${RUN[*]}"
 
 # A containerd of our own: nothing shared with a containerd the machine may run.
 mkdir -p "$WORK/root" "$WORK/state"
@@ -83,6 +96,6 @@ for _ in $(seq 100); do "${CTR[@]}" version >/dev/null 2>&1 && break; sleep 0.1;
   || { echo "FAIL: ctr images import did not name it $REF:" >&2; "${CTR[@]}" images ls >&2; exit 1; }
 ok "ctr images import: $REF"
 
-"${CTR[@]}" run --rm "$REF" probe-run /usr/local/bin/true
-ok "ctr run --rm $REF /usr/local/bin/true"
+"${CTR[@]}" run --rm "$REF" probe-run "${RUN[@]}"
+ok "ctr run --rm $REF ${RUN[*]}"
 "${CTR[@]}" images rm "$REF" >/dev/null

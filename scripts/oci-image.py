@@ -13,8 +13,9 @@
         [--user UID:GID] [--label K=V]...
 
 The output is a tar of an OCI image layout (oci-layout, index.json, blobs/sha256/...) with
-one gzip layer, loadable by `ctr images import`, `skopeo ... oci-archive:PATH`,
-`podman load -i` and `docker load -i`. It is deterministic: entries sorted, mtime 0, owner
+one gzip layer, and the `manifest.json` of a docker-archive beside it (as `docker save`
+writes since Docker 25), loadable by `ctr images import`, `skopeo ... oci-archive:PATH`
+(or docker-archive:PATH), `podman load -i` and `docker load -i`. It is deterministic: entries sorted, mtime 0, owner
 0:0 (except /home/nonroot), no pax headers, a fixed creation date, so the same inputs give
 the same digests. The layer also carries /etc/passwd and /etc/group (root and nonroot
 65532), /etc/nsswitch.conf, /tmp (1777), /root and /home/nonroot, unless given explicitly.
@@ -627,6 +628,13 @@ def build(args):
             }],
         })
         layout = canonical_json({"imageLayoutVersion": "1.0.0"})
+        # What `docker save` writes beside the OCI layout since Docker 25: docker load
+        # before 25 (Debian 12 ships 20.10) reads only this. The OCI readers ignore it.
+        docker_manifest = canonical_json([{
+            "Config": f"blobs/sha256/{config_digest}",
+            "RepoTags": [args.name],
+            "Layers": [f"blobs/sha256/{layer_digest}"],
+        }])
 
         fd, partial = tempfile.mkstemp(dir=out_dir, prefix=".oci-image-", suffix=".partial")
         try:
@@ -635,6 +643,10 @@ def build(args):
             ) as tar:
                 tar.addfile(tarinfo("oci-layout", "file", 0o644, len(layout)), io.BytesIO(layout))
                 tar.addfile(tarinfo("index.json", "file", 0o644, len(index)), io.BytesIO(index))
+                tar.addfile(
+                    tarinfo("manifest.json", "file", 0o644, len(docker_manifest)),
+                    io.BytesIO(docker_manifest),
+                )
                 tar.addfile(tarinfo("blobs/", "dir", 0o755))
                 tar.addfile(tarinfo("blobs/sha256/", "dir", 0o755))
                 for digest in sorted(os.listdir(blobs)):

@@ -72,7 +72,7 @@ pub struct KubeRig {
 
 impl KubeRig {
     /// Starts etcd and the API server, waits for `/readyz`, installs the CRD, RBAC and the
-    /// admission policy from deploy/.
+    /// admission policy from deploy/base/.
     pub async fn start() -> anyhow::Result<KubeRig> {
         let dir = tempfile::Builder::new().prefix("isthmus-kube").tempdir()?;
         let d = dir.path();
