@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: sandbox test deps lint bench build
+.PHONY: sandbox test deps lint bench build image
 
 deps:
 	bash scripts/install-deps.sh
@@ -25,6 +25,11 @@ sandbox: build
 	  exit 1; \
 	fi
 	$(TARGET_DIR)/release/isthmus-sandbox --profile $(PROFILE)
+
+## One OCI image with both binaries and wg, built without a registry or a daemon:
+## .cache/image/isthmus-<version>.oci.tar (ref localhost/isthmus:<version>), see README.
+image: build
+	bash scripts/build-image.sh --target-dir $(TARGET_DIR)
 
 lint:
 	$(CARGO) fmt --all -- --check

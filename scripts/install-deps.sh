@@ -15,6 +15,11 @@ declare -A wanted=(
   [iptables]=iptables
   [openssl]=openssl
   [curl]=curl
+  # make image (scripts/build-image.sh) and its test (tests/tests/image.rs)
+  [python3]=python3
+  [strip]=binutils
+  [skopeo]=skopeo
+  [umoci]=umoci
 )
 
 missing=()

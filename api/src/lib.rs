@@ -18,7 +18,7 @@ pub use topology::Topology;
 
 use kube::CustomResourceExt;
 
-/// The CRD as YAML, exactly as `deploy/crd.yaml` holds it.
+/// The CRD as YAML, exactly as `deploy/base/crd.yaml` holds it.
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
     let body = serde_yaml_ng::to_string(&WireGuardPeer::crd())?;
     Ok(format!(

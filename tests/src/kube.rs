@@ -125,7 +125,7 @@ pub struct KubeRig {
 
 impl KubeRig {
     /// Starts etcd and the API server, waits for `/readyz`, installs the CRD, RBAC and the
-    /// admission policy from deploy/.
+    /// admission policy from deploy/base/.
     pub async fn start() -> anyhow::Result<KubeRig> {
         KubeRig::start_with(RigOptions {
             install_isthmus: true,
@@ -371,11 +371,11 @@ impl KubeRig {
     }
 
     async fn install(&self) -> anyhow::Result<()> {
-        let deploy = workspace_root().join("deploy");
+        let deploy = workspace_root().join("deploy/base");
         for file in ["crd.yaml", "rbac.yaml", "admission-policy.yaml"] {
             let path = deploy.join(file).display().to_string();
             self.kubectl(&["apply", "--server-side", "-f", &path])
-                .with_context(|| format!("applying deploy/{file}"))?;
+                .with_context(|| format!("applying deploy/base/{file}"))?;
         }
         self.kubectl(&[
             "wait",

@@ -1,22 +1,57 @@
-//! deploy/ as one install: `kubectl kustomize deploy/` applied with a server-side dry run
-//! (`--validate=strict`) to a real kube-apiserver, so a manifest the API server would refuse
-//! fails here and not on a cluster. The pods the workloads would create are dry-run too, so
-//! pod admission (priority class, ServiceAccount, Pod Security) sees them. And the check is
-//! shown to bite: deliberately broken copies are refused.
+//! deploy/ as one install: `kubectl kustomize deploy/overlays/local` (the base with the
+//! image `make image` builds) applied with a server-side dry run (`--validate=strict`) to a
+//! real kube-apiserver, so a manifest the API server would refuse fails here and not on a
+//! cluster. The pods the workloads would create are dry-run too, so pod admission (priority
+//! class, ServiceAccount, Pod Security) sees them. And the check is shown to bite:
+//! deliberately broken copies are refused.
 //!
-//! The rig has already installed the Namespace, RBAC, CRD and admission policy from deploy/
-//! (a dry run creates nothing, so the namespaced objects need their namespace to exist).
+//! The rig has already installed the Namespace, RBAC, CRD and admission policy from
+//! deploy/base/ (a dry run creates nothing, so the namespaced objects need their namespace
+//! to exist).
 
 use std::collections::HashSet;
 
 use isthmus_tests::kube::{workspace_root, KubeRig, NAMESPACE};
 use serde_json::{json, Value};
 
-/// `kubectl kustomize deploy/`: exactly what `kubectl apply -k deploy/` would send.
+/// `kubectl kustomize deploy/overlays/local`: exactly what
+/// `kubectl apply -k deploy/overlays/local` would send.
 fn build(rig: &KubeRig) -> String {
-    let deploy = workspace_root().join("deploy").display().to_string();
-    rig.kubectl(&["kustomize", &deploy])
-        .expect("kubectl kustomize deploy/")
+    build_dir(rig, "deploy/overlays/local")
+}
+
+/// `kubectl kustomize DIR`, DIR relative to the workspace root.
+fn build_dir(rig: &KubeRig, dir: &str) -> String {
+    let path = workspace_root().join(dir).display().to_string();
+    rig.kubectl(&["kustomize", &path])
+        .unwrap_or_else(|e| panic!("kubectl kustomize {dir}: {e:#}"))
+}
+
+/// (workload/container, image, imagePullPolicy) of every container and init container.
+fn images(docs: &[Value]) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for doc in docs.iter().filter(|d| d["spec"]["template"].is_object()) {
+        let spec = &doc["spec"]["template"]["spec"];
+        for container in ["initContainers", "containers"]
+            .iter()
+            .filter_map(|k| spec[k].as_array())
+            .flatten()
+        {
+            found.push((
+                format!(
+                    "{}/{}",
+                    doc["metadata"]["name"].as_str().unwrap_or_default(),
+                    container["name"].as_str().unwrap_or_default()
+                ),
+                container["image"].as_str().unwrap_or_default().to_string(),
+                container["imagePullPolicy"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            ));
+        }
+    }
+    found
 }
 
 /// The objects of a multi-document stream (kustomize separates them with `---` lines).
@@ -183,6 +218,41 @@ async fn kustomize_base_passes_a_server_side_dry_run() {
         assert!(out.contains(object), "{object} missing from:\n{out}");
     }
 
+    // The image `make image` builds (ref localhost/isthmus:<workspace version>), in every
+    // container, taken from the node (the cluster imported the archive), never pulled.
+    let local = format!("localhost/isthmus:{}", env!("CARGO_PKG_VERSION"));
+    let found = images(&docs);
+    assert_eq!(
+        found.len(),
+        3,
+        "agent, its cleanup init container, coordinator: {found:?}"
+    );
+    for (container, image, policy) in &found {
+        assert_eq!(image, &local, "{container}: deploy/overlays/local is stale");
+        assert_eq!(policy, "IfNotPresent", "{container}");
+    }
+    // The base names no registry; the example overlay points at one's own.
+    let base = images(&documents(&build_dir(&rig, "deploy/base")));
+    assert_eq!(base.len(), found.len(), "{base:?}");
+    for (container, image, _) in base {
+        assert_eq!(
+            image, "isthmus",
+            "{container}: the base must leave the image to overlays"
+        );
+    }
+    let example = images(&documents(&build_dir(
+        &rig,
+        "deploy/overlays/example-registry",
+    )));
+    assert_eq!(example.len(), found.len(), "{example:?}");
+    let registry = format!(
+        "registry.example.com/platform/isthmus:{}",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (container, image, _) in example {
+        assert_eq!(image, registry, "{container}");
+    }
+
     // What the API server would quietly fix up or not check at all.
     let cluster_scoped = cluster_scoped_kinds(&rig);
     assert!(cluster_scoped.contains(&(
@@ -255,7 +325,10 @@ async fn kustomize_base_passes_a_server_side_dry_run() {
         &["create", "--dry-run=server", "--validate=strict"],
     );
     assert_accepted(ok, &out, 1);
-    eprintln!("deploy/ dry runs took {:?}", started.elapsed());
+    eprintln!(
+        "deploy/overlays/local dry runs took {:?}",
+        started.elapsed()
+    );
 }
 
 type Break = fn(&mut [Value]);

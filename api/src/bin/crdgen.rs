@@ -1,4 +1,5 @@
-//! Prints the WireGuardPeer CRD: `cargo run -p isthmus-api --bin crdgen > deploy/crd.yaml`.
+//! Prints the WireGuardPeer CRD:
+//! `cargo run -p isthmus-api --bin crdgen > deploy/base/crd.yaml`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     print!("{}", isthmus_api::crd_yaml()?);
