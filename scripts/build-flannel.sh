@@ -13,6 +13,8 @@
 # Idempotent: each artifact has a stamp (.cache/flannel/bin/.*.stamp) naming
 # what it was built from; only stale ones are rebuilt. Bump FLANNEL_VERSION to
 # rebuild flanneld. stdout carries only KEY=value lines; progress goes to stderr.
+# Overrides: FLANNEL_VERSION, FLANNEL_IMAGE, FLANNEL_CACHE_DIR,
+# FLANNEL_BUILD_NICE (default 15), OCI_IMAGE_PY (another oci-image.py).
 #
 # Why a generated module: github.com/flannel-io/flannel's main package imports
 # the tencentvpc backend, whose Tencent Cloud SDK the module proxy here refuses
@@ -43,7 +45,7 @@ OCI_IMAGE="${OCI_IMAGE_PY:-$ROOT/scripts/oci-image.py}"  # override: testing onl
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "build-flannel.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -216,15 +218,19 @@ ensure_built() {
     log "$OCI_IMAGE not found: skipping the image $FLANNEL_IMAGE"
   elif [[ -f "$IMAGE_TAR" ]] && stamp_ok "$IMAGE_STAMP" "$(image_want)"; then
     log "image up to date: $IMAGE_TAR"
+    IMAGE_OK=1
   else
     build_image
+    IMAGE_OK=1
   fi
   exec 9>&-
 }
 
+IMAGE_OK=0
 ensure_built
 echo "FLANNELD_BIN=$BIN/flanneld"
 echo "FLANNEL_CNI_CONF_BIN=$BIN/flannel-cni-conf"
 echo "FLANNEL_IMAGE=$FLANNEL_IMAGE"
-[[ -f "$IMAGE_TAR" ]] && echo "FLANNEL_IMAGE_TAR=$IMAGE_TAR"
+# Only when the archive matches the current inputs (never a stale one).
+[[ $IMAGE_OK == 1 ]] && echo "FLANNEL_IMAGE_TAR=$IMAGE_TAR"
 exit 0
