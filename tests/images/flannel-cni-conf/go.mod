@@ -1,0 +1,3 @@
+module isthmus.local/flannel-cni-conf
+
+go 1.26.0
