@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: sandbox test deps lint bench build image
+.PHONY: sandbox test deps lint bench build image test-images
 
 deps:
 	bash scripts/install-deps.sh
@@ -31,6 +31,11 @@ sandbox: build
 image: build
 	bash scripts/build-image.sh --target-dir $(TARGET_DIR)
 
+## The images the real-cluster tests import into every node (pause, agnhost, flannel), built
+## from Go modules and Debian packages, no registry: .cache/test-images/, .cache/flannel/.
+test-images: deps
+	bash scripts/build-test-images.sh >/dev/null
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -38,11 +43,15 @@ lint:
 ## Every test: formatting and lints, unit tests, and the end-to-end tests in network
 ## namespaces (needs root, TUN and iproute2). The interop peer is the current wireguard-go,
 ## built once from Go modules into .cache/; Debian's older build is tested too. The
-## control-plane tests run a real kube-apiserver and etcd, built once into .cache/kube.
+## control-plane tests run a real kube-apiserver and etcd, built once into .cache/kube; the
+## real-cluster test (tests/tests/real_cluster.rs) adds the kubelet, kube-proxy, controller
+## manager, scheduler, containerd and flannel, and installs isthmus from its image.
 test: deps lint
 	bash scripts/build-peers.sh wireguard-go
 	bash scripts/build-kube.sh
 	$(CARGO) build --release --workspace --bins
+	bash scripts/build-image.sh --target-dir $(TARGET_DIR) >/dev/null
+	bash scripts/build-test-images.sh >/dev/null
 	ISTHMUS_WIREGUARD_GO=$(CURDIR)/.cache/bin/wireguard-go-current \
 	  $(CARGO) test --release --workspace -- --test-threads=2
 

@@ -39,4 +39,4 @@ image pause registry.k8s.io/pause:3.10 "$KUBE_BIN/pause" -- \
   --bin "$KUBE_BIN/pause:/pause" --entrypoint '["/pause"]'
 image agnhost localhost/agnhost:v1.37.2 "$KUBE_BIN/agnhost" -- \
   --bin "$KUBE_BIN/agnhost:/agnhost" --entrypoint '["/agnhost"]'
-bash "$ROOT/scripts/build-flannel.sh" | sed -n 's/^FLANNEL_IMAGE=//p'
+bash "$ROOT/scripts/build-flannel.sh" | sed -n "s/^FLANNEL_IMAGE_TAR=//p"

@@ -20,6 +20,14 @@ declare -A wanted=(
   [strip]=binutils
   [skopeo]=skopeo
   [umoci]=umoci
+  # the real cluster (tests/src/rig/): each node's container runtime and CNI plugins,
+  # kube-proxy's conntrack, the node namespaces' tools
+  [containerd]=containerd
+  [runc]=runc
+  [/usr/lib/cni/bridge]=containernetworking-plugins
+  [conntrack]=conntrack
+  [nsenter]=util-linux
+  [gcc]=gcc
 )
 
 missing=()

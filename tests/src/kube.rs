@@ -85,8 +85,7 @@ pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> 
     openssl(
         dir,
         &[
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out",
-            &csr,
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
         ],
     )?;
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
@@ -262,7 +261,10 @@ impl KubeRig {
         let d = self.dir.path();
         let p = |f: &str| d.join(f).display().to_string();
         let mut args: Vec<String> = [
-            ("--etcd-servers", format!("http://127.0.0.1:{}", self.etcd_port)),
+            (
+                "--etcd-servers",
+                format!("http://127.0.0.1:{}", self.etcd_port),
+            ),
             ("--bind-address", "127.0.0.1".into()),
             ("--advertise-address", "127.0.0.1".into()),
             ("--secure-port", self.port.to_string()),

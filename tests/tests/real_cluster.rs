@@ -82,7 +82,10 @@ fn read_pods(c: &RealCluster) -> anyhow::Result<Pods> {
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let mut ips = Vec::new();
     for p in v["items"].as_array().context("pod list")? {
-        let name = p["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = p["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let ip: IpAddr = p["status"]["podIP"]
             .as_str()
             .with_context(|| format!("{name} has no IP"))?
@@ -117,29 +120,61 @@ fn cross_cloud(c: &RealCluster, pods: &Pods, within: Duration) -> anyhow::Result
         (
             "pod→pod http",
             Box::new(|| {
-                let r = pod_dial(aws1, client, "http", SocketAddr::new(v1_pod, 8080), "hostname")?;
-                (r == ["echo-vsphere-1"]).then_some(()).context(format!("{r:?}"))
+                let r = pod_dial(
+                    aws1,
+                    client,
+                    "http",
+                    SocketAddr::new(v1_pod, 8080),
+                    "hostname",
+                )?;
+                (r == ["echo-vsphere-1"])
+                    .then_some(())
+                    .context(format!("{r:?}"))
             }),
         ),
         (
             "pod→pod udp 2000 B",
             Box::new(|| {
-                let r = pod_dial(aws1, client, "udp", SocketAddr::new(v1_pod, 8081), &format!("echo {big}"))?;
-                (r.len() == 1 && r[0] == big).then_some(()).context(format!("{} answers", r.len()))
+                let r = pod_dial(
+                    aws1,
+                    client,
+                    "udp",
+                    SocketAddr::new(v1_pod, 8081),
+                    &format!("echo {big}"),
+                )?;
+                (r.len() == 1 && r[0] == big)
+                    .then_some(())
+                    .context(format!("{} answers", r.len()))
             }),
         ),
         (
             "pod→service http",
             Box::new(|| {
-                let r = pod_dial(aws1, client, "http", SocketAddr::new(pods.service, 80), "hostname")?;
-                (r.len() == 1 && r[0].starts_with("echo-vsphere-")).then_some(()).context(format!("{r:?}"))
+                let r = pod_dial(
+                    aws1,
+                    client,
+                    "http",
+                    SocketAddr::new(pods.service, 80),
+                    "hostname",
+                )?;
+                (r.len() == 1 && r[0].starts_with("echo-vsphere-"))
+                    .then_some(())
+                    .context(format!("{r:?}"))
             }),
         ),
         (
             "pod→service udp 2000 B",
             Box::new(|| {
-                let r = pod_dial(aws1, client, "udp", SocketAddr::new(pods.service, 81), &format!("echo {big}"))?;
-                (r.len() == 1 && r[0] == big).then_some(()).context(format!("{} answers", r.len()))
+                let r = pod_dial(
+                    aws1,
+                    client,
+                    "udp",
+                    SocketAddr::new(pods.service, 81),
+                    &format!("echo {big}"),
+                )?;
+                (r.len() == 1 && r[0] == big)
+                    .then_some(())
+                    .context(format!("{} answers", r.len()))
             }),
         ),
         (
@@ -153,7 +188,9 @@ fn cross_cloud(c: &RealCluster, pods: &Pods, within: Duration) -> anyhow::Result
             "node→pod udp 2000 B (vsphere-2 → aws-2)",
             Box::new(|| {
                 let r = udp_echo(vs2, SocketAddr::new(a2_pod, 8081), &big)?;
-                (r == big).then_some(()).context(format!("{} bytes back", r.len()))
+                (r == big)
+                    .then_some(())
+                    .context(format!("{} bytes back", r.len()))
             }),
         ),
     ];
@@ -171,20 +208,38 @@ fn cross_cloud(c: &RealCluster, pods: &Pods, within: Duration) -> anyhow::Result
 }
 
 fn wait_agents_ready(c: &RealCluster, timeout: &str) -> anyhow::Result<()> {
-    c.kubectl(&["rollout", "status", "-n", NS, "ds/isthmus-agent", &format!("--timeout={timeout}")])
-        .with_context(|| c.diagnostics())?;
+    c.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        NS,
+        "ds/isthmus-agent",
+        &format!("--timeout={timeout}"),
+    ])
+    .with_context(|| c.diagnostics())?;
     Ok(())
 }
 
 fn install(c: &RealCluster) -> anyhow::Result<()> {
     let overlay = isthmus_tests::kube::workspace_root().join(OVERLAY);
-    c.kubectl(&["apply", "--server-side", "-k", &overlay.display().to_string()])?;
+    c.kubectl(&[
+        "apply",
+        "--server-side",
+        "-k",
+        &overlay.display().to_string(),
+    ])?;
     Ok(())
 }
 
 fn uninstall(c: &RealCluster) -> anyhow::Result<()> {
     let overlay = isthmus_tests::kube::workspace_root().join(OVERLAY);
-    c.kubectl(&["delete", "-k", &overlay.display().to_string(), "--wait=true", "--timeout=120s"])?;
+    c.kubectl(&[
+        "delete",
+        "-k",
+        &overlay.display().to_string(),
+        "--wait=true",
+        "--timeout=120s",
+    ])?;
     let gone = wait_until(Duration::from_secs(120), || {
         c.kubectl(&["get", "pods", "-n", NS, "-o", "name"])
             .is_ok_and(|o| o.trim().is_empty())
@@ -198,10 +253,21 @@ fn uninstall(c: &RealCluster) -> anyhow::Result<()> {
 /// The agent pod on `node`.
 fn agent_pod(c: &RealCluster, node: &str) -> anyhow::Result<String> {
     let out = c.kubectl(&[
-        "get", "pods", "-n", NS, "-l", "app.kubernetes.io/name=isthmus-agent",
-        "--field-selector", &format!("spec.nodeName={node}"), "-o", "jsonpath={.items[*].metadata.name}",
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app.kubernetes.io/name=isthmus-agent",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
     ])?;
-    out.split_whitespace().next().map(str::to_string).with_context(|| format!("no agent pod on {node}"))
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .with_context(|| format!("no agent pod on {node}"))
 }
 
 /// The PID of the process named `comm` among the node's processes.
@@ -209,7 +275,9 @@ fn pid_of(c: &RealCluster, node: &str, comm: &str) -> anyhow::Result<i32> {
     let n = c.node(node)?;
     n.pids_inside()
         .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|s| s.trim() == comm))
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|s| s.trim() == comm)
+        })
         .with_context(|| format!("no {comm} on {node}"))
 }
 
@@ -230,15 +298,26 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     let manifest = c.rig.dir.path().join("echo.yaml");
     std::fs::write(&manifest, echo_pods(&names))?;
     c.kubectl(&["apply", "-f", &manifest.display().to_string()])?;
-    c.kubectl(&["wait", "-n", "e2e", "--for=condition=Ready", "pods", "--all", "--timeout=120s"])
-        .with_context(|| c.diagnostics())?;
+    c.kubectl(&[
+        "wait",
+        "-n",
+        "e2e",
+        "--for=condition=Ready",
+        "pods",
+        "--all",
+        "--timeout=120s",
+    ])
+    .with_context(|| c.diagnostics())?;
     let pods = read_pods(&c)?;
     step(t0, "echo pods Ready on every node");
 
     // 1. Without the mesh, flannel's VXLAN cannot cross: the node IPs overlap and the clouds
     // see each other only through their gateways.
     let res = cross_cloud(&c, &pods, Duration::from_secs(2));
-    assert!(res.is_err(), "cross-cloud traffic worked before isthmus was installed");
+    assert!(
+        res.is_err(),
+        "cross-cloud traffic worked before isthmus was installed"
+    );
     step(t0, "before the mesh: cross-cloud traffic fails, as it must");
 
     let before: Vec<_> = names
@@ -248,57 +327,152 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     // A same-location overlay stream (vsphere-1 → vsphere-2's cni0 through flannel.1) for
     // the whole install, roll and removal.
     let vs2_gw: IpAddr = {
-        let out = c.node("vsphere-2")?.ns.ip(&["-4", "-o", "addr", "show", "dev", "cni0"])?;
+        let out = c
+            .node("vsphere-2")?
+            .ns
+            .ip(&["-4", "-o", "addr", "show", "dev", "cni0"])?;
         let cidr = out.split_whitespace().nth(3).context("cni0 address")?;
         cidr.split('/').next().context("cni0 address")?.parse()?
     };
-    let stream = start_stream(&c.node("vsphere-1")?.ns, &c.node("vsphere-2")?.ns, vs2_gw, StreamConfig::default())?;
+    let stream = start_stream(
+        &c.node("vsphere-1")?.ns,
+        &c.node("vsphere-2")?.ns,
+        vs2_gw,
+        StreamConfig::default(),
+    )?;
 
     // 2. Install from the image.
     let t_apply = Instant::now();
     install(&c)?;
     wait_agents_ready(&c, "180s")?;
     let apply_to_ready = t_apply.elapsed();
-    step(t0, &format!("isthmus installed: every agent Ready {apply_to_ready:.1?} after kubectl apply"));
-    c.kubectl(&["rollout", "status", "-n", NS, "deploy/isthmus-coordinator", "--timeout=120s"])
-        .with_context(|| c.diagnostics())?;
-    let holder = c.kubectl(&["get", "lease", "-n", NS, "isthmus-coordinator", "-o", "jsonpath={.spec.holderIdentity}"])?;
-    assert!(holder.starts_with("isthmus-coordinator-"), "lease holder {holder:?}");
+    step(
+        t0,
+        &format!("isthmus installed: every agent Ready {apply_to_ready:.1?} after kubectl apply"),
+    );
+    c.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        NS,
+        "deploy/isthmus-coordinator",
+        "--timeout=120s",
+    ])
+    .with_context(|| c.diagnostics())?;
+    let holder = c.kubectl(&[
+        "get",
+        "lease",
+        "-n",
+        NS,
+        "isthmus-coordinator",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    assert!(
+        holder.starts_with("isthmus-coordinator-"),
+        "lease holder {holder:?}"
+    );
     cross_cloud(&c, &pods, Duration::from_secs(60)).with_context(|| c.diagnostics())?;
-    step(t0, "cross-cloud pod→pod, pod→service, node→pod: HTTP and 2000-byte UDP");
+    step(
+        t0,
+        "cross-cloud pod→pod, pod→service, node→pod: HTTP and 2000-byte UDP",
+    );
 
     let pod = agent_pod(&c, "aws-1")?;
-    let peers = c.kubectl(&["exec", "-n", NS, &pod, "-c", "agent", "--", "isthmus-agent", "peers"])?;
+    let peers = c.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        &pod,
+        "-c",
+        "agent",
+        "--",
+        "isthmus-agent",
+        "peers",
+    ])?;
     for remote in ["vsphere-1", "vsphere-2"] {
-        assert!(peers.lines().any(|l| l.starts_with(remote) && l.contains(" up")), "peers:\n{peers}");
+        assert!(
+            peers
+                .lines()
+                .any(|l| l.starts_with(remote) && l.contains(" up")),
+            "peers:\n{peers}"
+        );
     }
-    assert!(!peers.contains("aws-2"), "same-location peer listed:\n{peers}");
+    assert!(
+        !peers.contains("aws-2"),
+        "same-location peer listed:\n{peers}"
+    );
     let wg = c.node("vsphere-1")?.exec("wg", &["show", "isthmus0"])?;
-    assert_eq!(wg.matches("peer: ").count(), 2, "wg show on vsphere-1:\n{wg}");
-    assert!(wg.contains("latest handshake"), "wg show on vsphere-1:\n{wg}");
-    step(t0, "kubectl exec … isthmus-agent peers, and wg show on a node");
+    assert_eq!(
+        wg.matches("peer: ").count(),
+        2,
+        "wg show on vsphere-1:\n{wg}"
+    );
+    assert!(
+        wg.contains("latest handshake"),
+        "wg show on vsphere-1:\n{wg}"
+    );
+    step(
+        t0,
+        "kubectl exec … isthmus-agent peers, and wg show on a node",
+    );
 
     // 4. Roll the DaemonSet.
     c.kubectl(&["rollout", "restart", "-n", NS, "ds/isthmus-agent"])?;
     wait_agents_ready(&c, "240s")?;
     cross_cloud(&c, &pods, Duration::from_secs(30))?;
-    step(t0, "rollout restart: every agent replaced, the mesh is back");
+    step(
+        t0,
+        "rollout restart: every agent replaced, the mesh is back",
+    );
 
     // 5. flannel's pod on aws-1 restarted: flanneld rewrites its FDB entries at start; the
     // agent puts them back. A 500/s cross-cloud stream node→node-overlay measures the gap.
     let a1 = c.node("aws-1")?;
     let flannel_pod = c.kubectl(&[
-        "get", "pods", "-n", "kube-flannel", "--field-selector", "spec.nodeName=aws-1",
-        "-o", "jsonpath={.items[0].metadata.name}",
+        "get",
+        "pods",
+        "-n",
+        "kube-flannel",
+        "--field-selector",
+        "spec.nodeName=aws-1",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
     ])?;
     let v1_gw: IpAddr = {
-        let out = c.node("vsphere-1")?.ns.ip(&["-4", "-o", "addr", "show", "dev", "cni0"])?;
-        out.split_whitespace().nth(3).and_then(|s| s.split('/').next()).context("cni0")?.parse()?
+        let out = c
+            .node("vsphere-1")?
+            .ns
+            .ip(&["-4", "-o", "addr", "show", "dev", "cni0"])?;
+        out.split_whitespace()
+            .nth(3)
+            .and_then(|s| s.split('/').next())
+            .context("cni0")?
+            .parse()?
     };
-    let cross = start_stream(&a1.ns, &c.node("vsphere-1")?.ns, v1_gw, StreamConfig::default())?;
+    let cross = start_stream(
+        &a1.ns,
+        &c.node("vsphere-1")?.ns,
+        v1_gw,
+        StreamConfig::default(),
+    )?;
     let t_del = Instant::now();
-    c.kubectl(&["delete", "pod", "-n", "kube-flannel", flannel_pod.trim(), "--wait=true"])?;
-    c.kubectl(&["rollout", "status", "-n", "kube-flannel", "ds/kube-flannel-ds", "--timeout=60s"])?;
+    c.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        "kube-flannel",
+        flannel_pod.trim(),
+        "--wait=true",
+    ])?;
+    c.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        "kube-flannel",
+        "ds/kube-flannel-ds",
+        "--timeout=60s",
+    ])?;
     std::thread::sleep(Duration::from_secs(2));
     let flannel_back = t_del.elapsed();
     let s = cross.stop()?;
@@ -314,7 +488,11 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
             agent_log.contains("re-asserted")
         ),
     );
-    assert!(s.longest_gap < Duration::from_secs(1), "cross-cloud outage {:?} after flannel's restart", s.longest_gap);
+    assert!(
+        s.longest_gap < Duration::from_secs(1),
+        "cross-cloud outage {:?} after flannel's restart",
+        s.longest_gap
+    );
     cross_cloud(&c, &pods, Duration::from_secs(10))?;
 
     // 6. SIGKILL the agent: no chance to restore. The kubelet restarts the container, whose
@@ -324,32 +502,62 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     // SAFETY: kill on a PID this test's cluster started (the agent container on aws-1).
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let restarted = wait_until(Duration::from_secs(60), || {
-        c.kubectl(&["get", "pod", "-n", NS, &pod_name_or_empty(&c, "aws-1"), "-o",
-            "jsonpath={.status.containerStatuses[0].restartCount}"])
-            .is_ok_and(|o| o.trim().parse::<u32>().unwrap_or(0) >= 1)
+        c.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            NS,
+            &pod_name_or_empty(&c, "aws-1"),
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ])
+        .is_ok_and(|o| o.trim().parse::<u32>().unwrap_or(0) >= 1)
     });
-    assert!(restarted, "the killed agent was not restarted:\n{}", c.diagnostics());
+    assert!(
+        restarted,
+        "the killed agent was not restarted:\n{}",
+        c.diagnostics()
+    );
     cross_cloud(&c, &pods, Duration::from_secs(60))?;
-    step(t0, "agent SIGKILLed on aws-1: restarted by the kubelet, mesh back");
+    step(
+        t0,
+        "agent SIGKILLed on aws-1: restarted by the kubelet, mesh back",
+    );
     // Now a kill the kubelet cannot answer with a restart in place: the kubelet is frozen,
     // the agent killed, its pod force-deleted (no preStop), the kubelet thawed. Only the
     // replacement pod's init container can restore what the killed agent left.
     let old = agent_pod(&c, "aws-1")?;
     let pid = pid_of(&c, "aws-1", "isthmus-agent")?;
-    let kubelet = c.node("aws-1")?.kubelet_pid().context("aws-1 has no kubelet")? as i32;
+    let kubelet = c
+        .node("aws-1")?
+        .kubelet_pid()
+        .context("aws-1 has no kubelet")? as i32;
     // SAFETY: signals to processes this test's cluster started (kubelet and agent of aws-1).
     unsafe {
         libc::kill(kubelet, libc::SIGSTOP);
         libc::kill(pid, libc::SIGKILL);
     }
-    let forced = c.kubectl(&["delete", "pod", "-n", NS, &old, "--grace-period=0", "--force", "--wait=false"]);
+    let forced = c.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        NS,
+        &old,
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ]);
     // SAFETY: as above.
     unsafe { libc::kill(kubelet, libc::SIGCONT) };
     forced?;
     let replaced = wait_until(Duration::from_secs(90), || {
         agent_pod(&c, "aws-1").is_ok_and(|p| p != old)
     });
-    assert!(replaced, "no replacement agent pod on aws-1:\n{}", c.diagnostics());
+    assert!(
+        replaced,
+        "no replacement agent pod on aws-1:\n{}",
+        c.diagnostics()
+    );
     wait_agents_ready(&c, "120s")?;
     let new = agent_pod(&c, "aws-1")?;
     let init_log = c.kubectl(&["logs", "-n", NS, &new, "-c", "cleanup"])?;
@@ -363,25 +571,45 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
         "the replacement pod's init container restored nothing:\n{init_log}"
     );
     cross_cloud(&c, &pods, Duration::from_secs(60))?;
-    step(t0, &format!("killed agent's pod replaced: its init container restored {} entries, mesh back", restored.unwrap_or(0)));
+    step(
+        t0,
+        &format!(
+            "killed agent's pod replaced: its init container restored {} entries, mesh back",
+            restored.unwrap_or(0)
+        ),
+    );
 
     // 7. Remove the mesh: every node exactly as before.
     uninstall(&c)?;
     for (n, want) in names.iter().zip(&before) {
         let have = snapshot(&c.node(n)?.ns)?;
-        assert_eq!(&have, want, "{n}'s routing after uninstall differs from before install");
+        assert_eq!(
+            &have, want,
+            "{n}'s routing after uninstall differs from before install"
+        );
     }
     let s = stream.stop()?;
     step(t0, &format!("uninstalled: routing identical on all four nodes; same-location stream sent {}, lost {}, longest gap {:?}", s.sent, s.lost, s.longest_gap));
     assert_eq!(s.lost, 0, "the same-location stream lost datagrams: {s:?}");
-    assert!(cross_cloud(&c, &pods, Duration::from_secs(1)).is_err(), "cross-cloud traffic without the mesh");
+    assert!(
+        cross_cloud(&c, &pods, Duration::from_secs(1)).is_err(),
+        "cross-cloud traffic without the mesh"
+    );
 
     // 8. Reinstall; then a node goes away for good.
     install(&c)?;
     wait_agents_ready(&c, "180s")?;
     cross_cloud(&c, &pods, Duration::from_secs(60))?;
-    let aws2_vtep = c.node("aws-2")?.ns.ip(&["-o", "link", "show", "flannel.1"])?;
-    let aws2_mac = aws2_vtep.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).context("VTEP MAC")?.to_string();
+    let aws2_vtep = c
+        .node("aws-2")?
+        .ns
+        .ip(&["-o", "link", "show", "flannel.1"])?;
+    let aws2_mac = aws2_vtep
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("VTEP MAC")?
+        .to_string();
     let aws2_cidr = c.kubectl(&["get", "node", "aws-2", "-o", "jsonpath={.spec.podCIDR}"])?;
     let aws2_key = c.kubectl(&["get", "wgp", "aws-2", "-o", "jsonpath={.spec.publicKey}"])?;
     c.remove_node("aws-2")?;
@@ -389,19 +617,42 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     let collected = wait_until(Duration::from_secs(60), || {
         c.kubectl(&["get", "wgp", "aws-2"]).is_err()
     });
-    assert!(collected, "the deleted node's WireGuardPeer was not collected");
-    let cidr_net = aws2_cidr.trim().split('/').next().unwrap_or_default().to_string();
+    assert!(
+        collected,
+        "the deleted node's WireGuardPeer was not collected"
+    );
+    let cidr_net = aws2_cidr
+        .trim()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let clean = wait_until(Duration::from_secs(30), || {
         ["vsphere-1", "vsphere-2", "aws-1"].iter().all(|n| {
             let Ok(node) = c.node(n) else { return false };
-            let fdb = node.ns.exec("bridge", &["fdb", "show", "dev", "flannel.1"]).unwrap_or_default();
-            let routes = node.ns.ip(&["route", "show", "table", "all"]).unwrap_or_default();
-            let wg = node.exec("wg", &["show", "isthmus0", "peers"]).unwrap_or_default();
+            let fdb = node
+                .ns
+                .exec("bridge", &["fdb", "show", "dev", "flannel.1"])
+                .unwrap_or_default();
+            let routes = node
+                .ns
+                .ip(&["route", "show", "table", "all"])
+                .unwrap_or_default();
+            let wg = node
+                .exec("wg", &["show", "isthmus0", "peers"])
+                .unwrap_or_default();
             !fdb.contains(&aws2_mac) && !routes.contains(&cidr_net) && !wg.contains(aws2_key.trim())
         })
     });
-    assert!(clean, "a node still routes to the deleted aws-2:\n{}", c.diagnostics());
-    step(t0, "aws-2 deleted: its peer collected, no route, FDB entry or WireGuard peer left");
+    assert!(
+        clean,
+        "a node still routes to the deleted aws-2:\n{}",
+        c.diagnostics()
+    );
+    step(
+        t0,
+        "aws-2 deleted: its peer collected, no route, FDB entry or WireGuard peer left",
+    );
     Ok(())
 }
 

@@ -134,7 +134,11 @@ impl RealCluster {
         for c in &clouds {
             c.gateway
                 .ip(&["addr", "add", &format!("{public}/32"), "dev", "lo"])?;
-            relay.forward_from(&c.gateway, SocketAddr::from((APISERVER_PUBLIC, rig.port)), upstream)?;
+            relay.forward_from(
+                &c.gateway,
+                SocketAddr::from((APISERVER_PUBLIC, rig.port)),
+                upstream,
+            )?;
         }
 
         let admin_kc = rig.kubeconfig("admin", &rig.admin_token.clone())?;
@@ -320,8 +324,10 @@ impl RealCluster {
         if !ok {
             bail!(
                 "nodes not Ready after {timeout:?}:\n{}\n{}",
-                self.kubectl(&["get", "nodes", "-o", "wide"]).unwrap_or_default(),
-                self.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default()
+                self.kubectl(&["get", "nodes", "-o", "wide"])
+                    .unwrap_or_default(),
+                self.kubectl(&["get", "pods", "-A", "-o", "wide"])
+                    .unwrap_or_default()
             );
         }
         Ok(())

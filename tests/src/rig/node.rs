@@ -144,8 +144,7 @@ impl RealNode {
                 continue;
             }
             let dir = root.join(self.cgroup.trim_start_matches('/'));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             if *h == "cpuset" {
                 for f in ["cpuset.cpus", "cpuset.mems"] {
                     let v = std::fs::read_to_string(root.join(f))?;
@@ -304,8 +303,11 @@ conntrack:
             &["--config", &cfg, "--log-level", "warn"],
         )?);
         let up = wait_until(Duration::from_secs(30), || {
-            self.exec("ctr", &["--address", "/run/containerd/containerd.sock", "version"])
-                .is_ok()
+            self.exec(
+                "ctr",
+                &["--address", "/run/containerd/containerd.sock", "version"],
+            )
+            .is_ok()
         });
         if !up {
             bail!(
@@ -380,7 +382,10 @@ conntrack:
     /// Stops the kubelet and kube-proxy as a machine that is switched off would (SIGKILL);
     /// pods keep running until [`RealNode`] is dropped.
     pub fn stop_kubelet(&mut self) {
-        for d in [self.kubelet.take(), self.kube_proxy.take()].into_iter().flatten() {
+        for d in [self.kubelet.take(), self.kube_proxy.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut d = d;
             d.stop_with(libc::SIGKILL, Duration::from_secs(5));
         }
@@ -509,7 +514,11 @@ impl Drop for RealNode {
         }
         let me = std::process::id() as i32;
         wait_until(Duration::from_secs(10), || {
-            let pids: Vec<i32> = self.pids_inside().into_iter().filter(|p| *p != me).collect();
+            let pids: Vec<i32> = self
+                .pids_inside()
+                .into_iter()
+                .filter(|p| *p != me)
+                .collect();
             kill_all(&pids, libc::SIGKILL);
             pids.is_empty()
         });

@@ -150,10 +150,7 @@ async fn serve_connect(mut conn: UnixStream, ports: KubeletPorts) -> anyhow::Res
     let addr: SocketAddr = target
         .parse()
         .with_context(|| format!("CONNECT target {target}"))?;
-    let netns = ports
-        .lock()
-        .ok()
-        .and_then(|m| m.get(&addr.port()).cloned());
+    let netns = ports.lock().ok().and_then(|m| m.get(&addr.port()).cloned());
     let Some(netns) = netns else {
         conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await?;
         bail!("no node serves kubelet port {}", addr.port());
