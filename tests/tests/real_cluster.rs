@@ -405,6 +405,43 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
         !peers.contains("aws-2"),
         "same-location peer listed:\n{peers}"
     );
+    // As an operator types it: whichever agent kubectl picks lists its two cross-cloud
+    // peers, both up, and `wg show` in the agent's image reads the same socket.
+    let any = c.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        "ds/isthmus-agent",
+        "-c",
+        "agent",
+        "--",
+        "isthmus-agent",
+        "peers",
+    ])?;
+    let up = any
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" up"))
+        .count();
+    assert_eq!(
+        up, 2,
+        "kubectl exec ds/isthmus-agent -- isthmus-agent peers:\n{any}"
+    );
+    let wg_in_pod = c.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        "ds/isthmus-agent",
+        "-c",
+        "agent",
+        "--",
+        "wg",
+        "show",
+    ])?;
+    assert_eq!(
+        wg_in_pod.matches("peer: ").count(),
+        2,
+        "wg show in the agent pod:\n{wg_in_pod}"
+    );
     let wg = c.node("vsphere-1")?.exec("wg", &["show", "isthmus0"])?;
     assert_eq!(
         wg.matches("peer: ").count(),
