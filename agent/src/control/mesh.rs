@@ -8,9 +8,9 @@ use ip_network::IpNetwork;
 use isthmus_api::{Topology, WireGuardPeer};
 use kube::ResourceExt;
 
-use crate::dataplane::PeerConfig;
-use crate::key::Key;
-use crate::routing::plan::{Remote, Vtep};
+use isthmus_routing::plan::{Remote, Vtep};
+use isthmus_wg::key::Key;
+use isthmus_wg::PeerConfig;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshPlan {

@@ -2,7 +2,6 @@
 //! turn them into the mesh this node should run (`mesh::plan`, pure) and apply only the
 //! difference to the data plane.
 
-pub mod address;
 pub mod health;
 pub mod keys;
 pub mod lock;

@@ -24,20 +24,20 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use tokio::sync::Notify;
 
-use super::address::Netlink;
 use super::keys;
 use super::lock::StateLock;
 use super::mesh::{self, MeshPlan};
 use super::ops::AgentOps;
 use super::publish::{self, PublishOptions};
 use super::runtime::{self, Runtime};
-use crate::dataplane::snat::SourceRewrite;
-use crate::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
-use crate::netns;
-use crate::routing::kernel::Kernel;
-use crate::routing::plan::{self as routing_plan, Devices, Settings};
-use crate::routing::{watch, Mode, Router};
-use crate::uapi::server;
+use isthmus_routing::address::Netlink;
+use isthmus_routing::kernel::Kernel;
+use isthmus_routing::netns;
+use isthmus_routing::plan::{self as routing_plan, Devices, Settings};
+use isthmus_routing::{watch, Mode, Router};
+use isthmus_wg::snat::SourceRewrite;
+use isthmus_wg::tunnel::{Tunnel, DEFAULT_MTU};
+use isthmus_wg::uapi::server;
 
 /// What WireGuard adds to an inner packet on an IPv6 underlay (IPv6 40, UDP 8, data
 /// header and tag 32); subtracting it from the underlay MTU gives a tunnel MTU that fits
@@ -118,7 +118,7 @@ struct Agent {
     netlink: Netlink,
     router: Router,
     vxlan_index: Arc<AtomicU32>,
-    private_key: crate::key::Key,
+    private_key: isthmus_wg::key::Key,
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
     applied: Option<MeshPlan>,
@@ -478,7 +478,7 @@ pub async fn run(
 pub async fn cleanup(
     state_dir: &std::path::Path,
     netns_path: Option<&std::path::Path>,
-) -> anyhow::Result<crate::routing::Outcome> {
+) -> anyhow::Result<isthmus_routing::Outcome> {
     let Some(_lock) = StateLock::try_acquire(state_dir)? else {
         tracing::info!(
             state_dir = %state_dir.display(),

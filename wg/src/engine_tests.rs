@@ -2,10 +2,10 @@
 
 use std::net::SocketAddr;
 
-use super::capture::{Capture, Output};
-use super::config::{DeviceConfig, PeerConfig, SetEffects};
-use super::device::{Device, MAX_PACKET};
-use super::drops::DropReason;
+use crate::capture::{Capture, Output};
+use crate::config::{DeviceConfig, PeerConfig, SetEffects};
+use crate::device::{Device, MAX_PACKET};
+use crate::drops::DropReason;
 use crate::key::Key;
 
 const ADDR_A: &str = "192.0.2.1:51820";
@@ -83,7 +83,7 @@ fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
     // Put back what `to` wants to send, for the next hop.
     for o in rest {
         if let Output::Datagram(addr, d) = o {
-            use super::device::Transmit;
+            use crate::device::Transmit;
             let _ = to.out.send(addr, &d);
         }
     }
@@ -256,7 +256,7 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
     let packet = ipv4([10, 9, 0, 1], [10, 0, 0, 5], 8);
     let mut buf = vec![0u8; MAX_PACKET];
     // No session yet: each seal sends a handshake initiation to the routed peer.
-    let initiation_to = |burst: &super::device::Burst, buf: &mut [u8]| {
+    let initiation_to = |burst: &crate::device::Burst, buf: &mut [u8]| {
         assert_eq!(a.device.seal(burst, &packet, buf, &a.out), None);
         let sent: Vec<SocketAddr> = a
             .out

@@ -2,8 +2,8 @@
 //! what the journal remembers. Pure, so every case of "assert, re-assert, restore, leave
 //! alone" is a table row.
 
-use super::journal::Entry;
-use super::model::{Key, Value};
+use crate::journal::Entry;
+use crate::model::{Key, Value};
 
 /// What to do to the kernel entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,7 +103,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::model::Mac;
+    use crate::model::Mac;
 
     fn key() -> Key {
         Key::Fdb {

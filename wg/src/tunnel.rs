@@ -20,15 +20,15 @@ use anyhow::Context;
 use parking_lot::{Mutex, RwLock};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use super::batch::OutBatch;
-use super::config::{DeviceConfig, PeerConfig, SetEffects};
-use super::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
-use super::drops::DropReason;
-use super::offload::gro::Coalescer;
-use super::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use super::snat::SourceRewrite;
-use super::sockets::{Sockets, Udp, RECV_BUF};
+use crate::batch::OutBatch;
+use crate::config::{DeviceConfig, PeerConfig, SetEffects};
+use crate::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
+use crate::drops::DropReason;
 use crate::key::Key;
+use crate::offload::gro::Coalescer;
+use crate::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
+use crate::snat::SourceRewrite;
+use crate::sockets::{Sockets, Udp, RECV_BUF};
 use crate::uapi::server::UapiHandler;
 use crate::uapi::{DeviceSnapshot, Errno, SetRequest, UapiError};
 
