@@ -1,13 +1,13 @@
-//! The device's configuration as plain data, and the pure step from one configuration to the
-//! next. Both the UAPI (`wg set`) and, later, the control plane produce a [`DeviceConfig`];
-//! the runtime then reconciles to it, so there is exactly one way configuration changes.
+//! The device's configuration as plain data, the change requests that move it, and the one
+//! pure step from one configuration to the next ([`DeviceConfig::apply`]). `wg set` (parsed
+//! by the UAPI) and the control plane (through [`Change::sync`]) both speak [`Change`], so
+//! there is exactly one way configuration changes.
 
 use std::net::SocketAddr;
 
 use ip_network::IpNetwork;
 
 use crate::key::Key;
-use crate::uapi::{AllowedIpChange, SetRequest};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -49,6 +49,96 @@ pub struct DeviceConfig {
     pub peers: Vec<PeerConfig>,
 }
 
+/// One change to a peer's allowed IPs, in request order (a `ReplaceAll` only clears what
+/// came before it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedIpChange {
+    ReplaceAll,
+    Add(IpNetwork),
+}
+
+/// The changes to one peer (one `public_key=` section of `wg set`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    pub public_key: Key,
+    pub remove: bool,
+    pub update_only: bool,
+    /// `Some(Key::ZERO)` clears the preshared key.
+    pub preshared_key: Option<Key>,
+    /// An endpoint named here replaces a roamed one, even when the configured value stays.
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub allowed_ips: Vec<AllowedIpChange>,
+}
+
+impl PeerChange {
+    pub fn new(public_key: Key) -> Self {
+        PeerChange {
+            public_key,
+            remove: false,
+            update_only: false,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
+/// A change to the device: what one `wg set` request says, as the engine's value. `None`
+/// and empty leave things as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Change {
+    /// `Some(Key::ZERO)` removes the private key.
+    pub private_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    /// `Some(0)` clears the mark.
+    pub fwmark: Option<u32>,
+    pub replace_peers: bool,
+    pub peers: Vec<PeerChange>,
+}
+
+impl Change {
+    /// The change that makes `current` run exactly `peers` under `private_key`, keeping its
+    /// listen port and fwmark: what `wg syncconf` sends, except that it names only what
+    /// differs, so an unchanged peer keeps its roamed endpoint and a keepalive starts only
+    /// where it was off. As with `wg`, a configured endpoint is never cleared, only replaced.
+    pub fn sync(current: &DeviceConfig, private_key: Key, peers: &[PeerConfig]) -> Change {
+        let mut change = Change {
+            private_key: Some(private_key),
+            ..Change::default()
+        };
+        for old in &current.peers {
+            if !peers.iter().any(|p| p.public_key == old.public_key) {
+                let mut remove = PeerChange::new(old.public_key);
+                remove.remove = true;
+                change.peers.push(remove);
+            }
+        }
+        for want in peers {
+            let before = current.peer(&want.public_key);
+            let differs = |f: &dyn Fn(&PeerConfig) -> bool| before.is_none_or(f);
+            let mut pc = PeerChange::new(want.public_key);
+            if differs(&|b| b.preshared_key != want.preshared_key) {
+                pc.preshared_key = Some(want.preshared_key.unwrap_or(Key::ZERO));
+            }
+            if differs(&|b| b.endpoint != want.endpoint) {
+                pc.endpoint = want.endpoint;
+            }
+            if differs(&|b| b.persistent_keepalive != want.persistent_keepalive) {
+                pc.persistent_keepalive = Some(want.persistent_keepalive);
+            }
+            if differs(&|b| b.allowed_ips != want.allowed_ips) {
+                pc.allowed_ips.push(AllowedIpChange::ReplaceAll);
+                pc.allowed_ips
+                    .extend(want.allowed_ips.iter().copied().map(AllowedIpChange::Add));
+            }
+            change.peers.push(pc);
+        }
+        change
+    }
+}
+
 /// Side effects a `set` asks for beyond the new configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SetEffects {
@@ -69,10 +159,10 @@ impl DeviceConfig {
         self.peers.iter().find(|p| p.public_key == *key)
     }
 
-    /// Applies a parsed request the way wireguard-go does, returning the new configuration
-    /// and the effects to carry out. Infallible: everything that can be wrong was rejected
-    /// while parsing.
-    pub fn apply(&self, req: &SetRequest) -> (DeviceConfig, SetEffects) {
+    /// Applies a change the way wireguard-go applies a `set`, returning the new
+    /// configuration and the effects to carry out. Infallible: everything that can be wrong
+    /// was rejected while the change was made (parsed, for the UAPI).
+    pub fn apply(&self, req: &Change) -> (DeviceConfig, SetEffects) {
         let mut next = self.clone();
         let mut effects = SetEffects::default();
 
@@ -154,110 +244,166 @@ impl DeviceConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uapi::parse_set;
 
     fn k(b: u8) -> Key {
         Key([b; 32])
     }
 
-    fn set(cfg: &DeviceConfig, text: &str) -> (DeviceConfig, SetEffects) {
-        cfg.apply(&parse_set(text.lines()).expect("valid request"))
+    fn peer(b: u8, endpoint: &str, keepalive: u16, nets: &[&str]) -> PeerConfig {
+        PeerConfig {
+            public_key: k(b),
+            preshared_key: None,
+            endpoint: Some(endpoint.parse().unwrap()),
+            persistent_keepalive: keepalive,
+            allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        }
+    }
+
+    fn sorted(mut peers: Vec<PeerConfig>) -> Vec<PeerConfig> {
+        peers.sort_by_key(|p| p.public_key);
+        peers
     }
 
     #[test]
-    fn adds_updates_and_removes_peers() {
-        let base = DeviceConfig::default();
-        let text = format!(
-            "listen_port=1000\npublic_key={}\nallowed_ip=10.0.0.0/24\nendpoint=1.1.1.1:1\n\
-             persistent_keepalive_interval=5\npublic_key={}\nallowed_ip=10.0.1.0/24",
-            k(1).to_hex(),
-            k(2).to_hex()
+    fn sync_reaches_exactly_the_wanted_peers_through_apply() {
+        let a = peer(1, "192.0.2.1:1", 25, &["10.0.1.0/24"]);
+        let b = peer(2, "192.0.2.2:2", 0, &["10.0.2.0/24"]);
+        let c = peer(3, "192.0.2.3:3", 0, &["10.0.3.0/24"]);
+        let b_keepalive = PeerConfig {
+            persistent_keepalive: 25,
+            ..b.clone()
+        };
+        let a_moved = PeerConfig {
+            endpoint: Some("198.51.100.1:1".parse().unwrap()),
+            ..a.clone()
+        };
+        let a_slower = PeerConfig {
+            persistent_keepalive: 10,
+            ..a.clone()
+        };
+        let a_takes_b = PeerConfig {
+            allowed_ips: vec![
+                "10.0.1.0/24".parse().unwrap(),
+                "10.0.2.0/24".parse().unwrap(),
+            ],
+            ..a.clone()
+        };
+        let b_gives = PeerConfig {
+            allowed_ips: Vec::new(),
+            ..b.clone()
+        };
+        let a_psk = PeerConfig {
+            preshared_key: Some(k(7)),
+            ..a.clone()
+        };
+        let ep = |p: &PeerConfig| (p.public_key, p.endpoint.unwrap());
+        // (case, configured peers, wanted peers, keepalives started, endpoints named)
+        type Case = (
+            &'static str,
+            Vec<PeerConfig>,
+            Vec<PeerConfig>,
+            Vec<Key>,
+            Vec<(Key, SocketAddr)>,
         );
-        let (cfg, fx) = set(&base, &text);
-        assert_eq!(cfg.listen_port, 1000);
-        assert_eq!(cfg.peers.len(), 2);
-        assert_eq!(fx.keepalive_started, vec![k(1)]);
-        assert_eq!(fx.endpoints, vec![(k(1), "1.1.1.1:1".parse().unwrap())]);
-
-        let (cfg2, fx2) = set(&cfg, &format!("public_key={}\nremove=true", k(1).to_hex()));
-        assert_eq!(cfg2.peers.len(), 1);
-        assert_eq!(cfg2.peers[0].public_key, k(2));
-        assert_eq!(fx2, SetEffects::default());
-    }
-
-    #[test]
-    fn an_allowed_ip_moves_to_the_peer_that_claims_it_last() {
-        let text = format!(
-            "public_key={}\nallowed_ip=10.0.0.0/24\nallowed_ip=10.9.0.0/16\n\
-             public_key={}\nallowed_ip=10.0.0.0/24",
-            k(1).to_hex(),
-            k(2).to_hex()
-        );
-        let (cfg, _) = set(&DeviceConfig::default(), &text);
-        assert_eq!(cfg.peer(&k(1)).unwrap().allowed_ips.len(), 1);
-        assert_eq!(
-            cfg.peer(&k(2)).unwrap().allowed_ips,
-            vec!["10.0.0.0/24".parse::<IpNetwork>().unwrap()]
-        );
-    }
-
-    #[test]
-    fn replace_allowed_ips_clears_only_what_came_before() {
-        let text = format!(
-            "public_key={0}\nallowed_ip=10.0.0.0/24\npublic_key={0}\nallowed_ip=10.1.0.0/24\n\
-             replace_allowed_ips=true\nallowed_ip=10.2.0.0/24",
-            k(1).to_hex()
-        );
-        let (cfg, _) = set(&DeviceConfig::default(), &text);
-        assert_eq!(
-            cfg.peers[0].allowed_ips,
-            vec!["10.2.0.0/24".parse::<IpNetwork>().unwrap()]
-        );
-    }
-
-    #[test]
-    fn update_only_never_creates_and_replace_peers_clears() {
-        let (cfg, _) = set(
-            &DeviceConfig::default(),
-            &format!(
-                "public_key={}\nupdate_only=true\nallowed_ip=10.0.0.0/8",
-                k(1).to_hex()
+        let cases: Vec<Case> = vec![
+            (
+                "from nothing",
+                vec![],
+                vec![a.clone(), b.clone()],
+                vec![k(1)],
+                vec![ep(&a), ep(&b)],
             ),
-        );
-        assert!(cfg.peers.is_empty());
-
-        let (cfg, _) = set(&cfg, &format!("public_key={}", k(1).to_hex()));
-        let (cfg, _) = set(
-            &cfg,
-            &format!("replace_peers=true\npublic_key={}", k(2).to_hex()),
-        );
-        assert_eq!(cfg.peers.len(), 1);
-        assert_eq!(cfg.peers[0].public_key, k(2));
+            (
+                "nothing changed",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "keepalive on, a peer joins",
+                vec![a.clone(), b.clone()],
+                vec![a.clone(), b_keepalive, c.clone()],
+                vec![k(2)],
+                vec![ep(&c)],
+            ),
+            (
+                "a peer leaves, one moves",
+                vec![a.clone(), b.clone()],
+                vec![a_moved.clone()],
+                vec![],
+                vec![ep(&a_moved)],
+            ),
+            (
+                "keepalive changed, not started",
+                vec![a.clone()],
+                vec![a_slower],
+                vec![],
+                vec![],
+            ),
+            (
+                "a prefix moves between peers",
+                vec![a.clone(), b.clone()],
+                vec![a_takes_b, b_gives],
+                vec![],
+                vec![],
+            ),
+            (
+                "preshared key set",
+                vec![a.clone()],
+                vec![a_psk.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "preshared key cleared",
+                vec![a_psk],
+                vec![a.clone()],
+                vec![],
+                vec![],
+            ),
+            (
+                "everyone leaves",
+                vec![a.clone(), b.clone()],
+                vec![],
+                vec![],
+                vec![],
+            ),
+        ];
+        for (case, configured, wanted, started, endpoints) in cases {
+            let current = DeviceConfig {
+                private_key: Some(k(9)),
+                listen_port: 51820,
+                fwmark: 7,
+                peers: configured,
+            };
+            let (next, effects) = current.apply(&Change::sync(&current, k(9), &wanted));
+            assert_eq!(
+                (next.private_key, next.listen_port, next.fwmark),
+                (Some(k(9)), 51820, 7),
+                "{case}"
+            );
+            assert_eq!(sorted(next.peers), sorted(wanted), "{case}");
+            assert_eq!(effects.keepalive_started, started, "{case}");
+            assert_eq!(effects.endpoints, endpoints, "{case}");
+        }
     }
 
     #[test]
-    fn zero_keys_clear_and_own_key_is_never_a_peer() {
-        let private = k(9);
-        let own = private.public_from_private();
-        let text = format!(
-            "private_key={}\npublic_key={}\npublic_key={}\npreshared_key={}",
-            private.to_hex(),
-            own.to_hex(),
-            k(1).to_hex(),
-            k(3).to_hex()
-        );
-        let (cfg, _) = set(&DeviceConfig::default(), &text);
-        assert_eq!(cfg.peers.len(), 1);
-        assert_eq!(cfg.peers[0].preshared_key, Some(k(3)));
+    fn sync_names_only_what_differs() {
+        let a = peer(1, "192.0.2.1:1", 25, &["10.0.1.0/24"]);
+        let current = DeviceConfig {
+            private_key: Some(k(9)),
+            peers: vec![a.clone()],
+            ..DeviceConfig::default()
+        };
+        let change = Change::sync(&current, k(9), std::slice::from_ref(&a));
+        assert_eq!(change.peers, vec![PeerChange::new(k(1))]);
+        assert_eq!((change.listen_port, change.fwmark), (None, None));
+        assert!(!change.replace_peers);
 
-        let text = format!(
-            "private_key={}\npublic_key={}\npreshared_key={}",
-            Key::ZERO.to_hex(),
-            k(1).to_hex(),
-            Key::ZERO.to_hex()
-        );
-        let (cfg, _) = set(&cfg, &text);
-        assert_eq!(cfg.private_key, None);
-        assert_eq!(cfg.peers[0].preshared_key, None);
+        let (next, effects) = current.apply(&Change::sync(&current, k(8), &[a]));
+        assert_eq!(next.private_key, Some(k(8)), "a new node key is taken");
+        assert_eq!(effects, SetEffects::default());
     }
 }

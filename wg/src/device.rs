@@ -27,7 +27,7 @@ use crate::config::{DeviceConfig, SetEffects};
 use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
 use crate::peer::Peer;
-use crate::uapi::{DeviceSnapshot, PeerSnapshot};
+use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 
 /// Handshakes per second the whole device answers before it demands cookies (boringtun's
 /// and wireguard-go's order of magnitude).

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::capture::{Capture, Output};
-use crate::config::{DeviceConfig, PeerConfig, SetEffects};
+use crate::config::{Change, DeviceConfig, PeerConfig, SetEffects};
 use crate::device::{Device, MAX_PACKET};
 use crate::drops::DropReason;
 use crate::key::Key;
@@ -175,6 +175,46 @@ fn unrelated_reconfiguration_keeps_the_session() {
     assert_eq!(sent.len(), 1);
     match &sent[0] {
         Output::Datagram(_, d) => assert_eq!(d[0], 4, "expected data, not a new handshake"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// What `Tunnel::sync` does, without the sockets.
+fn sync(node: &Node, peers: &[PeerConfig]) {
+    let current = node.device.config();
+    let (next, effects) = current.apply(&Change::sync(&current, node.private, peers));
+    node.device.reconfigure(next, &effects, &node.out);
+}
+
+#[test]
+fn a_sync_keeps_the_session_and_the_roamed_endpoint_of_an_unchanged_peer() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let moved: SocketAddr = "198.51.100.7:4444".parse().unwrap();
+    let mut buf = vec![0u8; MAX_PACKET];
+    a.device
+        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    assert_eq!(deliver(&a, &b, "198.51.100.7:4444").len(), 1);
+
+    // The control plane says the same about a, and adds c.
+    let c = Node::new(3);
+    let mut peers = b.device.config().peers;
+    let mut pc = PeerConfig::new(c.public());
+    pc.allowed_ips = vec!["10.0.0.3/32".parse().unwrap()];
+    peers.push(pc);
+    sync(&b, &peers);
+    assert_eq!(b.device.config().peers, peers);
+    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(moved));
+
+    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
+    b.device.handle_outbound(&packet, &mut buf, &b.out);
+    let sent = b.out.take();
+    assert_eq!(sent.len(), 1);
+    match &sent[0] {
+        Output::Datagram(to, d) => {
+            assert_eq!(d[0], 4, "expected data, not a new handshake");
+            assert_eq!(*to, moved);
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{human_age, human_bytes, table};
 use isthmus_wg::uapi::client::age;
-use isthmus_wg::uapi::DeviceSnapshot;
+use isthmus_wg::DeviceSnapshot;
 
 /// A session older than this cannot carry data any more (WireGuard's Reject-After-Time):
 /// with keepalives on, a healthy peer re-handshakes every two minutes, well inside it.
@@ -135,7 +135,7 @@ mod tests {
     use super::*;
     use isthmus_api::{WireGuardPeerSpec, WireGuardPeerStatus};
     use isthmus_wg::key::Key;
-    use isthmus_wg::uapi::PeerSnapshot;
+    use isthmus_wg::PeerSnapshot;
 
     fn wgp(name: &str, key: &Key, location: &str, mesh: &str) -> WireGuardPeer {
         let mut p = WireGuardPeer::new(

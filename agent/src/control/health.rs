@@ -14,7 +14,7 @@ use kube::runtime::reflector::Store;
 use kube::ResourceExt;
 
 use isthmus_wg::tunnel::Tunnel;
-use isthmus_wg::uapi::DeviceSnapshot;
+use isthmus_wg::DeviceSnapshot;
 
 fn time(t: SystemTime) -> Option<Time> {
     let secs = t.duration_since(UNIX_EPOCH).ok()?.as_secs();
@@ -91,7 +91,7 @@ mod tests {
     use super::*;
     use isthmus_api::WireGuardPeerSpec;
     use isthmus_wg::key::Key;
-    use isthmus_wg::uapi::PeerSnapshot;
+    use isthmus_wg::PeerSnapshot;
 
     #[test]
     fn names_peers_and_times_handshakes() {

@@ -193,7 +193,11 @@ impl Agent {
                 return;
             }
         }
-        self.tunnel.apply_mesh(self.private_key, plan.peers.clone());
+        if let Err(e) = self.tunnel.sync(self.private_key, &plan.peers) {
+            // Only a listen port or fwmark change can fail, and a sync names neither.
+            tracing::warn!(error = %e, "configuring the tunnel failed; will retry");
+            return;
+        }
         self.tunnel
             .set_source_rewrite(self.source_rewrite(plan.address));
         tracing::info!(
@@ -345,7 +349,9 @@ pub async fn run(
     let tunnel = netns::run_in(opts.netns.as_deref(), move || {
         Tunnel::start(&iface, port, tunnel_mtu)
     })?;
-    tunnel.apply_mesh(private_key, Vec::new());
+    tunnel
+        .sync(private_key, &[])
+        .context("setting the node key on the tunnel")?;
     ops.dataplane_up(tunnel.clone());
     let _uapi = server::serve(&opts.iface, Arc::new(tunnel.clone()))?;
     let tun_index = kernel
