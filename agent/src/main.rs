@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use isthmus_agent::control::options::{RoutingOptions, RunOptions};
 use isthmus_agent::control::publish::PublishOptions;
-use isthmus_agent::control::run::{cleanup, run, RoutingOptions, RunOptions};
+use isthmus_agent::control::run::{cleanup, run};
 use isthmus_routing::Mode;
 use isthmus_wg::tunnel::{Tunnel, DEFAULT_MTU};
 use isthmus_wg::uapi::server;
@@ -175,7 +176,7 @@ fn peer_rows(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let peers = match runtime.block_on(isthmus_agent::control::run::list_peers(kubeconfig)) {
+    let peers = match runtime.block_on(isthmus_agent::cli::list_peers(kubeconfig)) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(

@@ -120,13 +120,13 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use isthmus_api::{WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use k8s_openapi::jiff::Timestamp;
 
-    fn peer(
+    pub(crate) fn peer(
         name: &str,
         key: u8,
         location: &str,
