@@ -77,7 +77,8 @@ cat >"$WORK/config.toml" <<EOF
 version = 2
 root = "$WORK/root"
 state = "$WORK/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+# The opt plugin would create /opt/containerd on the host.
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"]
 [grpc]
   address = "$WORK/containerd.sock"
 [ttrpc]

@@ -29,7 +29,7 @@ use std::path::Path;
 use journal::Journal;
 use kernel::Kernel;
 use model::{Key, Value};
-use reconcile::{decide, Record};
+use reconcile::{decide, vteps_flannel_dropped, without_stale_prior, Record};
 
 /// How cross-location pod traffic reaches the tunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -91,10 +91,19 @@ impl Router {
             .copied()
             .collect();
         let current = self.kernel.read(&keys).await?;
+        let dropped = vteps_flannel_dropped(
+            self.journal.keys().filter_map(|k| self.journal.get(k)),
+            |k| current.get(k),
+        );
         let decisions: Vec<_> = keys
             .iter()
             .map(|k| {
-                let d = decide(*k, self.desired.get(k), current.get(k), self.journal.get(k));
+                let desired = self.desired.get(k);
+                let journaled = match desired {
+                    None => without_stale_prior(k, self.journal.get(k), &dropped),
+                    Some(_) => self.journal.get(k).cloned(),
+                };
+                let d = decide(*k, desired, current.get(k), journaled.as_ref());
                 (*k, d)
             })
             .collect();

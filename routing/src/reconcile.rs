@@ -3,7 +3,7 @@
 //! alone" is a table row.
 
 use crate::journal::Entry;
-use crate::model::{Key, Value};
+use crate::model::{Key, Mac, Value};
 
 /// What to do to the kernel entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,10 +100,51 @@ pub fn decide(
     }
 }
 
+/// The VTEPs whose FDB entry must not be restored to its prior value, because flannel has
+/// let go of the node behind it.
+///
+/// flannel removes a node by deleting its neighbour entry, FDB entry and route, but its FDB
+/// delete names the node's underlay address as destination: while the entry points at the
+/// mesh IP the delete misses and flannel gives up, and restoring the prior value afterwards
+/// would bring back an entry to a node that no longer exists. flannel's neighbour entry for
+/// the same VTEP tells: when it was absent the last time we wrote it (`prior: None`, as after
+/// a re-assertion of a deleted entry) or is absent now, flannel does not want the node, and
+/// the FDB entry is deleted instead of restored.
+pub fn vteps_flannel_dropped<'a>(
+    journal: impl IntoIterator<Item = &'a Entry>,
+    current: impl Fn(&Key) -> Option<&'a Value>,
+) -> std::collections::BTreeSet<Mac> {
+    journal
+        .into_iter()
+        .filter_map(|e| match (&e.key, &e.applied) {
+            (Key::Neigh { .. }, Value::Neigh { mac }) => {
+                (e.prior.is_none() || current(&e.key).is_none()).then_some(*mac)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// `journaled` as [`decide`] should see it when the plan lets go of `key`: for the FDB entry
+/// of a VTEP flannel dropped ([`vteps_flannel_dropped`]) the prior is gone too.
+pub fn without_stale_prior(
+    key: &Key,
+    journaled: Option<&Entry>,
+    dropped: &std::collections::BTreeSet<Mac>,
+) -> Option<Entry> {
+    let e = journaled?;
+    match key {
+        Key::Fdb { mac, .. } if dropped.contains(mac) => Some(Entry {
+            prior: None,
+            ..e.clone()
+        }),
+        _ => Some(e.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Mac;
 
     fn key() -> Key {
         Key::Fdb {
@@ -269,5 +310,80 @@ mod tests {
         assert_eq!(first.action, Some(Action::Set(dst("10.0.0.11"))));
         // The journal entry is gone after the first cleanup.
         assert_eq!(decide(key(), None, Some(&dst("10.0.0.11")), None), NOTHING);
+    }
+
+    #[test]
+    fn an_fdb_entry_whose_node_flannel_dropped_is_deleted_not_restored() {
+        let mac = Mac([10, 88, 10, 244, 21, 0]);
+        let other = Mac([10, 88, 10, 244, 22, 0]);
+        let neigh = |ip: &str| Key::Neigh {
+            ifindex: 5,
+            ip: ip.parse().unwrap(),
+        };
+        let neigh_entry = |ip: &str, prior: bool, m: Mac| Entry {
+            key: neigh(ip),
+            prior: prior.then_some(Value::Neigh { mac: m }),
+            applied: Value::Neigh { mac: m },
+        };
+        let there = Value::Neigh { mac };
+        let there_other = Value::Neigh { mac: other };
+        // (name, journal, neighbours in the kernel now, dropped VTEPs)
+        type Row<'a> = (&'a str, Vec<Entry>, Vec<(Key, &'a Value)>, Vec<Mac>);
+        let rows: Vec<Row> = vec![
+            (
+                "flannel's neighbour there before and now: restore the FDB prior",
+                vec![neigh_entry("10.244.21.0", true, mac)],
+                vec![(neigh("10.244.21.0"), &there)],
+                vec![],
+            ),
+            (
+                "flannel deleted the neighbour, we re-asserted it (prior none)",
+                vec![neigh_entry("10.244.21.0", false, mac)],
+                vec![(neigh("10.244.21.0"), &there)],
+                vec![mac],
+            ),
+            (
+                "flannel deleted the neighbour while no agent watched",
+                vec![neigh_entry("10.244.21.0", true, mac)],
+                vec![],
+                vec![mac],
+            ),
+            (
+                "only the node whose neighbour went",
+                vec![
+                    neigh_entry("10.244.21.0", true, mac),
+                    neigh_entry("10.244.22.0", true, other),
+                ],
+                vec![(neigh("10.244.22.0"), &there_other)],
+                vec![mac],
+            ),
+            ("nothing journaled", vec![], vec![], vec![]),
+        ];
+        for (name, journal, kernel, want) in rows {
+            let got = vteps_flannel_dropped(&journal, |k| {
+                kernel.iter().find(|(kk, _)| kk == k).map(|(_, v)| *v)
+            });
+            assert_eq!(got, want.into_iter().collect(), "{name}");
+        }
+        let fdb = Key::Fdb { ifindex: 5, mac };
+        let e = Entry {
+            key: fdb,
+            prior: Some(Value::Fdb {
+                dst: "10.0.0.12".parse().unwrap(),
+            }),
+            applied: Value::Fdb {
+                dst: "100.96.0.4".parse().unwrap(),
+            },
+        };
+        let dropped = [mac].into_iter().collect();
+        let seen = without_stale_prior(&fdb, Some(&e), &dropped).unwrap();
+        assert_eq!(seen.prior, None);
+        assert_eq!(
+            decide(fdb, None, Some(&e.applied), Some(&seen)).action,
+            Some(Action::Delete),
+            "deleted, not restored to the gone node's underlay address"
+        );
+        let kept = without_stale_prior(&fdb, Some(&e), &Default::default()).unwrap();
+        assert_eq!(kept, e);
     }
 }

@@ -60,6 +60,9 @@ fn echo_pods(nodes: &[&str]) -> String {
     y
 }
 
+/// A named probe that succeeds or says why not.
+type Check<'a> = (&'a str, Box<dyn Fn() -> anyhow::Result<()> + 'a>);
+
 struct Pods {
     /// (name, IP) of every echo pod.
     ips: Vec<(String, IpAddr)>,
@@ -116,7 +119,7 @@ fn cross_cloud(c: &RealCluster, pods: &Pods, within: Duration) -> anyhow::Result
     let vs2 = &c.node("vsphere-2")?.ns;
     let v1_pod = pods.ip("vsphere-1")?;
     let a2_pod = pods.ip("aws-2")?;
-    let checks: Vec<(&str, Box<dyn Fn() -> anyhow::Result<()>>)> = vec![
+    let checks: Vec<Check> = vec![
         (
             "pod→pod http",
             Box::new(|| {
@@ -614,6 +617,7 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     let aws2_key = c.kubectl(&["get", "wgp", "aws-2", "-o", "jsonpath={.spec.publicKey}"])?;
     c.remove_node("aws-2")?;
     c.kubectl(&["delete", "node", "aws-2"])?;
+    let t_gone = Instant::now();
     let collected = wait_until(Duration::from_secs(60), || {
         c.kubectl(&["get", "wgp", "aws-2"]).is_err()
     });
@@ -627,9 +631,10 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
         .next()
         .unwrap_or_default()
         .to_string();
-    let clean = wait_until(Duration::from_secs(30), || {
-        ["vsphere-1", "vsphere-2", "aws-1"].iter().all(|n| {
-            let Ok(node) = c.node(n) else { return false };
+    let leftovers = || -> Vec<String> {
+        let mut found = Vec::new();
+        for n in ["vsphere-1", "vsphere-2", "aws-1"] {
+            let Ok(node) = c.node(n) else { continue };
             let fdb = node
                 .ns
                 .exec("bridge", &["fdb", "show", "dev", "flannel.1"])
@@ -641,13 +646,46 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
             let wg = node
                 .exec("wg", &["show", "isthmus0", "peers"])
                 .unwrap_or_default();
-            !fdb.contains(&aws2_mac) && !routes.contains(&cidr_net) && !wg.contains(aws2_key.trim())
-        })
+            let cidr = format!("{cidr_net}/");
+            found.extend(
+                fdb.lines()
+                    .filter(|l| l.contains(&aws2_mac))
+                    .map(|l| format!("{n} fdb: {l}")),
+            );
+            found.extend(
+                routes
+                    .lines()
+                    .filter(|l| l.contains(&cidr))
+                    .map(|l| format!("{n} route: {l}")),
+            );
+            found.extend(
+                wg.lines()
+                    .filter(|l| l.contains(aws2_key.trim()))
+                    .map(|l| format!("{n} wg peer: {l}")),
+            );
+        }
+        found
+    };
+    let first = leftovers();
+    let mut seen = std::collections::BTreeMap::new();
+    let clean = wait_until(Duration::from_secs(120), || {
+        let now = leftovers();
+        for l in &now {
+            seen.entry(l.clone()).or_insert(t_gone.elapsed());
+        }
+        now.is_empty()
     });
     assert!(
         clean,
-        "a node still routes to the deleted aws-2:\n{}",
-        c.diagnostics()
+        "nodes still route to the deleted aws-2: {:#?}\nseen: {seen:#?}",
+        leftovers()
+    );
+    step(
+        t0,
+        &format!(
+            "{:.1?} after the Node's deletion nothing is left; right after it: {first:#?}",
+            t_gone.elapsed()
+        ),
     );
     step(
         t0,

@@ -123,7 +123,8 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
+            // Not `shutdown_timeout`: the cluster may be dropped inside an async test.
+            rt.shutdown_background();
         }
         let _ = std::fs::remove_file(&self.egress_socket);
     }
