@@ -8,11 +8,12 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use isthmus_agent::control::options::{RoutingOptions, RunOptions};
 use isthmus_agent::control::publish::PublishOptions;
-use isthmus_agent::control::run::{cleanup, run, RoutingOptions, RunOptions};
-use isthmus_agent::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
-use isthmus_agent::routing::Mode;
-use isthmus_agent::uapi::server;
+use isthmus_agent::control::run::{cleanup, run};
+use isthmus_routing::Mode;
+use isthmus_wg::tunnel::{Tunnel, DEFAULT_MTU};
+use isthmus_wg::uapi::server;
 
 #[derive(Parser)]
 #[command(name = "isthmus-agent", version, about = "isthmus node agent")]
@@ -170,12 +171,12 @@ fn peer_rows(
     iface: &str,
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<isthmus_agent::cli::peers::PeerRow>> {
-    let snapshot = isthmus_agent::uapi::client::get(iface)?;
+    let snapshot = isthmus_wg::uapi::client::get(iface)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let peers = match runtime.block_on(isthmus_agent::control::run::list_peers(kubeconfig)) {
+    let peers = match runtime.block_on(isthmus_agent::cli::list_peers(kubeconfig)) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(
@@ -211,7 +212,7 @@ fn run_status(state_dir: &std::path::Path, iface: &str, json: bool) -> anyhow::R
     let agent_running = StateLock::try_acquire(state_dir)?.is_none();
     let rows = if agent_running {
         // Names come from the agent's own view; the API is not asked here.
-        isthmus_agent::uapi::client::get(iface)
+        isthmus_wg::uapi::client::get(iface)
             .map(|snap| isthmus_agent::cli::peers::rows(&snap, &[], std::time::SystemTime::now()))
             .unwrap_or_default()
     } else {
@@ -221,7 +222,7 @@ fn run_status(state_dir: &std::path::Path, iface: &str, json: bool) -> anyhow::R
         public_key: keys::public_key(state_dir)?.map(|k| k.to_base64()),
         agent_running,
         runtime: runtime::read(state_dir)?,
-        journal_entries: isthmus_agent::routing::journal::Journal::open(state_dir)?.len(),
+        journal_entries: isthmus_routing::journal::Journal::open(state_dir)?.len(),
         peers: count(&rows),
     };
     let out = if json {

@@ -9,14 +9,14 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use isthmus_agent::dataplane::batch::OutBatch;
-use isthmus_agent::dataplane::capture::{Capture, Output};
-use isthmus_agent::dataplane::device::MAX_PACKET;
-use isthmus_agent::dataplane::offload::gro::Coalescer;
-use isthmus_agent::dataplane::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
-use isthmus_agent::dataplane::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use isthmus_agent::dataplane::{Burst, Device, DeviceConfig, PeerConfig, Transmit};
-use isthmus_agent::key::Key;
+use isthmus_wg::batch::OutBatch;
+use isthmus_wg::capture::{Capture, Output};
+use isthmus_wg::device::MAX_PACKET;
+use isthmus_wg::key::Key;
+use isthmus_wg::offload::gro::Coalescer;
+use isthmus_wg::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
+use isthmus_wg::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
+use isthmus_wg::{Burst, Device, DeviceConfig, PeerConfig, Transmit};
 
 /// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
 pub const PACKET_LEN: usize = 1420;
@@ -156,7 +156,7 @@ pub fn round_trip(
     }
 }
 
-/// Two isthmus engines ([`isthmus_agent::dataplane::Device`]) as peers, in memory: the
+/// Two isthmus engines ([`isthmus_wg::Device`]) as peers, in memory: the
 /// whole per-packet path isthmus runs (allowed-IPs lookup, peer locks, counters, cryptokey
 /// check), not just boringtun's part of it.
 pub struct EnginePair {

@@ -9,6 +9,22 @@ pub mod table;
 
 use std::time::Duration;
 
+use anyhow::Context;
+use isthmus_api::WireGuardPeer;
+use kube::api::Api;
+
+/// Every WireGuardPeer, for the CLI's node names and mesh IPs.
+pub async fn list_peers(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<WireGuardPeer>> {
+    let api: Api<WireGuardPeer> = Api::all(isthmus_ops::daemon::kube_client(kubeconfig).await?);
+    Ok(api
+        .list(&Default::default())
+        .await
+        .context("listing WireGuardPeers")?
+        .items)
+}
+
 /// Human-readable durations as kubectl prints ages: `45s`, `3m12s`, `2h5m`, `3d4h`.
 pub fn human_age(d: Duration) -> String {
     let s = d.as_secs();

@@ -8,8 +8,8 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use super::{human_age, human_bytes, table};
-use crate::uapi::client::age;
-use crate::uapi::DeviceSnapshot;
+use isthmus_wg::uapi::client::age;
+use isthmus_wg::DeviceSnapshot;
 
 /// A session older than this cannot carry data any more (WireGuard's Reject-After-Time):
 /// with keepalives on, a healthy peer re-handshakes every two minutes, well inside it.
@@ -133,9 +133,9 @@ pub fn json(rows: &[PeerRow]) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::Key;
-    use crate::uapi::PeerSnapshot;
     use isthmus_api::{WireGuardPeerSpec, WireGuardPeerStatus};
+    use isthmus_wg::key::Key;
+    use isthmus_wg::PeerSnapshot;
 
     fn wgp(name: &str, key: &Key, location: &str, mesh: &str) -> WireGuardPeer {
         let mut p = WireGuardPeer::new(

@@ -13,8 +13,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::ResourceExt;
 
-use crate::dataplane::tunnel::Tunnel;
-use crate::uapi::DeviceSnapshot;
+use isthmus_wg::tunnel::Tunnel;
+use isthmus_wg::DeviceSnapshot;
 
 fn time(t: SystemTime) -> Option<Time> {
     let secs = t.duration_since(UNIX_EPOCH).ok()?.as_secs();
@@ -89,9 +89,9 @@ pub async fn report_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::Key;
-    use crate::uapi::PeerSnapshot;
     use isthmus_api::WireGuardPeerSpec;
+    use isthmus_wg::key::Key;
+    use isthmus_wg::PeerSnapshot;
 
     #[test]
     fn names_peers_and_times_handshakes() {

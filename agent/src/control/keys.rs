@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use crate::key::Key;
+use isthmus_wg::key::Key;
 
 const KEY_FILE: &str = "private.key";
 

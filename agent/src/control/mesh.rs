@@ -8,9 +8,9 @@ use ip_network::IpNetwork;
 use isthmus_api::{Topology, WireGuardPeer};
 use kube::ResourceExt;
 
-use crate::dataplane::PeerConfig;
-use crate::key::Key;
-use crate::routing::plan::{Remote, Vtep};
+use isthmus_routing::plan::{Remote, Vtep};
+use isthmus_wg::key::Key;
+use isthmus_wg::PeerConfig;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshPlan {
@@ -120,13 +120,13 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use isthmus_api::{WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use k8s_openapi::jiff::Timestamp;
 
-    fn peer(
+    pub(crate) fn peer(
         name: &str,
         key: u8,
         location: &str,

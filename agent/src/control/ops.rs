@@ -23,9 +23,9 @@ use isthmus_ops::Watchdog;
 use parking_lot::Mutex;
 
 use super::mesh::MeshPlan;
-use crate::dataplane::drops::DropReason;
-use crate::dataplane::tunnel::Tunnel;
-use crate::key::Key;
+use isthmus_wg::drops::DropReason;
+use isthmus_wg::key::Key;
+use isthmus_wg::tunnel::Tunnel;
 
 /// A mesh or routing pass only touches the tunnel and netlink; one that runs this long is
 /// wedged, and a restart (which restores routing from the journal) is the cure.

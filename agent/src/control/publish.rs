@@ -6,7 +6,7 @@ use isthmus_api::{WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 
-use crate::key::Key;
+use isthmus_wg::key::Key;
 
 /// The label a node's location comes from unless `--location` overrides it.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";

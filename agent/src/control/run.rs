@@ -1,86 +1,44 @@
-//! `isthmus-agent run`: the DaemonSet's main loop.
+//! `isthmus-agent run`: the DaemonSet's main loop, as wiring.
 //!
 //! Restore whatever a previous run left in the journal, start the tunnel with the node key,
-//! publish the spec, then follow the WireGuardPeers and the kernel: each change of peers
-//! becomes a `MeshPlan` (only a changed plan touches the tunnel), and each change of either
-//! re-runs routing, which puts back any owned entry someone rewrote. When the API server is
+//! publish the spec, then follow the WireGuardPeers and the kernel. Each pass observes
+//! (the peer cache, flannel's VTEP), decides ([`super::pass`], pure: only a changed mesh
+//! plan touches the tunnel; what routing should hold; whether to publish again) and
+//! applies; routing puts back any owned entry someone rewrote. When the API server is
 //! unreachable the watch retries with backoff and the node keeps the last plan it applied.
 //! On SIGTERM routing is restored before the process exits.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
-use ip_network::Ipv4Network;
 use isthmus_api::WireGuardPeer;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use tokio::sync::Notify;
 
-use super::address::Netlink;
 use super::keys;
 use super::lock::StateLock;
-use super::mesh::{self, MeshPlan};
+use super::mesh::MeshPlan;
 use super::ops::AgentOps;
+use super::options::{tunnel_mtu, RunOptions};
+use super::pass::{self, Fixed, MeshStep};
 use super::publish::{self, PublishOptions};
 use super::runtime::{self, Runtime};
-use crate::dataplane::snat::SourceRewrite;
-use crate::dataplane::tunnel::{Tunnel, DEFAULT_MTU};
-use crate::netns;
-use crate::routing::kernel::Kernel;
-use crate::routing::plan::{self as routing_plan, Devices, Settings};
-use crate::routing::{watch, Mode, Router};
-use crate::uapi::server;
-
-/// What WireGuard adds to an inner packet on an IPv6 underlay (IPv6 40, UDP 8, data
-/// header and tag 32); subtracting it from the underlay MTU gives a tunnel MTU that fits
-/// either family, as wireguard-go's 1420 does for 1500.
-pub const TUNNEL_OVERHEAD: u16 = 80;
-
-pub struct RunOptions {
-    pub node_name: String,
-    pub state_dir: PathBuf,
-    pub iface: String,
-    /// Tunnel MTU; `None`: the underlay's MTU minus [`TUNNEL_OVERHEAD`].
-    pub mtu: Option<u16>,
-    pub publish: PublishOptions,
-    pub routing: RoutingOptions,
-    pub kubeconfig: Option<PathBuf>,
-    pub netns: Option<PathBuf>,
-    /// How often the agent writes its health report (`None`: never).
-    pub health_interval: Option<Duration>,
-    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the
-    /// agent's own network namespace.
-    pub metrics_addr: Option<std::net::SocketAddr>,
-}
-
-#[derive(Clone, Debug)]
-pub struct RoutingOptions {
-    pub mode: Mode,
-    /// flannel's VXLAN device.
-    pub vxlan_device: String,
-    pub table: u32,
-    pub rule_priority: u32,
-}
-
-/// Every WireGuardPeer, for the CLI's node names and mesh IPs.
-pub async fn list_peers(
-    kubeconfig: Option<&std::path::Path>,
-) -> anyhow::Result<Vec<WireGuardPeer>> {
-    let api: Api<WireGuardPeer> = Api::all(isthmus_ops::daemon::kube_client(kubeconfig).await?);
-    Ok(api
-        .list(&Default::default())
-        .await
-        .context("listing WireGuardPeers")?
-        .items)
-}
+use isthmus_routing::address::Netlink;
+use isthmus_routing::kernel::Kernel;
+use isthmus_routing::model::{Key as RouteKey, Value as RouteValue};
+use isthmus_routing::netns;
+use isthmus_routing::plan::Settings;
+use isthmus_routing::{watch, Mode, Router};
+use isthmus_wg::tunnel::Tunnel;
+use isthmus_wg::uapi::server;
 
 /// Retries `f` every two seconds until it succeeds.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
@@ -99,26 +57,19 @@ where
     }
 }
 
-/// The tunnel MTU for an underlay MTU (none known: the 1500-byte default).
-pub fn tunnel_mtu(underlay: Option<u32>) -> u16 {
-    match underlay {
-        Some(m) => u16::try_from(m)
-            .unwrap_or(u16::MAX)
-            .saturating_sub(TUNNEL_OVERHEAD)
-            .max(1280),
-        None => DEFAULT_MTU,
-    }
-}
-
 struct Agent {
+    /// As the operator gave them; never changed while running.
     opts: RunOptions,
+    /// What passes decide with that stays put: options and what start-up found.
+    fixed: Fixed,
+    /// flannel's VTEP as last read (discovered, published with our spec).
+    vtep: Option<isthmus_api::Vtep>,
+    /// flannel's VXLAN device's index (0: none), shared with the netlink watch.
+    vxlan_index: Arc<AtomicU32>,
     tunnel: Arc<Tunnel>,
-    tunnel_mtu: u16,
-    tun_index: u32,
     netlink: Netlink,
     router: Router,
-    vxlan_index: Arc<AtomicU32>,
-    private_key: crate::key::Key,
+    private_key: isthmus_wg::key::Key,
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
     applied: Option<MeshPlan>,
@@ -136,15 +87,16 @@ impl Agent {
             .get(&self.opts.node_name)
             .await
             .with_context(|| format!("reading Node {}", self.opts.node_name))?;
-        let spec = publish::own_spec(
-            &node,
-            &self.private_key.public_from_private(),
-            &self.opts.publish,
-        )?;
+        let opts = PublishOptions {
+            vtep: self.vtep.clone(),
+            mtu: Some(self.fixed.tunnel_mtu),
+            ..self.opts.publish.clone()
+        };
+        let spec = publish::own_spec(&node, &self.private_key.public_from_private(), &opts)?;
         publish::publish(&self.peers, &self.opts.node_name, &spec).await
     }
 
-    /// Reads flannel's VTEP; says whether it changed since the last publish.
+    /// Observes flannel's VTEP; says whether it changed since the last publish.
     async fn refresh_vtep(&mut self) -> bool {
         if self.opts.routing.mode != Mode::Vxlan {
             return false;
@@ -163,24 +115,26 @@ impl Agent {
             mac: v.mac.to_string(),
             ip: v.ip.to_string(),
         });
-        if vtep == self.opts.publish.vtep {
+        if vtep == self.vtep {
             return false;
         }
         match &vtep {
             Some(v) => tracing::info!(device, mac = %v.mac, ip = %v.ip, "found flannel's VTEP"),
             None => tracing::warn!(device, "no VXLAN device with an IPv4 address yet; cross-location overlay traffic waits for it"),
         }
-        self.opts.publish.vtep = vtep;
+        self.vtep = vtep;
         true
     }
 
-    async fn converge_mesh(&mut self, store: &Store<WireGuardPeer>) {
-        let all: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
-        let plan = mesh::plan(&self.opts.node_name, &all);
-        if self.applied.as_ref() == Some(&plan) {
-            return;
-        }
-        if self.applied.as_ref().map(|a| a.address) != Some(plan.address) {
+    /// Applies a new mesh: the address first, then the tunnel; a failure leaves the plan
+    /// unapplied, so the next pass tries again.
+    async fn apply_mesh(&mut self, step: MeshStep) {
+        let MeshStep {
+            plan,
+            set_address,
+            source_rewrite,
+        } = step;
+        if set_address {
             if let Err(e) = self
                 .netlink
                 .set_address(&self.opts.iface, plan.address)
@@ -193,9 +147,12 @@ impl Agent {
                 return;
             }
         }
-        self.tunnel.apply_mesh(self.private_key, plan.peers.clone());
-        self.tunnel
-            .set_source_rewrite(self.source_rewrite(plan.address));
+        if let Err(e) = self.tunnel.sync(self.private_key, &plan.peers) {
+            // Only a listen port or fwmark change can fail, and a sync names neither.
+            tracing::warn!(error = %e, "configuring the tunnel failed; will retry");
+            return;
+        }
+        self.tunnel.set_source_rewrite(source_rewrite);
         tracing::info!(
             admitted = plan.admitted,
             peers = plan.peers.len(),
@@ -207,37 +164,7 @@ impl Agent {
         self.applied = Some(plan);
     }
 
-    /// In `vxlan` mode, flannel's packets to mesh IPs leave with our mesh IP as source.
-    fn source_rewrite(&self, address: Option<(IpAddr, u8)>) -> Option<SourceRewrite> {
-        if self.opts.routing.mode != Mode::Vxlan {
-            return None;
-        }
-        let (IpAddr::V4(ip), prefix) = address? else {
-            return None;
-        };
-        Some(SourceRewrite {
-            mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
-            to: ip,
-        })
-    }
-
-    async fn converge_routing(&mut self) {
-        let remotes = self
-            .applied
-            .as_ref()
-            .map(|p| p.remotes.clone())
-            .unwrap_or_default();
-        let settings = Settings {
-            mode: self.opts.routing.mode,
-            table: self.opts.routing.table,
-            rule_priority: self.opts.routing.rule_priority,
-        };
-        let vxlan = self.vxlan_index.load(Ordering::Relaxed);
-        let devices = Devices {
-            vxlan: (vxlan != 0).then_some(vxlan),
-            tun: self.tun_index,
-        };
-        let desired = routing_plan::desired(&settings, devices, self.tunnel_mtu, &remotes);
+    async fn apply_routing(&mut self, desired: BTreeMap<RouteKey, RouteValue>) {
         self.router.set_desired(desired);
         let started = Instant::now();
         let result = self.router.reconcile().await;
@@ -258,25 +185,18 @@ impl Agent {
             Err(_) => self.ops.routing_pass(false, 0),
         }
     }
-}
 
-impl Agent {
     /// Writes `runtime.json` for `isthmus-agent status` when anything in it changed.
-    fn report(&mut self, store: &Store<WireGuardPeer>) {
-        let me = store
-            .state()
-            .iter()
-            .find(|p| p.name_any() == self.opts.node_name)
-            .cloned();
+    fn report(&mut self, peers: &[WireGuardPeer]) {
+        let me = peers.iter().find(|p| p.name_any() == self.opts.node_name);
         let api_error = self.api_error.lock().clone();
         let now = Runtime {
             node: self.opts.node_name.clone(),
             iface: self.opts.iface.clone(),
             listen_port: self.opts.publish.listen_port,
-            mtu: self.tunnel_mtu,
+            mtu: self.fixed.tunnel_mtu,
             mode: format!("{:?}", self.opts.routing.mode).to_lowercase(),
             topology: me
-                .as_ref()
                 .and_then(|p| p.status.as_ref()?.topology)
                 .and_then(|t| serde_json::to_value(t).ok()?.as_str().map(str::to_string)),
             mesh_ip: self
@@ -296,6 +216,17 @@ impl Agent {
             Ok(()) => self.reported = Some(now),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "writing runtime state failed"),
         }
+    }
+
+    /// One pass over what was observed: decide (pure), apply.
+    async fn pass(&mut self, peers: &[WireGuardPeer]) {
+        if let Some(step) = pass::mesh(&self.fixed, peers, self.applied.as_ref()) {
+            self.apply_mesh(step).await;
+        }
+        let vxlan_index = self.vxlan_index.load(Ordering::Relaxed);
+        let desired = pass::routing(&self.fixed, vxlan_index, self.applied.as_ref());
+        self.apply_routing(desired).await;
+        self.report(peers);
     }
 }
 
@@ -345,7 +276,9 @@ pub async fn run(
     let tunnel = netns::run_in(opts.netns.as_deref(), move || {
         Tunnel::start(&iface, port, tunnel_mtu)
     })?;
-    tunnel.apply_mesh(private_key, Vec::new());
+    tunnel
+        .sync(private_key, &[])
+        .context("setting the node key on the tunnel")?;
     ops.dataplane_up(tunnel.clone());
     let _uapi = server::serve(&opts.iface, Arc::new(tunnel.clone()))?;
     let tun_index = kernel
@@ -365,21 +298,26 @@ pub async fn run(
     }
 
     let client = isthmus_ops::daemon::kube_client(opts.kubeconfig.as_deref()).await?;
-    let mut publish_opts = opts.publish.clone();
-    publish_opts.mtu = Some(tunnel_mtu);
+    let fixed = Fixed {
+        node_name: opts.node_name.clone(),
+        routing: Settings {
+            mode: opts.routing.mode,
+            table: opts.routing.table,
+            rule_priority: opts.routing.rule_priority,
+        },
+        tun_index,
+        tunnel_mtu,
+    };
     let mut agent = Agent {
         peers: Api::all(client.clone()),
         nodes: Api::all(client),
-        opts: RunOptions {
-            publish: publish_opts,
-            ..opts
-        },
+        vtep: opts.publish.vtep.clone(),
+        opts,
+        fixed,
+        vxlan_index,
         tunnel,
-        tunnel_mtu,
-        tun_index,
         netlink,
         router,
-        vxlan_index,
         private_key,
         applied: None,
         api_error: Arc::new(parking_lot::Mutex::new(None)),
@@ -430,20 +368,15 @@ pub async fn run(
     if !stopped_early {
         agent.ops.peers_synced();
         loop {
-            let republish = agent.refresh_vtep().await;
+            // Observe.
+            let vtep_changed = agent.refresh_vtep().await;
             let started = Instant::now();
             agent.ops.pass_started();
-            agent.converge_mesh(&store).await;
-            agent.converge_routing().await;
-            agent.report(&store);
+            let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
+            // Decide and apply.
+            agent.pass(&peers).await;
             agent.ops.pass_finished(started.elapsed());
-            // Our own peer gone (deleted by hand, or a fresh API server), or our VTEP
-            // changed: publish again.
-            let missing = !store
-                .state()
-                .iter()
-                .any(|p| p.name_any() == agent.opts.node_name);
-            if republish || missing {
+            if pass::republish(&agent.opts.node_name, &peers, vtep_changed) {
                 if let Err(e) = agent.publish().await {
                     tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
                 }
@@ -478,7 +411,7 @@ pub async fn run(
 pub async fn cleanup(
     state_dir: &std::path::Path,
     netns_path: Option<&std::path::Path>,
-) -> anyhow::Result<crate::routing::Outcome> {
+) -> anyhow::Result<isthmus_routing::Outcome> {
     let Some(_lock) = StateLock::try_acquire(state_dir)? else {
         tracing::info!(
             state_dir = %state_dir.display(),
@@ -501,18 +434,4 @@ pub async fn cleanup(
         "cleanup done"
     );
     Ok(outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tunnel_mtu_follows_the_underlay() {
-        assert_eq!(tunnel_mtu(Some(1500)), 1420);
-        assert_eq!(tunnel_mtu(Some(1400)), 1320);
-        assert_eq!(tunnel_mtu(Some(9001)), 8921);
-        assert_eq!(tunnel_mtu(Some(1300)), 1280, "never below IPv6's minimum");
-        assert_eq!(tunnel_mtu(None), 1420);
-    }
 }

@@ -78,7 +78,7 @@ fn adjust(check: u16, old: &[u8; 4], new: &[u8; 4]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::offload::checksum::{finish, pseudo_header, sum};
+    use crate::offload::checksum::{finish, pseudo_header, sum};
 
     fn rewrite() -> SourceRewrite {
         SourceRewrite {

@@ -13,10 +13,10 @@ use std::net::IpAddr;
 
 use ip_network::IpNetwork;
 
-use super::model::{
+use crate::model::{
     Key, Mac, Route, Value, MAIN_TABLE, PROTO_BOOT, PROTO_STATIC, SCOPE_LINK, SCOPE_UNIVERSE,
 };
-use super::Mode;
+use crate::Mode;
 
 /// What VXLAN adds around an inner Ethernet frame: outer IPv4 (20), UDP (8), VXLAN (8) and
 /// the inner Ethernet header (14). flannel sizes `flannel.1` as underlay MTU − 50 likewise.

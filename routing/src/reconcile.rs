@@ -2,8 +2,8 @@
 //! what the journal remembers. Pure, so every case of "assert, re-assert, restore, leave
 //! alone" is a table row.
 
-use super::journal::Entry;
-use super::model::{Key, Mac, Value};
+use crate::journal::Entry;
+use crate::model::{Key, Mac, Value};
 
 /// What to do to the kernel entry.
 #[derive(Clone, Debug, PartialEq, Eq)]

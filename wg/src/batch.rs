@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use super::sockets::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+use crate::sockets::{MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
 
 /// A run of equally sized datagrams to one destination, back to back in the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,9 +24,9 @@ use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, IpVersion};
 
-use super::model::{Key, Mac, Route, Value, TYPE_UNICAST};
-use super::plan::Vtep;
-use super::reconcile::Action;
+use crate::model::{Key, Mac, Route, Value, TYPE_UNICAST};
+use crate::plan::Vtep;
+use crate::reconcile::Action;
 
 #[derive(Clone)]
 pub struct Kernel {

@@ -1,6 +1,6 @@
 //! The packet engine, free of I/O: packets and datagrams come in through method calls,
 //! whatever must go out leaves through a [`Transmit`] sink. The threads and sockets that
-//! feed it live in `io`; tests and benchmarks can drive it directly.
+//! feed it live in `tunnel`; tests and benchmarks can drive it directly.
 //!
 //! Outbound packets find their peer by longest-prefix match over allowed IPs; inbound
 //! datagrams by receiver index (or, for a handshake initiation, by the static key inside it).
@@ -23,11 +23,11 @@ use parking_lot::{Mutex, RwLock};
 use rand_core::RngCore;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::config::{DeviceConfig, SetEffects};
-use super::drops::{DropCounters, DropReason};
-use super::peer::Peer;
+use crate::config::{DeviceConfig, SetEffects};
+use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
-use crate::uapi::{DeviceSnapshot, PeerSnapshot};
+use crate::peer::Peer;
+use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 
 /// Handshakes per second the whole device answers before it demands cookies (boringtun's
 /// and wireguard-go's order of magnitude).

@@ -2,10 +2,10 @@
 
 use std::net::SocketAddr;
 
-use super::capture::{Capture, Output};
-use super::config::{DeviceConfig, PeerConfig, SetEffects};
-use super::device::{Device, MAX_PACKET};
-use super::drops::DropReason;
+use crate::capture::{Capture, Output};
+use crate::config::{Change, DeviceConfig, PeerConfig, SetEffects};
+use crate::device::{Device, MAX_PACKET};
+use crate::drops::DropReason;
 use crate::key::Key;
 
 const ADDR_A: &str = "192.0.2.1:51820";
@@ -83,7 +83,7 @@ fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
     // Put back what `to` wants to send, for the next hop.
     for o in rest {
         if let Output::Datagram(addr, d) = o {
-            use super::device::Transmit;
+            use crate::device::Transmit;
             let _ = to.out.send(addr, &d);
         }
     }
@@ -179,6 +179,46 @@ fn unrelated_reconfiguration_keeps_the_session() {
     }
 }
 
+/// What `Tunnel::sync` does, without the sockets.
+fn sync(node: &Node, peers: &[PeerConfig]) {
+    let current = node.device.config();
+    let (next, effects) = current.apply(&Change::sync(&current, node.private, peers));
+    node.device.reconfigure(next, &effects, &node.out);
+}
+
+#[test]
+fn a_sync_keeps_the_session_and_the_roamed_endpoint_of_an_unchanged_peer() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let moved: SocketAddr = "198.51.100.7:4444".parse().unwrap();
+    let mut buf = vec![0u8; MAX_PACKET];
+    a.device
+        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    assert_eq!(deliver(&a, &b, "198.51.100.7:4444").len(), 1);
+
+    // The control plane says the same about a, and adds c.
+    let c = Node::new(3);
+    let mut peers = b.device.config().peers;
+    let mut pc = PeerConfig::new(c.public());
+    pc.allowed_ips = vec!["10.0.0.3/32".parse().unwrap()];
+    peers.push(pc);
+    sync(&b, &peers);
+    assert_eq!(b.device.config().peers, peers);
+    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(moved));
+
+    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
+    b.device.handle_outbound(&packet, &mut buf, &b.out);
+    let sent = b.out.take();
+    assert_eq!(sent.len(), 1);
+    match &sent[0] {
+        Output::Datagram(to, d) => {
+            assert_eq!(d[0], 4, "expected data, not a new handshake");
+            assert_eq!(*to, moved);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn handshake_flood_gets_cookie_replies() {
     use boringtun::noise::{Tunn, TunnResult};
@@ -256,7 +296,7 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
     let packet = ipv4([10, 9, 0, 1], [10, 0, 0, 5], 8);
     let mut buf = vec![0u8; MAX_PACKET];
     // No session yet: each seal sends a handshake initiation to the routed peer.
-    let initiation_to = |burst: &super::device::Burst, buf: &mut [u8]| {
+    let initiation_to = |burst: &crate::device::Burst, buf: &mut [u8]| {
         assert_eq!(a.device.seal(burst, &packet, buf, &a.out), None);
         let sent: Vec<SocketAddr> = a
             .out

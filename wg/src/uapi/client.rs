@@ -8,9 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
-use super::protocol::{parse_allowed_ip, DeviceSnapshot, PeerSnapshot};
+use super::protocol::parse_allowed_ip;
 use super::server::socket_path;
 use crate::key::Key;
+use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 
 /// Asks the daemon serving `iface` for its state.
 pub fn get(iface: &str) -> anyhow::Result<DeviceSnapshot> {

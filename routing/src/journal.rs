@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use super::model::{Key, Value};
+use crate::model::{Key, Value};
 
 /// File name under the agent's state directory.
 pub const FILE: &str = "routing-journal.json";
@@ -142,7 +142,7 @@ fn sync_dir(path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::model::Mac;
+    use crate::model::Mac;
 
     fn entry(n: u8) -> Entry {
         Entry {

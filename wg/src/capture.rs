@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use parking_lot::Mutex;
 
-use super::device::Transmit;
+use crate::device::Transmit;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {

@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::protocol::{format_get, parse_set, DeviceSnapshot, Errno, SetRequest, UapiError};
+use super::protocol::{format_get, parse_set, Errno, UapiError};
+use crate::config::Change;
+use crate::snapshot::DeviceSnapshot;
+use crate::tunnel::{SetError, Tunnel};
 
 /// Where `wg` looks for userspace implementations.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
@@ -25,9 +28,31 @@ const MAX_LINES: usize = 1 << 20;
 /// A client that stalls mid-request is dropped after this long.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What the socket serves: the tunnel, or a recorder in tests.
 pub trait UapiHandler: Send + Sync + 'static {
     fn get(&self) -> DeviceSnapshot;
-    fn set(&self, req: &SetRequest) -> Result<(), UapiError>;
+    fn set(&self, change: &Change) -> Result<(), UapiError>;
+}
+
+impl UapiHandler for Arc<Tunnel> {
+    fn get(&self) -> DeviceSnapshot {
+        self.device().snapshot()
+    }
+
+    fn set(&self, change: &Change) -> Result<(), UapiError> {
+        Tunnel::set(self, change).map_err(UapiError::from)
+    }
+}
+
+/// The errno `wg` shows for each way a change can fail, as wireguard-go answers.
+impl From<SetError> for UapiError {
+    fn from(e: SetError) -> UapiError {
+        let errno = match e {
+            SetError::Bind { .. } | SetError::Fwmark { .. } => Errno::PortInUse,
+            SetError::Spawn(_) => Errno::Io,
+        };
+        UapiError::new(errno, e.to_string())
+    }
 }
 
 pub fn socket_path(iface: &str) -> PathBuf {
@@ -221,7 +246,7 @@ mod tests {
 
     #[derive(Default)]
     struct Recorder {
-        sets: Mutex<Vec<SetRequest>>,
+        sets: Mutex<Vec<Change>>,
     }
 
     impl UapiHandler for Recorder {
@@ -231,7 +256,7 @@ mod tests {
                 ..Default::default()
             }
         }
-        fn set(&self, req: &SetRequest) -> Result<(), UapiError> {
+        fn set(&self, req: &Change) -> Result<(), UapiError> {
             self.sets.lock().push(req.clone());
             Ok(())
         }

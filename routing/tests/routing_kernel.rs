@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use isthmus_agent::control::address::Netlink;
-use isthmus_agent::netns::run_in;
-use isthmus_agent::routing::kernel::Kernel;
-use isthmus_agent::routing::model::{Key, Value};
-use isthmus_agent::routing::plan::{desired, Devices, Remote, Settings, Vtep};
-use isthmus_agent::routing::{Mode, Router};
+use isthmus_routing::address::Netlink;
+use isthmus_routing::kernel::Kernel;
+use isthmus_routing::model::{Key, Value};
+use isthmus_routing::netns::run_in;
+use isthmus_routing::plan::{desired, Devices, Remote, Settings, Vtep};
+use isthmus_routing::{Mode, Router};
 
 const REMOTE_MAC: &str = "0a:58:0a:f4:15:00";
 

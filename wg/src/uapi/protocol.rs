@@ -1,17 +1,20 @@
-//! UAPI request parsing and response formatting, free of I/O.
+//! UAPI request parsing and response formatting, free of I/O: text to the engine's
+//! [`Change`] and from its [`DeviceSnapshot`].
 //!
-//! A `set` request is parsed whole into a [`SetRequest`] before anything is applied, so a
+//! A `set` request is parsed whole into a [`Change`] before anything is applied, so a
 //! malformed line anywhere rejects the request and changes nothing. Error codes follow
 //! wireguard-go: the response carries `errno=<negative errno>`, which `wg` turns back into
 //! the matching message.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use ip_network::IpNetwork;
 
+use crate::config::{AllowedIpChange, Change, PeerChange};
 use crate::key::Key;
+use crate::snapshot::DeviceSnapshot;
 
 /// The errno values the protocol uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,75 +48,6 @@ impl UapiError {
     pub fn wire_code(&self) -> i64 {
         -(self.errno as i64)
     }
-}
-
-/// One change to a peer's allowed IPs, in request order (a `replace_allowed_ips` only
-/// clears what came before it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllowedIpChange {
-    ReplaceAll,
-    Add(IpNetwork),
-}
-
-/// The lines of one `public_key=` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerChange {
-    pub public_key: Key,
-    pub remove: bool,
-    pub update_only: bool,
-    /// `Some(Key::ZERO)` clears the preshared key.
-    pub preshared_key: Option<Key>,
-    pub endpoint: Option<SocketAddr>,
-    pub persistent_keepalive: Option<u16>,
-    pub allowed_ips: Vec<AllowedIpChange>,
-}
-
-impl PeerChange {
-    fn new(public_key: Key) -> Self {
-        PeerChange {
-            public_key,
-            remove: false,
-            update_only: false,
-            preshared_key: None,
-            endpoint: None,
-            persistent_keepalive: None,
-            allowed_ips: Vec::new(),
-        }
-    }
-}
-
-/// A whole `set=1` request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SetRequest {
-    /// `Some(Key::ZERO)` removes the private key.
-    pub private_key: Option<Key>,
-    pub listen_port: Option<u16>,
-    /// `Some(0)` clears the mark.
-    pub fwmark: Option<u32>,
-    pub replace_peers: bool,
-    pub peers: Vec<PeerChange>,
-}
-
-/// What a `get=1` reports about one peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerSnapshot {
-    pub public_key: Key,
-    pub preshared_key: Option<Key>,
-    pub endpoint: Option<SocketAddr>,
-    pub last_handshake: Option<SystemTime>,
-    pub tx_bytes: u64,
-    pub rx_bytes: u64,
-    pub persistent_keepalive: u16,
-    pub allowed_ips: Vec<IpNetwork>,
-}
-
-/// What a `get=1` reports about the device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceSnapshot {
-    pub private_key: Option<Key>,
-    pub listen_port: u16,
-    pub fwmark: u32,
-    pub peers: Vec<PeerSnapshot>,
 }
 
 fn parse_key(name: &str, value: &str) -> Result<Key, UapiError> {
@@ -152,8 +86,8 @@ pub fn parse_allowed_ip(value: &str) -> Result<IpNetwork, UapiError> {
 }
 
 /// Parses the lines of a `set=1` body (without the terminating blank line).
-pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequest, UapiError> {
-    let mut req = SetRequest::default();
+pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<Change, UapiError> {
+    let mut req = Change::default();
     for line in lines {
         let Some((key, value)) = line.split_once('=') else {
             return Err(UapiError::new(
@@ -173,7 +107,7 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
     Ok(req)
 }
 
-fn parse_device_line(req: &mut SetRequest, key: &str, value: &str) -> Result<(), UapiError> {
+fn parse_device_line(req: &mut Change, key: &str, value: &str) -> Result<(), UapiError> {
     match key {
         "private_key" => req.private_key = Some(parse_key(key, value)?),
         "listen_port" => req.listen_port = Some(parse_number(key, value)?),
@@ -276,6 +210,7 @@ pub fn format_get(snap: &DeviceSnapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::PeerSnapshot;
 
     fn hex(b: u8) -> String {
         Key([b; 32]).to_hex()

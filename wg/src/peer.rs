@@ -10,7 +10,7 @@ use boringtun::noise::Tunn;
 use parking_lot::{Mutex, RwLock};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::config::PeerConfig;
+use crate::config::PeerConfig;
 use crate::key::Key;
 
 pub struct Peer {

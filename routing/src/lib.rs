@@ -1,15 +1,24 @@
-//! Routing: steering cross-location overlay traffic into the tunnel, and restoring exactly
-//! what was there when isthmus goes.
+//! isthmus-routing: the node's kernel networking as isthmus changes it — steering
+//! cross-location overlay traffic into the tunnel, and restoring exactly what was there when
+//! isthmus goes.
 //!
 //! [`plan`] turns the remote nodes into the kernel entries wanted (pure); [`reconcile`]
 //! decides per entry what to do given the kernel's value and the [`journal`] (pure);
 //! [`kernel`] reads and writes the entries over rtnetlink; [`Router`] runs the three in
 //! order — journal first, durably, then the kernel — and [`watch`] wakes it when anyone
-//! rewrites an entry, so it can put ours back.
+//! rewrites an entry, so it can put ours back. [`address`] sets the tunnel device's mesh IP;
+//! [`netns`] runs setup inside another network namespace.
+//!
+//! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`) nor the
+//! WireGuard engine (`isthmus-wg`): it is told what to route as plain values, so its plans
+//! are table-tested and its kernel code tested in a namespace without either. Its
+//! `Cargo.toml` holds no such dependency, and `tests/layering.rs` fails if one arrives.
 
+pub mod address;
 pub mod journal;
 pub mod kernel;
 pub mod model;
+pub mod netns;
 pub mod plan;
 pub mod reconcile;
 pub mod watch;

@@ -1,6 +1,7 @@
 //! A running tunnel: the TUN device, the sockets, the engine, and the threads between them.
-//! It also answers the UAPI, binding new sockets before it commits a configuration so a
-//! request that fails changes nothing.
+//! Every configuration change, from `wg set` or the control plane, goes through
+//! [`Tunnel::set`], which binds new sockets before it commits the configuration so a change
+//! that fails changes nothing.
 //!
 //! The hot path crosses the kernel once per batch, not once per packet. Outbound, the TUN
 //! (with virtio-net offloads) hands over TCP super-segments of up to 64 KiB; they are split
@@ -20,17 +21,15 @@ use anyhow::Context;
 use parking_lot::{Mutex, RwLock};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use super::batch::OutBatch;
-use super::config::{DeviceConfig, PeerConfig, SetEffects};
-use super::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
-use super::drops::DropReason;
-use super::offload::gro::Coalescer;
-use super::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use super::snat::SourceRewrite;
-use super::sockets::{Sockets, Udp, RECV_BUF};
+use crate::batch::OutBatch;
+use crate::config::{Change, DeviceConfig, PeerConfig};
+use crate::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
+use crate::drops::DropReason;
 use crate::key::Key;
-use crate::uapi::server::UapiHandler;
-use crate::uapi::{DeviceSnapshot, Errno, SetRequest, UapiError};
+use crate::offload::gro::Coalescer;
+use crate::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
+use crate::snat::SourceRewrite;
+use crate::sockets::{Sockets, Udp, RECV_BUF};
 
 /// How often session timers run; boringtun rounds its timers to this order anyway.
 const TICK: Duration = Duration::from_millis(100);
@@ -49,6 +48,17 @@ const MIN_SEAL_ROOM: usize = 256;
 /// Set to `0` to open the TUN without offloads (one packet per read and write), e.g. to
 /// measure what they bring or to work around a kernel that mishandles them.
 pub const OFFLOAD_ENV: &str = "ISTHMUS_TUN_OFFLOAD";
+
+/// Why a [`Change`] could not be applied; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error("listen_port {port}: {source}")]
+    Bind { port: u16, source: io::Error },
+    #[error("fwmark {mark}: {source}")]
+    Fwmark { mark: u32, source: io::Error },
+    #[error("{0:#}")]
+    Spawn(anyhow::Error),
+}
 
 /// The I/O side the engine transmits through.
 pub struct Net {
@@ -155,32 +165,63 @@ impl Tunnel {
         &self.device
     }
 
-    /// The control plane's step: our key and the mesh's peers, keeping the listen port and
-    /// fwmark. Unchanged peers keep their sessions; peers that are new (or newly keep
-    /// alive) handshake at once instead of at the first packet.
-    pub fn apply_mesh(&self, private_key: Key, peers: Vec<PeerConfig>) {
+    /// Applies `change` (a parsed `wg set`, or what [`Tunnel::sync`] makes) through the one
+    /// pure step, [`DeviceConfig::apply`]: sockets are rebound first, and only then is the
+    /// new configuration swapped in.
+    pub fn set(self: &Arc<Self>, change: &Change) -> Result<(), SetError> {
         let _serial = self.set_lock.lock();
         let current = self.device.config();
-        let keepalive_started = peers
-            .iter()
-            .filter(|p| p.persistent_keepalive > 0)
-            .filter(|p| {
-                current
-                    .peer(&p.public_key)
-                    .is_none_or(|c| c.persistent_keepalive == 0)
-            })
-            .map(|p| p.public_key)
-            .collect();
-        let next = DeviceConfig {
-            private_key: Some(private_key),
-            peers,
-            ..current
-        };
-        let effects = SetEffects {
-            endpoints: Vec::new(),
-            keepalive_started,
-        };
+        self.commit(&current, change)
+    }
+
+    /// The control plane's step: run exactly `peers` under `private_key`, keeping the listen
+    /// port and fwmark ([`Change::sync`]). Unchanged peers keep their sessions and roamed
+    /// endpoints; peers that are new (or newly keep alive) handshake at once instead of at
+    /// the first packet.
+    pub fn sync(self: &Arc<Self>, private_key: Key, peers: &[PeerConfig]) -> Result<(), SetError> {
+        let _serial = self.set_lock.lock();
+        let current = self.device.config();
+        self.commit(&current, &Change::sync(&current, private_key, peers))
+    }
+
+    /// Applies `req` to `current`; the caller holds `set_lock`.
+    fn commit(self: &Arc<Self>, current: &DeviceConfig, req: &Change) -> Result<(), SetError> {
+        let (mut next, effects) = current.apply(req);
+
+        // Everything that can fail happens before the new configuration is committed.
+        let mut rebound = None;
+        if req.listen_port.is_some() && next.listen_port != current.listen_port {
+            let sockets =
+                Sockets::bind(next.listen_port, next.fwmark).map_err(|source| SetError::Bind {
+                    port: next.listen_port,
+                    source,
+                })?;
+            next.listen_port = sockets.port;
+            rebound = Some(Arc::new(sockets));
+        } else {
+            next.listen_port = current.listen_port;
+            if next.fwmark != current.fwmark {
+                let sockets = self.net.sockets.read().clone();
+                sockets.set_mark(next.fwmark).map_err(|source| {
+                    // Put the old mark back so a failure leaves nothing half-applied.
+                    let _ = sockets.set_mark(current.fwmark);
+                    SetError::Fwmark {
+                        mark: next.fwmark,
+                        source,
+                    }
+                })?;
+            }
+        }
+
+        if let Some(sockets) = rebound {
+            let old = std::mem::replace(&mut *self.net.sockets.write(), sockets.clone());
+            old.retire();
+            self.spawn_socket_readers(&sockets)
+                .map_err(SetError::Spawn)?;
+            tracing::info!(port = sockets.port, "listening on new port");
+        }
         self.device.reconfigure(next, &effects, self.net.as_ref());
+        Ok(())
     }
 
     /// Rewrites the source of UDP to mesh IPs to this node's mesh IP from now on (`None`:
@@ -346,50 +387,5 @@ impl Tunnel {
             thread::sleep(TICK);
             self.device.tick(&mut scratch, self.net.as_ref());
         }
-    }
-}
-
-impl UapiHandler for Arc<Tunnel> {
-    fn get(&self) -> DeviceSnapshot {
-        self.device.snapshot()
-    }
-
-    fn set(&self, req: &SetRequest) -> Result<(), UapiError> {
-        let _serial = self.set_lock.lock();
-        let current = self.device.config();
-        let (mut next, effects) = current.apply(req);
-
-        // Everything that can fail happens before the new configuration is committed.
-        let mut rebound = None;
-        if req.listen_port.is_some() && next.listen_port != current.listen_port {
-            let sockets = Sockets::bind(next.listen_port, next.fwmark).map_err(|e| {
-                UapiError::new(
-                    Errno::PortInUse,
-                    format!("listen_port {}: {e}", next.listen_port),
-                )
-            })?;
-            next.listen_port = sockets.port;
-            rebound = Some(Arc::new(sockets));
-        } else {
-            next.listen_port = current.listen_port;
-            if next.fwmark != current.fwmark {
-                let sockets = self.net.sockets.read().clone();
-                sockets.set_mark(next.fwmark).map_err(|e| {
-                    // Put the old mark back so a failure leaves nothing half-applied.
-                    let _ = sockets.set_mark(current.fwmark);
-                    UapiError::new(Errno::PortInUse, format!("fwmark {}: {e}", next.fwmark))
-                })?;
-            }
-        }
-
-        if let Some(sockets) = rebound {
-            let old = std::mem::replace(&mut *self.net.sockets.write(), sockets.clone());
-            old.retire();
-            self.spawn_socket_readers(&sockets)
-                .map_err(|e| UapiError::new(Errno::Io, e.to_string()))?;
-            tracing::info!(port = sockets.port, "listening on new port");
-        }
-        self.device.reconfigure(next, &effects, self.net.as_ref());
-        Ok(())
     }
 }

@@ -1,0 +1,67 @@
+//! What the operator asked for (`isthmus-agent run`'s flags), kept apart from what the agent
+//! discovers while it runs (the tunnel MTU, device indexes, flannel's VTEP), which `run`
+//! holds as its own state.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use isthmus_routing::Mode;
+use isthmus_wg::tunnel::DEFAULT_MTU;
+
+use super::publish::PublishOptions;
+
+/// What WireGuard adds to an inner packet on an IPv6 underlay (IPv6 40, UDP 8, data
+/// header and tag 32); subtracting it from the underlay MTU gives a tunnel MTU that fits
+/// either family, as wireguard-go's 1420 does for 1500.
+pub const TUNNEL_OVERHEAD: u16 = 80;
+
+pub struct RunOptions {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub iface: String,
+    /// Tunnel MTU; `None`: the underlay's MTU minus [`TUNNEL_OVERHEAD`].
+    pub mtu: Option<u16>,
+    pub publish: PublishOptions,
+    pub routing: RoutingOptions,
+    pub kubeconfig: Option<PathBuf>,
+    pub netns: Option<PathBuf>,
+    /// How often the agent writes its health report (`None`: never).
+    pub health_interval: Option<Duration>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the
+    /// agent's own network namespace.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RoutingOptions {
+    pub mode: Mode,
+    /// flannel's VXLAN device.
+    pub vxlan_device: String,
+    pub table: u32,
+    pub rule_priority: u32,
+}
+
+/// The tunnel MTU for an underlay MTU (none known: the 1500-byte default).
+pub fn tunnel_mtu(underlay: Option<u32>) -> u16 {
+    match underlay {
+        Some(m) => u16::try_from(m)
+            .unwrap_or(u16::MAX)
+            .saturating_sub(TUNNEL_OVERHEAD)
+            .max(1280),
+        None => DEFAULT_MTU,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_mtu_follows_the_underlay() {
+        assert_eq!(tunnel_mtu(Some(1500)), 1420);
+        assert_eq!(tunnel_mtu(Some(1400)), 1320);
+        assert_eq!(tunnel_mtu(Some(9001)), 8921);
+        assert_eq!(tunnel_mtu(Some(1300)), 1280, "never below IPv6's minimum");
+        assert_eq!(tunnel_mtu(None), 1420);
+    }
+}

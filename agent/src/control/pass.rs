@@ -1,0 +1,233 @@
+//! One pass of the agent's loop, decided: from what the pass observed (every WireGuardPeer,
+//! flannel's device) and what the agent last applied, to what it should do. Pure, so the
+//! rules are tested in a table; `run` observes before and applies after.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ip_network::Ipv4Network;
+use isthmus_api::WireGuardPeer;
+use isthmus_routing::model::{Key, Value};
+use isthmus_routing::plan::{self as routing_plan, Devices, Settings};
+use isthmus_routing::Mode;
+use isthmus_wg::snat::SourceRewrite;
+use kube::ResourceExt;
+
+use super::mesh::{self, MeshPlan};
+
+/// What a pass needs that stays put while the agent runs: options, and what the agent
+/// found once at start.
+#[derive(Clone, Debug)]
+pub struct Fixed {
+    pub node_name: String,
+    pub routing: Settings,
+    /// The tunnel device's index.
+    pub tun_index: u32,
+    pub tunnel_mtu: u16,
+}
+
+/// A mesh to apply, and what must move with it.
+#[derive(Debug, PartialEq)]
+pub struct MeshStep {
+    pub plan: MeshPlan,
+    /// The tunnel's address differs from the one applied: set it (to `plan.address`) first.
+    pub set_address: bool,
+    pub source_rewrite: Option<SourceRewrite>,
+}
+
+/// The mesh to apply, or `None` while the one applied is still right: only a changed plan
+/// touches the tunnel.
+pub fn mesh(
+    fixed: &Fixed,
+    peers: &[WireGuardPeer],
+    applied: Option<&MeshPlan>,
+) -> Option<MeshStep> {
+    let plan = mesh::plan(&fixed.node_name, peers);
+    if applied == Some(&plan) {
+        return None;
+    }
+    Some(MeshStep {
+        set_address: applied.map(|a| a.address) != Some(plan.address),
+        source_rewrite: source_rewrite(fixed.routing.mode, plan.address),
+        plan,
+    })
+}
+
+/// In `vxlan` mode, flannel's packets to mesh IPs leave with our mesh IP as source.
+fn source_rewrite(mode: Mode, address: Option<(IpAddr, u8)>) -> Option<SourceRewrite> {
+    if mode != Mode::Vxlan {
+        return None;
+    }
+    let (IpAddr::V4(ip), prefix) = address? else {
+        return None;
+    };
+    Some(SourceRewrite {
+        mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
+        to: ip,
+    })
+}
+
+/// What routing should hold for the mesh applied (`vxlan_index` 0: flannel's device is not
+/// there).
+pub fn routing(
+    fixed: &Fixed,
+    vxlan_index: u32,
+    applied: Option<&MeshPlan>,
+) -> BTreeMap<Key, Value> {
+    let remotes = applied.map(|p| p.remotes.as_slice()).unwrap_or_default();
+    let devices = Devices {
+        vxlan: (vxlan_index != 0).then_some(vxlan_index),
+        tun: fixed.tun_index,
+    };
+    routing_plan::desired(&fixed.routing, devices, fixed.tunnel_mtu, remotes)
+}
+
+/// Whether to publish our WireGuardPeer again: our VTEP changed, or our peer is gone
+/// (deleted by hand, or a fresh API server).
+pub fn republish(node_name: &str, peers: &[WireGuardPeer], vtep_changed: bool) -> bool {
+    vtep_changed || !peers.iter().any(|p| p.name_any() == node_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::mesh::tests::peer;
+
+    fn fixed(mode: Mode) -> Fixed {
+        Fixed {
+            node_name: "a1".into(),
+            routing: Settings {
+                mode,
+                table: 51820,
+                rule_priority: 5210,
+            },
+            tun_index: 7,
+            tunnel_mtu: 1420,
+        }
+    }
+
+    #[test]
+    fn only_a_changed_plan_touches_the_tunnel() {
+        let a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        let a1_waiting = peer("a1", 1, "old", None, false);
+        let b1 = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let b2 = peer("b2", 4, "new", Some("100.96.0.4"), true);
+        let plan = |peers: &[WireGuardPeer]| mesh::plan("a1", peers);
+        let admitted = plan(&[a1.clone(), b1.clone()]);
+        let rewrite = Some(SourceRewrite {
+            mesh: "100.96.0.0/16".parse().unwrap(),
+            to: "100.96.0.1".parse().unwrap(),
+        });
+        // (case, mode, peers now, plan applied, expected: (set address, source rewrite))
+        type Case<'a> = (
+            &'a str,
+            Mode,
+            Vec<WireGuardPeer>,
+            Option<MeshPlan>,
+            Option<(bool, Option<SourceRewrite>)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "first pass, not admitted",
+                Mode::Vxlan,
+                vec![a1_waiting.clone()],
+                None,
+                Some((true, None)),
+            ),
+            (
+                "still not admitted",
+                Mode::Vxlan,
+                vec![a1_waiting.clone()],
+                Some(plan(&[a1_waiting])),
+                None,
+            ),
+            (
+                "admitted: address and rewrite",
+                Mode::Vxlan,
+                vec![a1.clone(), b1.clone()],
+                Some(MeshPlan::default()),
+                Some((true, rewrite)),
+            ),
+            (
+                "admitted, routed: no rewrite",
+                Mode::Routed,
+                vec![a1.clone(), b1.clone()],
+                Some(MeshPlan::default()),
+                Some((true, None)),
+            ),
+            (
+                "nothing changed",
+                Mode::Vxlan,
+                vec![a1.clone(), b1.clone()],
+                Some(admitted.clone()),
+                None,
+            ),
+            (
+                "a peer joins, address stays",
+                Mode::Vxlan,
+                vec![a1, b1, b2],
+                Some(admitted),
+                Some((false, rewrite)),
+            ),
+        ];
+        for (case, mode, peers, applied, want) in cases {
+            let step = mesh(&fixed(mode), &peers, applied.as_ref());
+            if let Some(s) = &step {
+                assert_eq!(s.plan, plan(&peers), "{case}");
+            }
+            let got = step.map(|s| (s.set_address, s.source_rewrite));
+            assert_eq!(got, want, "{case}");
+        }
+    }
+
+    #[test]
+    fn routing_follows_the_applied_plan_only() {
+        let peers = [
+            peer("a1", 1, "old", Some("100.96.0.1"), true),
+            peer("b1", 3, "new", Some("100.96.0.3"), true),
+        ];
+        let applied = mesh::plan("a1", &peers);
+        let routed = fixed(Mode::Routed);
+        assert!(
+            routing(&routed, 0, None).is_empty(),
+            "nothing applied, nothing routed"
+        );
+        assert_eq!(
+            routing(&routed, 0, Some(&applied)),
+            routing_plan::desired(
+                &routed.routing,
+                Devices {
+                    vxlan: None,
+                    tun: 7
+                },
+                1420,
+                &applied.remotes
+            )
+        );
+        assert!(!routing(&routed, 0, Some(&applied)).is_empty());
+        let vxlan = fixed(Mode::Vxlan);
+        assert!(
+            routing(&vxlan, 0, Some(&applied)).is_empty(),
+            "no flannel device yet"
+        );
+        assert!(
+            !routing(&vxlan, 9, Some(&applied)).is_empty(),
+            "flannel's device, once found, carries the entries"
+        );
+    }
+
+    #[test]
+    fn republish_when_our_peer_is_gone_or_our_vtep_moved() {
+        let a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        let b1 = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let cases = [
+            (vec![a1.clone(), b1.clone()], false, false),
+            (vec![a1], true, true),
+            (vec![b1], false, true),
+            (vec![], false, true),
+        ];
+        for (i, (peers, vtep_changed, want)) in cases.into_iter().enumerate() {
+            assert_eq!(republish("a1", &peers, vtep_changed), want, "case {i}");
+        }
+    }
+}

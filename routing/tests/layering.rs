@@ -1,0 +1,38 @@
+//! Routing's layering, held by a test rather than by convention: nothing in its build
+//! (direct or indirect, normal or build dependencies) is Kubernetes or the WireGuard engine.
+
+use std::process::Command;
+
+const FORBIDDEN: &[&str] = &[
+    "kube",
+    "kube-client",
+    "kube-runtime",
+    "k8s-openapi",
+    "isthmus-api",
+    "isthmus-wg",
+    "isthmus-agent",
+    "boringtun",
+];
+
+#[test]
+fn routing_depends_on_no_kubernetes_nor_the_engine() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "--offline", "-p", env!("CARGO_PKG_NAME")])
+        .args(["-e", "normal,build", "--prefix", "none", "-f", "{p}"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running cargo tree");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| FORBIDDEN.contains(name))
+        .collect();
+    assert!(found.is_empty(), "routing pulls in {found:?}");
+}

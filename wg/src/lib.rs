@@ -1,0 +1,41 @@
+//! isthmus-wg: the userspace WireGuard engine and the standard UAPI (`wg`'s protocol) that
+//! configures it.
+//!
+//! - [`config`]: the device configuration as data, the [`Change`] requests that move it,
+//!   and the one pure step from one configuration to the next;
+//! - [`snapshot`]: what the engine reports (configuration, live endpoints, counters);
+//! - [`device`]: the packet engine, sans-IO (tests and benches drive it directly);
+//! - [`tunnel`]: the TUN device, UDP sockets and threads around the engine;
+//! - [`uapi`]: the text protocol `wg` speaks on `/var/run/wireguard/<iface>.sock`, an
+//!   adapter on top: it turns text into engine values and back, and calls the engine, which
+//!   knows nothing of it;
+//! - [`key`]: WireGuard keys.
+//!
+//! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`), routing
+//! or its netlink client (`isthmus-routing`, `rtnetlink`), or an async runtime (`tokio`): it
+//! is a WireGuard implementation that happens to be driven by a control plane, and the
+//! benches and `wg` use it without one. Its `Cargo.toml` holds no such dependency, and
+//! `tests/layering.rs` fails if one arrives, even indirectly.
+
+pub mod batch;
+pub mod capture;
+pub mod config;
+pub mod device;
+pub mod drops;
+pub mod key;
+pub mod offload;
+pub mod peer;
+pub mod snapshot;
+pub mod snat;
+pub mod sockets;
+pub mod tunnel;
+pub mod uapi;
+
+#[cfg(test)]
+mod engine_tests;
+
+pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, SetEffects};
+pub use device::{Burst, Device, Sealed, Transmit, DATA_OVERHEAD};
+pub use key::Key;
+pub use snapshot::{DeviceSnapshot, PeerSnapshot};
+pub use tunnel::Tunnel;
