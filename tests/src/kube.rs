@@ -75,12 +75,14 @@ pub struct RigOptions {
     pub install_isthmus: bool,
 }
 
-/// A client certificate `<name>.crt`/`.key` in `dir` for `subject`, signed by the CA there.
-pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> {
-    let (key, csr, crt) = (
+/// A key and certificate `<name>.key`/`.crt` in `dir` for `subject`, signed by the CA there
+/// with the X.509 extensions `ext` (e.g. `extendedKeyUsage=clientAuth`).
+fn issue(dir: &Path, name: &str, subject: &str, ext: &str) -> anyhow::Result<()> {
+    let (key, csr, crt, extfile) = (
         format!("{name}.key"),
         format!("{name}.csr"),
         format!("{name}.crt"),
+        format!("{name}.ext"),
     );
     openssl(
         dir,
@@ -88,7 +90,7 @@ pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> 
             "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
         ],
     )?;
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    std::fs::write(dir.join(&extfile), format!("{ext}\n"))?;
     openssl(
         dir,
         &[
@@ -104,11 +106,16 @@ pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> 
             "-days",
             "2",
             "-extfile",
-            "client.ext",
+            &extfile,
             "-out",
             &crt,
         ],
     )
+}
+
+/// A client certificate `<name>.crt`/`.key` in `dir` for `subject`, signed by the CA there.
+pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> {
+    issue(dir, name, subject, "extendedKeyUsage=clientAuth")
 }
 
 pub struct KubeRig {
@@ -155,46 +162,13 @@ impl KubeRig {
                 "ca.crt",
             ],
         )?;
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=kube-apiserver",
-                "-keyout",
-                "apiserver.key",
-                "-out",
-                "apiserver.csr",
-            ],
-        )?;
         let mut sans = vec!["IP:127.0.0.1".to_string(), "DNS:localhost".to_string()];
         sans.extend(options.extra_sans.iter().cloned());
-        std::fs::write(
-            d.join("san.ext"),
-            format!("subjectAltName={}\n", sans.join(",")),
-        )?;
-        openssl(
+        issue(
             d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "apiserver.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "apiserver.crt",
-            ],
+            "apiserver",
+            "/CN=kube-apiserver",
+            &format!("subjectAltName={}", sans.join(",")),
         )?;
         for (name, subject) in &options.client_certs {
             client_cert(d, name, subject)?;

@@ -319,7 +319,8 @@ conntrack:
         Ok(())
     }
 
-    /// Imports an OCI archive into the node's containerd, where the CRI finds it.
+    /// Imports an OCI archive into the node's containerd, where the CRI finds it (unpacked
+    /// for the overlayfs snapshotter, so a pod starts without a pull).
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
         let path = archive.display().to_string();
         self.exec(
@@ -331,24 +332,9 @@ conntrack:
                 "k8s.io",
                 "images",
                 "import",
-                "--no-unpack=false",
                 &path,
             ],
         )
-        .or_else(|_| {
-            self.exec(
-                "ctr",
-                &[
-                    "--address",
-                    "/run/containerd/containerd.sock",
-                    "-n",
-                    "k8s.io",
-                    "images",
-                    "import",
-                    &path,
-                ],
-            )
-        })
         .with_context(|| format!("importing {} on {}", archive.display(), self.config.name))?;
         Ok(())
     }
