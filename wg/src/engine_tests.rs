@@ -329,3 +329,58 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
         "the refreshed view routes 10.0.0.5 to c"
     );
 }
+
+/// The datagrams `node` sent since the last take, by length.
+fn sent_lengths(node: &Node) -> Vec<usize> {
+    node.out
+        .take()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Datagram(_, d) => Some(d.len()),
+            Output::Tun(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn data_messages_are_padded_to_16_bytes_up_to_the_mtu() {
+    let (a, b) = pair();
+    a.device.set_mtu(1420);
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let round = |n: usize| n.div_ceil(16) * 16;
+    let mut buf = vec![0u8; MAX_PACKET];
+    // 20 bytes is the least an IPv4 packet can be routed with; near the MTU the padding
+    // stops at the MTU itself.
+    let cases = (20..=100).map(|len| (len, 32 + round(len))).chain([
+        (1407, 32 + 1408),
+        (1408, 32 + 1408),
+        (1409, 32 + 1420),
+        (1419, 32 + 1420),
+        (1420, 32 + 1420),
+    ]);
+    for (len, wire) in cases {
+        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], len - 20);
+        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        assert_eq!(
+            sent_lengths(&a),
+            vec![wire],
+            "datagram for a {len}-byte packet"
+        );
+        // The receiver trims the padding by the IP header's length.
+        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        assert_eq!(deliver(&a, &b, ADDR_A), vec![packet], "{len}-byte packet");
+    }
+}
+
+#[test]
+fn padded_len_follows_wireguard_go() {
+    use crate::device::padded_len;
+    for len in 1..=100 {
+        assert_eq!(padded_len(len, 1420), len.div_ceil(16) * 16, "len {len}");
+    }
+    assert_eq!(padded_len(0, 1420), 0, "keepalives stay empty");
+    assert_eq!(padded_len(1419, 1420), 1420, "capped at the MTU");
+    assert_eq!(padded_len(1419, 0), 1424, "no MTU known: no cap");
+    // Longer than the MTU (not from our TUN): only the last MTU-sized unit is padded.
+    assert_eq!(padded_len(1425, 1420), 1420 + 16);
+}

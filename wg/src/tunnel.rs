@@ -131,6 +131,7 @@ impl Tunnel {
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
         );
         let device = Arc::new(Device::new());
+        device.set_mtu(mtu);
         let mut config = device.config();
         config.listen_port = sockets.port;
         let net = Arc::new(Net {
@@ -354,7 +355,7 @@ impl Tunnel {
     }
 
     fn seal_into(&self, batch: &mut OutBatch, burst: &Burst, packet: &[u8]) {
-        let need = (packet.len() + DATA_OVERHEAD).max(MIN_SEAL_ROOM);
+        let need = self.device.sealed_len(packet.len()).max(MIN_SEAL_ROOM);
         if batch.space(need).is_none() {
             self.flush(batch);
         }
