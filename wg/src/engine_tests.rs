@@ -384,3 +384,73 @@ fn padded_len_follows_wireguard_go() {
     // Longer than the MTU (not from our TUN): only the last MTU-sized unit is padded.
     assert_eq!(padded_len(1425, 1420), 1420 + 16);
 }
+
+/// The small-order X25519 points the kernel's netns.sh configures as peers.
+const LOW_ORDER_POINTS: [&str; 7] = [
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+    "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
+    "7P///////////////////////////////////////38=",
+    "7f///////////////////////////////////////38=",
+    "7v///////////////////////////////////////38=",
+];
+
+#[test]
+fn no_handshake_is_sent_to_a_low_order_public_key() {
+    let a = Node::new(1);
+    let peers: Vec<PeerConfig> = LOW_ORDER_POINTS
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let mut pc = PeerConfig::new(Key::from_base64(key).unwrap());
+            pc.endpoint = Some(ADDR_B.parse().unwrap());
+            pc.persistent_keepalive = 1;
+            pc.allowed_ips = vec![format!("10.0.{i}.0/24").parse().unwrap()];
+            pc
+        })
+        .collect();
+    let keys: Vec<Key> = peers.iter().map(|p| p.public_key).collect();
+    let started = SetEffects {
+        keepalive_started: keys.clone(),
+        ..SetEffects::default()
+    };
+    // As netns.sh does it: the peers first, then the private key (so the keys are checked
+    // when the identity arrives, not only when a peer is added); then the other order.
+    let without_key = DeviceConfig {
+        private_key: None,
+        listen_port: 51820,
+        fwmark: 0,
+        peers,
+    };
+    a.device.reconfigure(without_key.clone(), &started, &a.out);
+    let keyed = DeviceConfig {
+        private_key: Some(a.private),
+        ..without_key.clone()
+    };
+    a.device.reconfigure(keyed.clone(), &started, &a.out);
+    let fresh = Node::new(3);
+    let fresh_config = DeviceConfig {
+        private_key: Some(fresh.private),
+        ..without_key
+    };
+    fresh.device.reconfigure(fresh_config, &started, &fresh.out);
+
+    let mut buf = vec![0u8; MAX_PACKET];
+    for node in [&a, &fresh] {
+        for i in 0..LOW_ORDER_POINTS.len() as u8 {
+            let packet = ipv4([10, 9, 0, 1], [10, 0, i, 5], 8);
+            node.device.handle_outbound(&packet, &mut buf, &node.out);
+        }
+        node.device.tick(&mut buf, &node.out);
+        assert_eq!(sent_lengths(node), Vec::<usize>::new(), "datagrams sent");
+        let listed: Vec<Key> = node
+            .device
+            .snapshot()
+            .peers
+            .iter()
+            .map(|p| p.public_key)
+            .collect();
+        assert_eq!(listed, keys, "every peer still listed");
+    }
+}
