@@ -454,3 +454,74 @@ fn no_handshake_is_sent_to_a_low_order_public_key() {
         assert_eq!(listed, keys, "every peer still listed");
     }
 }
+
+/// The sender index of a handshake initiation (bytes 4..8, little endian).
+fn initiation_index(datagram: &[u8]) -> u32 {
+    assert_eq!(datagram[0], 1, "a handshake initiation");
+    u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]])
+}
+
+/// Receiver indices name sessions in clear on the wire: they must not let an observer
+/// tell how many peers a device has or guess the next one. The engine draws 24 random bits
+/// per peer; boringtun adds an 8-bit session counter below them.
+#[test]
+fn receiver_indices_are_random_per_peer() {
+    const PEERS: u8 = 64;
+    let indices = |seed: u8| -> Vec<u32> {
+        let a = Node::new(seed);
+        let others: Vec<Node> = (0..PEERS).map(|i| Node::new(100 + i)).collect();
+        let peers = others
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut pc = PeerConfig::new(n.public());
+                pc.endpoint = Some(ADDR_B.parse().unwrap());
+                pc.allowed_ips = vec![format!("10.1.{i}.0/24").parse().unwrap()];
+                pc
+            })
+            .collect();
+        let cfg = DeviceConfig {
+            private_key: Some(a.private),
+            listen_port: 51820,
+            fwmark: 0,
+            peers,
+        };
+        a.device.reconfigure(cfg, &SetEffects::default(), &a.out);
+        let mut buf = vec![0u8; MAX_PACKET];
+        for i in 0..PEERS {
+            let packet = ipv4([10, 9, 0, 1], [10, 1, i, 1], 8);
+            a.device.handle_outbound(&packet, &mut buf, &a.out);
+        }
+        a.out
+            .take()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Datagram(_, d) => Some(initiation_index(&d)),
+                Output::Tun(_) => None,
+            })
+            .collect()
+    };
+    let first = indices(1);
+    assert_eq!(first.len(), usize::from(PEERS));
+    // boringtun's first session of a peer has counter 1 in the low byte.
+    assert!(first.iter().all(|i| i & 0xff == 1), "{first:x?}");
+    let mut high: Vec<u32> = first.iter().map(|i| i >> 8).collect();
+    // Not in configuration order one apart (a counter would be), and no two alike.
+    let steps = high
+        .windows(2)
+        .filter(|w| w[1].wrapping_sub(w[0]) == 1)
+        .count();
+    assert!(steps < 2, "sequential indices: {high:x?}");
+    high.sort_unstable();
+    high.dedup();
+    assert_eq!(high.len(), usize::from(PEERS), "indices repeat");
+    // Spread over the 24 bits, not bunched at the bottom.
+    assert!(high.iter().any(|&h| h >= 1 << 23), "{high:x?}");
+    // The same configuration on another device (or after a restart) gives other indices.
+    let second = indices(1);
+    let same = first.iter().zip(&second).filter(|(x, y)| x == y).count();
+    assert!(
+        same < 2,
+        "indices repeat across devices: {first:x?} {second:x?}"
+    );
+}
