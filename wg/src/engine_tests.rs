@@ -525,3 +525,46 @@ fn receiver_indices_are_random_per_peer() {
         "indices repeat across devices: {first:x?} {second:x?}"
     );
 }
+
+/// How far back a data message may arrive after a later one and still be accepted.
+/// boringtun 0.7's window is 1024 counters (`N_WORDS = 16` 64-bit words, session.rs:36),
+/// so it accepts up to 1023 behind; the kernel and wireguard-go accept 8192 - 64 = 8128.
+#[test]
+fn replay_window_tolerates_1023_packets_of_reordering() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8));
+    let mut buf = vec![0u8; MAX_PACKET];
+    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8);
+    const SENT: usize = 9_000;
+    for _ in 0..SENT {
+        a.device.handle_outbound(&packet, &mut buf, &a.out);
+    }
+    let datagrams: Vec<Vec<u8>> = a
+        .out
+        .take()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Datagram(_, d) => Some(d),
+            Output::Tun(_) => None,
+        })
+        .collect();
+    assert_eq!(datagrams.len(), SENT);
+    let from: SocketAddr = ADDR_A.parse().unwrap();
+    let (last, earlier) = datagrams.split_last().unwrap();
+    b.device.handle_inbound(from, last, &mut buf, &b.out);
+    assert_eq!(b.out.take().len(), 1, "the newest is accepted");
+    // Everything before it, newest first: how deep does the window reach?
+    let mut accepted_depth = 0;
+    for (depth, d) in earlier.iter().rev().enumerate() {
+        b.device.handle_inbound(from, d, &mut buf, &b.out);
+        if !b.out.take().is_empty() {
+            assert_eq!(accepted_depth, depth, "accepted with a gap behind it");
+            accepted_depth = depth + 1;
+        }
+    }
+    assert_eq!(accepted_depth, 1023, "packets accepted behind the newest");
+    // Replays inside the window are still refused.
+    b.device
+        .handle_inbound(from, &earlier[SENT - 2], &mut buf, &b.out);
+    assert!(b.out.take().is_empty(), "a replay was accepted");
+}
