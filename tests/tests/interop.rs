@@ -174,3 +174,32 @@ fn isthmus_pads_data_messages_on_the_underlay() {
         "unpadded data messages: {data:?}"
     );
 }
+
+/// Padding stops at the TUN's MTU as it is now: after `ip link set mtu 1285`, a 1283-byte
+/// packet is padded to 1285, not to 1296 as under the MTU it was opened with.
+#[test]
+fn padding_follows_an_mtu_change() {
+    let pair = Pair::new(Impl::Isthmus, Impl::WireguardGo, Underlay::V4).expect("pair");
+    let (a, b) = (&pair.a, &pair.b);
+    a.ns.ip(&["link", "set", &a.iface, "mtu", "1285"])
+        .expect("TUN MTU");
+    b.ns.ip(&["link", "set", &b.iface, "mtu", "1285"])
+        .expect("TUN MTU");
+    assert!(ping(&a.ns, b.inner_v4(), 1), "{}", pair.logs());
+    // isthmus reads the MTU every timer tick (100 ms).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let capture = UdpCapture::start(&b.ns, b.port).expect("capture");
+    let target = b.inner_v4().to_string();
+    // 1255 + 8 (ICMP) + 20 (IP) = 1283 bytes inside.
+    let args = ["-n", "-q", "-c", "1", "-W", "2", "-s", "1255", &target];
+    if let Err(e) = a.ns.exec("ping", &args) {
+        panic!("ping: {e:#}\n{}", pair.logs());
+    }
+    let seen = capture.stop().expect("capture");
+    let data: Vec<usize> = seen
+        .iter()
+        .filter(|c| c.from.port() == a.port && c.payload.first() == Some(&4))
+        .map(|c| c.payload.len())
+        .collect();
+    assert!(data.contains(&(32 + 1285)), "datagrams {data:?}");
+}

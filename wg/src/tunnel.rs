@@ -386,6 +386,11 @@ impl Tunnel {
         let mut scratch = vec![0u8; MAX_PACKET];
         loop {
             thread::sleep(TICK);
+            // `ip link set mtu` may change it at any time; padding must follow, or a
+            // lowered MTU would be padded past (wireguard-go follows it by netlink events).
+            if let Ok(mtu) = self.net.tun.mtu() {
+                self.device.set_mtu(mtu);
+            }
             self.device.tick(&mut scratch, self.net.as_ref());
         }
     }
