@@ -5,6 +5,7 @@
 //! tests and parallel runs never collide. Traffic only goes to addresses inside these
 //! namespaces.
 
+pub mod capture;
 pub mod cluster;
 pub mod daemon;
 pub mod fdb;

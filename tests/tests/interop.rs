@@ -4,6 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use isthmus_tests::capture::UdpCapture;
 use isthmus_tests::pair::{Host, Impl, Pair, Underlay};
 use isthmus_tests::traffic::{ping, tcp_transfer};
 
@@ -135,4 +136,70 @@ fn full_size_packets_cross_a_smaller_underlay_mtu() {
         .unwrap_or_else(|e| panic!("TCP a -> b: {e:#}\n{}", pair.logs()));
     tcp_transfer(&pair.b.ns, &pair.a.ns, pair.a.inner_v4(), STREAM)
         .unwrap_or_else(|e| panic!("TCP b -> a: {e:#}\n{}", pair.logs()));
+}
+
+/// WireGuard pads every data message's plaintext to a multiple of 16 bytes (capped at the
+/// MTU) so lengths leak less (issue 16): pings of odd sizes from isthmus, as the
+/// wireguard-go host receives them on the underlay.
+#[test]
+fn isthmus_pads_data_messages_on_the_underlay() {
+    let pair = Pair::new(Impl::Isthmus, Impl::WireguardGo, Underlay::V4).expect("pair");
+    assert!(ping(&pair.a.ns, pair.b.inner_v4(), 1), "{}", pair.logs());
+    let capture = UdpCapture::start(&pair.b.ns, pair.b.port).expect("capture");
+    let target = pair.b.inner_v4().to_string();
+    let sizes = [1usize, 5, 13, 100, 1000];
+    for size in sizes {
+        let size = size.to_string();
+        let args = ["-n", "-q", "-c", "1", "-W", "2", "-s", &size, &target];
+        if let Err(e) = pair.a.ns.exec("ping", &args) {
+            panic!("ping -s {size}: {e:#}\n{}", pair.logs());
+        }
+    }
+    let seen = capture.stop().expect("capture");
+    let data: Vec<usize> = seen
+        .iter()
+        .filter(|c| c.from.port() == pair.a.port && c.payload.first() == Some(&4))
+        .map(|c| c.payload.len())
+        .collect();
+    for size in sizes {
+        // ICMP header 8 and IPv4 header 20 around the ping's payload.
+        let wire = 32 + (size + 28).div_ceil(16) * 16;
+        assert!(
+            data.contains(&wire),
+            "no {wire}-byte datagram for a {size}-byte ping among {data:?}"
+        );
+    }
+    assert!(
+        data.iter().all(|len| (len - 32) % 16 == 0),
+        "unpadded data messages: {data:?}"
+    );
+}
+
+/// Padding stops at the TUN's MTU as it is now: after `ip link set mtu 1285`, a 1283-byte
+/// packet is padded to 1285, not to 1296 as under the MTU it was opened with.
+#[test]
+fn padding_follows_an_mtu_change() {
+    let pair = Pair::new(Impl::Isthmus, Impl::WireguardGo, Underlay::V4).expect("pair");
+    let (a, b) = (&pair.a, &pair.b);
+    a.ns.ip(&["link", "set", &a.iface, "mtu", "1285"])
+        .expect("TUN MTU");
+    b.ns.ip(&["link", "set", &b.iface, "mtu", "1285"])
+        .expect("TUN MTU");
+    assert!(ping(&a.ns, b.inner_v4(), 1), "{}", pair.logs());
+    // isthmus reads the MTU every timer tick (100 ms).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let capture = UdpCapture::start(&b.ns, b.port).expect("capture");
+    let target = b.inner_v4().to_string();
+    // 1255 + 8 (ICMP) + 20 (IP) = 1283 bytes inside.
+    let args = ["-n", "-q", "-c", "1", "-W", "2", "-s", "1255", &target];
+    if let Err(e) = a.ns.exec("ping", &args) {
+        panic!("ping: {e:#}\n{}", pair.logs());
+    }
+    let seen = capture.stop().expect("capture");
+    let data: Vec<usize> = seen
+        .iter()
+        .filter(|c| c.from.port() == a.port && c.payload.first() == Some(&4))
+        .map(|c| c.payload.len())
+        .collect();
+    assert!(data.contains(&(32 + 1285)), "datagrams {data:?}");
 }

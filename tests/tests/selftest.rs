@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use isthmus_tests::capture::UdpCapture;
 use isthmus_tests::pair::{Impl, Pair, Underlay};
 use isthmus_tests::traffic::{ping, ping_within, tcp_transfer};
 use isthmus_tests::wg::KeyPair;
@@ -149,4 +150,60 @@ fn setconf_replaces_peers_and_keeps_working() {
     assert_eq!(a.dump().unwrap().peers.len(), 2);
     tcp_transfer(&a.ns, &b.ns, b.inner_v4(), 4 << 20)
         .unwrap_or_else(|e| panic!("{e:#}\n{}", pair.logs()));
+}
+
+/// The small-order X25519 points netns.sh configures as peers.
+const LOW_ORDER_POINTS: [&str; 7] = [
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+    "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
+    "7P///////////////////////////////////////38=",
+    "7f///////////////////////////////////////38=",
+    "7v///////////////////////////////////////38=",
+];
+
+/// netns.sh: "Ensure that we don't send handshakes to low order points": peers whose public
+/// key is a small-order point, with a keepalive every second and traffic routed to them,
+/// get nothing on their endpoint, and are still listed.
+#[test]
+fn no_handshake_is_sent_to_low_order_points() {
+    let pair = Pair::unconnected(Impl::Isthmus, Impl::Isthmus, Underlay::V4).expect("pair");
+    let host = &pair.a;
+    let capture = UdpCapture::start(&host.ns, 1111).expect("capture");
+    for (i, point) in LOW_ORDER_POINTS.iter().enumerate() {
+        let allowed = format!("10.253.{i}.0/24");
+        let args = [
+            "set",
+            &host.iface,
+            "peer",
+            point,
+            "persistent-keepalive",
+            "1",
+            "endpoint",
+            "127.0.0.1:1111",
+            "allowed-ips",
+            &allowed,
+        ];
+        host.wg(&args)
+            .unwrap_or_else(|e| panic!("wg set peer {point}: {e:#}"));
+    }
+    host.ns
+        .ip(&["route", "add", "10.253.0.0/16", "dev", &host.iface])
+        .expect("route");
+    for i in 0..LOW_ORDER_POINTS.len() {
+        // No reply can come; what matters is that nothing leaves.
+        let _ = ping(&host.ns, format!("10.253.{i}.1").parse().unwrap(), 1);
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let seen = capture.stop().expect("capture");
+    assert!(
+        seen.is_empty(),
+        "datagrams to the low-order peers' endpoint: {seen:?}\n{}",
+        pair.logs()
+    );
+    let dump = host.dump().expect("wg show still answers");
+    for point in LOW_ORDER_POINTS {
+        assert!(dump.peer(point).is_some(), "{point} not listed");
+    }
 }

@@ -6,12 +6,12 @@
 //! datagrams by receiver index (or, for a handshake initiation, by the static key inside it).
 //! Decrypted packets are checked against the sender's allowed IPs (cryptokey routing).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use boringtun::noise::errors::WireGuardError;
@@ -49,6 +49,28 @@ pub trait Transmit {
 pub const DATA_OVERHEAD: usize = 32;
 
 const DATA_TYPE: u8 = 4;
+
+/// WireGuard pads every data message's plaintext to a multiple of this (whitepaper §5.4.6)
+/// so datagram lengths say less about the packets inside; boringtun 0.7 does not.
+pub const PADDING_MULTIPLE: usize = 16;
+
+thread_local! {
+    /// Where a packet is copied to be padded, once per packet thread: boringtun seals
+    /// exactly the bytes it is given, and the packet's own buffer is not ours to grow.
+    static PADDED: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_PACKET].into_boxed_slice());
+}
+
+/// The plaintext length a packet of `len` bytes is sealed at: rounded up to
+/// [`PADDING_MULTIPLE`] but never past `mtu` (0: unknown, no cap) — wireguard-go's and the
+/// kernel's rule, so a full-size packet still fits the underlay.
+pub fn padded_len(len: usize, mtu: usize) -> usize {
+    let round = |n: usize| n.div_ceil(PADDING_MULTIPLE) * PADDING_MULTIPLE;
+    if mtu == 0 {
+        return round(len);
+    }
+    let last_unit = if len > mtu { len % mtu } else { len };
+    len - last_unit + round(last_unit).min(mtu)
+}
 
 /// The configuration as one run of packets sees it: taken with [`Device::burst`] and kept
 /// by a packet thread, which calls [`Device::refresh`] before each batch — one atomic load
@@ -174,6 +196,8 @@ pub struct Device {
     /// Serialises reconfigurations (readers never take it).
     reconfigure_lock: Mutex<()>,
     drops: DropCounters,
+    /// The TUN's MTU, the cap on padding; 0 until [`Device::set_mtu`].
+    mtu: AtomicUsize,
 }
 
 impl Device {
@@ -205,6 +229,16 @@ impl Device {
 
     pub fn drops(&self) -> &DropCounters {
         &self.drops
+    }
+
+    /// The inner MTU, which caps the padding of data messages.
+    pub fn set_mtu(&self, mtu: u16) {
+        self.mtu.store(usize::from(mtu), Ordering::Relaxed);
+    }
+
+    /// How long the datagram sealing a `len`-byte packet is: padding plus [`DATA_OVERHEAD`].
+    pub fn sealed_len(&self, len: usize) -> usize {
+        padded_len(len, self.mtu.load(Ordering::Relaxed)) + DATA_OVERHEAD
     }
 
     /// Moves the device to `next`. Peers whose key, preshared key and keepalive are unchanged
@@ -328,8 +362,8 @@ impl Device {
         }
     }
 
-    /// Encrypts `packet` for the peer that owns its destination into the start of `dst`
-    /// (at least `packet.len() + DATA_OVERHEAD` bytes) and says where that datagram goes;
+    /// Encrypts `packet`, padded, for the peer that owns its destination into the start of
+    /// `dst` (at least [`Device::sealed_len`] bytes) and says where that datagram goes;
     /// sending it is the caller's, so a batch can leave in one system call. Its bytes count
     /// as sent here. With no session yet the packet is queued and the handshake initiation
     /// leaves through `out` at once (`None`).
@@ -353,7 +387,12 @@ impl Device {
             self.drops.record(DropReason::NoRoute);
             return None;
         };
-        match tunn.encapsulate(packet, dst) {
+        let padded = self.sealed_len(packet.len()) - DATA_OVERHEAD;
+        // Never past `dst`: boringtun panics on a short buffer, and unpadded is still valid.
+        let padded = padded
+            .min(dst.len().saturating_sub(DATA_OVERHEAD))
+            .max(packet.len());
+        match encapsulate_padded(tunn, packet, padded, dst) {
             TunnResult::WriteToNetwork(data) if data.first() == Some(&DATA_TYPE) => {
                 let len = data.len();
                 drop(guard);
@@ -567,6 +606,25 @@ impl Device {
             }
         }
     }
+}
+
+/// `tunn.encapsulate` of `packet` followed by zeros up to `padded` bytes; the receiver
+/// trims them by the IP header's length (boringtun's `validate_decapsulated_packet` does).
+fn encapsulate_padded<'a>(
+    tunn: &mut Tunn,
+    packet: &[u8],
+    padded: usize,
+    dst: &'a mut [u8],
+) -> TunnResult<'a> {
+    if padded <= packet.len() {
+        return tunn.encapsulate(packet, dst);
+    }
+    PADDED.with(move |scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch[..packet.len()].copy_from_slice(packet);
+        scratch[packet.len()..padded].fill(0);
+        tunn.encapsulate(&scratch[..padded], dst)
+    })
 }
 
 fn reason_for(e: &WireGuardError) -> DropReason {

@@ -329,3 +329,242 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
         "the refreshed view routes 10.0.0.5 to c"
     );
 }
+
+/// The datagrams `node` sent since the last take, by length.
+fn sent_lengths(node: &Node) -> Vec<usize> {
+    node.out
+        .take()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Datagram(_, d) => Some(d.len()),
+            Output::Tun(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn data_messages_are_padded_to_16_bytes_up_to_the_mtu() {
+    let (a, b) = pair();
+    a.device.set_mtu(1420);
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let round = |n: usize| n.div_ceil(16) * 16;
+    let mut buf = vec![0u8; MAX_PACKET];
+    // 20 bytes is the least an IPv4 packet can be routed with; near the MTU the padding
+    // stops at the MTU itself.
+    let cases = (20..=100).map(|len| (len, 32 + round(len))).chain([
+        (1407, 32 + 1408),
+        (1408, 32 + 1408),
+        (1409, 32 + 1420),
+        (1419, 32 + 1420),
+        (1420, 32 + 1420),
+    ]);
+    for (len, wire) in cases {
+        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], len - 20);
+        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        assert_eq!(
+            sent_lengths(&a),
+            vec![wire],
+            "datagram for a {len}-byte packet"
+        );
+        // The receiver trims the padding by the IP header's length.
+        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        assert_eq!(deliver(&a, &b, ADDR_A), vec![packet], "{len}-byte packet");
+    }
+}
+
+#[test]
+fn padded_len_follows_wireguard_go() {
+    use crate::device::padded_len;
+    for len in 1..=100 {
+        assert_eq!(padded_len(len, 1420), len.div_ceil(16) * 16, "len {len}");
+    }
+    assert_eq!(padded_len(0, 1420), 0, "keepalives stay empty");
+    assert_eq!(padded_len(1419, 1420), 1420, "capped at the MTU");
+    assert_eq!(padded_len(1419, 0), 1424, "no MTU known: no cap");
+    // Longer than the MTU (not from our TUN): only the last MTU-sized unit is padded.
+    assert_eq!(padded_len(1425, 1420), 1420 + 16);
+}
+
+/// The small-order X25519 points the kernel's netns.sh configures as peers.
+const LOW_ORDER_POINTS: [&str; 7] = [
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+    "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
+    "7P///////////////////////////////////////38=",
+    "7f///////////////////////////////////////38=",
+    "7v///////////////////////////////////////38=",
+];
+
+#[test]
+fn no_handshake_is_sent_to_a_low_order_public_key() {
+    let a = Node::new(1);
+    let peers: Vec<PeerConfig> = LOW_ORDER_POINTS
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let mut pc = PeerConfig::new(Key::from_base64(key).unwrap());
+            pc.endpoint = Some(ADDR_B.parse().unwrap());
+            pc.persistent_keepalive = 1;
+            pc.allowed_ips = vec![format!("10.0.{i}.0/24").parse().unwrap()];
+            pc
+        })
+        .collect();
+    let keys: Vec<Key> = peers.iter().map(|p| p.public_key).collect();
+    let started = SetEffects {
+        keepalive_started: keys.clone(),
+        ..SetEffects::default()
+    };
+    // As netns.sh does it: the peers first, then the private key (so the keys are checked
+    // when the identity arrives, not only when a peer is added); then the other order.
+    let without_key = DeviceConfig {
+        private_key: None,
+        listen_port: 51820,
+        fwmark: 0,
+        peers,
+    };
+    a.device.reconfigure(without_key.clone(), &started, &a.out);
+    let keyed = DeviceConfig {
+        private_key: Some(a.private),
+        ..without_key.clone()
+    };
+    a.device.reconfigure(keyed.clone(), &started, &a.out);
+    let fresh = Node::new(3);
+    let fresh_config = DeviceConfig {
+        private_key: Some(fresh.private),
+        ..without_key
+    };
+    fresh.device.reconfigure(fresh_config, &started, &fresh.out);
+
+    let mut buf = vec![0u8; MAX_PACKET];
+    for node in [&a, &fresh] {
+        for i in 0..LOW_ORDER_POINTS.len() as u8 {
+            let packet = ipv4([10, 9, 0, 1], [10, 0, i, 5], 8);
+            node.device.handle_outbound(&packet, &mut buf, &node.out);
+        }
+        node.device.tick(&mut buf, &node.out);
+        assert_eq!(sent_lengths(node), Vec::<usize>::new(), "datagrams sent");
+        let listed: Vec<Key> = node
+            .device
+            .snapshot()
+            .peers
+            .iter()
+            .map(|p| p.public_key)
+            .collect();
+        assert_eq!(listed, keys, "every peer still listed");
+    }
+}
+
+/// The sender index of a handshake initiation (bytes 4..8, little endian).
+fn initiation_index(datagram: &[u8]) -> u32 {
+    assert_eq!(datagram[0], 1, "a handshake initiation");
+    u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]])
+}
+
+/// Receiver indices name sessions in clear on the wire: they must not let an observer
+/// tell how many peers a device has or guess the next one. The engine draws 24 random bits
+/// per peer; boringtun adds an 8-bit session counter below them.
+#[test]
+fn receiver_indices_are_random_per_peer() {
+    const PEERS: u8 = 64;
+    let indices = |seed: u8| -> Vec<u32> {
+        let a = Node::new(seed);
+        let others: Vec<Node> = (0..PEERS).map(|i| Node::new(100 + i)).collect();
+        let peers = others
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut pc = PeerConfig::new(n.public());
+                pc.endpoint = Some(ADDR_B.parse().unwrap());
+                pc.allowed_ips = vec![format!("10.1.{i}.0/24").parse().unwrap()];
+                pc
+            })
+            .collect();
+        let cfg = DeviceConfig {
+            private_key: Some(a.private),
+            listen_port: 51820,
+            fwmark: 0,
+            peers,
+        };
+        a.device.reconfigure(cfg, &SetEffects::default(), &a.out);
+        let mut buf = vec![0u8; MAX_PACKET];
+        for i in 0..PEERS {
+            let packet = ipv4([10, 9, 0, 1], [10, 1, i, 1], 8);
+            a.device.handle_outbound(&packet, &mut buf, &a.out);
+        }
+        a.out
+            .take()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Datagram(_, d) => Some(initiation_index(&d)),
+                Output::Tun(_) => None,
+            })
+            .collect()
+    };
+    let first = indices(1);
+    assert_eq!(first.len(), usize::from(PEERS));
+    // boringtun's first session of a peer has counter 1 in the low byte.
+    assert!(first.iter().all(|i| i & 0xff == 1), "{first:x?}");
+    let mut high: Vec<u32> = first.iter().map(|i| i >> 8).collect();
+    // Not in configuration order one apart (a counter would be), and no two alike.
+    let steps = high
+        .windows(2)
+        .filter(|w| w[1].wrapping_sub(w[0]) == 1)
+        .count();
+    assert!(steps < 2, "sequential indices: {high:x?}");
+    high.sort_unstable();
+    high.dedup();
+    assert_eq!(high.len(), usize::from(PEERS), "indices repeat");
+    // Spread over the 24 bits, not bunched at the bottom.
+    assert!(high.iter().any(|&h| h >= 1 << 23), "{high:x?}");
+    // The same configuration on another device (or after a restart) gives other indices.
+    let second = indices(1);
+    let same = first.iter().zip(&second).filter(|(x, y)| x == y).count();
+    assert!(
+        same < 2,
+        "indices repeat across devices: {first:x?} {second:x?}"
+    );
+}
+
+/// How far back a data message may arrive after a later one and still be accepted.
+/// boringtun 0.7's window is 1024 counters (`N_WORDS = 16` 64-bit words, session.rs:36),
+/// so it accepts up to 1023 behind; the kernel and wireguard-go accept 8192 - 64 = 8128.
+#[test]
+fn replay_window_tolerates_1023_packets_of_reordering() {
+    let (a, b) = pair();
+    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8));
+    let mut buf = vec![0u8; MAX_PACKET];
+    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8);
+    const SENT: usize = 9_000;
+    for _ in 0..SENT {
+        a.device.handle_outbound(&packet, &mut buf, &a.out);
+    }
+    let datagrams: Vec<Vec<u8>> = a
+        .out
+        .take()
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Datagram(_, d) => Some(d),
+            Output::Tun(_) => None,
+        })
+        .collect();
+    assert_eq!(datagrams.len(), SENT);
+    let from: SocketAddr = ADDR_A.parse().unwrap();
+    let (last, earlier) = datagrams.split_last().unwrap();
+    b.device.handle_inbound(from, last, &mut buf, &b.out);
+    assert_eq!(b.out.take().len(), 1, "the newest is accepted");
+    // Everything before it, newest first: how deep does the window reach?
+    let mut accepted_depth = 0;
+    for (depth, d) in earlier.iter().rev().enumerate() {
+        b.device.handle_inbound(from, d, &mut buf, &b.out);
+        if !b.out.take().is_empty() {
+            assert_eq!(accepted_depth, depth, "accepted with a gap behind it");
+            accepted_depth = depth + 1;
+        }
+    }
+    assert_eq!(accepted_depth, 1023, "packets accepted behind the newest");
+    // Replays inside the window are still refused.
+    b.device
+        .handle_inbound(from, &earlier[SENT - 2], &mut buf, &b.out);
+    assert!(b.out.take().is_empty(), "a replay was accepted");
+}

@@ -17,7 +17,8 @@ pub struct Peer {
     pub public_key: Key,
     /// Our receiver index for this peer (24 bits; boringtun adds 8 bits of session id).
     pub index: u32,
-    /// `None` while the device has no private key.
+    /// `None` while the device has no private key, or for ever when the peer's public key
+    /// is a low-order point (see [`Peer::rebuild_session`]).
     pub tunn: Mutex<Option<Tunn>>,
     endpoint: RwLock<Option<SocketAddr>>,
     rx_bytes: AtomicU64,
@@ -40,13 +41,29 @@ impl Peer {
 
     /// Replaces the session state (after a key, preshared key or keepalive change). The
     /// counters and endpoint survive; the next packet starts a fresh handshake.
+    ///
+    /// A public key that is a low-order point gives an all-zero static-static secret, which
+    /// anyone can compute: the peer stays configured (and listed) but gets no session, so
+    /// no handshake is ever sent to it — what the kernel and wireguard-go do. boringtun 0.7
+    /// does not check (`NoiseParams::new`, handshake.rs:379).
     pub fn rebuild_session(&self, config: &PeerConfig, private: Option<&StaticSecret>) {
-        let tunn = private.map(|secret| {
+        let peer_public = PublicKey::from(config.public_key.0);
+        let usable = |secret: &&StaticSecret| {
+            let contributory = secret.diffie_hellman(&peer_public).was_contributory();
+            if !contributory {
+                tracing::warn!(
+                    peer = %config.public_key.to_base64(),
+                    "peer public key is a low-order point; no handshake will be sent to it"
+                );
+            }
+            contributory
+        };
+        let tunn = private.filter(usable).map(|secret| {
             let keepalive =
                 (config.persistent_keepalive > 0).then_some(config.persistent_keepalive);
             Tunn::new(
                 secret.clone(),
-                PublicKey::from(config.public_key.0),
+                peer_public,
                 config.preshared_key.map(|k| k.0),
                 keepalive,
                 self.index,

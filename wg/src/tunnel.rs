@@ -131,6 +131,7 @@ impl Tunnel {
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
         );
         let device = Arc::new(Device::new());
+        device.set_mtu(mtu);
         let mut config = device.config();
         config.listen_port = sockets.port;
         let net = Arc::new(Net {
@@ -354,7 +355,7 @@ impl Tunnel {
     }
 
     fn seal_into(&self, batch: &mut OutBatch, burst: &Burst, packet: &[u8]) {
-        let need = (packet.len() + DATA_OVERHEAD).max(MIN_SEAL_ROOM);
+        let need = self.device.sealed_len(packet.len()).max(MIN_SEAL_ROOM);
         if batch.space(need).is_none() {
             self.flush(batch);
         }
@@ -385,6 +386,11 @@ impl Tunnel {
         let mut scratch = vec![0u8; MAX_PACKET];
         loop {
             thread::sleep(TICK);
+            // `ip link set mtu` may change it at any time; padding must follow, or a
+            // lowered MTU would be padded past (wireguard-go follows it by netlink events).
+            if let Ok(mtu) = self.net.tun.mtu() {
+                self.device.set_mtu(mtu);
+            }
             self.device.tick(&mut scratch, self.net.as_ref());
         }
     }
