@@ -728,6 +728,44 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
         t0,
         "aws-2 deleted: its peer collected, no route, FDB entry or WireGuard peer left",
     );
+
+    // Teardown leaves nothing: no namespace, cgroup, mount or process of the cluster.
+    let tag = c.tag.clone();
+    let rig_dir = c.rig.dir.path().to_path_buf();
+    drop(c);
+    let netns = std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&tag))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    assert!(netns.is_empty(), "namespaces left: {netns:?}");
+    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")?
+        .flatten()
+        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains(&format!("/isthmus-{tag}-")))
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let ours: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&rig_dir.display().to_string()) || l.contains(&tag))
+        .collect();
+    assert!(ours.is_empty(), "mounts left: {ours:#?}");
+    assert!(!rig_dir.exists(), "{} left", rig_dir.display());
+    let daemons: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
+        .filter(|cmd| cmd.contains(&rig_dir.display().to_string()))
+        .collect();
+    assert!(daemons.is_empty(), "processes left: {daemons:?}");
+    step(
+        t0,
+        "torn down: no namespace, cgroup, mount, directory or process left",
+    );
     Ok(())
 }
 
