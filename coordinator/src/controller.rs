@@ -108,6 +108,8 @@ pub fn peer_view(p: &WireGuardPeer) -> PeerView {
         public_key: p.spec.public_key.clone(),
         node_ip: p.spec.node_ip.clone(),
         pod_cidrs: p.spec.pod_cidrs.clone(),
+        location: p.spec.location.clone(),
+        vtep: p.spec.vtep.as_ref().map(|v| (v.mac.clone(), v.ip.clone())),
         mesh_ip: status.and_then(|s| s.mesh_ip.clone()),
         admitted,
     }
@@ -121,6 +123,8 @@ pub fn node_view(n: &Node) -> NodeView {
             .map(|(_, a)| a)
             .collect(),
         pod_cidrs: isthmus_api::node::pod_cidrs(n),
+        region: isthmus_api::node::region(n),
+        vtep: isthmus_api::node::flannel_vtep(n),
     }
 }
 

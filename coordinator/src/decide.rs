@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ip_network::IpNetwork;
+use isthmus_api::node::FlannelVtep;
 use isthmus_api::Topology;
 
 /// What the coordinator needs of a WireGuardPeer.
@@ -19,6 +20,9 @@ pub struct PeerView {
     pub public_key: String,
     pub node_ip: String,
     pub pod_cidrs: Vec<String>,
+    pub location: String,
+    /// flannel's VTEP as the agent claims it: (MAC, address).
+    pub vtep: Option<(String, String)>,
     pub mesh_ip: Option<String>,
     /// The current Admitted condition, if any: (status, reason, lastTransitionTime).
     pub admitted: Option<(String, String, String)>,
@@ -30,6 +34,10 @@ pub struct NodeView {
     pub name: String,
     pub addresses: Vec<String>,
     pub pod_cidrs: Vec<String>,
+    /// `topology.kubernetes.io/region`, if labelled.
+    pub region: Option<String>,
+    /// flannel's VTEP as flannel recorded it on the Node (`isthmus_api::node::flannel_vtep`).
+    pub vtep: Option<FlannelVtep>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,7 +86,10 @@ fn same_ip(a: &str, b: &str) -> bool {
 }
 
 /// Checks a peer against its Node: the node must exist, list the peer's nodeIP among its
-/// addresses, and own exactly the peer's pod CIDRs.
+/// addresses, own exactly the peer's pod CIDRs, have the VTEP flannel wrote on it (a peer
+/// without one, routed mode, claims none), and be in the location its region label names.
+/// An unlabelled Node takes the agent's `--location` on trust: nodes of one location would
+/// otherwise need a label to join at all, so admins who do not trust their nodes label them.
 pub fn admit(peer: &PeerView, node: Option<&NodeView>) -> Admission {
     let deny = |reason, message: String| Admission {
         admitted: false,
@@ -107,6 +118,34 @@ pub fn admit(peer: &PeerView, node: Option<&NodeView>) -> Admission {
                 peer.pod_cidrs.join(", "),
                 node.name,
                 node.pod_cidrs.join(", ")
+            ),
+        );
+    }
+    if let Some((mac, ip)) = &peer.vtep {
+        let matches = node
+            .vtep
+            .as_ref()
+            .is_some_and(|v| v.mac.eq_ignore_ascii_case(mac) && same_ip(&v.ip.to_string(), ip));
+        if !matches {
+            let says = match &node.vtep {
+                Some(v) => format!("MAC {} address {}", v.mac, v.ip),
+                None => "none (no flannel vxlan backend-data on it)".into(),
+            };
+            return deny(
+                "VtepMismatch",
+                format!(
+                    "vtep MAC {mac} address {ip} is not Node {}'s: flannel says {says}",
+                    node.name
+                ),
+            );
+        }
+    }
+    if let Some(region) = node.region.as_deref().filter(|r| *r != peer.location) {
+        return deny(
+            "LocationMismatch",
+            format!(
+                "location {} is not Node {}'s region {region}",
+                peer.location, node.name
             ),
         );
     }
@@ -183,6 +222,7 @@ pub fn decide(
 
     let mut plan = Plan::default();
     let mut keys_seen: HashMap<&str, &str> = HashMap::new();
+    let mut macs_seen: HashMap<String, &str> = HashMap::new();
     let mut admissions: Vec<(&PeerView, Admission)> = Vec::new();
     for peer in order {
         let node = nodes.get(peer.name.as_str()).copied();
@@ -192,15 +232,30 @@ pub fn decide(
             continue;
         }
         let mut admission = admit(peer, node);
+        // A second claimant of a key or of a VTEP MAC (which would repoint the first's FDB
+        // entries) is refused; the older keeps it.
         if admission.admitted {
+            let mac = peer.vtep.as_ref().map(|(m, _)| m.to_ascii_lowercase());
             if let Some(owner) = keys_seen.get(peer.public_key.as_str()) {
                 admission = Admission {
                     admitted: false,
                     reason: "DuplicatePublicKey",
                     message: format!("public key already used by {owner}"),
                 };
+            } else if let Some((mac, owner)) = mac
+                .as_ref()
+                .and_then(|m| Some((m, macs_seen.get(m.as_str())?)))
+            {
+                admission = Admission {
+                    admitted: false,
+                    reason: "DuplicateVtep",
+                    message: format!("vtep MAC {mac} already used by {owner}"),
+                };
             } else {
                 keys_seen.insert(&peer.public_key, &peer.name);
+                if let Some(mac) = mac {
+                    macs_seen.insert(mac, &peer.name);
+                }
             }
         }
         admissions.push((peer, admission));
@@ -272,7 +327,32 @@ mod tests {
             name: name.into(),
             addresses: vec![ip.into()],
             pod_cidrs: vec![cidr.into()],
+            region: None,
+            vtep: None,
         }
+    }
+
+    /// A Node flannel (vxlan) and an admin's region label describe.
+    fn flannel_node(name: &str, ip: &str, cidr: &str, mac: &str) -> NodeView {
+        let (net, _) = cidr.split_once('/').unwrap();
+        NodeView {
+            region: Some("aws".into()),
+            vtep: Some(FlannelVtep {
+                mac: mac.into(),
+                ip: net.parse().unwrap(),
+            }),
+            ..node(name, ip, cidr)
+        }
+    }
+
+    fn with_vtep(mut p: PeerView, mac: &str, ip: &str) -> PeerView {
+        p.vtep = Some((mac.into(), ip.into()));
+        p
+    }
+
+    fn at(mut p: PeerView, location: &str) -> PeerView {
+        p.location = location.into();
+        p
     }
 
     fn peer(name: &str, created: &str, ip: &str, cidr: &str) -> PeerView {
@@ -283,6 +363,8 @@ mod tests {
             public_key: format!("key-{name}"),
             node_ip: ip.into(),
             pod_cidrs: vec![cidr.into()],
+            location: "aws".into(),
+            vtep: None,
             mesh_ip: None,
             admitted: None,
         }
@@ -297,6 +379,8 @@ mod tests {
     #[test]
     fn admission_table() {
         let n = node("a", "10.0.0.5", "10.244.1.0/24");
+        let f = flannel_node("a", "10.0.0.5", "10.244.1.0/24", "0a:58:0a:f4:01:00");
+        let honest = || peer("a", "1", "10.0.0.5", "10.244.1.0/24");
         let cases: &[(&str, PeerView, Option<&NodeView>, bool, &str)] = &[
             (
                 "matching",
@@ -330,6 +414,55 @@ mod tests {
             (
                 "unmasked cidr",
                 peer("a", "1", "10.0.0.5", "10.244.1.7/24"),
+                Some(&n),
+                true,
+                "NodeVerified",
+            ),
+            (
+                "vtep as flannel wrote it (MAC case aside)",
+                with_vtep(honest(), "0A:58:0A:F4:01:00", "10.244.1.0"),
+                Some(&f),
+                true,
+                "NodeVerified",
+            ),
+            (
+                "no vtep: routed mode claims none",
+                honest(),
+                Some(&f),
+                true,
+                "NodeVerified",
+            ),
+            (
+                "another node's vtep MAC",
+                with_vtep(honest(), "0a:58:0a:f4:02:00", "10.244.1.0"),
+                Some(&f),
+                false,
+                "VtepMismatch",
+            ),
+            (
+                "vtep address not the pod subnet's",
+                with_vtep(honest(), "0a:58:0a:f4:01:00", "10.244.2.0"),
+                Some(&f),
+                false,
+                "VtepMismatch",
+            ),
+            (
+                "vtep on a Node flannel wrote nothing on",
+                with_vtep(honest(), "0a:58:0a:f4:01:00", "10.244.1.0"),
+                Some(&n),
+                false,
+                "VtepMismatch",
+            ),
+            (
+                "location other than the region label",
+                at(honest(), "vsphere"),
+                Some(&f),
+                false,
+                "LocationMismatch",
+            ),
+            (
+                "unlabelled Node: the agent's location is taken",
+                at(honest(), "vsphere"),
                 Some(&n),
                 true,
                 "NodeVerified",
@@ -416,6 +549,35 @@ mod tests {
         assert!(plan.statuses["a"].admission.admitted);
         assert_eq!(plan.statuses["b"].admission.reason, "DuplicatePublicKey");
         assert_eq!(plan.statuses["b"].mesh_ip, None);
+    }
+
+    #[test]
+    fn duplicate_vtep_admits_only_the_older_peer() {
+        // Two Nodes flannel (or whoever can write Node annotations) gave the same MAC.
+        let mac = "0a:58:0a:f4:01:00";
+        let nodes = [
+            flannel_node("a", "10.0.0.5", "10.244.1.0/24", mac),
+            flannel_node("b", "10.0.0.6", "10.244.2.0/24", mac),
+            flannel_node("c", "10.0.0.7", "10.244.3.0/24", "0a:58:0a:f4:03:00"),
+        ];
+        let peers = [
+            with_vtep(
+                peer("b", "2", "10.0.0.6", "10.244.2.0/24"),
+                mac,
+                "10.244.2.0",
+            ),
+            with_vtep(
+                peer("a", "1", "10.0.0.5", "10.244.1.0/24"),
+                "0A:58:0A:F4:01:00",
+                "10.244.1.0",
+            ),
+            peer("c", "3", "10.0.0.7", "10.244.3.0/24"),
+        ];
+        let plan = run(&peers, &nodes);
+        assert!(plan.statuses["a"].admission.admitted);
+        assert_eq!(plan.statuses["b"].admission.reason, "DuplicateVtep");
+        assert_eq!(plan.statuses["b"].mesh_ip, None);
+        assert!(plan.statuses["c"].admission.admitted, "no vtep, no clash");
     }
 
     #[test]

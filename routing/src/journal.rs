@@ -1,5 +1,7 @@
 //! The routing journal: every kernel entry the agent changes, with what was there before,
-//! written durably *before* the change (temp file, fsync, rename, fsync of the directory).
+//! written durably *before* the change (temp file, fsync, rename, fsync of the directory),
+//! with what the kernel held until the change is confirmed (so a failed write or a kill in
+//! between still restores exactly).
 //! Removal — graceful stop, `isthmus-agent cleanup` after a crash, the next start —
 //! restores from it, so nothing isthmus wrote outlives it.
 
@@ -24,6 +26,31 @@ pub struct Entry {
     pub prior: Option<Value>,
     /// What we set.
     pub applied: Value,
+    /// Present from the moment `applied` is recorded until its kernel write is confirmed:
+    /// a write that failed, or a process killed in between, leaves the kernel with this
+    /// value instead, which is just as much isthmus's doing (or the prior) and is restored
+    /// as if `applied` were there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+}
+
+/// The kernel's value when an unconfirmed write was recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// `None`: there was no entry.
+    pub was: Option<Value>,
+}
+
+impl Entry {
+    /// Whether `current` is a value isthmus put there or knows of: the applied one, or the
+    /// one an unconfirmed write was replacing.
+    pub fn knows(&self, current: Option<&Value>) -> bool {
+        current == Some(&self.applied)
+            || self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.was.as_ref() == current)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -156,6 +183,7 @@ mod tests {
             applied: Value::Fdb {
                 dst: format!("100.96.0.{n}").parse().unwrap(),
             },
+            pending: None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! [`plan`] turns the remote nodes into the kernel entries wanted (pure); [`reconcile`]
 //! decides per entry what to do given the kernel's value and the [`journal`] (pure);
 //! [`kernel`] reads and writes the entries over rtnetlink; [`Router`] runs the three in
-//! order — journal first, durably, then the kernel — and [`watch`] wakes it when anyone
+//! order — journal first, durably, then the kernel, then the journal again to confirm — and [`watch`] wakes it when anyone
 //! rewrites an entry, so it can put ours back. [`address`] sets the tunnel device's mesh IP;
 //! [`netns`] runs setup inside another network namespace.
 //!
@@ -118,11 +118,20 @@ impl Router {
         self.journal.commit(puts, &[])?;
         let mut outcome = Outcome::default();
         let mut drops = Vec::new();
+        let mut confirmed = Vec::new();
         for (key, d) in &decisions {
             let mut ok = true;
             if let Some(action) = &d.action {
                 match self.kernel.apply(key, action, current.get(key)).await {
-                    Ok(()) => outcome.changed += 1,
+                    Ok(()) => {
+                        outcome.changed += 1;
+                        if let Record::Put(e) = &d.record {
+                            confirmed.push(journal::Entry {
+                                pending: None,
+                                ..e.clone()
+                            });
+                        }
+                    }
                     Err(e) => {
                         ok = false;
                         outcome.failed += 1;
@@ -141,12 +150,14 @@ impl Router {
                 drops.push(*key);
             }
         }
-        self.journal.commit(Vec::new(), &drops)?;
+        // Until this lands a failed write or a kill leaves `pending`, which restore reads.
+        self.journal.commit(confirmed, &drops)?;
         Ok(outcome)
     }
 
     /// Restores everything in the journal (what removal does) and empties it. Entries that
-    /// changed since we wrote them are left as they are now.
+    /// changed since we wrote them are left as they are now; an entry still holding the
+    /// value an unconfirmed write of ours was replacing counts as unchanged.
     pub async fn restore(&mut self) -> anyhow::Result<Outcome> {
         self.desired.clear();
         self.reconcile().await

@@ -2,7 +2,7 @@
 //! what the journal remembers. Pure, so every case of "assert, re-assert, restore, leave
 //! alone" is a table row.
 
-use crate::journal::Entry;
+use crate::journal::{Entry, Pending};
 use crate::model::{Key, Mac, Value};
 
 /// What to do to the kernel entry.
@@ -12,7 +12,8 @@ pub enum Action {
     Delete,
 }
 
-/// What to do to the journal entry.
+/// What to do to the journal entry. A `Put` carries `pending` when an action follows; the
+/// caller confirms it (records the entry again without) once the kernel write succeeded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Keep,
@@ -45,12 +46,17 @@ pub fn decide(
     current: Option<&Value>,
     journaled: Option<&Entry>,
 ) -> Decision {
+    // Recorded before the write, confirmed (pending cleared) after it succeeds.
+    let pending = Some(Pending {
+        was: current.cloned(),
+    });
     match (desired, journaled) {
         (Some(want), journaled) if current == Some(want) => match journaled {
-            // Already right; keep the record in step with the plan.
-            Some(e) if &e.applied != want => Decision {
+            // Already right; keep the record in step with the plan, confirmed.
+            Some(e) if &e.applied != want || e.pending.is_some() => Decision {
                 record: Record::Put(Entry {
                     applied: want.clone(),
+                    pending: None,
                     ..e.clone()
                 }),
                 ..NOTHING
@@ -58,7 +64,7 @@ pub fn decide(
             _ => NOTHING,
         },
         (Some(want), Some(e)) => {
-            let ours = current == Some(&e.applied);
+            let ours = e.knows(current);
             Decision {
                 record: Record::Put(Entry {
                     key,
@@ -69,6 +75,7 @@ pub fn decide(
                         current.cloned()
                     },
                     applied: want.clone(),
+                    pending,
                 }),
                 action: Some(Action::Set(want.clone())),
                 reasserted: !ours,
@@ -79,13 +86,15 @@ pub fn decide(
                 key,
                 prior: current.cloned(),
                 applied: want.clone(),
+                pending,
             }),
             action: Some(Action::Set(want.clone())),
             reasserted: false,
         },
-        (None, Some(e)) if current == Some(&e.applied) => Decision {
+        // Ours (or a write of ours that never landed): back to the prior, unless already.
+        (None, Some(e)) if e.knows(current) => Decision {
             record: Record::Drop,
-            action: Some(match &e.prior {
+            action: (current != e.prior.as_ref()).then(|| match &e.prior {
                 Some(v) => Action::Set(v.clone()),
                 None => Action::Delete,
             }),
@@ -145,6 +154,7 @@ pub fn without_stale_prior(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::Journal;
 
     fn key() -> Key {
         Key::Fdb {
@@ -164,6 +174,15 @@ mod tests {
             key: key(),
             prior: prior.map(dst),
             applied: dst(applied),
+            pending: None,
+        }
+    }
+
+    /// `entry` recorded before a write that replaces `was` and is not yet confirmed.
+    fn unconfirmed(prior: Option<&str>, applied: &str, was: Option<&str>) -> Entry {
+        Entry {
+            pending: Some(Pending { was: was.map(dst) }),
+            ..entry(prior, applied)
         }
     }
 
@@ -184,6 +203,9 @@ mod tests {
         let moved = dst("100.96.0.4");
         let e = entry(Some("10.0.0.11"), "100.96.0.3");
         let created = entry(None, "100.96.0.3");
+        let first_unconfirmed = unconfirmed(Some("10.0.0.11"), "100.96.0.3", Some("10.0.0.11"));
+        let move_unconfirmed = unconfirmed(Some("10.0.0.11"), "100.96.0.4", Some("100.96.0.3"));
+        let create_unconfirmed = unconfirmed(None, "100.96.0.3", None);
         let rows: Vec<Row> = vec![
             (
                 "first change: record flannel's value, then set ours",
@@ -191,7 +213,11 @@ mod tests {
                 Some(&underlay),
                 None,
                 Decision {
-                    record: Record::Put(e.clone()),
+                    record: Record::Put(unconfirmed(
+                        Some("10.0.0.11"),
+                        "100.96.0.3",
+                        Some("10.0.0.11"),
+                    )),
                     action: Some(Action::Set(mesh.clone())),
                     reasserted: false,
                 },
@@ -202,7 +228,7 @@ mod tests {
                 None,
                 None,
                 Decision {
-                    record: Record::Put(entry(None, "100.96.0.3")),
+                    record: Record::Put(unconfirmed(None, "100.96.0.3", None)),
                     action: Some(Action::Set(mesh.clone())),
                     reasserted: false,
                 },
@@ -227,7 +253,11 @@ mod tests {
                 Some(&other),
                 Some(&e),
                 Decision {
-                    record: Record::Put(entry(Some("10.0.0.99"), "100.96.0.3")),
+                    record: Record::Put(unconfirmed(
+                        Some("10.0.0.99"),
+                        "100.96.0.3",
+                        Some("10.0.0.99"),
+                    )),
                     action: Some(Action::Set(mesh.clone())),
                     reasserted: true,
                 },
@@ -238,7 +268,7 @@ mod tests {
                 None,
                 Some(&e),
                 Decision {
-                    record: Record::Put(entry(None, "100.96.0.3")),
+                    record: Record::Put(unconfirmed(None, "100.96.0.3", None)),
                     action: Some(Action::Set(mesh.clone())),
                     reasserted: true,
                 },
@@ -249,7 +279,11 @@ mod tests {
                 Some(&mesh),
                 Some(&e),
                 Decision {
-                    record: Record::Put(entry(Some("10.0.0.11"), "100.96.0.4")),
+                    record: Record::Put(unconfirmed(
+                        Some("10.0.0.11"),
+                        "100.96.0.4",
+                        Some("100.96.0.3"),
+                    )),
                     action: Some(Action::Set(dst("100.96.0.4"))),
                     reasserted: false,
                 },
@@ -297,9 +331,170 @@ mod tests {
                 },
             ),
             ("not ours, not wanted", None, Some(&underlay), None, NOTHING),
+            // A write recorded but not confirmed: it failed, or the agent was killed
+            // between journal and kernel. The kernel still holds what it replaced.
+            (
+                "the write landed: the next pass confirms it",
+                Some(&mesh),
+                Some(&mesh),
+                Some(&first_unconfirmed),
+                Decision {
+                    record: Record::Put(e.clone()),
+                    ..NOTHING
+                },
+            ),
+            (
+                "a move that never landed: retried, not a re-assertion, prior kept",
+                Some(&moved),
+                Some(&mesh),
+                Some(&move_unconfirmed),
+                Decision {
+                    record: Record::Put(unconfirmed(
+                        Some("10.0.0.11"),
+                        "100.96.0.4",
+                        Some("100.96.0.3"),
+                    )),
+                    action: Some(Action::Set(moved.clone())),
+                    reasserted: false,
+                },
+            ),
+            (
+                "removal after a move that never landed: our old value goes, flannel's back",
+                None,
+                Some(&mesh),
+                Some(&move_unconfirmed),
+                Decision {
+                    record: Record::Drop,
+                    action: Some(Action::Set(underlay.clone())),
+                    reasserted: false,
+                },
+            ),
+            (
+                "removal after a first write that never landed: flannel's is there already",
+                None,
+                Some(&underlay),
+                Some(&first_unconfirmed),
+                Decision {
+                    record: Record::Drop,
+                    ..NOTHING
+                },
+            ),
+            (
+                "removal after a creation that never landed: nothing to delete",
+                None,
+                None,
+                Some(&create_unconfirmed),
+                Decision {
+                    record: Record::Drop,
+                    ..NOTHING
+                },
+            ),
+            (
+                "removal after a landed move someone then rewrote: theirs stays",
+                None,
+                Some(&other),
+                Some(&move_unconfirmed),
+                Decision {
+                    record: Record::Drop,
+                    ..NOTHING
+                },
+            ),
         ];
         for (name, desired, current, journaled, want) in rows {
             assert_eq!(decide(key(), desired, current, journaled), want, "{name}");
+        }
+    }
+
+    /// Where a pass stops, as `Router::reconcile` runs it: record, write, confirm.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Stop {
+        Complete,
+        KilledBeforeWrite,
+        WriteFails,
+        KilledBeforeConfirm,
+    }
+
+    /// One pass of `Router::reconcile` for one entry against a kernel held in a variable
+    /// and the real journal on disk.
+    fn pass(
+        journal: &mut Journal,
+        kernel: &mut Option<Value>,
+        desired: Option<&Value>,
+        stop: Stop,
+    ) {
+        let d = decide(key(), desired, kernel.as_ref(), journal.get(&key()));
+        if let Record::Put(e) = &d.record {
+            journal.commit(vec![e.clone()], &[]).unwrap();
+        }
+        if stop == Stop::KilledBeforeWrite {
+            return;
+        }
+        let ok = match (&d.action, stop) {
+            (Some(_), Stop::WriteFails) => false,
+            (Some(Action::Set(v)), _) => {
+                *kernel = Some(v.clone());
+                true
+            }
+            (Some(Action::Delete), _) => {
+                *kernel = None;
+                true
+            }
+            (None, _) => true,
+        };
+        if stop == Stop::KilledBeforeConfirm {
+            return;
+        }
+        let mut confirmed = Vec::new();
+        let mut drops = Vec::new();
+        match &d.record {
+            Record::Put(e) if ok && d.action.is_some() => confirmed.push(Entry {
+                pending: None,
+                ..e.clone()
+            }),
+            Record::Drop if ok => drops.push(key()),
+            _ => {}
+        }
+        journal.commit(confirmed, &drops).unwrap();
+    }
+
+    #[test]
+    fn restore_is_exact_wherever_a_pass_stops() {
+        let underlay = dst("10.0.0.11");
+        for stop in [
+            Stop::Complete,
+            Stop::KilledBeforeWrite,
+            Stop::WriteFails,
+            Stop::KilledBeforeConfirm,
+        ] {
+            // (what: first write of an existing entry, of a missing one, a move).
+            for (what, before, first, second) in [
+                (
+                    "first write",
+                    Some(underlay.clone()),
+                    None,
+                    dst("100.96.0.3"),
+                ),
+                ("creation", None, None, dst("100.96.0.3")),
+                (
+                    "move",
+                    Some(underlay.clone()),
+                    Some(dst("100.96.0.3")),
+                    dst("100.96.0.4"),
+                ),
+            ] {
+                let dir = tempfile::tempdir().unwrap();
+                let mut kernel = before.clone();
+                let mut journal = Journal::open(dir.path()).unwrap();
+                if let Some(v) = &first {
+                    pass(&mut journal, &mut kernel, Some(v), Stop::Complete);
+                }
+                pass(&mut journal, &mut kernel, Some(&second), stop);
+                // The process dies (or stops); cleanup reads the journal from disk.
+                let mut journal = Journal::open(dir.path()).unwrap();
+                pass(&mut journal, &mut kernel, None, Stop::Complete);
+                assert_eq!(kernel, before, "{what}, {stop:?}: not restored");
+                assert!(journal.is_empty(), "{what}, {stop:?}: journal left");
+            }
         }
     }
 
@@ -324,6 +519,7 @@ mod tests {
             key: neigh(ip),
             prior: prior.then_some(Value::Neigh { mac: m }),
             applied: Value::Neigh { mac: m },
+            pending: None,
         };
         let there = Value::Neigh { mac };
         let there_other = Value::Neigh { mac: other };
@@ -374,6 +570,7 @@ mod tests {
             applied: Value::Fdb {
                 dst: "100.96.0.4".parse().unwrap(),
             },
+            pending: None,
         };
         let dropped = [mac].into_iter().collect();
         let seen = without_stale_prior(&fdb, Some(&e), &dropped).unwrap();

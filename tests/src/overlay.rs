@@ -7,7 +7,10 @@
 //! - `cni0`: a bridge with the pod subnet's `.1`, one pod namespace behind it (`.2`), its
 //!   port in hairpin mode (flannel's CNI `hairpinMode: true`);
 //! - for every other node, in flannel's order: a permanent ARP entry for its VTEP address,
-//!   an FDB entry sending its VTEP MAC to its node IP, and the onlink route to its pod CIDR.
+//!   an FDB entry sending its VTEP MAC to its node IP, and the onlink route to its pod CIDR;
+//! - on the Node object, flannel's annotations (`backend-type: vxlan`, `backend-data` with
+//!   the VTEP MAC, `public-ip`, `kube-subnet-manager`), which the coordinator checks a
+//!   peer's VTEP against.
 //!
 //! flannel only knows the node IPs of the Node objects (10.0.0.x), and those overlap across
 //! the clouds: an FDB entry for a node in the other cloud points at a node of this cloud (or
@@ -117,6 +120,8 @@ impl Overlay {
         let new = self
             .build_node(node, i, mtu)
             .with_context(|| format!("overlay on {}", node.name))?;
+        annotate(cluster, &new)
+            .with_context(|| format!("flannel's annotations on {}", node.name))?;
         for other in &self.nodes {
             let other_ns = &cluster.nodes[other.node].ns;
             flannel_add(&node.ns, other)
@@ -196,6 +201,27 @@ impl Overlay {
             pod,
         })
     }
+}
+
+/// What flannel's kube subnet manager writes on its Node once its backend is up: the
+/// coordinator admits a peer's VTEP only when it matches these.
+fn annotate(cluster: &Cluster, node: &OverlayNode) -> anyhow::Result<()> {
+    let data = format!(
+        "flannel.alpha.coreos.com/backend-data={{\"VNI\":{VNI},\"VtepMAC\":\"{}\"}}",
+        node.vtep_mac_str()
+    );
+    let public_ip = format!("flannel.alpha.coreos.com/public-ip={}", node.node_ip);
+    cluster.rig.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "node",
+        &node.name,
+        &data,
+        "flannel.alpha.coreos.com/backend-type=vxlan",
+        "flannel.alpha.coreos.com/kube-subnet-manager=true",
+        &public_ip,
+    ])?;
+    Ok(())
 }
 
 /// `flannel.1` as flannel's `newVXLANDevice` + `Configure` make it (learning off, address

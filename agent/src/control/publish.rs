@@ -8,8 +8,9 @@ use kube::api::{Api, Patch, PatchParams};
 
 use isthmus_wg::key::Key;
 
-/// The label a node's location comes from unless `--location` overrides it.
-pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The label a node's location comes from unless `--location` overrides it. The coordinator
+/// refuses a location other than this label's, so `--location` is for unlabelled nodes.
+pub use isthmus_api::node::REGION_LABEL;
 
 /// A Node annotation naming the `host:port` other nodes dial when the node sits behind NAT
 /// (a cloud's 1:1 or port-mapped public address), set by whoever provisions the node. The
@@ -52,11 +53,7 @@ pub fn own_spec(
         .context("the Node lists no InternalIP or ExternalIP; pass --node-ip")?;
     let location = match &opts.location {
         Some(l) => l.clone(),
-        None => node
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(REGION_LABEL).cloned())
+        None => isthmus_api::node::region(node)
             .with_context(|| format!("the Node has no {REGION_LABEL} label; pass --location"))?,
     };
     if location.is_empty() {

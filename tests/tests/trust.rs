@@ -1,0 +1,214 @@
+//! Issue 15, "trust nothing a node says about others", against the real API server: a node
+//! whose agent token is its own (the admission policy lets it write its own peer, nothing
+//! else) publishes facts that would steer the other nodes' traffic. The coordinator checks
+//! them against what flannel and the admins wrote on its Node and refuses the lie, so no
+//! other agent acts on it.
+//!
+//! Three nodes with the flannel overlay (`tests/src/overlay.rs`, which annotates each Node
+//! as flannel does): `vsphere-1` the observer, `aws-1` the victim, `aws-2` the attacker.
+
+use std::time::Duration;
+
+use isthmus_api::{WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER};
+use isthmus_tests::cluster::Cluster;
+use isthmus_tests::fdb::fdb_entries;
+use isthmus_tests::overlay::Overlay;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, ResourceExt};
+
+const VSPHERE_1: usize = 0;
+const AWS_1: usize = 1;
+const AWS_2: usize = 2;
+const SETTLE: Duration = Duration::from_secs(60);
+
+async fn wait_for<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn peer(cluster: &Cluster, name: &str) -> Option<WireGuardPeer> {
+    cluster
+        .peers()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|p| p.name_any() == name)
+}
+
+/// (status, reason) of the Admitted condition for the peer's current generation.
+async fn admitted(cluster: &Cluster, name: &str) -> Option<(String, String)> {
+    let p = peer(cluster, name).await?;
+    let c = p
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Admitted")?;
+    (c.observed_generation == p.metadata.generation).then(|| (c.status.clone(), c.reason.clone()))
+}
+
+/// The FDB lines of `flannel.1` on node `i` for `mac`.
+fn fdb_for(cluster: &Cluster, i: usize, mac: &str) -> Vec<String> {
+    fdb_entries(&cluster.nodes[i].ns)
+        .expect("FDB")
+        .into_iter()
+        .filter(|l| l.starts_with(mac) && l.contains("flannel.1"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
+    let mut cluster = Cluster::new().await.expect("cluster");
+    for (cloud, slot) in [(0, 1), (1, 1), (1, 2)] {
+        cluster.add_node_idle(cloud, slot).await.expect("node");
+    }
+    let overlay = Overlay::build(&cluster).expect("overlay");
+    cluster.start_coordinator("c1").expect("coordinator");
+    for i in 0..cluster.nodes.len() {
+        cluster.start_node_agent(i, &[]).expect("agent");
+    }
+    let victim_mac = overlay.node(AWS_1).expect("aws-1").vtep_mac_str();
+
+    // Honest start: every peer admitted with the VTEP flannel wrote on its Node, and the
+    // observer's FDB sends the victim's MAC to the victim's mesh IP.
+    let ok = wait_for(SETTLE, || async {
+        let Ok(ips) = cluster.mesh_ips().await else {
+            return false;
+        };
+        ips.len() == 3
+            && fdb_for(&cluster, VSPHERE_1, &victim_mac)
+                .iter()
+                .any(|l| l.contains(&format!("dst {} ", ips["aws-1"])))
+    })
+    .await;
+    assert!(ok, "the honest mesh did not form\n{}", cluster.logs());
+    let ips = cluster.mesh_ips().await.expect("mesh IPs");
+    let attacker_ip = ips["aws-2"].clone();
+    let attacker_key = cluster.nodes[AWS_2].dump().expect("dump").public_key;
+    let honest: WireGuardPeerSpec = peer(&cluster, "aws-2").await.expect("aws-2").spec;
+    assert!(honest.vtep.is_some(), "the agent publishes flannel's VTEP");
+
+    // The attacker's agent stops; the node then writes its own peer with its agent's
+    // credentials (the pod-bound token of its kubeconfig).
+    let kubeconfig = Kubeconfig::read_from(&cluster.nodes[AWS_2].kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    let api: Api<WireGuardPeer> = Api::all(Client::try_from(config).expect("client"));
+    drop(cluster.nodes[AWS_2].agent.take());
+    let publish = |spec: WireGuardPeerSpec| {
+        let api = api.clone();
+        async move {
+            let body = serde_json::json!({
+                "apiVersion": "isthmus.dev/v1alpha1",
+                "kind": "WireGuardPeer",
+                "metadata": {"name": "aws-2"},
+                "spec": spec,
+            });
+            api.patch(
+                "aws-2",
+                &PatchParams::apply(AGENT_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .expect("the node may write its own peer");
+        }
+    };
+
+    // 1. The victim's VTEP MAC: refused, and no FDB entry for it points at the attacker.
+    let mut forged = honest.clone();
+    if let Some(v) = forged.vtep.as_mut() {
+        v.mac = victim_mac.clone();
+    }
+    publish(forged).await;
+    let want = Some(("False".to_string(), "VtepMismatch".to_string()));
+    let ok = wait_for(Duration::from_secs(20), || async {
+        admitted(&cluster, "aws-2").await == want
+    })
+    .await;
+    assert!(
+        ok,
+        "forged vtep: {:?}\n{}",
+        admitted(&cluster, "aws-2").await,
+        cluster.logs()
+    );
+    for _ in 0..15 {
+        for i in [VSPHERE_1, AWS_1] {
+            let lines = fdb_for(&cluster, i, &victim_mac);
+            assert!(
+                !lines
+                    .iter()
+                    .any(|l| l.contains(&format!("dst {attacker_ip} "))),
+                "{} points the victim's MAC at the attacker: {lines:?}",
+                cluster.nodes[i].name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fdb_for(&cluster, VSPHERE_1, &victim_mac)
+        .iter()
+        .any(|l| l.contains(&format!("dst {} ", ips["aws-1"]))));
+    assert_eq!(
+        admitted(&cluster, "aws-1").await,
+        Some(("True".into(), "NodeVerified".into())),
+        "the victim stays admitted"
+    );
+    assert!(
+        cluster.nodes[VSPHERE_1]
+            .dump()
+            .expect("dump")
+            .peer(&attacker_key)
+            .is_none(),
+        "the observer dropped the refused peer"
+    );
+
+    // 2. A location its Node's region label does not say: refused, and aws-1 (really in the
+    // same location) does not open a tunnel to it.
+    let mut forged = honest.clone();
+    forged.location = "vsphere".into();
+    publish(forged).await;
+    let want = Some(("False".to_string(), "LocationMismatch".to_string()));
+    let ok = wait_for(Duration::from_secs(20), || async {
+        admitted(&cluster, "aws-2").await == want
+    })
+    .await;
+    assert!(
+        ok,
+        "forged location: {:?}\n{}",
+        admitted(&cluster, "aws-2").await,
+        cluster.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cluster.nodes[AWS_1]
+            .dump()
+            .expect("dump")
+            .peer(&attacker_key)
+            .is_none(),
+        "aws-1 tunnels to a peer that lied about its location"
+    );
+
+    // 3. The truth again: admitted again, with the mesh IP it had.
+    publish(honest).await;
+    let want = Some(("True".to_string(), "NodeVerified".to_string()));
+    let ok = wait_for(Duration::from_secs(20), || async {
+        admitted(&cluster, "aws-2").await == want
+    })
+    .await;
+    assert!(ok, "honest again: {:?}", admitted(&cluster, "aws-2").await);
+    assert_eq!(
+        cluster.mesh_ips().await.expect("mesh IPs").get("aws-2"),
+        Some(&attacker_ip)
+    );
+}
