@@ -720,7 +720,7 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     step(
         t0,
         &format!(
-            "{:.1?} after the Node's deletion nothing is left; right after it: {first:#?}",
+            "{:.1?} after the Node's deletion nothing is left; right after it: {first:?}; seen on the way: {seen:?}",
             t_gone.elapsed()
         ),
     );
