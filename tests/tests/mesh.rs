@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use isthmus_api::{WireGuardPeer, WireGuardPeerSpec};
 use isthmus_tests::cluster::Cluster;
+use isthmus_tests::daemon::eventually;
 use isthmus_tests::traffic::{ping_stats, ping_within};
 use isthmus_tests::wg::KeyPair;
 use k8s_openapi::api::core::v1::Node;
@@ -24,21 +25,6 @@ async fn admitted_reason(cluster: &Cluster, name: &str) -> Option<(String, Strin
         .iter()
         .find(|c| c.type_ == "Admitted")?;
     Some((c.status.clone(), c.reason.clone()))
-}
-
-async fn wait_for<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -129,7 +115,7 @@ async fn mesh_forms_admits_joins_and_collects() {
         .await
         .unwrap();
     for (name, reason) in [("ghost", "NodeNotFound"), ("impostor", "NodeIPMismatch")] {
-        let ok = wait_for(Duration::from_secs(20), || async {
+        let ok = eventually(Duration::from_secs(20), || async {
             admitted_reason(&cluster, name).await == Some(("False".into(), reason.into()))
         })
         .await;
@@ -154,7 +140,7 @@ async fn mesh_forms_admits_joins_and_collects() {
         .delete("aws-3", &DeleteParams::default())
         .await
         .unwrap();
-    let gone = wait_for(Duration::from_secs(30), || async {
+    let gone = eventually(Duration::from_secs(30), || async {
         cluster.nodes[..2]
             .iter()
             .all(|n| n.dump().is_ok_and(|d| d.peer(&joined_key).is_none()))

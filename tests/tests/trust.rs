@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use isthmus_api::{WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER};
 use isthmus_tests::cluster::Cluster;
+use isthmus_tests::daemon::eventually;
 use isthmus_tests::fdb::fdb_entries;
 use isthmus_tests::overlay::Overlay;
 use kube::api::{Api, Patch, PatchParams};
@@ -21,21 +22,6 @@ const VSPHERE_1: usize = 0;
 const AWS_1: usize = 1;
 const AWS_2: usize = 2;
 const SETTLE: Duration = Duration::from_secs(60);
-
-async fn wait_for<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
-}
 
 async fn peer(cluster: &Cluster, name: &str) -> Option<WireGuardPeer> {
     cluster
@@ -82,7 +68,7 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
 
     // Honest start: every peer admitted with the VTEP flannel wrote on its Node, and the
     // observer's FDB sends the victim's MAC to the victim's mesh IP.
-    let ok = wait_for(SETTLE, || async {
+    let ok = eventually(SETTLE, || async {
         let Ok(ips) = cluster.mesh_ips().await else {
             return false;
         };
@@ -133,7 +119,7 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     }
     publish(forged).await;
     let want = Some(("False".to_string(), "VtepMismatch".to_string()));
-    let ok = wait_for(Duration::from_secs(20), || async {
+    let ok = eventually(Duration::from_secs(20), || async {
         admitted(&cluster, "aws-2").await == want
     })
     .await;
@@ -179,7 +165,7 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     forged.location = "vsphere".into();
     publish(forged).await;
     let want = Some(("False".to_string(), "LocationMismatch".to_string()));
-    let ok = wait_for(Duration::from_secs(20), || async {
+    let ok = eventually(Duration::from_secs(20), || async {
         admitted(&cluster, "aws-2").await == want
     })
     .await;
@@ -202,7 +188,7 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     // 3. The truth again: admitted again, with the mesh IP it had.
     publish(honest).await;
     let want = Some(("True".to_string(), "NodeVerified".to_string()));
-    let ok = wait_for(Duration::from_secs(20), || async {
+    let ok = eventually(Duration::from_secs(20), || async {
         admitted(&cluster, "aws-2").await == want
     })
     .await;
