@@ -197,6 +197,15 @@ impl RealCluster {
         })
     }
 
+    /// Adds an image archive every node added from now on imports (the sandbox's workload).
+    pub fn add_image(&mut self, archive: PathBuf) -> anyhow::Result<()> {
+        if !archive.exists() {
+            bail!("{} is missing", archive.display());
+        }
+        self.images.push(archive);
+        Ok(())
+    }
+
     /// Adds node `<location>-<slot>` to `cloud` (0 vsphere, 1 aws): its namespaces, daemons
     /// and images; the kubelet registers the Node. Returns once the Node object exists (Ready
     /// comes with flannel's CNI configuration: [`RealCluster::wait_ready`]).
