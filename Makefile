@@ -11,20 +11,26 @@ deps:
 build: deps
 	$(CARGO) build --release --workspace --bins
 
-## The main job: the migration sandbox (tests/src/bin/isthmus-sandbox.rs). A real API
-## server, the coordinator and an agent per node in network namespaces, two clouds, a
-## flannel-like overlay, and a client calling a service through a stable address while the
-## cluster moves from one cloud to the other; a report per phase. Needs root.
-## `make sandbox PROFILE=short` is the CI-sized run (under a minute).
+## The main job: the migration sandbox (sandbox/). A real cluster on this machine (API
+## server, controller manager, scheduler; kubelet, containerd, kube-proxy and the real
+## flannel on every node) moves from one cloud to the other over isthmus, installed from
+## its image: workloads, a load-balancer switch, then the control plane (etcd 3 -> 5 -> 3),
+## while clients call the Service and a writer writes to etcd; a report per phase; exit
+## status non-zero if anything failed. Needs root. `make sandbox PROFILE=short` is the
+## CI-sized run; SANDBOX_ARGS=--workers-only skips the etcd phase.
 PROFILE ?= default
+SANDBOX_ARGS ?=
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 sandbox: build
-	bash scripts/build-kube.sh >/dev/null
 	@if [ "$$(id -u)" != 0 ]; then \
-	  echo "make sandbox needs root (network namespaces, TUN, iptables): run it as root" >&2; \
+	  echo "make sandbox needs root (network namespaces, TUN, iptables, containerd): run it as root" >&2; \
 	  exit 1; \
 	fi
-	$(TARGET_DIR)/release/isthmus-sandbox --profile $(PROFILE)
+	bash scripts/build-kube.sh >/dev/null
+	bash scripts/build-image.sh --target-dir $(TARGET_DIR) >/dev/null
+	bash scripts/build-test-images.sh >/dev/null
+	bash scripts/build-sandbox-image.sh --target-dir $(TARGET_DIR) >/dev/null
+	$(TARGET_DIR)/release/isthmus-sandbox --profile $(PROFILE) $(SANDBOX_ARGS)
 
 ## One OCI image with both binaries and wg, built without a registry or a daemon:
 ## .cache/image/isthmus-<version>.oci.tar (ref localhost/isthmus:<version>), see README.
@@ -52,6 +58,7 @@ test: deps lint
 	$(CARGO) build --release --workspace --bins
 	bash scripts/build-image.sh --target-dir $(TARGET_DIR) >/dev/null
 	bash scripts/build-test-images.sh >/dev/null
+	bash scripts/build-sandbox-image.sh --target-dir $(TARGET_DIR) >/dev/null
 	ISTHMUS_WIREGUARD_GO=$(CURDIR)/.cache/bin/wireguard-go-current \
 	  $(CARGO) test --release --workspace -- --test-threads=2
 

@@ -30,7 +30,6 @@ use isthmus_tests::rig::{RealCluster, AGNHOST_IMAGE};
 use isthmus_tests::snapshot::snapshot;
 use isthmus_tests::traffic::{start_stream, StreamConfig};
 
-const OVERLAY: &str = "deploy/overlays/local";
 const NS: &str = "isthmus-system";
 /// A 2000-byte UDP datagram, as upstream's "should be able to handle large requests" tests
 /// send: larger than any path MTU here, so it crosses as IP fragments.
@@ -210,49 +209,6 @@ fn cross_cloud(c: &RealCluster, pods: &Pods, within: Duration) -> anyhow::Result
     Ok(())
 }
 
-fn wait_agents_ready(c: &RealCluster, timeout: &str) -> anyhow::Result<()> {
-    c.kubectl(&[
-        "rollout",
-        "status",
-        "-n",
-        NS,
-        "ds/isthmus-agent",
-        &format!("--timeout={timeout}"),
-    ])
-    .with_context(|| c.diagnostics())?;
-    Ok(())
-}
-
-fn install(c: &RealCluster) -> anyhow::Result<()> {
-    let overlay = isthmus_tests::kube::workspace_root().join(OVERLAY);
-    c.kubectl(&[
-        "apply",
-        "--server-side",
-        "-k",
-        &overlay.display().to_string(),
-    ])?;
-    Ok(())
-}
-
-fn uninstall(c: &RealCluster) -> anyhow::Result<()> {
-    let overlay = isthmus_tests::kube::workspace_root().join(OVERLAY);
-    c.kubectl(&[
-        "delete",
-        "-k",
-        &overlay.display().to_string(),
-        "--wait=true",
-        "--timeout=120s",
-    ])?;
-    let gone = wait_until(Duration::from_secs(120), || {
-        c.kubectl(&["get", "pods", "-n", NS, "-o", "name"])
-            .is_ok_and(|o| o.trim().is_empty())
-    });
-    if !gone {
-        bail!("isthmus pods still there:\n{}", c.diagnostics());
-    }
-    Ok(())
-}
-
 /// The agent pod on `node`.
 fn agent_pod(c: &RealCluster, node: &str) -> anyhow::Result<String> {
     let out = c.kubectl(&[
@@ -346,8 +302,8 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
 
     // 2. Install from the image.
     let t_apply = Instant::now();
-    install(&c)?;
-    wait_agents_ready(&c, "180s")?;
+    c.install_isthmus()?;
+    c.wait_agents_ready("180s")?;
     let apply_to_ready = t_apply.elapsed();
     step(
         t0,
@@ -459,7 +415,7 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
 
     // 4. Roll the DaemonSet.
     c.kubectl(&["rollout", "restart", "-n", NS, "ds/isthmus-agent"])?;
-    wait_agents_ready(&c, "240s")?;
+    c.wait_agents_ready("240s")?;
     cross_cloud(&c, &pods, Duration::from_secs(30))?;
     step(
         t0,
@@ -598,7 +554,7 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
         "no replacement agent pod on aws-1:\n{}",
         c.diagnostics()
     );
-    wait_agents_ready(&c, "120s")?;
+    c.wait_agents_ready("120s")?;
     let new = agent_pod(&c, "aws-1")?;
     let init_log = c.kubectl(&["logs", "-n", NS, &new, "-c", "cleanup"])?;
     let restored = init_log
@@ -620,7 +576,7 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     );
 
     // 7. Remove the mesh: every node exactly as before.
-    uninstall(&c)?;
+    c.uninstall_isthmus()?;
     for (n, want) in names.iter().zip(&before) {
         let have = snapshot(&c.node(n)?.ns)?;
         assert_eq!(
@@ -637,8 +593,8 @@ async fn isthmus_on_a_real_cluster() -> anyhow::Result<()> {
     );
 
     // 8. Reinstall; then a node goes away for good.
-    install(&c)?;
-    wait_agents_ready(&c, "180s")?;
+    c.install_isthmus()?;
+    c.wait_agents_ready("180s")?;
     cross_cloud(&c, &pods, Duration::from_secs(60))?;
     let aws2_vtep = c
         .node("aws-2")?

@@ -34,6 +34,9 @@ use relay::Relay;
 /// The API server's address as nodes see it: a local address of every gateway (TEST-NET-2,
 /// which exists only inside the rig's namespaces).
 pub const APISERVER_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The kustomize overlay that installs isthmus from the image built here.
+pub const ISTHMUS_OVERLAY: &str = "deploy/overlays/local";
+pub const ISTHMUS_NAMESPACE: &str = "isthmus-system";
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The sandbox image every pod starts with (built from Kubernetes' own pause.c).
@@ -315,6 +318,53 @@ impl RealCluster {
     pub fn install_flannel(&self) -> anyhow::Result<()> {
         let path = workspace_root().join("tests/manifests/flannel.yaml");
         self.kubectl(&["apply", "--server-side", "-f", &path.display().to_string()])?;
+        Ok(())
+    }
+
+    /// Installs isthmus from its image the way a user does:
+    /// `kubectl apply --server-side -k deploy/overlays/local`.
+    pub fn install_isthmus(&self) -> anyhow::Result<()> {
+        let overlay = workspace_root().join(ISTHMUS_OVERLAY);
+        self.kubectl(&[
+            "apply",
+            "--server-side",
+            "-k",
+            &overlay.display().to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Waits until the agent DaemonSet has a Ready pod on every node.
+    pub fn wait_agents_ready(&self, timeout: &str) -> anyhow::Result<()> {
+        self.kubectl(&[
+            "rollout",
+            "status",
+            "-n",
+            ISTHMUS_NAMESPACE,
+            "ds/isthmus-agent",
+            &format!("--timeout={timeout}"),
+        ])
+        .with_context(|| self.diagnostics())?;
+        Ok(())
+    }
+
+    /// `kubectl delete -k deploy/overlays/local`, and waits until no isthmus pod is left.
+    pub fn uninstall_isthmus(&self) -> anyhow::Result<()> {
+        let overlay = workspace_root().join(ISTHMUS_OVERLAY);
+        self.kubectl(&[
+            "delete",
+            "-k",
+            &overlay.display().to_string(),
+            "--wait=true",
+            "--timeout=120s",
+        ])?;
+        let gone = wait_until(Duration::from_secs(120), || {
+            self.kubectl(&["get", "pods", "-n", ISTHMUS_NAMESPACE, "-o", "name"])
+                .is_ok_and(|o| o.trim().is_empty())
+        });
+        if !gone {
+            bail!("isthmus pods still there:\n{}", self.diagnostics());
+        }
         Ok(())
     }
 
