@@ -61,11 +61,15 @@ fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return Some(Err(anyhow::anyhow!("installing the SIGTERM handler: {e}"))),
             };
-        // Dropping the run on a signal drops the cluster, which removes everything.
+        // On a signal the run is aborted at its next await and dropped, and dropping the
+        // cluster removes everything; a step blocked in kubectl returns first (a Ctrl-C at
+        // the terminal interrupts kubectl too; the cluster's daemons have their own process
+        // groups and are stopped in order).
+        let mut task = tokio::spawn(run(profile));
         tokio::select! {
-            r = run(profile) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
-            _ = term.recv() => None,
+            r = &mut task => Some(r.unwrap_or_else(|e| Err(anyhow::anyhow!("the run panicked: {e}")))),
+            _ = tokio::signal::ctrl_c() => { task.abort(); let _ = task.await; None }
+            _ = term.recv() => { task.abort(); let _ = task.await; None }
         }
     });
     match outcome {

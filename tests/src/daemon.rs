@@ -48,6 +48,9 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
+        // A process group of its own: a Ctrl-C at the terminal reaches the test or the
+        // sandbox, which then stops its daemons in order, not every daemon at once.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .args(args)
             .envs(env.iter().copied())
