@@ -13,24 +13,10 @@
 # that line); progress goes to stderr.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-while (($#)); do
-  case $1 in
-    --target-dir) TARGET_DIR=${2:?--target-dir needs a directory}; shift 2 ;;
-    --target-dir=*) TARGET_DIR=${1#--target-dir=}; shift ;;
-    -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "build-image: unknown argument $1 (usage: $0 [--target-dir DIR])" >&2; exit 2 ;;
-  esac
-done
-case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
-
-VERSION=$(python3 - "$ROOT/Cargo.toml" <<'EOF'
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print(tomllib.load(f)["workspace"]["package"]["version"])
-EOF
-)
+# shellcheck source=scripts/common.sh
+source "$(dirname "$0")/common.sh"
+parse_target_dir build-image 2,13 "$@"
+VERSION=$(workspace_version)
 REF=localhost/isthmus:$VERSION
 OUT=$ROOT/.cache/image/isthmus-$VERSION.oci.tar
 
@@ -50,7 +36,7 @@ if [ ! -x "$WG" ]; then
 fi
 
 fresh=1
-for input in "$AGENT" "$COORDINATOR" "$WG" "$0" "$ROOT/scripts/oci-image.py"; do
+for input in "$AGENT" "$COORDINATOR" "$WG" "$0" "$ROOT/scripts/common.sh" "$ROOT/scripts/oci-image.py"; do
   [ "$OUT" -nt "$input" ] || fresh=0
 done
 if ((fresh)); then

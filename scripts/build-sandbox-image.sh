@@ -10,24 +10,10 @@
 # inputs is kept. Prints the archive's path on stdout (only that line).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-while (($#)); do
-  case $1 in
-    --target-dir) TARGET_DIR=${2:?--target-dir needs a directory}; shift 2 ;;
-    --target-dir=*) TARGET_DIR=${1#--target-dir=}; shift ;;
-    -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "build-sandbox-image: unknown argument $1 (usage: $0 [--target-dir DIR])" >&2; exit 2 ;;
-  esac
-done
-case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
-
-VERSION=$(python3 - "$ROOT/Cargo.toml" <<'PY'
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print(tomllib.load(f)["workspace"]["package"]["version"])
-PY
-)
+# shellcheck source=scripts/common.sh
+source "$(dirname "$0")/common.sh"
+parse_target_dir build-sandbox-image 2,10 "$@"
+VERSION=$(workspace_version)
 REF=localhost/isthmus-sandbox:$VERSION
 OUT=$ROOT/.cache/test-images/sandbox.oci.tar
 ETCD=$ROOT/.cache/kube/bin/etcd
@@ -43,7 +29,7 @@ for bin in "$MEMBER" "$CLIENT"; do
 done
 mkdir -p "$(dirname "$OUT")"
 fresh=1
-for input in "$ETCD" "$MEMBER" "$CLIENT" "$0" "$ROOT/scripts/oci-image.py"; do
+for input in "$ETCD" "$MEMBER" "$CLIENT" "$0" "$ROOT/scripts/common.sh" "$ROOT/scripts/oci-image.py"; do
   [[ $OUT -nt $input ]] || fresh=0
 done
 if ((fresh)); then

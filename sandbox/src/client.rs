@@ -71,6 +71,24 @@ impl Record {
     }
 }
 
+/// Calls `call(seq)` every `interval` (on a fixed schedule, not `interval` after each call
+/// returns, so a slow answer does not thin out the requests) until it returns false.
+pub fn every(interval: Duration, mut call: impl FnMut(u64) -> bool) {
+    let mut next = Instant::now();
+    for seq in 0.. {
+        if !call(seq) {
+            return;
+        }
+        next += interval;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

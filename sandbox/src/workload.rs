@@ -7,14 +7,14 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use isthmus_tests::cluster::Cloud;
 use isthmus_tests::netns::{veth, Netns};
 use isthmus_tests::rig::{RealCluster, AGNHOST_IMAGE};
 
-use crate::client::{request, Record};
+use crate::client::{every, request, Record};
 use crate::etcd::SANDBOX_IMAGE;
 
 pub const NAMESPACE: &str = "sandbox";
@@ -207,9 +207,7 @@ impl OutsideClient {
         let thread = {
             let (target, records, stop) = (target.clone(), records.clone(), stop.clone());
             ns.spawn_in(move || {
-                let mut next = Instant::now();
-                let mut seq = 0;
-                while !stop.load(Ordering::Relaxed) {
+                every(INTERVAL, |seq| {
                     let t = target
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -219,15 +217,8 @@ impl OutsideClient {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(r);
-                    seq += 1;
-                    next += INTERVAL;
-                    let now = Instant::now();
-                    if next > now {
-                        std::thread::sleep(next - now);
-                    } else {
-                        next = now;
-                    }
-                }
+                    !stop.load(Ordering::Relaxed)
+                })
             })
         };
         Ok(OutsideClient {

@@ -2,9 +2,9 @@
 //! per request on stdout (`isthmus_sandbox::client::Record::to_line`), for ever.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use isthmus_sandbox::client::request;
+use isthmus_sandbox::client::{every, request};
 
 fn main() {
     let mut target = None;
@@ -30,24 +30,15 @@ fn main() {
         fail("--target HOST:PORT is required")
     };
     eprintln!("client: GET http://{target}/hostname every {interval:?}");
-    let mut next = Instant::now();
     let mut out = std::io::stdout().lock();
-    for seq in 0.. {
+    every(interval, |seq| {
         let r = request(&target, seq, timeout);
-        if writeln!(out, "{}", r.to_line())
+        writeln!(out, "{}", r.to_line())
             .and_then(|_| out.flush())
-            .is_err()
-        {
-            std::process::exit(1);
-        }
-        next += interval;
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
-        } else {
-            next = now;
-        }
-    }
+            .is_ok()
+    });
+    // stdout is gone (the pod is stopping).
+    std::process::exit(1);
 }
 
 fn fail(msg: &str) -> ! {
