@@ -167,7 +167,7 @@ impl Etcd {
         for node in &nodes[1..] {
             e.add(c, node).await?;
         }
-        e.check_healthy(c, nodes.len()).await?;
+        e.healthy(c).await?;
         Ok(e)
     }
 
@@ -205,12 +205,16 @@ impl Etcd {
             Ok(p) => {
                 self.members.push(p);
                 self.publish_endpoints();
+                self.healthy(c).await?;
                 Ok(name)
             }
             Err(e) => {
-                // Leave nothing half-done: the learner (if it was added) and its pod.
+                // Leave nothing half-done: the learner (if it was added) and its pod; the
+                // name is free again once both are gone.
                 let logs = pod_logs(c, &name);
-                let _ = self.forget(c, &name).await;
+                if self.forget(c, &name).await.is_ok() {
+                    self.next -= 1;
+                }
                 Err(e.context(logs))
             }
         }
@@ -327,7 +331,7 @@ impl Etcd {
         .await
         .with_context(|| format!("removing member {name}"))?;
         delete_pod(c, name)?;
-        Ok(())
+        self.healthy(c).await
     }
 
     /// The writer's figures since the last call.
@@ -444,18 +448,39 @@ impl Etcd {
         .context("joining a control thread")?
     }
 
-    /// Every member votes, and there is a leader.
-    async fn check_healthy(&self, c: &RealCluster, n: usize) -> anyhow::Result<()> {
-        let urls: Vec<String> = self.members.iter().map(Placed::client_url).collect();
+    /// Checks quorum as the sandbox placed it: the membership is exactly the pods, all
+    /// voting, and every member answers and names the same leader. Retried for a while
+    /// (a member the kubelet restarts needs a moment).
+    pub async fn healthy(&self, c: &RealCluster) -> anyhow::Result<()> {
+        let placed: Vec<(String, u64)> = self
+            .members
+            .iter()
+            .map(|m| (m.client_url(), m.id))
+            .collect();
         self.ctl(c, move || {
-            retry(Duration::from_secs(30), || {
-                let m = any(&urls, |ep| gateway::member_list(ep, CALL))?;
-                let voters = m.iter().filter(|m| !m.is_learner).count();
-                if voters != n || m.len() != n {
-                    bail!("{voters} voting members of {}, want {n}", m.len());
+            let urls: Vec<String> = placed.iter().map(|(u, _)| u.clone()).collect();
+            retry(Duration::from_secs(60), || {
+                let listed = any(&urls, |ep| gateway::member_list(ep, CALL))?;
+                let mut ids: Vec<u64> = listed.iter().map(|m| m.id).collect();
+                let mut want: Vec<u64> = placed.iter().map(|(_, id)| *id).collect();
+                ids.sort_unstable();
+                want.sort_unstable();
+                if ids != want {
+                    bail!("membership {ids:x?}, want {want:x?}");
                 }
-                if any(&urls, |ep| gateway::status(ep, CALL))?.leader == 0 {
-                    bail!("no leader");
+                if let Some(l) = listed.iter().find(|m| m.is_learner) {
+                    bail!("{} is still a learner", l.name);
+                }
+                let mut leaders = HashSet::new();
+                for u in &urls {
+                    let s = gateway::status(u, CALL)?;
+                    if s.leader == 0 {
+                        bail!("{u} has no leader");
+                    }
+                    leaders.insert(s.leader);
+                }
+                if leaders.len() != 1 {
+                    bail!("members disagree on the leader: {leaders:x?}");
                 }
                 Ok(())
             })

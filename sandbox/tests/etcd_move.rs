@@ -116,9 +116,10 @@ async fn etcd_moves_from_the_old_cloud_to_the_new_over_the_mesh() -> anyhow::Res
     report(t0, "writer on aws-2 (3 old)", &f, &etcd);
     all.push(("writer started", f));
 
-    let story: [(&str, &str); 6] = [
+    let story: [(&str, &str); 7] = [
         ("add", "aws-1"),
         ("add", "aws-2"),
+        ("kill", "aws-1"),
         ("remove", "etcd-1"),
         ("add", "aws-1"),
         ("remove", "etcd-2"),
@@ -129,6 +130,10 @@ async fn etcd_moves_from_the_old_cloud_to_the_new_over_the_mesh() -> anyhow::Res
             "add" => {
                 let name = etcd.add(&c, arg).await?;
                 format!("add {name} on {arg}")
+            }
+            "kill" => {
+                let name = restart_member(&c, &etcd, arg).await?;
+                format!("{name} killed, restarted")
             }
             _ => {
                 etcd.remove(&c, arg).await?;
@@ -160,6 +165,50 @@ async fn etcd_moves_from_the_old_cloud_to_the_new_over_the_mesh() -> anyhow::Res
     );
     step(t0, &format!("{writes} writes, none failed, none lost"));
     Ok(())
+}
+
+/// SIGKILLs the etcd of the (only) member on `node`: the kubelet restarts the container,
+/// whose entrypoint finds its data dir and runs etcd again as the same member.
+async fn restart_member(c: &RealCluster, etcd: &Etcd, node: &str) -> anyhow::Result<String> {
+    let name = etcd
+        .members()
+        .into_iter()
+        .find(|(_, n)| n == node)
+        .map(|(m, _)| m)
+        .with_context(|| format!("no member on {node}"))?;
+    // Containers have namespaces of their own: find etcd by the node's cgroup root (unique
+    // to this rig and node), under which the kubelet puts every container.
+    let root = format!("{}/", c.node(node)?.cgroup);
+    let pid = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|s| s.trim() == "etcd")
+                && std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+                    .is_ok_and(|s| s.contains(&root))
+        })
+        .with_context(|| format!("no etcd process on {node}"))?;
+    // SAFETY: a plain kill(2) of a process of the test's own cluster.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        bail!("kill {pid}: {}", std::io::Error::last_os_error());
+    }
+    let restarted = wait_until(Duration::from_secs(60), || {
+        c.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            isthmus_sandbox::etcd::NAMESPACE,
+            &name,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ])
+        .is_ok_and(|n| n.trim().parse::<u32>().is_ok_and(|n| n >= 1))
+    });
+    if !restarted {
+        bail!("{name} was not restarted");
+    }
+    etcd.healthy(c).await?;
+    Ok(name)
 }
 
 fn report_last(t0: Instant, f: &WriteFigures) {
