@@ -16,8 +16,6 @@ use isthmus_tests::daemon::wait_until;
 use isthmus_tests::kube::workspace_root;
 use isthmus_tests::rig::RealCluster;
 
-const OVERLAY: &str = "deploy/overlays/local";
-
 fn step(t0: Instant, what: &str) {
     eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
 }
@@ -86,13 +84,7 @@ async fn etcd_moves_from_the_old_cloud_to_the_new_over_the_mesh() -> anyhow::Res
     );
     etcd.join_timeout = Duration::from_secs(120);
 
-    let overlay = workspace_root().join(OVERLAY);
-    c.kubectl(&[
-        "apply",
-        "--server-side",
-        "-k",
-        &overlay.display().to_string(),
-    ])?;
+    c.install_isthmus()?;
     let connected = wait_until(Duration::from_secs(240), || {
         c.kubectl(&[
             "wait",
