@@ -76,8 +76,8 @@ pub struct RealCluster {
     pub clouds: Vec<Cloud>,
     pub tag: String,
     images: Vec<PathBuf>,
-    /// Created by this rig (it did not exist), removed again at the end.
-    created_etc_cni: bool,
+    /// Keeps `/etc/cni` (the nodes' mount point) for as long as this rig lives.
+    etc_cni: EtcCni,
     // Last: holds the egress socket.
     _sockets: tempfile::TempDir,
 }
@@ -180,11 +180,7 @@ impl RealCluster {
             &[],
             d.join("kube-scheduler.log"),
         )?;
-        let created_etc_cni = !Path::new("/etc/cni").exists();
-        if created_etc_cni {
-            // The mount point of each node's own /etc/cni (a tmpfs); nothing is written here.
-            std::fs::create_dir("/etc/cni").context("creating /etc/cni")?;
-        }
+        let etc_cni = EtcCni::hold()?;
         eprintln!("rig: control plane up in {:.1?}", t0.elapsed());
         Ok(RealCluster {
             nodes: Vec::new(),
@@ -195,7 +191,7 @@ impl RealCluster {
             clouds,
             tag,
             images,
-            created_etc_cni,
+            etc_cni,
             _sockets: sockets,
         })
     }
@@ -433,10 +429,57 @@ impl Drop for RealCluster {
         }
         self.scheduler.stop();
         self.controller_manager.stop();
-        if self.created_etc_cni {
-            let _ = std::fs::remove_dir("/etc/cni");
+        self.etc_cni.release();
+    }
+}
+
+/// `/etc/cni` must exist on the host as the mount point of each node's own `/etc/cni` (a
+/// tmpfs); nothing is written to it. A rig that finds it missing creates it and leaves a
+/// marker; the last rig alive removes it again. Rigs hold a shared lock on a file in /run
+/// while they live, so one rig's teardown never removes the directory under another's nodes
+/// (removing a mount point detaches the mounts on it in every namespace).
+struct EtcCni {
+    lock: Option<std::fs::File>,
+}
+
+const ETC_CNI: &str = "/etc/cni";
+const ETC_CNI_LOCK: &str = "/run/isthmus-rig-etc-cni.lock";
+const ETC_CNI_MARKER: &str = "/run/isthmus-rig-created-etc-cni";
+
+impl EtcCni {
+    fn hold() -> anyhow::Result<EtcCni> {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(ETC_CNI_LOCK)
+            .with_context(|| format!("opening {ETC_CNI_LOCK}"))?;
+        flock(&lock, libc::LOCK_SH)?;
+        if !Path::new(ETC_CNI).exists() {
+            std::fs::write(ETC_CNI_MARKER, b"").context("marking /etc/cni as the rig's")?;
+            std::fs::create_dir(ETC_CNI).context("creating /etc/cni")?;
+        }
+        Ok(EtcCni { lock: Some(lock) })
+    }
+
+    fn release(&mut self) {
+        let Some(lock) = self.lock.take() else { return };
+        // The last rig holding the lock gets it exclusively; any other keeps it shared.
+        if flock(&lock, libc::LOCK_EX | libc::LOCK_NB).is_ok() && Path::new(ETC_CNI_MARKER).exists()
+        {
+            let _ = std::fs::remove_dir(ETC_CNI);
+            let _ = std::fs::remove_file(ETC_CNI_MARKER);
         }
     }
+}
+
+fn flock(f: &std::fs::File, op: i32) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open file descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        bail!("flock {ETC_CNI_LOCK}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn tail(text: &str, lines: usize) -> String {
