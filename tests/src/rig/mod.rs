@@ -181,7 +181,10 @@ impl RealCluster {
             d.join("kube-scheduler.log"),
         )?;
         let etc_cni = EtcCni::hold()?;
-        eprintln!("rig: control plane up in {:.1?}", t0.elapsed());
+        eprintln!(
+            "rig: control plane up in {:.1?} (names prefixed {tag})",
+            t0.elapsed()
+        );
         Ok(RealCluster {
             nodes: Vec::new(),
             scheduler,
