@@ -14,7 +14,7 @@
 //! start, stop or restart given what runs ([`changes`]), and the status to write
 //! ([`desired_status`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -577,7 +577,6 @@ async fn supervise(
         }
 
         if *leading.borrow_and_update() {
-            let served: BTreeSet<&String> = running.keys().collect();
             for mc in &objects {
                 let name = mc.name_any();
                 let resolved = match start_failed.get(&name) {
@@ -587,10 +586,7 @@ async fn supervise(
                         .cloned()
                         .unwrap_or_else(|| Err(Problem::new("Pending", "not resolved yet"))),
                 };
-                let seen = served
-                    .contains(&name)
-                    .then(|| running.get(&name).map(|r| r.observer.seen()))
-                    .flatten();
+                let seen = running.get(&name).map(|r| r.observer.seen());
                 let want = desired_status(&resolved, seen.as_ref());
                 if up_to_date(mc, &want) {
                     continue;
