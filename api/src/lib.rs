@@ -6,10 +6,15 @@
 //! API server rejects a malformed key, endpoint or CIDR with a message before any controller
 //! sees it.
 
+pub mod cluster;
 pub mod node;
 pub mod peer;
 pub mod topology;
 
+pub use cluster::{
+    KubeconfigSecretRef, MeshCluster, MeshClusterSpec, MeshClusterStatus, DEFAULT_KUBECONFIG_KEY,
+    REACHABLE,
+};
 pub use peer::{
     MeshHealth, PeerHealth, Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED,
     AGENT_MANAGER, COORDINATOR_MANAGER, MESH_CONNECTED,
@@ -23,6 +28,18 @@ pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
     let body = serde_yaml_ng::to_string(&WireGuardPeer::crd())?;
     Ok(format!(
         "# Generated from the Rust types in api/ by `cargo run -p isthmus-api --bin crdgen`.\n\
+         # Do not edit: a test fails when this file differs from what the types generate.\n\
+         ---\n{body}"
+    ))
+}
+
+/// The MeshCluster CRD (seed only) as YAML, exactly as
+/// `deploy/overlays/seed/meshcluster-crd.yaml` holds it.
+pub fn meshcluster_crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let body = serde_yaml_ng::to_string(&MeshCluster::crd())?;
+    Ok(format!(
+        "# Generated from the Rust types in api/ by\n\
+         # `cargo run -p isthmus-api --bin crdgen -- meshcluster`.\n\
          # Do not edit: a test fails when this file differs from what the types generate.\n\
          ---\n{body}"
     ))

@@ -23,15 +23,28 @@ use crate::health::{self, Member, Report, Thresholds, Verdict};
 use crate::lease::LeaseLock;
 use crate::ops::CoordinatorOps;
 
-pub struct Settings {
+/// How one user cluster is served: its mesh pool, topology and pacing.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
     pub pool: Pool,
     pub topology: Topology,
-    pub lease_namespace: String,
-    pub lease_name: String,
-    pub identity: String,
-    pub lease_duration: Duration,
     pub resync: Duration,
     pub health: Thresholds,
+}
+
+/// Which Lease picks the one replica that acts, and how long a leader's claim lasts.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub namespace: String,
+    pub name: String,
+    pub identity: String,
+    pub duration: Duration,
+}
+
+/// Single-cluster mode: the cluster served is the one the Lease lives in.
+pub struct Settings {
+    pub cluster: ClusterSettings,
+    pub lease: LeaseSettings,
 }
 
 /// The `MeshConnected` condition the coordinator wants on an admitted peer.
@@ -204,7 +217,7 @@ struct Controller {
     peers: Api<WireGuardPeer>,
     peer_store: Store<WireGuardPeer>,
     node_store: Store<Node>,
-    settings: Settings,
+    settings: ClusterSettings,
 }
 
 impl Controller {
@@ -322,63 +335,104 @@ impl Controller {
     }
 }
 
-/// Runs until `shutdown` resolves; then releases the lease. Progress is reported to `ops`.
-pub async fn run(
+/// What a per-cluster controller tells whoever runs it. Called from its own task; cheap.
+pub trait Observer: Send + Sync + 'static {
+    /// Both watch caches hold a full list: the cluster is served.
+    fn synced(&self, _peers: &Store<WireGuardPeer>) {}
+    /// A watch failed (`Some`: the error) or delivered again (`None`).
+    fn watch(&self, _error: Option<&kube::runtime::watcher::Error>) {}
+    fn pass_started(&self) {}
+    /// A pass ended (leader only), with how long it took and whether it failed.
+    fn pass_finished(&self, _took: Option<Duration>, _error: Option<&anyhow::Error>) {}
+}
+
+impl Observer for CoordinatorOps {
+    fn synced(&self, peers: &Store<WireGuardPeer>) {
+        self.caches_synced(peers.clone());
+    }
+    fn pass_started(&self) {
+        CoordinatorOps::pass_started(self);
+    }
+    fn pass_finished(&self, took: Option<Duration>, _error: Option<&anyhow::Error>) {
+        if let Some(took) = took {
+            self.observe_reconcile(took);
+        }
+        CoordinatorOps::pass_finished(self);
+    }
+}
+
+/// Aborts a spawned task when dropped, so a cluster's watches end with its controller.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches `K` into a store, waking `changed` on every event and telling `observer`.
+fn watch_into<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+    observer: Arc<dyn Observer>,
+) -> AbortOnDrop
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let kind = K::kind(&()).to_string();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(move |event| {
+            match &event {
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "watch error; retrying");
+                    observer.watch(Some(e));
+                }
+                Ok(_) => observer.watch(None),
+            }
+            changed.notify_one();
+            futures::future::ready(())
+        });
+    AbortOnDrop(tokio::spawn(stream))
+}
+
+/// Serves one cluster until dropped (or `leading`'s sender is gone): watches its peers and
+/// Nodes, and while `leading` says so, reconciles on every change and every `resync`. The
+/// lease is not its business: whoever runs it holds or watches the lease.
+pub async fn serve_cluster(
     client: Client,
-    settings: Settings,
-    ops: Arc<CoordinatorOps>,
-    shutdown: impl std::future::Future<Output = ()>,
+    settings: ClusterSettings,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    observer: Arc<dyn Observer>,
 ) -> anyhow::Result<()> {
     let peers: Api<WireGuardPeer> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client);
     let changed = Arc::new(Notify::new());
-
     let (peer_store, peer_writer) = reflector::store();
     let (node_store, node_writer) = reflector::store();
-    let watch_peers = {
-        let changed = changed.clone();
-        watcher(peers.clone(), watcher::Config::default())
-            .default_backoff()
-            .reflect(peer_writer)
-            .for_each(move |event| {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "WireGuardPeer watch error; retrying");
-                }
-                changed.notify_one();
-                futures::future::ready(())
-            })
-    };
-    let watch_nodes = {
-        let changed = changed.clone();
-        watcher(nodes, watcher::Config::default())
-            .default_backoff()
-            .reflect(node_writer)
-            .for_each(move |event| {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "Node watch error; retrying");
-                }
-                changed.notify_one();
-                futures::future::ready(())
-            })
-    };
-    tokio::spawn(watch_peers);
-    tokio::spawn(watch_nodes);
-
-    let lock = LeaseLock::new(
-        client,
-        &settings.lease_namespace,
-        &settings.lease_name,
-        &settings.identity,
-        settings.lease_duration,
-    );
+    let _watches = [
+        watch_into(
+            peers.clone(),
+            peer_writer,
+            changed.clone(),
+            observer.clone(),
+        ),
+        watch_into(nodes, node_writer, changed.clone(), observer.clone()),
+    ];
     let controller = Controller {
         peers,
         peer_store,
         node_store,
         settings,
     };
-    tokio::pin!(shutdown);
-
     controller
         .peer_store
         .wait_until_ready()
@@ -389,53 +443,97 @@ pub async fn run(
         .wait_until_ready()
         .await
         .context("node cache")?;
-    ops.caches_synced(controller.peer_store.clone());
-    let renew_every = controller.settings.lease_duration / 5;
-    let mut leading = false;
-    let mut next_renew = tokio::time::Instant::now();
+    observer.synced(&controller.peer_store);
     loop {
-        ops.pass_started();
-        if tokio::time::Instant::now() >= next_renew {
-            let was = leading;
-            let checked = lock.acquire_or_renew().await;
-            leading = match &checked {
-                Ok(held) => *held,
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease check failed; not acting");
-                    false
-                }
-            };
-            ops.lease_checked(checked.is_ok(), leading);
-            if leading != was {
-                tracing::info!(identity = %controller.settings.identity, leading, "leadership changed");
-            }
-            next_renew = tokio::time::Instant::now() + renew_every;
-        }
-        if leading {
+        observer.pass_started();
+        let is_leading = *leading.borrow_and_update();
+        if is_leading {
             let started = std::time::Instant::now();
-            if let Err(e) = controller.reconcile().await {
+            let result = controller.reconcile().await;
+            if let Err(e) = &result {
                 tracing::warn!(error = format!("{e:#}"), "reconcile failed; will retry");
             }
-            ops.observe_reconcile(started.elapsed());
+            observer.pass_finished(Some(started.elapsed()), result.as_ref().err());
+        } else {
+            observer.pass_finished(None, None);
         }
-        ops.pass_finished();
-        let wake = std::cmp::min(
-            next_renew,
-            tokio::time::Instant::now() + controller.settings.resync,
-        );
         tokio::select! {
-            _ = &mut shutdown => break,
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
             _ = changed.notified() => {
                 // Let a burst of events settle into one pass.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            _ = tokio::time::sleep_until(wake) => {}
+            _ = tokio::time::sleep(controller.settings.resync) => {}
         }
     }
-    if leading {
+}
+
+/// Holds or watches `lock` until `shutdown` resolves, publishing in `leading` whether this
+/// replica acts; then releases the lease if held. Renews every fifth of the lease, on its
+/// own task, so no reconcile pass delays a renewal.
+pub async fn lead(
+    lock: LeaseLock,
+    settings: LeaseSettings,
+    leading: tokio::sync::watch::Sender<bool>,
+    ops: Arc<CoordinatorOps>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let renew_every = settings.duration / 5;
+    loop {
+        let was = *leading.borrow();
+        let checked = lock.acquire_or_renew().await;
+        let now = match &checked {
+            Ok(held) => *held,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "lease check failed; not acting");
+                false
+            }
+        };
+        ops.lease_checked(checked.is_ok(), now);
+        if now != was {
+            tracing::info!(identity = %settings.identity, leading = now, "leadership changed");
+            leading.send_replace(now);
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(renew_every) => {}
+        }
+    }
+    if leading.send_replace(false) {
         if let Err(e) = lock.release().await {
-            tracing::warn!(error = %e, "could not release the lease");
+            tracing::warn!(error = format!("{e:#}"), "could not release the lease");
         }
     }
-    Ok(())
+}
+
+/// Single-cluster mode: serves the cluster `client` points at, the Lease in that cluster too.
+/// Runs until `shutdown` resolves; then releases the lease. Progress is reported to `ops`.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    ops: Arc<CoordinatorOps>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let lock = LeaseLock::new(
+        client.clone(),
+        &settings.lease.namespace,
+        &settings.lease.name,
+        &settings.lease.identity,
+        settings.lease.duration,
+    );
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+    let serve = serve_cluster(client, settings.cluster, leading_rx, ops.clone());
+    let lead = lead(lock, settings.lease, leading_tx, ops, shutdown);
+    tokio::pin!(serve);
+    tokio::pin!(lead);
+    tokio::select! {
+        // The lease loop ends on shutdown, after releasing the lease.
+        _ = &mut lead => Ok(()),
+        result = &mut serve => result,
+    }
 }

@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use isthmus_api::Topology;
-use isthmus_coordinator::controller::{self, Settings};
+use isthmus_coordinator::controller::{self, ClusterSettings, LeaseSettings, Settings};
 use isthmus_coordinator::decide::Pool;
+use isthmus_coordinator::multi::{self, MultiSettings};
 use isthmus_coordinator::ops::CoordinatorOps;
 
 #[derive(Parser)]
@@ -21,6 +22,14 @@ struct Cli {
 enum Command {
     /// Watch WireGuardPeers and Nodes and admit, allocate, collect (one replica acts).
     Run {
+        /// Serve every user cluster a MeshCluster in the seed declares (the cluster the
+        /// kubeconfig names, where the Lease also is). --mesh-cidr and --topology are then
+        /// the defaults for MeshClusters that name none.
+        #[arg(long)]
+        multi_cluster: bool,
+        /// Multi-cluster mode: seconds a connect or a request to a user cluster may take.
+        #[arg(long, default_value_t = 5)]
+        cluster_timeout_seconds: u64,
         /// Pool the mesh IPs come from.
         #[arg(long, default_value = "100.96.0.0/16")]
         mesh_cidr: String,
@@ -64,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run {
+            multi_cluster,
+            cluster_timeout_seconds,
             mesh_cidr,
             topology,
             lease_namespace,
@@ -87,13 +98,9 @@ async fn main() -> anyhow::Result<()> {
                         std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                     format!("{}-{}", host.trim(), std::process::id())
                 });
-            let settings = Settings {
+            let cluster = ClusterSettings {
                 pool: Pool { cidr },
                 topology,
-                lease_namespace,
-                lease_name,
-                identity,
-                lease_duration: Duration::from_secs(lease_seconds.max(2)),
                 // Often enough that a silent agent turns MeshConnected false on time.
                 resync: Duration::from_secs(
                     u64::try_from(report_stale_seconds / 3)
@@ -105,6 +112,12 @@ async fn main() -> anyhow::Result<()> {
                     report: report_stale_seconds,
                 },
             };
+            let lease = LeaseSettings {
+                namespace: lease_namespace,
+                name: lease_name,
+                identity,
+                duration: Duration::from_secs(lease_seconds.max(2)),
+            };
             let ops = Arc::new(CoordinatorOps::default());
             if let Some(addr) = metrics_addr {
                 isthmus_ops::serve(addr, ops.clone())
@@ -112,13 +125,18 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("serving metrics on {addr}"))?;
             }
             let client = isthmus_ops::daemon::kube_client(kubeconfig.as_deref()).await?;
-            controller::run(
-                client,
-                settings,
-                ops,
-                isthmus_ops::daemon::shutdown_signal(),
-            )
-            .await
+            let shutdown = isthmus_ops::daemon::shutdown_signal();
+            if multi_cluster {
+                let settings = MultiSettings {
+                    defaults: cluster,
+                    lease,
+                    cluster_timeout: Duration::from_secs(cluster_timeout_seconds.max(1)),
+                    resync: Duration::from_secs(5),
+                };
+                multi::run(client, settings, ops, shutdown).await
+            } else {
+                controller::run(client, Settings { cluster, lease }, ops, shutdown).await
+            }
         }
     }
 }

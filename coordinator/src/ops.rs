@@ -141,6 +141,12 @@ impl CoordinatorOps {
         s.peers = Some(peers);
     }
 
+    /// Multi-cluster mode: the seed's MeshCluster and Secret caches are synced (peer counts
+    /// live in each MeshCluster's status, not here).
+    pub fn seed_synced(&self) {
+        self.state.lock().readiness.caches_synced = true;
+    }
+
     /// The outcome of a lease check: whether the API answered, and whether we lead.
     pub fn lease_checked(&self, api_ok: bool, leader: bool) {
         let mut s = self.state.lock();
