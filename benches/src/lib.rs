@@ -11,12 +11,12 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use isthmus_wg::batch::OutBatch;
 use isthmus_wg::capture::{Capture, Output};
-use isthmus_wg::device::MAX_PACKET;
+use isthmus_wg::engine::MAX_PACKET;
 use isthmus_wg::key::Key;
 use isthmus_wg::offload::gro::Coalescer;
 use isthmus_wg::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
 use isthmus_wg::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use isthmus_wg::{Burst, Device, DeviceConfig, PeerConfig, Transmit};
+use isthmus_wg::{Burst, DeviceConfig, Engine, PeerConfig, Transmit};
 
 /// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
 pub const PACKET_LEN: usize = 1420;
@@ -156,12 +156,12 @@ pub fn round_trip(
     }
 }
 
-/// Two isthmus engines ([`isthmus_wg::Device`]) as peers, in memory: the
+/// Two isthmus engines ([`isthmus_wg::Engine`]) as peers, in memory: the
 /// whole per-packet path isthmus runs (allowed-IPs lookup, peer locks, counters, cryptokey
 /// check), not just boringtun's part of it.
 pub struct EnginePair {
-    pub a: Device,
-    pub b: Device,
+    pub a: Engine,
+    pub b: Engine,
     sink_a: LastOutput,
     sink_b: LastOutput,
     scratch: Vec<u8>,
@@ -226,7 +226,7 @@ impl EnginePair {
             }
         };
         let setup = Capture::default();
-        let (a, b) = (Device::new(), Device::new());
+        let (a, b) = (Engine::new(), Engine::new());
         a.reconfigure(
             config(ka, kb, ENGINE_ADDR_B, "10.0.0.2/32"),
             &Default::default(),

@@ -4,8 +4,10 @@
 //! - [`config`]: the device configuration as data, the [`Change`] requests that move it,
 //!   and the one pure step from one configuration to the next;
 //! - [`snapshot`]: what the engine reports (configuration, live endpoints, counters);
-//! - [`device`]: the packet engine, sans-IO (tests and benches drive it directly);
-//! - [`tunnel`]: the TUN device, UDP sockets and threads around the engine;
+//! - [`engine`]: the packet engine, sans-IO ([`Engine`]: boringtun's or wireguard-go's
+//!   `Device` without the I/O; tests and benches drive it directly);
+//! - [`tunnel`]: one running interface ([`Tunnel`]): the TUN device, UDP sockets and threads
+//!   around the engine;
 //! - [`uapi`]: the text protocol `wg` speaks on `/var/run/wireguard/<iface>.sock`, an
 //!   adapter on top: it turns text into engine values and back, and calls the engine, which
 //!   knows nothing of it;
@@ -20,8 +22,8 @@
 pub mod batch;
 pub mod capture;
 pub mod config;
-pub mod device;
 pub mod drops;
+pub mod engine;
 pub mod key;
 pub mod offload;
 pub mod peer;
@@ -35,7 +37,7 @@ pub mod uapi;
 mod engine_tests;
 
 pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, SetEffects};
-pub use device::{Burst, Device, Sealed, Transmit, DATA_OVERHEAD};
+pub use engine::{Burst, Engine, Sealed, Transmit, DATA_OVERHEAD};
 pub use key::Key;
 pub use snapshot::{DeviceSnapshot, PeerSnapshot};
 pub use tunnel::Tunnel;
