@@ -7,6 +7,7 @@ use crate::config::{Change, DeviceConfig, PeerConfig, SetEffects};
 use crate::drops::DropReason;
 use crate::engine::{Engine, MAX_PACKET};
 use crate::key::Key;
+use crate::packet::{ipv4, udp4, UDP};
 
 const ADDR_A: &str = "192.0.2.1:51820";
 const ADDR_B: &str = "192.0.2.2:51820";
@@ -44,19 +45,6 @@ impl Node {
         self.engine
             .reconfigure(cfg, &SetEffects::default(), &self.out);
     }
-}
-
-/// A minimal IPv4 packet from `src` to `dst` (boringtun checks the header's length field).
-fn ipv4(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
-    let len = 20 + payload;
-    let mut p = vec![0u8; len];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p
 }
 
 /// Hands every datagram `from` sent to `to`, as if it came from `source`; returns what
@@ -109,7 +97,7 @@ fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
 #[test]
 fn packet_crosses_after_handshake() {
     let (a, b) = pair();
-    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    let packet = udp4([10, 0, 0, 1], [10, 0, 0, 2], 120);
     let got = handshake_and_send(&a, &b, &packet);
     assert_eq!(got, vec![packet]);
     let snap = b.engine.snapshot();
@@ -120,7 +108,7 @@ fn packet_crosses_after_handshake() {
 #[test]
 fn spoofed_source_is_dropped() {
     let (a, b) = pair();
-    let spoofed = ipv4([10, 0, 0, 99], [10, 0, 0, 2], 10);
+    let spoofed = udp4([10, 0, 0, 99], [10, 0, 0, 2], 30);
     let got = handshake_and_send(&a, &b, &spoofed);
     assert!(got.is_empty(), "spoofed packet delivered");
     assert_eq!(b.engine.drops().get(DropReason::SourceNotAllowed), 1);
@@ -131,7 +119,7 @@ fn outbound_without_route_is_dropped() {
     let (a, _b) = pair();
     let mut buf = vec![0u8; MAX_PACKET];
     a.engine
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 77], 10), &mut buf, &a.out);
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 77], 30), &mut buf, &a.out);
     assert!(a.out.take().is_empty());
     assert_eq!(a.engine.drops().get(DropReason::NoRoute), 1);
 }
@@ -139,11 +127,11 @@ fn outbound_without_route_is_dropped() {
 #[test]
 fn endpoint_follows_authenticated_source() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let moved = "198.51.100.7:4444";
     let mut buf = vec![0u8; MAX_PACKET];
     a.engine
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 2], 30), &mut buf, &a.out);
     assert_eq!(deliver(&a, &b, moved).len(), 1);
     let ep: SocketAddr = moved.parse().unwrap();
     assert_eq!(b.engine.snapshot().peers[0].endpoint, Some(ep));
@@ -159,7 +147,7 @@ fn endpoint_follows_authenticated_source() {
 #[test]
 fn unrelated_reconfiguration_keeps_the_session() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     // b gains a second peer; its session with a must survive (no new handshake needed).
     let c = Node::new(3);
     let mut cfg = b.engine.config();
@@ -169,7 +157,7 @@ fn unrelated_reconfiguration_keeps_the_session() {
     b.engine.reconfigure(cfg, &SetEffects::default(), &b.out);
 
     let mut buf = vec![0u8; MAX_PACKET];
-    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
+    let packet = udp4([10, 0, 0, 2], [10, 0, 0, 1], 30);
     b.engine.handle_outbound(&packet, &mut buf, &b.out);
     let sent = b.out.take();
     assert_eq!(sent.len(), 1);
@@ -189,11 +177,11 @@ fn sync(node: &Node, peers: &[PeerConfig]) {
 #[test]
 fn a_sync_keeps_the_session_and_the_roamed_endpoint_of_an_unchanged_peer() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let moved: SocketAddr = "198.51.100.7:4444".parse().unwrap();
     let mut buf = vec![0u8; MAX_PACKET];
     a.engine
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 2], 30), &mut buf, &a.out);
     assert_eq!(deliver(&a, &b, "198.51.100.7:4444").len(), 1);
 
     // The control plane says the same about a, and adds c.
@@ -206,7 +194,7 @@ fn a_sync_keeps_the_session_and_the_roamed_endpoint_of_an_unchanged_peer() {
     assert_eq!(b.engine.config().peers, peers);
     assert_eq!(b.engine.snapshot().peers[0].endpoint, Some(moved));
 
-    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
+    let packet = udp4([10, 0, 0, 2], [10, 0, 0, 1], 30);
     b.engine.handle_outbound(&packet, &mut buf, &b.out);
     let sent = b.out.take();
     assert_eq!(sent.len(), 1);
@@ -260,13 +248,13 @@ fn handshake_flood_gets_cookie_replies() {
 #[test]
 fn removed_peer_is_forgotten_at_once() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let mut cfg = b.engine.config();
     cfg.peers.clear();
     b.engine.reconfigure(cfg, &SetEffects::default(), &b.out);
     let mut buf = vec![0u8; MAX_PACKET];
     a.engine
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 2], 30), &mut buf, &a.out);
     assert!(deliver(&a, &b, ADDR_A).is_empty());
     assert_eq!(b.engine.drops().get(DropReason::UnknownIndex), 1);
 }
@@ -293,7 +281,7 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
         &SetEffects::default(),
         &a.out,
     );
-    let packet = ipv4([10, 9, 0, 1], [10, 0, 0, 5], 8);
+    let packet = udp4([10, 9, 0, 1], [10, 0, 0, 5], 28);
     let mut buf = vec![0u8; MAX_PACKET];
     // No session yet: each seal sends a handshake initiation to the routed peer.
     let initiation_to = |burst: &crate::engine::Burst, buf: &mut [u8]| {
@@ -346,7 +334,7 @@ fn sent_lengths(node: &Node) -> Vec<usize> {
 fn data_messages_are_padded_to_16_bytes_up_to_the_mtu() {
     let (a, b) = pair();
     a.engine.set_mtu(1420);
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let round = |n: usize| n.div_ceil(16) * 16;
     let mut buf = vec![0u8; MAX_PACKET];
     // 20 bytes is the least an IPv4 packet can be routed with; near the MTU the padding
@@ -359,7 +347,7 @@ fn data_messages_are_padded_to_16_bytes_up_to_the_mtu() {
         (1420, 32 + 1420),
     ]);
     for (len, wire) in cases {
-        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], len - 20);
+        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], UDP, len);
         a.engine.handle_outbound(&packet, &mut buf, &a.out);
         assert_eq!(
             sent_lengths(&a),
@@ -439,7 +427,7 @@ fn no_handshake_is_sent_to_a_low_order_public_key() {
     let mut buf = vec![0u8; MAX_PACKET];
     for node in [&a, &fresh] {
         for i in 0..LOW_ORDER_POINTS.len() as u8 {
-            let packet = ipv4([10, 9, 0, 1], [10, 0, i, 5], 8);
+            let packet = udp4([10, 9, 0, 1], [10, 0, i, 5], 28);
             node.engine.handle_outbound(&packet, &mut buf, &node.out);
         }
         node.engine.tick(&mut buf, &node.out);
@@ -489,7 +477,7 @@ fn receiver_indices_are_random_per_peer() {
         a.engine.reconfigure(cfg, &SetEffects::default(), &a.out);
         let mut buf = vec![0u8; MAX_PACKET];
         for i in 0..PEERS {
-            let packet = ipv4([10, 9, 0, 1], [10, 1, i, 1], 8);
+            let packet = udp4([10, 9, 0, 1], [10, 1, i, 1], 28);
             a.engine.handle_outbound(&packet, &mut buf, &a.out);
         }
         a.out
@@ -532,9 +520,9 @@ fn receiver_indices_are_random_per_peer() {
 #[test]
 fn replay_window_tolerates_1023_packets_of_reordering() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 28));
     let mut buf = vec![0u8; MAX_PACKET];
-    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8);
+    let packet = udp4([10, 0, 0, 1], [10, 0, 0, 2], 28);
     const SENT: usize = 9_000;
     for _ in 0..SENT {
         a.engine.handle_outbound(&packet, &mut buf, &a.out);

@@ -11,7 +11,8 @@
 //! - [`uapi`]: the text protocol `wg` speaks on `/var/run/wireguard/<iface>.sock`, an
 //!   adapter on top: it turns text into engine values and back, and calls the engine, which
 //!   knows nothing of it;
-//! - [`key`]: WireGuard keys.
+//! - [`key`]: WireGuard keys;
+//! - `packet` (tests, and others with the `testing` feature): the one packet factory.
 //!
 //! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`), routing
 //! or its netlink client (`isthmus-routing`, `rtnetlink`), or an async runtime (`tokio`): it
@@ -26,6 +27,8 @@ pub mod drops;
 pub mod engine;
 pub mod key;
 pub mod offload;
+#[cfg(any(test, feature = "testing"))]
+pub mod packet;
 pub mod peer;
 pub mod snapshot;
 pub mod snat;

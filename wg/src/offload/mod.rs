@@ -17,9 +17,6 @@ pub mod gro;
 pub mod gso;
 pub mod virtio;
 
-#[cfg(test)]
-mod testpkt;
-
 pub use virtio::{VirtioHdr, VIRTIO_HDR_LEN};
 
 const IPPROTO_TCP: u8 = 6;
