@@ -2,6 +2,9 @@
 //!
 //! The benches drive two [`boringtun::noise::Tunn`] peers entirely in memory: no sockets,
 //! no TUN device, just the WireGuard data path (framing, counters, ChaCha20-Poly1305).
+//!
+//! The benches measure the engine, so they depend on `isthmus-wg` alone (with its `testing`
+//! feature, for the packet factory) and must never pull Kubernetes, routing or tokio in.
 
 use std::cell::{Cell, RefCell};
 use std::io;

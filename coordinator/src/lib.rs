@@ -2,6 +2,10 @@
 //! stamps the topology, collects peers of deleted Nodes. `decide` is the pure core;
 //! `controller` watches and applies; `lease` picks the one replica that acts;
 //! `ops` is what `/metrics`, `/healthz` and `/readyz` report.
+//!
+//! It runs in the seed cluster and touches no node: it must never import the WireGuard
+//! engine (`isthmus-wg`), routing (`isthmus-routing`) or the agent. Its decisions are a pure
+//! function of the WireGuardPeers and Nodes it watched.
 
 pub mod controller;
 pub mod decide;
