@@ -16,8 +16,9 @@
 //!
 //! tun-rs (our TUN crate) ships a port of wireguard-go's offload code: `gso_split`, and GRO
 //! that also coalesces UDP. We keep ours, measured side by side on the same 64 KiB TCPv4
-//! super-segment (48 segments, 1368 bytes each but the last; `cargo bench -p isthmus-benches --bench
-//! offload`, 2-core EPYC shared with other builds, 2026-11-29):
+//! super-segment (48 segments, 1368 bytes each but the last): `cargo bench -p
+//! isthmus-benches --bench offload`, 2-core Xeon shared with other builds, 2026-11-29
+//! (docs/benchmarks.md):
 //!
 //! | | isthmus | tun-rs 2.8.16 |
 //! |---|---:|---:|
