@@ -5,6 +5,10 @@
 //! server-side-apply field manager. Validation lives in the CRD (OpenAPI plus CEL), so the
 //! API server rejects a malformed key, endpoint or CIDR with a message before any controller
 //! sees it.
+//!
+//! Types and pure rules only, shared by both binaries: it must never import another isthmus
+//! crate or a Kubernetes client (`kube`'s `client` and `runtime` features), so the CRD and the
+//! rules are generated and tested without a cluster.
 
 pub mod cluster;
 pub mod node;

@@ -2,6 +2,9 @@
 //!
 //! The benches drive two [`boringtun::noise::Tunn`] peers entirely in memory: no sockets,
 //! no TUN device, just the WireGuard data path (framing, counters, ChaCha20-Poly1305).
+//!
+//! The benches measure the engine, so they depend on `isthmus-wg` alone (with its `testing`
+//! feature, for the packet factory) and must never pull Kubernetes, routing or tokio in.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -11,12 +14,13 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use isthmus_wg::batch::OutBatch;
 use isthmus_wg::capture::{Capture, Output};
-use isthmus_wg::device::MAX_PACKET;
+use isthmus_wg::engine::MAX_PACKET;
 use isthmus_wg::key::Key;
 use isthmus_wg::offload::gro::Coalescer;
 use isthmus_wg::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
 use isthmus_wg::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use isthmus_wg::{Burst, Device, DeviceConfig, PeerConfig, Transmit};
+use isthmus_wg::packet;
+use isthmus_wg::{Burst, DeviceConfig, Engine, PeerConfig, Transmit};
 
 /// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
 pub const PACKET_LEN: usize = 1420;
@@ -30,43 +34,10 @@ pub const BUF_LEN: usize = PACKET_LEN + DATA_OVERHEAD + 128;
 /// WireGuard message type of a transport data message (the first little-endian u32).
 const MSG_DATA: u8 = 4;
 
-/// Builds a valid IPv4/UDP packet of `len` bytes (10.0.0.1:5000 -> 10.0.0.2:5001) with a correct
-/// total length and header checksum, as boringtun checks the inner length after decryption.
+/// The benches' packet: a full-size IPv4/UDP packet, 10.0.0.1:5000 -> 10.0.0.2:5001, from
+/// the engine's one packet factory ([`isthmus_wg::packet`]).
 pub fn ipv4_packet(len: usize) -> Vec<u8> {
-    assert!(
-        (28..=usize::from(u16::MAX)).contains(&len),
-        "IPv4/UDP packet length {len} out of range"
-    );
-    let mut p = vec![0u8; len];
-    p[0] = 0x45; // version 4, IHL 5 (20-byte header)
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[6] = 0x40; // don't fragment
-    p[8] = 64; // TTL
-    p[9] = 17; // UDP
-    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    let checksum = ipv4_header_checksum(&p[..20]);
-    p[10..12].copy_from_slice(&checksum.to_be_bytes());
-    // UDP header; a zero checksum means "none" over IPv4.
-    p[20..22].copy_from_slice(&5000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&5001u16.to_be_bytes());
-    p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
-    for (i, b) in p[28..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    p
-}
-
-/// RFC 791 header checksum of `header` (whose checksum field must be zero).
-fn ipv4_header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    packet::udp4([10, 0, 0, 1], [10, 0, 0, 2], len)
 }
 
 /// Two peers with a completed handshake: `a` is the initiator and has sent its first
@@ -156,12 +127,12 @@ pub fn round_trip(
     }
 }
 
-/// Two isthmus engines ([`isthmus_wg::Device`]) as peers, in memory: the
+/// Two isthmus engines ([`isthmus_wg::Engine`]) as peers, in memory: the
 /// whole per-packet path isthmus runs (allowed-IPs lookup, peer locks, counters, cryptokey
 /// check), not just boringtun's part of it.
 pub struct EnginePair {
-    pub a: Device,
-    pub b: Device,
+    pub a: Engine,
+    pub b: Engine,
     sink_a: LastOutput,
     sink_b: LastOutput,
     scratch: Vec<u8>,
@@ -226,7 +197,7 @@ impl EnginePair {
             }
         };
         let setup = Capture::default();
-        let (a, b) = (Device::new(), Device::new());
+        let (a, b) = (Engine::new(), Engine::new());
         a.reconfigure(
             config(ka, kb, ENGINE_ADDR_B, "10.0.0.2/32"),
             &Default::default(),
@@ -414,31 +385,20 @@ impl Default for Pipeline {
     }
 }
 
-/// A 10.0.0.1 -> 10.0.0.2 IPv4/TCP packet with `payload` bytes, as the kernel hands a TSO
-/// super-segment to the TUN (the TCP checksum field holds the pseudo-header sum).
+/// A 10.0.0.1 -> 10.0.0.2 IPv4/TCP packet with `payload` bytes and no options, as the
+/// kernel hands a TSO super-segment to the TUN (the split rewrites every checksum).
 fn tcp_super_segment(payload: usize) -> Vec<u8> {
-    let len = 40 + payload;
-    let mut p = vec![0u8; len];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 6;
-    p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-    p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    let c = ipv4_header_checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-    p[24..28].copy_from_slice(&1u32.to_be_bytes());
-    p[28..32].copy_from_slice(&1u32.to_be_bytes());
-    p[32] = 5 << 4;
-    p[33] = 0x18; // ACK | PSH
-    p[34..36].copy_from_slice(&512u16.to_be_bytes());
-    for (i, b) in p[40..].iter_mut().enumerate() {
-        *b = i as u8;
+    packet::Tcp {
+        src: [10, 0, 0, 1].into(),
+        dst: [10, 0, 0, 2].into(),
+        seq: 1,
+        ack: 1,
+        flags: packet::TCP_ACK | packet::TCP_PSH,
+        options: Vec::new(),
+        ip_id: 0,
+        ..packet::Tcp::new(false, 1, payload)
     }
-    p
+    .build()
 }
 
 /// Short human-readable name of a [`TunnResult`] for panic messages.
@@ -467,9 +427,8 @@ mod tests {
     fn packet_header_is_valid() {
         let p = ipv4_packet(PACKET_LEN);
         assert_eq!(p.len(), PACKET_LEN);
-        assert_eq!(u16::from_be_bytes([p[2], p[3]]) as usize, PACKET_LEN);
-        // A header with its checksum filled in sums to zero.
-        assert_eq!(ipv4_header_checksum(&p[..20]), 0);
+        packet::assert_valid(&p);
+        packet::assert_valid(&tcp_super_segment(SUPER_PAYLOAD));
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! Each binary decides what "live" and "ready" mean and what to export by implementing
 //! [`Probes`]; [`respond`] maps a request to a response without I/O (unit-tested), and
 //! [`serve`] is the thin hyper loop around it.
+//!
+//! It knows nothing of what it reports: it must never import another isthmus crate; the
+//! binaries plug their state in through [`Probes`].
 
 pub mod daemon;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Key, Value};
+use crate::model::{EntryKey, Value};
 
 /// File name under the agent's state directory.
 pub const FILE: &str = "routing-journal.json";
@@ -21,7 +21,7 @@ const VERSION: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    pub key: Key,
+    pub key: EntryKey,
     /// What the kernel had before we first changed it (`None`: nothing).
     pub prior: Option<Value>,
     /// What we set.
@@ -62,7 +62,7 @@ struct OnDisk {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    entries: BTreeMap<Key, Entry>,
+    entries: BTreeMap<EntryKey, Entry>,
 }
 
 impl Journal {
@@ -99,11 +99,11 @@ impl Journal {
         &self.path
     }
 
-    pub fn get(&self, key: &Key) -> Option<&Entry> {
+    pub fn get(&self, key: &EntryKey) -> Option<&Entry> {
         self.entries.get(key)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+    pub fn keys(&self) -> impl Iterator<Item = &EntryKey> {
         self.entries.keys()
     }
 
@@ -117,7 +117,7 @@ impl Journal {
 
     /// Applies `puts` and `drops` and makes the result durable before returning. An empty
     /// journal is no file at all.
-    pub fn commit(&mut self, puts: Vec<Entry>, drops: &[Key]) -> anyhow::Result<()> {
+    pub fn commit(&mut self, puts: Vec<Entry>, drops: &[EntryKey]) -> anyhow::Result<()> {
         if puts.is_empty() && drops.is_empty() {
             return Ok(());
         }
@@ -173,7 +173,7 @@ mod tests {
 
     fn entry(n: u8) -> Entry {
         Entry {
-            key: Key::Fdb {
+            key: EntryKey::Fdb {
                 ifindex: 5,
                 mac: Mac([10, 88, 10, 244, n, 0]),
             },

@@ -1,5 +1,5 @@
 //! Reading and writing the owned entries through rtnetlink: the only side effects routing
-//! has. Everything is one of [`Key`]/[`Value`]; a kernel entry that is not in a shape
+//! has. Everything is one of [`EntryKey`]/[`Value`]; a kernel entry that is not in a shape
 //! isthmus writes (a dynamic neighbour, a route with a metric, a rule with selectors) reads
 //! as absent for that key.
 
@@ -24,7 +24,7 @@ use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, IpVersion};
 
-use crate::model::{Key, Mac, Route, Value, TYPE_UNICAST};
+use crate::model::{EntryKey, Mac, Route, Value, TYPE_UNICAST};
 use crate::plan::Vtep;
 use crate::reconcile::Action;
 
@@ -124,17 +124,20 @@ impl Kernel {
     }
 
     /// The kernel's value for each of `keys` that exists in a shape we recognise.
-    pub async fn read(&self, keys: &BTreeSet<Key>) -> anyhow::Result<BTreeMap<Key, Value>> {
+    pub async fn read(
+        &self,
+        keys: &BTreeSet<EntryKey>,
+    ) -> anyhow::Result<BTreeMap<EntryKey, Value>> {
         let mut out = BTreeMap::new();
-        let any = |f: fn(&Key) -> bool| keys.iter().any(f);
-        if any(|k| matches!(k, Key::Fdb { .. })) {
+        let any = |f: fn(&EntryKey) -> bool| keys.iter().any(f);
+        if any(|k| matches!(k, EntryKey::Fdb { .. })) {
             self.read_neighbours(AddressFamily::Bridge, keys, &mut out)
                 .await?;
         }
         if any(|k| {
             matches!(
                 k,
-                Key::Neigh {
+                EntryKey::Neigh {
                     ip: IpAddr::V4(_),
                     ..
                 }
@@ -146,7 +149,7 @@ impl Kernel {
         if any(|k| {
             matches!(
                 k,
-                Key::Neigh {
+                EntryKey::Neigh {
                     ip: IpAddr::V6(_),
                     ..
                 }
@@ -157,20 +160,20 @@ impl Kernel {
         }
         for v6 in [false, true] {
             if any(if v6 {
-                |k: &Key| {
+                |k: &EntryKey| {
                     matches!(
                         k,
-                        Key::Route {
+                        EntryKey::Route {
                             dst: IpAddr::V6(_),
                             ..
                         }
                     )
                 }
             } else {
-                |k: &Key| {
+                |k: &EntryKey| {
                     matches!(
                         k,
-                        Key::Route {
+                        EntryKey::Route {
                             dst: IpAddr::V4(_),
                             ..
                         }
@@ -181,7 +184,7 @@ impl Kernel {
             }
             if keys
                 .iter()
-                .any(|k| matches!(k, Key::Rule { v6: r, .. } if *r == v6))
+                .any(|k| matches!(k, EntryKey::Rule { v6: r, .. } if *r == v6))
             {
                 self.read_rules(v6, keys, &mut out).await?;
             }
@@ -192,8 +195,8 @@ impl Kernel {
     async fn read_neighbours(
         &self,
         family: AddressFamily,
-        keys: &BTreeSet<Key>,
-        out: &mut BTreeMap<Key, Value>,
+        keys: &BTreeSet<EntryKey>,
+        out: &mut BTreeMap<EntryKey, Value>,
     ) -> anyhow::Result<()> {
         let mut dump = self
             .handle
@@ -235,9 +238,9 @@ impl Kernel {
                 continue;
             };
             let entry = if family == AddressFamily::Bridge {
-                (Key::Fdb { ifindex, mac }, Value::Fdb { dst: ip })
+                (EntryKey::Fdb { ifindex, mac }, Value::Fdb { dst: ip })
             } else {
-                (Key::Neigh { ifindex, ip }, Value::Neigh { mac })
+                (EntryKey::Neigh { ifindex, ip }, Value::Neigh { mac })
             };
             // A MAC with several remotes lists them in order: the first is the one we use.
             if keys.contains(&entry.0) {
@@ -250,8 +253,8 @@ impl Kernel {
     async fn read_routes(
         &self,
         v6: bool,
-        keys: &BTreeSet<Key>,
-        out: &mut BTreeMap<Key, Value>,
+        keys: &BTreeSet<EntryKey>,
+        out: &mut BTreeMap<EntryKey, Value>,
     ) -> anyhow::Result<()> {
         let query = if v6 {
             rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
@@ -276,8 +279,8 @@ impl Kernel {
     async fn read_rules(
         &self,
         v6: bool,
-        keys: &BTreeSet<Key>,
-        out: &mut BTreeMap<Key, Value>,
+        keys: &BTreeSet<EntryKey>,
+        out: &mut BTreeMap<EntryKey, Value>,
     ) -> anyhow::Result<()> {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
         let mut dump = self.handle.rule().get(version).execute();
@@ -294,7 +297,7 @@ impl Kernel {
                     _ => selectors = true,
                 }
             }
-            let key = Key::Rule { v6, priority };
+            let key = EntryKey::Rule { v6, priority };
             if msg.header.action == RuleAction::ToTable && !selectors && keys.contains(&key) {
                 out.insert(key, Value::Rule { table });
             }
@@ -305,12 +308,12 @@ impl Kernel {
     /// Makes the kernel's entry for `key` match `action`; `current` is what it has now.
     pub async fn apply(
         &self,
-        key: &Key,
+        key: &EntryKey,
         action: &Action,
         current: Option<&Value>,
     ) -> anyhow::Result<()> {
         let result = match (key, action) {
-            (Key::Fdb { ifindex, mac }, Action::Set(Value::Fdb { dst })) => {
+            (EntryKey::Fdb { ifindex, mac }, Action::Set(Value::Fdb { dst })) => {
                 let msg = neighbour(AddressFamily::Bridge, *ifindex, *mac, *dst);
                 self.ack(
                     RouteNetlinkMessage::NewNeighbour(msg),
@@ -318,7 +321,7 @@ impl Kernel {
                 )
                 .await
             }
-            (Key::Neigh { ifindex, ip }, Action::Set(Value::Neigh { mac })) => {
+            (EntryKey::Neigh { ifindex, ip }, Action::Set(Value::Neigh { mac })) => {
                 let family = if ip.is_ipv4() {
                     AddressFamily::Inet
                 } else {
@@ -331,14 +334,14 @@ impl Kernel {
                 )
                 .await
             }
-            (Key::Fdb { ifindex, mac }, Action::Delete) => match current {
+            (EntryKey::Fdb { ifindex, mac }, Action::Delete) => match current {
                 Some(Value::Fdb { dst }) => {
                     let msg = neighbour(AddressFamily::Bridge, *ifindex, *mac, *dst);
                     self.ack(RouteNetlinkMessage::DelNeighbour(msg), 0).await
                 }
                 _ => Ok(()),
             },
-            (Key::Neigh { ifindex, ip }, Action::Delete) => match current {
+            (EntryKey::Neigh { ifindex, ip }, Action::Delete) => match current {
                 Some(Value::Neigh { mac }) => {
                     let family = if ip.is_ipv4() {
                         AddressFamily::Inet
@@ -350,7 +353,7 @@ impl Kernel {
                 }
                 _ => Ok(()),
             },
-            (Key::Route { table, dst, prefix }, Action::Set(Value::Route(r))) => {
+            (EntryKey::Route { table, dst, prefix }, Action::Set(Value::Route(r))) => {
                 let msg = route(*table, *dst, *prefix, Some(r));
                 self.ack(
                     RouteNetlinkMessage::NewRoute(msg),
@@ -358,14 +361,14 @@ impl Kernel {
                 )
                 .await
             }
-            (Key::Route { table, dst, prefix }, Action::Delete) => {
+            (EntryKey::Route { table, dst, prefix }, Action::Delete) => {
                 let mut msg = route(*table, *dst, *prefix, None);
                 // "Any scope", as `ip route del` asks; the default (universe) would miss
                 // a link-scope route.
                 msg.header.scope = RouteScope::NoWhere;
                 self.ack(RouteNetlinkMessage::DelRoute(msg), 0).await
             }
-            (Key::Rule { v6, priority }, Action::Set(Value::Rule { table })) => {
+            (EntryKey::Rule { v6, priority }, Action::Set(Value::Rule { table })) => {
                 // Rules cannot be replaced: remove a different one at this priority first.
                 if let Some(Value::Rule { table: old }) = current {
                     self.ack(RouteNetlinkMessage::DelRule(rule(*v6, *priority, *old)), 0)
@@ -377,7 +380,7 @@ impl Kernel {
                 )
                 .await
             }
-            (Key::Rule { v6, priority }, Action::Delete) => match current {
+            (EntryKey::Rule { v6, priority }, Action::Delete) => match current {
                 Some(Value::Rule { table }) => {
                     self.ack(
                         RouteNetlinkMessage::DelRule(rule(*v6, *priority, *table)),
@@ -491,7 +494,7 @@ fn route_address(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 /// A dumped route as one of ours, when it is a plain unicast route with metric 0.
-fn parse_route(msg: &RouteMessage) -> Option<(Key, Value)> {
+fn parse_route(msg: &RouteMessage) -> Option<(EntryKey, Value)> {
     if msg.header.kind != RouteType::Unicast || msg.header.tos != 0 {
         return None;
     }
@@ -526,7 +529,7 @@ fn parse_route(msg: &RouteMessage) -> Option<(Key, Value)> {
     }
     let dst = dst?;
     Some((
-        Key::Route {
+        EntryKey::Route {
             table,
             dst,
             prefix: msg.header.destination_prefix_length,

@@ -28,7 +28,7 @@ use std::path::Path;
 
 use journal::Journal;
 use kernel::Kernel;
-use model::{Key, Value};
+use model::{EntryKey, Value};
 use reconcile::{decide, vteps_flannel_dropped, without_stale_prior, Record};
 
 /// How cross-location pod traffic reaches the tunnel.
@@ -48,7 +48,7 @@ pub struct Outcome {
     /// Entries set, restored or deleted.
     pub changed: usize,
     /// Entries somebody else had rewritten and we put back.
-    pub reasserted: Vec<Key>,
+    pub reasserted: Vec<EntryKey>,
     /// Entries that could not be written (the pass goes on; the next one retries).
     pub failed: usize,
 }
@@ -56,7 +56,7 @@ pub struct Outcome {
 pub struct Router {
     kernel: Kernel,
     journal: Journal,
-    desired: BTreeMap<Key, Value>,
+    desired: BTreeMap<EntryKey, Value>,
 }
 
 impl Router {
@@ -78,13 +78,13 @@ impl Router {
     }
 
     /// Replaces what routing wants; [`Router::reconcile`] makes it so.
-    pub fn set_desired(&mut self, desired: BTreeMap<Key, Value>) {
+    pub fn set_desired(&mut self, desired: BTreeMap<EntryKey, Value>) {
         self.desired = desired;
     }
 
     /// One pass: read the owned entries, record every change durably, then apply them.
     pub async fn reconcile(&mut self) -> anyhow::Result<Outcome> {
-        let keys: BTreeSet<Key> = self
+        let keys: BTreeSet<EntryKey> = self
             .desired
             .keys()
             .chain(self.journal.keys())

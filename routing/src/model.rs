@@ -75,10 +75,12 @@ impl TryFrom<&[u8]> for Mac {
     }
 }
 
-/// Which entry: the part of it the kernel uses to tell entries apart.
+/// Which entry: the part of it the kernel uses to tell entries apart. `EntryKey`, not `Key`:
+/// the agent that uses this crate also handles WireGuard keys (`isthmus_wg::Key`).
+/// Serialised by its variant tags, so the journal's format does not depend on the name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Key {
+pub enum EntryKey {
     /// A VXLAN device's forwarding entry for a remote VTEP (`bridge fdb … self`).
     Fdb { ifindex: u32, mac: Mac },
     /// A neighbour (ARP/ND) entry: the remote VTEP's address on the VXLAN device.
@@ -121,13 +123,15 @@ pub struct Route {
     pub mtu: Option<u32>,
 }
 
-impl fmt::Display for Key {
+impl fmt::Display for EntryKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Key::Fdb { ifindex, mac } => write!(f, "fdb {mac} dev #{ifindex}"),
-            Key::Neigh { ifindex, ip } => write!(f, "neigh {ip} dev #{ifindex}"),
-            Key::Route { table, dst, prefix } => write!(f, "route {dst}/{prefix} table {table}"),
-            Key::Rule { v6, priority } => {
+            EntryKey::Fdb { ifindex, mac } => write!(f, "fdb {mac} dev #{ifindex}"),
+            EntryKey::Neigh { ifindex, ip } => write!(f, "neigh {ip} dev #{ifindex}"),
+            EntryKey::Route { table, dst, prefix } => {
+                write!(f, "route {dst}/{prefix} table {table}")
+            }
+            EntryKey::Rule { v6, priority } => {
                 write!(f, "rule {} pref {priority}", if *v6 { "-6" } else { "-4" })
             }
         }
@@ -172,7 +176,7 @@ mod tests {
 
     #[test]
     fn keys_and_values_survive_json() {
-        let k = Key::Fdb {
+        let k = EntryKey::Fdb {
             ifindex: 7,
             mac: Mac([10, 88, 10, 244, 1, 0]),
         };
@@ -185,7 +189,7 @@ mod tests {
             prefsrc: None,
             mtu: Some(1370),
         });
-        let k2: Key = serde_json::from_str(&serde_json::to_string(&k).unwrap()).unwrap();
+        let k2: EntryKey = serde_json::from_str(&serde_json::to_string(&k).unwrap()).unwrap();
         let v2: Value = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
         assert_eq!((k, v), (k2, v2));
     }

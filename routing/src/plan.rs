@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use ip_network::IpNetwork;
 
 use crate::model::{
-    Key, Mac, Route, Value, MAIN_TABLE, PROTO_BOOT, PROTO_STATIC, SCOPE_LINK, SCOPE_UNIVERSE,
+    EntryKey, Mac, Route, Value, MAIN_TABLE, PROTO_BOOT, PROTO_STATIC, SCOPE_LINK, SCOPE_UNIVERSE,
 };
 use crate::Mode;
 
@@ -62,7 +62,7 @@ pub fn desired(
     devices: Devices,
     tunnel_mtu: u16,
     remotes: &[Remote],
-) -> BTreeMap<Key, Value> {
+) -> BTreeMap<EntryKey, Value> {
     let mut out = BTreeMap::new();
     for remote in remotes {
         // The smaller of the two tunnels bounds the path.
@@ -75,12 +75,17 @@ pub fn desired(
     out
 }
 
-fn vxlan_entries(out: &mut BTreeMap<Key, Value>, devices: Devices, path_mtu: u16, remote: &Remote) {
+fn vxlan_entries(
+    out: &mut BTreeMap<EntryKey, Value>,
+    devices: Devices,
+    path_mtu: u16,
+    remote: &Remote,
+) {
     let (Some(vxlan), Some(vtep)) = (devices.vxlan, remote.vtep) else {
         return;
     };
     out.insert(
-        Key::Fdb {
+        EntryKey::Fdb {
             ifindex: vxlan,
             mac: vtep.mac,
         },
@@ -89,7 +94,7 @@ fn vxlan_entries(out: &mut BTreeMap<Key, Value>, devices: Devices, path_mtu: u16
         },
     );
     out.insert(
-        Key::Neigh {
+        EntryKey::Neigh {
             ifindex: vxlan,
             ip: vtep.ip,
         },
@@ -117,7 +122,7 @@ fn vxlan_entries(out: &mut BTreeMap<Key, Value>, devices: Devices, path_mtu: u16
 }
 
 fn routed_entries(
-    out: &mut BTreeMap<Key, Value>,
+    out: &mut BTreeMap<EntryKey, Value>,
     settings: &Settings,
     devices: Devices,
     path_mtu: u16,
@@ -126,7 +131,7 @@ fn routed_entries(
     for cidr in &remote.pod_cidrs {
         let v6 = !cidr.network_address().is_ipv4();
         out.insert(
-            Key::Rule {
+            EntryKey::Rule {
                 v6,
                 priority: settings.rule_priority,
             },
@@ -149,8 +154,8 @@ fn routed_entries(
     }
 }
 
-fn route_key(table: u32, cidr: &IpNetwork) -> Key {
-    Key::Route {
+fn route_key(table: u32, cidr: &IpNetwork) -> EntryKey {
+    EntryKey::Route {
         table,
         dst: cidr.network_address(),
         prefix: cidr.netmask(),
@@ -192,7 +197,7 @@ mod tests {
         }
     }
 
-    fn render(map: &BTreeMap<Key, Value>) -> Vec<String> {
+    fn render(map: &BTreeMap<EntryKey, Value>) -> Vec<String> {
         map.iter().map(|(k, v)| format!("{k}: {v}")).collect()
     }
 

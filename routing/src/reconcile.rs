@@ -3,7 +3,7 @@
 //! alone" is a table row.
 
 use crate::journal::{Entry, Pending};
-use crate::model::{Key, Mac, Value};
+use crate::model::{EntryKey, Mac, Value};
 
 /// What to do to the kernel entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +41,7 @@ const NOTHING: Decision = Decision {
 /// isthmus is being removed). `current`: the kernel's. `journaled`: what we recorded when
 /// we first changed it.
 pub fn decide(
-    key: Key,
+    key: EntryKey,
     desired: Option<&Value>,
     current: Option<&Value>,
     journaled: Option<&Entry>,
@@ -121,12 +121,12 @@ pub fn decide(
 /// the FDB entry is deleted instead of restored.
 pub fn vteps_flannel_dropped<'a>(
     journal: impl IntoIterator<Item = &'a Entry>,
-    current: impl Fn(&Key) -> Option<&'a Value>,
+    current: impl Fn(&EntryKey) -> Option<&'a Value>,
 ) -> std::collections::BTreeSet<Mac> {
     journal
         .into_iter()
         .filter_map(|e| match (&e.key, &e.applied) {
-            (Key::Neigh { .. }, Value::Neigh { mac }) => {
+            (EntryKey::Neigh { .. }, Value::Neigh { mac }) => {
                 (e.prior.is_none() || current(&e.key).is_none()).then_some(*mac)
             }
             _ => None,
@@ -137,13 +137,13 @@ pub fn vteps_flannel_dropped<'a>(
 /// `journaled` as [`decide`] should see it when the plan lets go of `key`: for the FDB entry
 /// of a VTEP flannel dropped ([`vteps_flannel_dropped`]) the prior is gone too.
 pub fn without_stale_prior(
-    key: &Key,
+    key: &EntryKey,
     journaled: Option<&Entry>,
     dropped: &std::collections::BTreeSet<Mac>,
 ) -> Option<Entry> {
     let e = journaled?;
     match key {
-        Key::Fdb { mac, .. } if dropped.contains(mac) => Some(Entry {
+        EntryKey::Fdb { mac, .. } if dropped.contains(mac) => Some(Entry {
             prior: None,
             ..e.clone()
         }),
@@ -156,8 +156,8 @@ mod tests {
     use super::*;
     use crate::journal::Journal;
 
-    fn key() -> Key {
-        Key::Fdb {
+    fn key() -> EntryKey {
+        EntryKey::Fdb {
             ifindex: 5,
             mac: Mac([10, 88, 10, 244, 21, 0]),
         }
@@ -511,7 +511,7 @@ mod tests {
     fn an_fdb_entry_whose_node_flannel_dropped_is_deleted_not_restored() {
         let mac = Mac([10, 88, 10, 244, 21, 0]);
         let other = Mac([10, 88, 10, 244, 22, 0]);
-        let neigh = |ip: &str| Key::Neigh {
+        let neigh = |ip: &str| EntryKey::Neigh {
             ifindex: 5,
             ip: ip.parse().unwrap(),
         };
@@ -524,7 +524,7 @@ mod tests {
         let there = Value::Neigh { mac };
         let there_other = Value::Neigh { mac: other };
         // (name, journal, neighbours in the kernel now, dropped VTEPs)
-        type Row<'a> = (&'a str, Vec<Entry>, Vec<(Key, &'a Value)>, Vec<Mac>);
+        type Row<'a> = (&'a str, Vec<Entry>, Vec<(EntryKey, &'a Value)>, Vec<Mac>);
         let rows: Vec<Row> = vec![
             (
                 "flannel's neighbour there before and now: restore the FDB prior",
@@ -561,7 +561,7 @@ mod tests {
             });
             assert_eq!(got, want.into_iter().collect(), "{name}");
         }
-        let fdb = Key::Fdb { ifindex: 5, mac };
+        let fdb = EntryKey::Fdb { ifindex: 5, mac };
         let e = Entry {
             key: fdb,
             prior: Some(Value::Fdb {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use isthmus_routing::address::Netlink;
 use isthmus_routing::kernel::Kernel;
-use isthmus_routing::model::{Key, Value};
+use isthmus_routing::model::{EntryKey, Value};
 use isthmus_routing::netns::run_in;
 use isthmus_routing::plan::{desired, Devices, Remote, Settings, Vtep};
 use isthmus_routing::{Mode, Router};
@@ -174,7 +174,7 @@ impl Rig {
         })
     }
 
-    fn plan(&self, mode: Mode) -> BTreeMap<Key, Value> {
+    fn plan(&self, mode: Mode) -> BTreeMap<EntryKey, Value> {
         let settings = Settings {
             mode,
             table: 51820,

@@ -16,7 +16,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::daemon::{wait_until, Daemon};
+use crate::daemon::{eventually, wait_until, Daemon};
 use crate::kube::KubeRig;
 use crate::netns::{veth, Netns};
 use crate::wg::{dump, Dump};
@@ -106,6 +106,31 @@ impl Cluster {
             options,
             coordinator_kubeconfig,
         })
+    }
+
+    /// The node named `name` (`vsphere-1`, `aws-2`: its location and slot, as its Node and
+    /// its WireGuardPeer are named). Tests say which node they mean by name: an index
+    /// depends on the order nodes were added in, which differs from test to test.
+    pub fn node(&self, name: &str) -> &NodeHandle {
+        &self.nodes[self.index_of(name)]
+    }
+
+    /// [`Cluster::node`], to change it (stop its agent, say).
+    pub fn node_mut(&mut self, name: &str) -> &mut NodeHandle {
+        let i = self.index_of(name);
+        &mut self.nodes[i]
+    }
+
+    /// Where the node named `name` is in [`Cluster::nodes`], for the helpers that take an
+    /// index. Panics, listing the nodes there are, when there is none by that name.
+    pub fn index_of(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .unwrap_or_else(|| {
+                let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+                panic!("no node {name} in the cluster; there are {names:?}")
+            })
     }
 
     /// Public endpoint of a node: its gateway's address, port 51800 + slot.
@@ -278,14 +303,7 @@ impl Cluster {
     }
 
     pub async fn wait_converged(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while tokio::time::Instant::now() < deadline {
-            if self.converged().await {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        false
+        eventually(timeout, || self.converged()).await
     }
 
     pub fn logs(&self) -> String {

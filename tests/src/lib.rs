@@ -4,6 +4,9 @@
 //! Every name carries the prefix `ist` plus this process's id and a counter, so parallel
 //! tests and parallel runs never collide. Traffic only goes to addresses inside these
 //! namespaces.
+//!
+//! It drives the binaries from outside, as an operator would: it must never import
+//! `isthmus-wg`, `isthmus-routing` or the agent, only the API types (`isthmus-api`).
 
 pub mod capture;
 pub mod cluster;

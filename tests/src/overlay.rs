@@ -175,6 +175,14 @@ impl Overlay {
             .with_context(|| format!("node {i} is not in the overlay"))
     }
 
+    /// The overlay part of the node named `name`, as an error when it is not in the overlay.
+    pub fn named(&self, name: &str) -> anyhow::Result<&OverlayNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("{name} is not in the overlay"))
+    }
+
     /// VTEP, bridge and pod on one node; no entries for other nodes yet.
     fn build_node(&self, node: &NodeHandle, i: usize, mtu: u32) -> anyhow::Result<OverlayNode> {
         let vtep_ip = node.pod_subnet;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use isthmus_api::{WireGuardPeer, MESH_CONNECTED};
 use isthmus_tests::cluster::Cluster;
+use isthmus_tests::daemon::eventually;
 use kube::ResourceExt;
 
 fn condition(p: &WireGuardPeer) -> Option<(String, String, String)> {
@@ -35,14 +36,7 @@ async fn wait_for(
     timeout: Duration,
     want: impl Fn(&[(String, Option<(String, String, String)>)]) -> bool,
 ) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if want(&conditions(cluster).await) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
+    eventually(timeout, || async { want(&conditions(cluster).await) }).await
 }
 
 fn is(
@@ -140,12 +134,7 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
 
     // aws-2's agent freezes (SIGSTOP): it stops reporting, and its node is no longer
     // connected — the others still are, their handshakes with it are recent.
-    let aws2 = cluster
-        .nodes
-        .iter()
-        .position(|n| n.name == "aws-2")
-        .expect("aws-2");
-    let pid = cluster.nodes[aws2].agent.as_ref().expect("agent").pid() as i32;
+    let pid = cluster.node("aws-2").agent.as_ref().expect("agent").pid() as i32;
     // SAFETY: signalling a child this test started, by its PID.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let quiet = wait_for(&cluster, Duration::from_secs(30), |all| {

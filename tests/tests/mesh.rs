@@ -45,29 +45,32 @@ async fn mesh_forms_admits_joins_and_collects() {
     let distinct: std::collections::BTreeSet<_> = ips.values().collect();
     assert_eq!(distinct.len(), 4, "mesh IPs must be unique: {ips:?}");
     // Across clouds over the mesh, although both clouds number their nodes 10.0.0.11/.12.
-    for (from, to) in [(0, "aws-1"), (0, "aws-2"), (3, "vsphere-1")] {
+    for (from, to) in [
+        ("vsphere-1", "aws-1"),
+        ("vsphere-1", "aws-2"),
+        ("aws-2", "vsphere-1"),
+    ] {
         let dst: IpAddr = ips[to].parse().unwrap();
         assert!(
-            ping_within(&cluster.nodes[from].ns, dst, Duration::from_secs(10)),
-            "{} cannot reach {to} at {dst}\n{}",
-            cluster.nodes[from].name,
+            ping_within(&cluster.node(from).ns, dst, Duration::from_secs(10)),
+            "{from} cannot reach {to} at {dst}\n{}",
             cluster.logs()
         );
     }
     // Same location: no tunnel (traffic stays on the LAN).
-    assert_eq!(cluster.nodes[0].dump().unwrap().peers.len(), 2);
+    assert_eq!(cluster.node("vsphere-1").dump().unwrap().peers.len(), 2);
 
     // A node joins: everyone in the other cloud configures it, and the sessions already
     // up are left alone (no new handshake for an unrelated change).
-    let sessions_before = cluster.nodes[0].dump().unwrap();
-    let joined = cluster.add_node(1, 3).await.expect("joining node");
+    let sessions_before = cluster.node("vsphere-1").dump().unwrap();
+    cluster.add_node(1, 3).await.expect("joining node");
     assert!(
         cluster.wait_converged(CONVERGE).await,
         "join did not converge\n{}",
         cluster.logs()
     );
-    let joined_key = cluster.nodes[joined].dump().unwrap().public_key;
-    let sessions_after = cluster.nodes[0].dump().unwrap();
+    let joined_key = cluster.node("aws-3").dump().unwrap().public_key;
+    let sessions_after = cluster.node("vsphere-1").dump().unwrap();
     assert!(sessions_after.peer(&joined_key).is_some());
     for before in &sessions_before.peers {
         let after = sessions_after
@@ -141,9 +144,12 @@ async fn mesh_forms_admits_joins_and_collects() {
         .await
         .unwrap();
     let gone = eventually(Duration::from_secs(30), || async {
-        cluster.nodes[..2]
-            .iter()
-            .all(|n| n.dump().is_ok_and(|d| d.peer(&joined_key).is_none()))
+        ["vsphere-1", "vsphere-2"].iter().all(|n| {
+            cluster
+                .node(n)
+                .dump()
+                .is_ok_and(|d| d.peer(&joined_key).is_none())
+        })
     })
     .await;
     assert!(
@@ -188,7 +194,7 @@ async fn failover_and_api_outage_never_interrupt_the_data_plane() {
         ])
         .unwrap();
     let leader = if holder.trim() == "c1" { 0 } else { 1 };
-    let ns = cluster.nodes[0].ns.name.clone();
+    let ns = cluster.node("vsphere-1").ns.name.clone();
     let pinger = std::thread::spawn(move || ping_stats(&ns, dst, 60, "0.1"));
     cluster.coordinators[leader].stop_with(libc::SIGKILL, Duration::from_secs(2));
     // The standby takes over and admits a node that joins now.
@@ -211,7 +217,7 @@ async fn failover_and_api_outage_never_interrupt_the_data_plane() {
 
     // The API server goes away: traffic keeps flowing; when it returns, agents converge again.
     cluster.rig.stop_apiserver();
-    let (sent, received) = ping_stats(&cluster.nodes[0].ns.name, dst, 30, "0.1");
+    let (sent, received) = ping_stats(&cluster.node("vsphere-1").ns.name, dst, 30, "0.1");
     assert_eq!(
         (sent, received),
         (30, 30),

@@ -43,10 +43,10 @@ async fn harness(underlay_mtu: u32) {
         started.elapsed()
     );
     let (v1, v2, a1, a2) = (
-        overlay.node(0).unwrap(),
-        overlay.node(1).unwrap(),
-        overlay.node(2).unwrap(),
-        overlay.node(3).unwrap(),
+        overlay.named("vsphere-1").unwrap(),
+        overlay.named("vsphere-2").unwrap(),
+        overlay.named("aws-1").unwrap(),
+        overlay.named("aws-2").unwrap(),
     );
     assert_eq!(
         v1.node_ip, a1.node_ip,
@@ -54,9 +54,9 @@ async fn harness(underlay_mtu: u32) {
     );
     check_mtus(&cluster, &overlay, underlay_mtu);
 
-    let node0 = &cluster.nodes[0].ns;
+    let node0 = &cluster.node("vsphere-1").ns;
     let before = snapshot(node0).unwrap();
-    let before_peer = snapshot(&cluster.nodes[1].ns).unwrap();
+    let before_peer = snapshot(&cluster.node("vsphere-2").ns).unwrap();
 
     // Same location: straight through flannel.1 over the LAN.
     assert!(
@@ -108,10 +108,10 @@ async fn harness(underlay_mtu: u32) {
     assert!(
         after == before,
         "traffic changed the snapshot of {}:\n{}",
-        cluster.nodes[0].name,
+        cluster.node("vsphere-1").name,
         diff_text(&before, &after)
     );
-    let after_peer = snapshot(&cluster.nodes[1].ns).unwrap();
+    let after_peer = snapshot(&cluster.node("vsphere-2").ns).unwrap();
     assert!(
         after_peer == before_peer,
         "{}",
@@ -121,13 +121,17 @@ async fn harness(underlay_mtu: u32) {
     fdb_timer(&cluster, &overlay, &before);
 
     // flannel restarting writes the same entries again: nothing changes.
-    overlay.flannel_resync(&cluster, 0).unwrap();
+    overlay
+        .flannel_resync(&cluster, cluster.index_of("vsphere-1"))
+        .unwrap();
     let resynced = snapshot(node0).unwrap();
     assert!(resynced == before, "{}", diff_text(&before, &resynced));
     // A node leaving: exactly its ARP entry, FDB entry and route go from the others.
-    let gone = overlay.node(3).unwrap();
+    let gone = overlay.named("aws-2").unwrap();
     let (gone_mac, gone_cidr) = (gone.vtep_mac_str(), gone.pod_cidr());
-    overlay.remove_node(&cluster, 3).unwrap();
+    overlay
+        .remove_node(&cluster, cluster.index_of("aws-2"))
+        .unwrap();
     let removed = diff(&before, &snapshot(node0).unwrap());
     assert_eq!(removed.len(), 3, "{removed:#?}");
     assert!(removed.iter().all(|l| l.starts_with('-')), "{removed:#?}");
@@ -177,8 +181,8 @@ fn check_mtus(cluster: &Cluster, overlay: &Overlay, underlay: u32) {
 /// 10.0.0.11: nobody restores it (a timeout), then a thread restores it (a measurement);
 /// the snapshot sees the rewrite and is back to `before` afterwards.
 fn fdb_timer(cluster: &Cluster, overlay: &Overlay, before: &str) {
-    let node0 = &cluster.nodes[0].ns;
-    let a1 = overlay.node(2).unwrap();
+    let node0 = &cluster.node("vsphere-1").ns;
+    let a1 = overlay.named("aws-1").unwrap();
     let flannel_dst = a1.node_ip;
     // Another node's address in these namespaces: the entry never points outside them.
     let elsewhere = Ipv4Addr::new(10, 0, 0, 12);

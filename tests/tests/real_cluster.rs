@@ -23,7 +23,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use isthmus_tests::daemon::wait_until;
 use isthmus_tests::rig::probe::{http_get, pod_dial, udp_echo};
 use isthmus_tests::rig::{RealCluster, AGNHOST_IMAGE};
@@ -197,13 +197,19 @@ fn cross_cloud(c: &RealCluster, pods: &Pods, within: Duration) -> anyhow::Result
         ),
     ];
     for (what, check) in checks {
-        let deadline = Instant::now() + within;
-        loop {
-            match check() {
-                Ok(()) => break,
-                Err(e) if Instant::now() > deadline => bail!("{what}: {e:#}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        let mut last = None;
+        let ok = wait_until(within, || match check() {
+            Ok(()) => true,
+            Err(e) => {
+                last = Some(e);
+                false
             }
+        });
+        if !ok {
+            bail!(
+                "{what}: {:#}",
+                last.unwrap_or_else(|| anyhow!("no attempt"))
+            );
         }
     }
     Ok(())

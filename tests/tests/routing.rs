@@ -24,12 +24,11 @@ use isthmus_tests::traffic::{
     link_counters, ping, ping_within, start_stream, tcp_transfer, StreamConfig,
 };
 
-/// Cluster node indexes: two nodes per cloud, slots 1 and 2, so `vsphere-1` and `aws-1`
-/// are both 10.0.0.11.
-const VSPHERE_1: usize = 0;
-const VSPHERE_2: usize = 1;
-const AWS_1: usize = 2;
-const AWS_2: usize = 3;
+/// The nodes: two per cloud, slots 1 and 2, so `vsphere-1` and `aws-1` are both 10.0.0.11.
+const VSPHERE_1: &str = "vsphere-1";
+const VSPHERE_2: &str = "vsphere-2";
+const AWS_1: &str = "aws-1";
+const AWS_2: &str = "aws-2";
 const BIG: u64 = 100 * 1024 * 1024;
 
 async fn four_nodes(underlay_mtu: u32) -> (Cluster, Overlay) {
@@ -44,8 +43,8 @@ async fn four_nodes(underlay_mtu: u32) -> (Cluster, Overlay) {
     (cluster, overlay)
 }
 
-fn pod_ip(overlay: &Overlay, i: usize) -> IpAddr {
-    IpAddr::V4(overlay.node(i).expect("overlay node").pod_ip)
+fn pod_ip(overlay: &Overlay, name: &str) -> IpAddr {
+    IpAddr::V4(overlay.named(name).expect("overlay node").pod_ip)
 }
 
 fn snapshots(cluster: &Cluster) -> Vec<String> {
@@ -84,12 +83,10 @@ fn wait_cross_cloud(cluster: &Cluster, overlay: &Overlay) -> Duration {
         (VSPHERE_2, AWS_2),
         (AWS_2, VSPHERE_1),
     ] {
-        let pod = &overlay.node(from).expect("pod").pod;
+        let pod = &overlay.named(from).expect("pod").pod;
         assert!(
             ping_within(pod, pod_ip(overlay, to), Duration::from_secs(60)),
-            "pod on {} never reached the pod on {}:\n{}",
-            cluster.nodes[from].name,
-            cluster.nodes[to].name,
+            "pod on {from} never reached the pod on {to}:\n{}",
             cluster.logs()
         );
     }
@@ -102,9 +99,9 @@ fn mesh_ip(mesh: &std::collections::BTreeMap<String, String>, name: &str) -> Ipv
         .unwrap_or_else(|| panic!("{name} has no mesh IP: {mesh:?}"))
 }
 
-/// `isthmus-agent peers` and `status` on node `i`, as an operator runs them in the pod.
-fn check_cli(cluster: &Cluster, i: usize, expect_up: &[&str]) {
-    let node = &cluster.nodes[i];
+/// `isthmus-agent peers` and `status` on node `name`, as an operator runs them in the pod.
+fn check_cli(cluster: &Cluster, name: &str, expect_up: &[&str]) {
+    let node = cluster.node(name);
     let agent = |args: &[&str]| {
         isthmus_tests::netns::run(&isthmus_tests::agent_binary().display().to_string(), args)
             .expect("isthmus-agent")
@@ -191,7 +188,7 @@ fn check_cli(cluster: &Cluster, i: usize, expect_up: &[&str]) {
 async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothing() {
     let (mut cluster, overlay) = four_nodes(1500).await;
     let before = snapshots(&cluster);
-    let pod = |i: usize| &overlay.node(i).expect("pod").pod;
+    let pod = |name: &str| &overlay.named(name).expect("pod").pod;
     assert!(
         !ping(pod(VSPHERE_1), pod_ip(&overlay, AWS_1), 1),
         "cross-cloud pod traffic must not work before the mesh (node IPs overlap)"
@@ -212,7 +209,7 @@ async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothi
     let to_traffic = started.elapsed();
 
     // Same-location pod traffic never enters the tunnel.
-    let v1 = &cluster.nodes[VSPHERE_1];
+    let v1 = cluster.node(VSPHERE_1);
     let tun_before = link_counters(&v1.ns, &v1.iface).expect("counters");
     tcp_transfer(
         pod(VSPHERE_1),
@@ -243,15 +240,15 @@ async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothi
 
     // flannel rewrites the FDB entry for aws-1 back to its node IP: the agent restores it.
     let mesh = cluster.mesh_ips().await.expect("mesh IPs");
-    let aws1 = overlay.node(AWS_1).expect("aws-1");
+    let aws1 = overlay.named(AWS_1).expect("aws-1");
     let mut latencies: Vec<Duration> = (0..100)
         .map(|_| {
             measure_fdb_reassert(
-                &cluster.nodes[VSPHERE_1].ns,
+                &cluster.node(VSPHERE_1).ns,
                 VXLAN_DEV,
                 aws1.vtep_mac,
                 aws1.node_ip,
-                mesh_ip(&mesh, &cluster.nodes[AWS_1].name),
+                mesh_ip(&mesh, AWS_1),
                 Duration::from_secs(5),
             )
             .expect("re-assertion")
@@ -259,7 +256,8 @@ async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothi
         .collect();
     latencies.sort();
     assert!(
-        cluster.nodes[VSPHERE_1]
+        cluster
+            .node(VSPHERE_1)
             .agent
             .as_ref()
             .is_some_and(|a| a.log().contains("re-asserted an entry someone rewrote")),
@@ -310,14 +308,15 @@ async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothi
 async fn sigkill_then_cleanup_restores_exactly_at_mtu_1400() {
     let (mut cluster, overlay) = four_nodes(1400).await;
     let before = snapshots(&cluster);
-    let pod = |i: usize| &overlay.node(i).expect("pod").pod;
+    let pod = |name: &str| &overlay.named(name).expect("pod").pod;
     start_agents(&mut cluster, &[]);
     wait_cross_cloud(&cluster, &overlay);
     tcp_transfer(pod(AWS_2), pod(VSPHERE_2), pod_ip(&overlay, VSPHERE_2), BIG)
         .expect("100 MiB aws → vsphere at underlay MTU 1400");
     // The MTU no one set: tunnel 1400 − 80, minus VXLAN's 50 on flannel's route.
-    let aws2_cidr = overlay.node(AWS_2).expect("aws-2").pod_cidr();
-    let route = cluster.nodes[VSPHERE_2]
+    let aws2_cidr = overlay.named(AWS_2).expect("aws-2").pod_cidr();
+    let route = cluster
+        .node(VSPHERE_2)
         .ns
         .ip(&["route", "show", &aws2_cidr])
         .expect("route");
@@ -329,8 +328,8 @@ async fn sigkill_then_cleanup_restores_exactly_at_mtu_1400() {
     }
     // While no agent runs, flannel points aws-2's entry on vsphere-1 somewhere new (as if
     // aws-2's address changed): cleanup must leave flannel's newer value alone.
-    let v1 = &cluster.nodes[VSPHERE_1].ns;
-    let aws2 = overlay.node(AWS_2).expect("aws-2");
+    let v1 = &cluster.node(VSPHERE_1).ns;
+    let aws2 = overlay.named(AWS_2).expect("aws-2");
     // Written over netlink as flannel writes it (`bridge fdb` would add NUD_NOARP).
     let fdb = |dst: Ipv4Addr| {
         fdb_set(v1, VXLAN_DEV, aws2.vtep_mac, dst).expect("flannel's FDB write");
@@ -382,7 +381,7 @@ async fn sigkill_then_cleanup_restores_exactly_at_mtu_1400() {
 async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
     let (mut cluster, overlay) = four_nodes(1500).await;
     let before = snapshots(&cluster);
-    let pod = |i: usize| &overlay.node(i).expect("pod").pod;
+    let pod = |name: &str| &overlay.named(name).expect("pod").pod;
     start_agents(&mut cluster, &["--routing", "routed"]);
     wait_cross_cloud(&cluster, &overlay);
     tcp_transfer(
@@ -392,7 +391,7 @@ async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
         20 << 20,
     )
     .expect("TCP vsphere → aws, routed");
-    let v2 = &cluster.nodes[VSPHERE_2];
+    let v2 = cluster.node(VSPHERE_2);
     let route = v2
         .ns
         .ip(&["route", "get", &pod_ip(&overlay, AWS_2).to_string()])
@@ -402,7 +401,7 @@ async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
         .ns
         .exec("bridge", &["fdb", "show", "dev", VXLAN_DEV])
         .expect("fdb");
-    let aws2 = overlay.node(AWS_2).expect("aws-2");
+    let aws2 = overlay.named(AWS_2).expect("aws-2");
     assert!(
         fdb.lines()
             .any(|l| l.starts_with(&aws2.vtep_mac_str())

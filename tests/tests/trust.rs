@@ -18,9 +18,9 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 
-const VSPHERE_1: usize = 0;
-const AWS_1: usize = 1;
-const AWS_2: usize = 2;
+const VSPHERE_1: &str = "vsphere-1";
+const AWS_1: &str = "aws-1";
+const AWS_2: &str = "aws-2";
 const SETTLE: Duration = Duration::from_secs(60);
 
 async fn peer(cluster: &Cluster, name: &str) -> Option<WireGuardPeer> {
@@ -44,9 +44,9 @@ async fn admitted(cluster: &Cluster, name: &str) -> Option<(String, String)> {
     (c.observed_generation == p.metadata.generation).then(|| (c.status.clone(), c.reason.clone()))
 }
 
-/// The FDB lines of `flannel.1` on node `i` for `mac`.
-fn fdb_for(cluster: &Cluster, i: usize, mac: &str) -> Vec<String> {
-    fdb_entries(&cluster.nodes[i].ns)
+/// The FDB lines of `flannel.1` on node `name` for `mac`.
+fn fdb_for(cluster: &Cluster, name: &str, mac: &str) -> Vec<String> {
+    fdb_entries(&cluster.node(name).ns)
         .expect("FDB")
         .into_iter()
         .filter(|l| l.starts_with(mac) && l.contains("flannel.1"))
@@ -64,7 +64,7 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     for i in 0..cluster.nodes.len() {
         cluster.start_node_agent(i, &[]).expect("agent");
     }
-    let victim_mac = overlay.node(AWS_1).expect("aws-1").vtep_mac_str();
+    let victim_mac = overlay.named(AWS_1).expect("aws-1").vtep_mac_str();
 
     // Honest start: every peer admitted with the VTEP flannel wrote on its Node, and the
     // observer's FDB sends the victim's MAC to the victim's mesh IP.
@@ -75,24 +75,24 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
         ips.len() == 3
             && fdb_for(&cluster, VSPHERE_1, &victim_mac)
                 .iter()
-                .any(|l| l.contains(&format!("dst {} ", ips["aws-1"])))
+                .any(|l| l.contains(&format!("dst {} ", ips[AWS_1])))
     })
     .await;
     assert!(ok, "the honest mesh did not form\n{}", cluster.logs());
     let ips = cluster.mesh_ips().await.expect("mesh IPs");
-    let attacker_ip = ips["aws-2"].clone();
-    let attacker_key = cluster.nodes[AWS_2].dump().expect("dump").public_key;
-    let honest: WireGuardPeerSpec = peer(&cluster, "aws-2").await.expect("aws-2").spec;
+    let attacker_ip = ips[AWS_2].clone();
+    let attacker_key = cluster.node(AWS_2).dump().expect("dump").public_key;
+    let honest: WireGuardPeerSpec = peer(&cluster, AWS_2).await.expect("aws-2").spec;
     assert!(honest.vtep.is_some(), "the agent publishes flannel's VTEP");
 
     // The attacker's agent stops; the node then writes its own peer with its agent's
     // credentials (the pod-bound token of its kubeconfig).
-    let kubeconfig = Kubeconfig::read_from(&cluster.nodes[AWS_2].kubeconfig).expect("kubeconfig");
+    let kubeconfig = Kubeconfig::read_from(&cluster.node(AWS_2).kubeconfig).expect("kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("config");
     let api: Api<WireGuardPeer> = Api::all(Client::try_from(config).expect("client"));
-    drop(cluster.nodes[AWS_2].agent.take());
+    drop(cluster.node_mut(AWS_2).agent.take());
     let publish = |spec: WireGuardPeerSpec| {
         let api = api.clone();
         async move {
@@ -120,38 +120,38 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     publish(forged).await;
     let want = Some(("False".to_string(), "VtepMismatch".to_string()));
     let ok = eventually(Duration::from_secs(20), || async {
-        admitted(&cluster, "aws-2").await == want
+        admitted(&cluster, AWS_2).await == want
     })
     .await;
     assert!(
         ok,
         "forged vtep: {:?}\n{}",
-        admitted(&cluster, "aws-2").await,
+        admitted(&cluster, AWS_2).await,
         cluster.logs()
     );
     for _ in 0..15 {
-        for i in [VSPHERE_1, AWS_1] {
-            let lines = fdb_for(&cluster, i, &victim_mac);
+        for name in [VSPHERE_1, AWS_1] {
+            let lines = fdb_for(&cluster, name, &victim_mac);
             assert!(
                 !lines
                     .iter()
                     .any(|l| l.contains(&format!("dst {attacker_ip} "))),
-                "{} points the victim's MAC at the attacker: {lines:?}",
-                cluster.nodes[i].name
+                "{name} points the victim's MAC at the attacker: {lines:?}"
             );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(fdb_for(&cluster, VSPHERE_1, &victim_mac)
         .iter()
-        .any(|l| l.contains(&format!("dst {} ", ips["aws-1"]))));
+        .any(|l| l.contains(&format!("dst {} ", ips[AWS_1]))));
     assert_eq!(
-        admitted(&cluster, "aws-1").await,
+        admitted(&cluster, AWS_1).await,
         Some(("True".into(), "NodeVerified".into())),
         "the victim stays admitted"
     );
     assert!(
-        cluster.nodes[VSPHERE_1]
+        cluster
+            .node(VSPHERE_1)
             .dump()
             .expect("dump")
             .peer(&attacker_key)
@@ -166,18 +166,19 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     publish(forged).await;
     let want = Some(("False".to_string(), "LocationMismatch".to_string()));
     let ok = eventually(Duration::from_secs(20), || async {
-        admitted(&cluster, "aws-2").await == want
+        admitted(&cluster, AWS_2).await == want
     })
     .await;
     assert!(
         ok,
         "forged location: {:?}\n{}",
-        admitted(&cluster, "aws-2").await,
+        admitted(&cluster, AWS_2).await,
         cluster.logs()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        cluster.nodes[AWS_1]
+        cluster
+            .node(AWS_1)
             .dump()
             .expect("dump")
             .peer(&attacker_key)
@@ -189,12 +190,12 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     publish(honest).await;
     let want = Some(("True".to_string(), "NodeVerified".to_string()));
     let ok = eventually(Duration::from_secs(20), || async {
-        admitted(&cluster, "aws-2").await == want
+        admitted(&cluster, AWS_2).await == want
     })
     .await;
-    assert!(ok, "honest again: {:?}", admitted(&cluster, "aws-2").await);
+    assert!(ok, "honest again: {:?}", admitted(&cluster, AWS_2).await);
     assert_eq!(
-        cluster.mesh_ips().await.expect("mesh IPs").get("aws-2"),
+        cluster.mesh_ips().await.expect("mesh IPs").get(AWS_2),
         Some(&attacker_ip)
     );
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use parking_lot::Mutex;
 
-use crate::device::Transmit;
+use crate::engine::Transmit;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {

@@ -4,16 +4,17 @@ use std::net::SocketAddr;
 
 use crate::capture::{Capture, Output};
 use crate::config::{Change, DeviceConfig, PeerConfig, SetEffects};
-use crate::device::{Device, MAX_PACKET};
 use crate::drops::DropReason;
+use crate::engine::{Engine, MAX_PACKET};
 use crate::key::Key;
+use crate::packet::{ipv4, udp4, UDP};
 
 const ADDR_A: &str = "192.0.2.1:51820";
 const ADDR_B: &str = "192.0.2.2:51820";
 const ADDR_C: &str = "192.0.2.3:51820";
 
 struct Node {
-    device: Device,
+    engine: Engine,
     out: Capture,
     private: Key,
 }
@@ -21,7 +22,7 @@ struct Node {
 impl Node {
     fn new(seed: u8) -> Node {
         Node {
-            device: Device::new(),
+            engine: Engine::new(),
             out: Capture::default(),
             private: Key([seed; 32]),
         }
@@ -41,22 +42,9 @@ impl Node {
             fwmark: 0,
             peers: vec![pc],
         };
-        self.device
+        self.engine
             .reconfigure(cfg, &SetEffects::default(), &self.out);
     }
-}
-
-/// A minimal IPv4 packet from `src` to `dst` (boringtun checks the header's length field).
-fn ipv4(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
-    let len = 20 + payload;
-    let mut p = vec![0u8; len];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p
 }
 
 /// Hands every datagram `from` sent to `to`, as if it came from `source`; returns what
@@ -66,7 +54,7 @@ fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
     for o in from.out.take() {
         match o {
             Output::Datagram(_, d) => {
-                to.device
+                to.engine
                     .handle_inbound(source.parse().unwrap(), &d, &mut buf, &to.out)
             }
             Output::Tun(p) => panic!("unexpected TUN write {p:?}"),
@@ -83,7 +71,7 @@ fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
     // Put back what `to` wants to send, for the next hop.
     for o in rest {
         if let Output::Datagram(addr, d) = o {
-            use crate::device::Transmit;
+            use crate::engine::Transmit;
             let _ = to.out.send(addr, &d);
         }
     }
@@ -100,7 +88,7 @@ fn pair() -> (Node, Node) {
 /// Sends one packet a -> b through a full handshake; returns what b's TUN received.
 fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; MAX_PACKET];
-    a.device.handle_outbound(packet, &mut buf, &a.out);
+    a.engine.handle_outbound(packet, &mut buf, &a.out);
     assert!(deliver(a, b, ADDR_A).is_empty()); // initiation -> response
     assert!(deliver(b, a, ADDR_B).is_empty()); // response -> a sends keepalive + queued packet
     deliver(a, b, ADDR_A)
@@ -109,10 +97,10 @@ fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
 #[test]
 fn packet_crosses_after_handshake() {
     let (a, b) = pair();
-    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    let packet = udp4([10, 0, 0, 1], [10, 0, 0, 2], 120);
     let got = handshake_and_send(&a, &b, &packet);
     assert_eq!(got, vec![packet]);
-    let snap = b.device.snapshot();
+    let snap = b.engine.snapshot();
     assert!(snap.peers[0].last_handshake.is_some());
     assert!(snap.peers[0].rx_bytes > 0);
 }
@@ -120,57 +108,57 @@ fn packet_crosses_after_handshake() {
 #[test]
 fn spoofed_source_is_dropped() {
     let (a, b) = pair();
-    let spoofed = ipv4([10, 0, 0, 99], [10, 0, 0, 2], 10);
+    let spoofed = udp4([10, 0, 0, 99], [10, 0, 0, 2], 30);
     let got = handshake_and_send(&a, &b, &spoofed);
     assert!(got.is_empty(), "spoofed packet delivered");
-    assert_eq!(b.device.drops().get(DropReason::SourceNotAllowed), 1);
+    assert_eq!(b.engine.drops().get(DropReason::SourceNotAllowed), 1);
 }
 
 #[test]
 fn outbound_without_route_is_dropped() {
     let (a, _b) = pair();
     let mut buf = vec![0u8; MAX_PACKET];
-    a.device
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 77], 10), &mut buf, &a.out);
+    a.engine
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 77], 30), &mut buf, &a.out);
     assert!(a.out.take().is_empty());
-    assert_eq!(a.device.drops().get(DropReason::NoRoute), 1);
+    assert_eq!(a.engine.drops().get(DropReason::NoRoute), 1);
 }
 
 #[test]
 fn endpoint_follows_authenticated_source() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let moved = "198.51.100.7:4444";
     let mut buf = vec![0u8; MAX_PACKET];
-    a.device
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    a.engine
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 2], 30), &mut buf, &a.out);
     assert_eq!(deliver(&a, &b, moved).len(), 1);
     let ep: SocketAddr = moved.parse().unwrap();
-    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(ep));
+    assert_eq!(b.engine.snapshot().peers[0].endpoint, Some(ep));
 
     // A forged datagram from elsewhere does not move the endpoint.
     let mut garbage = vec![4u8, 0, 0, 0];
     garbage.extend([0u8; 60]);
-    b.device
+    b.engine
         .handle_inbound("203.0.113.1:1".parse().unwrap(), &garbage, &mut buf, &b.out);
-    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(ep));
+    assert_eq!(b.engine.snapshot().peers[0].endpoint, Some(ep));
 }
 
 #[test]
 fn unrelated_reconfiguration_keeps_the_session() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     // b gains a second peer; its session with a must survive (no new handshake needed).
     let c = Node::new(3);
-    let mut cfg = b.device.config();
+    let mut cfg = b.engine.config();
     let mut pc = PeerConfig::new(c.public());
     pc.allowed_ips = vec!["10.0.0.3/32".parse().unwrap()];
     cfg.peers.push(pc);
-    b.device.reconfigure(cfg, &SetEffects::default(), &b.out);
+    b.engine.reconfigure(cfg, &SetEffects::default(), &b.out);
 
     let mut buf = vec![0u8; MAX_PACKET];
-    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
-    b.device.handle_outbound(&packet, &mut buf, &b.out);
+    let packet = udp4([10, 0, 0, 2], [10, 0, 0, 1], 30);
+    b.engine.handle_outbound(&packet, &mut buf, &b.out);
     let sent = b.out.take();
     assert_eq!(sent.len(), 1);
     match &sent[0] {
@@ -181,33 +169,33 @@ fn unrelated_reconfiguration_keeps_the_session() {
 
 /// What `Tunnel::sync` does, without the sockets.
 fn sync(node: &Node, peers: &[PeerConfig]) {
-    let current = node.device.config();
+    let current = node.engine.config();
     let (next, effects) = current.apply(&Change::sync(&current, node.private, peers));
-    node.device.reconfigure(next, &effects, &node.out);
+    node.engine.reconfigure(next, &effects, &node.out);
 }
 
 #[test]
 fn a_sync_keeps_the_session_and_the_roamed_endpoint_of_an_unchanged_peer() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let moved: SocketAddr = "198.51.100.7:4444".parse().unwrap();
     let mut buf = vec![0u8; MAX_PACKET];
-    a.device
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    a.engine
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 2], 30), &mut buf, &a.out);
     assert_eq!(deliver(&a, &b, "198.51.100.7:4444").len(), 1);
 
     // The control plane says the same about a, and adds c.
     let c = Node::new(3);
-    let mut peers = b.device.config().peers;
+    let mut peers = b.engine.config().peers;
     let mut pc = PeerConfig::new(c.public());
     pc.allowed_ips = vec!["10.0.0.3/32".parse().unwrap()];
     peers.push(pc);
     sync(&b, &peers);
-    assert_eq!(b.device.config().peers, peers);
-    assert_eq!(b.device.snapshot().peers[0].endpoint, Some(moved));
+    assert_eq!(b.engine.config().peers, peers);
+    assert_eq!(b.engine.snapshot().peers[0].endpoint, Some(moved));
 
-    let packet = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 10);
-    b.device.handle_outbound(&packet, &mut buf, &b.out);
+    let packet = udp4([10, 0, 0, 2], [10, 0, 0, 1], 30);
+    b.engine.handle_outbound(&packet, &mut buf, &b.out);
     let sent = b.out.take();
     assert_eq!(sent.len(), 1);
     match &sent[0] {
@@ -243,7 +231,7 @@ fn handshake_flood_gets_cookie_replies() {
         else {
             panic!("no initiation");
         };
-        b.device.handle_inbound(from, msg, &mut buf, &b.out);
+        b.engine.handle_inbound(from, msg, &mut buf, &b.out);
         for o in b.out.take() {
             if let Output::Datagram(to, d) = o {
                 assert_eq!(to, from);
@@ -253,22 +241,22 @@ fn handshake_flood_gets_cookie_replies() {
         }
     }
     assert!(cookies > 0, "no cookie reply under load");
-    assert!(b.device.drops().get(DropReason::UnderLoad) > 0);
-    assert!(b.device.drops().get(DropReason::UnknownPeer) > 0);
+    assert!(b.engine.drops().get(DropReason::UnderLoad) > 0);
+    assert!(b.engine.drops().get(DropReason::UnknownPeer) > 0);
 }
 
 #[test]
 fn removed_peer_is_forgotten_at_once() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
-    let mut cfg = b.device.config();
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
+    let mut cfg = b.engine.config();
     cfg.peers.clear();
-    b.device.reconfigure(cfg, &SetEffects::default(), &b.out);
+    b.engine.reconfigure(cfg, &SetEffects::default(), &b.out);
     let mut buf = vec![0u8; MAX_PACKET];
-    a.device
-        .handle_outbound(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10), &mut buf, &a.out);
+    a.engine
+        .handle_outbound(&udp4([10, 0, 0, 1], [10, 0, 0, 2], 30), &mut buf, &a.out);
     assert!(deliver(&a, &b, ADDR_A).is_empty());
-    assert_eq!(b.device.drops().get(DropReason::UnknownIndex), 1);
+    assert_eq!(b.engine.drops().get(DropReason::UnknownIndex), 1);
 }
 
 /// A packet thread keeps one `Burst` and refreshes it per batch: after a reconfiguration
@@ -288,16 +276,16 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
         fwmark: 0,
         peers: vec![peer(&b, ADDR_B, b_allowed), peer(&c, ADDR_C, c_allowed)],
     };
-    a.device.reconfigure(
+    a.engine.reconfigure(
         config(&["10.0.0.0/24"], &["10.1.0.0/24"]),
         &SetEffects::default(),
         &a.out,
     );
-    let packet = ipv4([10, 9, 0, 1], [10, 0, 0, 5], 8);
+    let packet = udp4([10, 9, 0, 1], [10, 0, 0, 5], 28);
     let mut buf = vec![0u8; MAX_PACKET];
     // No session yet: each seal sends a handshake initiation to the routed peer.
-    let initiation_to = |burst: &crate::device::Burst, buf: &mut [u8]| {
-        assert_eq!(a.device.seal(burst, &packet, buf, &a.out), None);
+    let initiation_to = |burst: &crate::engine::Burst, buf: &mut [u8]| {
+        assert_eq!(a.engine.seal(burst, &packet, buf, &a.out), None);
         let sent: Vec<SocketAddr> = a
             .out
             .take()
@@ -309,7 +297,7 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
             .collect();
         sent
     };
-    let mut burst = a.device.burst();
+    let mut burst = a.engine.burst();
     assert_eq!(
         initiation_to(&burst, &mut buf),
         vec![ADDR_B.parse().unwrap()]
@@ -317,12 +305,12 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
     // Twice: the second answer comes from the route cache.
     let _ = initiation_to(&burst, &mut buf);
 
-    a.device.reconfigure(
+    a.engine.reconfigure(
         config(&["10.0.0.0/24"], &["10.1.0.0/24", "10.0.0.5/32"]),
         &SetEffects::default(),
         &a.out,
     );
-    a.device.refresh(&mut burst);
+    a.engine.refresh(&mut burst);
     assert_eq!(
         initiation_to(&burst, &mut buf),
         vec![ADDR_C.parse().unwrap()],
@@ -345,8 +333,8 @@ fn sent_lengths(node: &Node) -> Vec<usize> {
 #[test]
 fn data_messages_are_padded_to_16_bytes_up_to_the_mtu() {
     let (a, b) = pair();
-    a.device.set_mtu(1420);
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    a.engine.set_mtu(1420);
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
     let round = |n: usize| n.div_ceil(16) * 16;
     let mut buf = vec![0u8; MAX_PACKET];
     // 20 bytes is the least an IPv4 packet can be routed with; near the MTU the padding
@@ -359,22 +347,22 @@ fn data_messages_are_padded_to_16_bytes_up_to_the_mtu() {
         (1420, 32 + 1420),
     ]);
     for (len, wire) in cases {
-        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], len - 20);
-        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], UDP, len);
+        a.engine.handle_outbound(&packet, &mut buf, &a.out);
         assert_eq!(
             sent_lengths(&a),
             vec![wire],
             "datagram for a {len}-byte packet"
         );
         // The receiver trims the padding by the IP header's length.
-        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        a.engine.handle_outbound(&packet, &mut buf, &a.out);
         assert_eq!(deliver(&a, &b, ADDR_A), vec![packet], "{len}-byte packet");
     }
 }
 
 #[test]
 fn padded_len_follows_wireguard_go() {
-    use crate::device::padded_len;
+    use crate::engine::padded_len;
     for len in 1..=100 {
         assert_eq!(padded_len(len, 1420), len.div_ceil(16) * 16, "len {len}");
     }
@@ -423,29 +411,29 @@ fn no_handshake_is_sent_to_a_low_order_public_key() {
         fwmark: 0,
         peers,
     };
-    a.device.reconfigure(without_key.clone(), &started, &a.out);
+    a.engine.reconfigure(without_key.clone(), &started, &a.out);
     let keyed = DeviceConfig {
         private_key: Some(a.private),
         ..without_key.clone()
     };
-    a.device.reconfigure(keyed.clone(), &started, &a.out);
+    a.engine.reconfigure(keyed.clone(), &started, &a.out);
     let fresh = Node::new(3);
     let fresh_config = DeviceConfig {
         private_key: Some(fresh.private),
         ..without_key
     };
-    fresh.device.reconfigure(fresh_config, &started, &fresh.out);
+    fresh.engine.reconfigure(fresh_config, &started, &fresh.out);
 
     let mut buf = vec![0u8; MAX_PACKET];
     for node in [&a, &fresh] {
         for i in 0..LOW_ORDER_POINTS.len() as u8 {
-            let packet = ipv4([10, 9, 0, 1], [10, 0, i, 5], 8);
-            node.device.handle_outbound(&packet, &mut buf, &node.out);
+            let packet = udp4([10, 9, 0, 1], [10, 0, i, 5], 28);
+            node.engine.handle_outbound(&packet, &mut buf, &node.out);
         }
-        node.device.tick(&mut buf, &node.out);
+        node.engine.tick(&mut buf, &node.out);
         assert_eq!(sent_lengths(node), Vec::<usize>::new(), "datagrams sent");
         let listed: Vec<Key> = node
-            .device
+            .engine
             .snapshot()
             .peers
             .iter()
@@ -486,11 +474,11 @@ fn receiver_indices_are_random_per_peer() {
             fwmark: 0,
             peers,
         };
-        a.device.reconfigure(cfg, &SetEffects::default(), &a.out);
+        a.engine.reconfigure(cfg, &SetEffects::default(), &a.out);
         let mut buf = vec![0u8; MAX_PACKET];
         for i in 0..PEERS {
-            let packet = ipv4([10, 9, 0, 1], [10, 1, i, 1], 8);
-            a.device.handle_outbound(&packet, &mut buf, &a.out);
+            let packet = udp4([10, 9, 0, 1], [10, 1, i, 1], 28);
+            a.engine.handle_outbound(&packet, &mut buf, &a.out);
         }
         a.out
             .take()
@@ -532,12 +520,12 @@ fn receiver_indices_are_random_per_peer() {
 #[test]
 fn replay_window_tolerates_1023_packets_of_reordering() {
     let (a, b) = pair();
-    handshake_and_send(&a, &b, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 28));
     let mut buf = vec![0u8; MAX_PACKET];
-    let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 8);
+    let packet = udp4([10, 0, 0, 1], [10, 0, 0, 2], 28);
     const SENT: usize = 9_000;
     for _ in 0..SENT {
-        a.device.handle_outbound(&packet, &mut buf, &a.out);
+        a.engine.handle_outbound(&packet, &mut buf, &a.out);
     }
     let datagrams: Vec<Vec<u8>> = a
         .out
@@ -551,12 +539,12 @@ fn replay_window_tolerates_1023_packets_of_reordering() {
     assert_eq!(datagrams.len(), SENT);
     let from: SocketAddr = ADDR_A.parse().unwrap();
     let (last, earlier) = datagrams.split_last().unwrap();
-    b.device.handle_inbound(from, last, &mut buf, &b.out);
+    b.engine.handle_inbound(from, last, &mut buf, &b.out);
     assert_eq!(b.out.take().len(), 1, "the newest is accepted");
     // Everything before it, newest first: how deep does the window reach?
     let mut accepted_depth = 0;
     for (depth, d) in earlier.iter().rev().enumerate() {
-        b.device.handle_inbound(from, d, &mut buf, &b.out);
+        b.engine.handle_inbound(from, d, &mut buf, &b.out);
         if !b.out.take().is_empty() {
             assert_eq!(accepted_depth, depth, "accepted with a gap behind it");
             accepted_depth = depth + 1;
@@ -564,7 +552,7 @@ fn replay_window_tolerates_1023_packets_of_reordering() {
     }
     assert_eq!(accepted_depth, 1023, "packets accepted behind the newest");
     // Replays inside the window are still refused.
-    b.device
+    b.engine
         .handle_inbound(from, &earlier[SENT - 2], &mut buf, &b.out);
     assert!(b.out.take().is_empty(), "a replay was accepted");
 }

@@ -4,12 +4,15 @@
 //! - [`config`]: the device configuration as data, the [`Change`] requests that move it,
 //!   and the one pure step from one configuration to the next;
 //! - [`snapshot`]: what the engine reports (configuration, live endpoints, counters);
-//! - [`device`]: the packet engine, sans-IO (tests and benches drive it directly);
-//! - [`tunnel`]: the TUN device, UDP sockets and threads around the engine;
+//! - [`engine`]: the packet engine, sans-IO ([`Engine`]: boringtun's or wireguard-go's
+//!   `Device` without the I/O; tests and benches drive it directly);
+//! - [`tunnel`]: one running interface ([`Tunnel`]): the TUN device, UDP sockets and threads
+//!   around the engine;
 //! - [`uapi`]: the text protocol `wg` speaks on `/var/run/wireguard/<iface>.sock`, an
 //!   adapter on top: it turns text into engine values and back, and calls the engine, which
 //!   knows nothing of it;
-//! - [`key`]: WireGuard keys.
+//! - [`key`]: WireGuard keys;
+//! - `packet` (tests, and others with the `testing` feature): the one packet factory.
 //!
 //! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`), routing
 //! or its netlink client (`isthmus-routing`, `rtnetlink`), or an async runtime (`tokio`): it
@@ -20,10 +23,12 @@
 pub mod batch;
 pub mod capture;
 pub mod config;
-pub mod device;
 pub mod drops;
+pub mod engine;
 pub mod key;
 pub mod offload;
+#[cfg(any(test, feature = "testing"))]
+pub mod packet;
 pub mod peer;
 pub mod snapshot;
 pub mod snat;
@@ -35,7 +40,7 @@ pub mod uapi;
 mod engine_tests;
 
 pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, SetEffects};
-pub use device::{Burst, Device, Sealed, Transmit, DATA_OVERHEAD};
+pub use engine::{Burst, Engine, Sealed, Transmit, DATA_OVERHEAD};
 pub use key::Key;
 pub use snapshot::{DeviceSnapshot, PeerSnapshot};
 pub use tunnel::Tunnel;

@@ -23,8 +23,8 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 
 use crate::batch::OutBatch;
 use crate::config::{Change, DeviceConfig, PeerConfig};
-use crate::device::{Burst, Device, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use crate::drops::DropReason;
+use crate::engine::{Burst, Engine, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use crate::key::Key;
 use crate::offload::gro::Coalescer;
 use crate::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
@@ -113,9 +113,12 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool)> {
     Ok((tun, false))
 }
 
+/// One running WireGuard interface: the TUN device, the UDP sockets, the [`Engine`] and the
+/// threads between them — what boringtun's `device::Device` and wireguard-go's `Device` are.
+/// Not a boringtun `Tunn` (one peer's noise session), of which the engine holds one per peer.
 pub struct Tunnel {
     pub iface: String,
-    device: Arc<Device>,
+    engine: Arc<Engine>,
     net: Arc<Net>,
     set_lock: Mutex<()>,
     /// VXLAN source rewrite (routing mode `vxlan`); read once per TUN read.
@@ -130,20 +133,20 @@ impl Tunnel {
             Sockets::bind(listen_port, 0)
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
         );
-        let device = Arc::new(Device::new());
-        device.set_mtu(mtu);
-        let mut config = device.config();
+        let engine = Arc::new(Engine::new());
+        engine.set_mtu(mtu);
+        let mut config = engine.config();
         config.listen_port = sockets.port;
         let net = Arc::new(Net {
             tun,
             vnet,
             sockets: RwLock::new(sockets.clone()),
         });
-        device.reconfigure(config, &Default::default(), net.as_ref());
+        engine.reconfigure(config, &Default::default(), net.as_ref());
 
         let tunnel = Arc::new(Tunnel {
             iface: iface.to_string(),
-            device,
+            engine,
             net,
             set_lock: Mutex::new(()),
             source_rewrite: RwLock::new(None),
@@ -162,8 +165,8 @@ impl Tunnel {
         Ok(tunnel)
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Applies `change` (a parsed `wg set`, or what [`Tunnel::sync`] makes) through the one
@@ -171,7 +174,7 @@ impl Tunnel {
     /// new configuration swapped in.
     pub fn set(self: &Arc<Self>, change: &Change) -> Result<(), SetError> {
         let _serial = self.set_lock.lock();
-        let current = self.device.config();
+        let current = self.engine.config();
         self.commit(&current, change)
     }
 
@@ -181,7 +184,7 @@ impl Tunnel {
     /// the first packet.
     pub fn sync(self: &Arc<Self>, private_key: Key, peers: &[PeerConfig]) -> Result<(), SetError> {
         let _serial = self.set_lock.lock();
-        let current = self.device.config();
+        let current = self.engine.config();
         self.commit(&current, &Change::sync(&current, private_key, peers))
     }
 
@@ -221,7 +224,7 @@ impl Tunnel {
                 .map_err(SetError::Spawn)?;
             tracing::info!(port = sockets.port, "listening on new port");
         }
-        self.device.reconfigure(next, &effects, self.net.as_ref());
+        self.engine.reconfigure(next, &effects, self.net.as_ref());
         Ok(())
     }
 
@@ -271,13 +274,13 @@ impl Tunnel {
         let mut slot = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut gro = Coalescer::new();
         let net = self.net.as_ref();
-        let drops = self.device.drops();
+        let drops = self.engine.drops();
         let mut emit = |b: &[u8]| {
             if net.tun.send(b).is_err() {
                 drops.record(DropReason::IoError);
             }
         };
-        let mut burst = self.device.burst();
+        let mut burst = self.engine.burst();
         while !set.is_retired() {
             let got = match udp.recv(&mut rx) {
                 Ok(got) => got,
@@ -297,11 +300,11 @@ impl Tunnel {
                     continue;
                 }
             };
-            self.device.refresh(&mut burst);
+            self.engine.refresh(&mut burst);
             let len = got.len.min(rx.len());
             for datagram in rx[..len].chunks(got.stride.max(1)) {
                 let opened =
-                    self.device
+                    self.engine
                         .open(&burst, got.from, datagram, &mut slot[VIRTIO_HDR_LEN..], net);
                 let Some(n) = opened else { continue };
                 if net.vnet {
@@ -319,7 +322,7 @@ impl Tunnel {
         let mut rx = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut segment = vec![0u8; MAX_PACKET];
         let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
-        let mut burst = self.device.burst();
+        let mut burst = self.engine.burst();
         loop {
             let n = match self.net.tun.recv(&mut rx) {
                 Ok(n) => n,
@@ -329,7 +332,7 @@ impl Tunnel {
                     std::process::exit(1);
                 }
             };
-            self.device.refresh(&mut burst);
+            self.engine.refresh(&mut burst);
             let rewrite = *self.source_rewrite.read();
             let mut seal = |packet: &mut [u8]| {
                 if let Some(r) = &rewrite {
@@ -345,7 +348,7 @@ impl Tunnel {
                     });
                 if let Err(e) = split {
                     tracing::debug!(error = %e, "unusable packet from the TUN");
-                    self.device.drops().record(DropReason::Malformed);
+                    self.engine.drops().record(DropReason::Malformed);
                 }
             } else {
                 seal(&mut rx[..n]);
@@ -355,16 +358,16 @@ impl Tunnel {
     }
 
     fn seal_into(&self, batch: &mut OutBatch, burst: &Burst, packet: &[u8]) {
-        let need = self.device.sealed_len(packet.len()).max(MIN_SEAL_ROOM);
+        let need = self.engine.sealed_len(packet.len()).max(MIN_SEAL_ROOM);
         if batch.space(need).is_none() {
             self.flush(batch);
         }
         let Some(space) = batch.space(need) else {
             // Larger than an empty batch: cannot happen for packets read from the TUN.
-            self.device.drops().record(DropReason::Malformed);
+            self.engine.drops().record(DropReason::Malformed);
             return;
         };
-        if let Some(sealed) = self.device.seal(burst, packet, space, self.net.as_ref()) {
+        if let Some(sealed) = self.engine.seal(burst, packet, space, self.net.as_ref()) {
             batch.commit(sealed.to, sealed.len);
         }
     }
@@ -377,7 +380,7 @@ impl Tunnel {
         batch.flush(|to, datagrams, segment| {
             if let Err(e) = sockets.send_segments(datagrams, segment, to) {
                 tracing::debug!(endpoint = %to, error = %e, "send failed");
-                self.device.drops().record(DropReason::IoError);
+                self.engine.drops().record(DropReason::IoError);
             }
         });
     }
@@ -389,9 +392,9 @@ impl Tunnel {
             // `ip link set mtu` may change it at any time; padding must follow, or a
             // lowered MTU would be padded past (wireguard-go follows it by netlink events).
             if let Ok(mtu) = self.net.tun.mtu() {
-                self.device.set_mtu(mtu);
+                self.engine.set_mtu(mtu);
             }
-            self.device.tick(&mut scratch, self.net.as_ref());
+            self.engine.tick(&mut scratch, self.net.as_ref());
         }
     }
 }

@@ -68,7 +68,7 @@ pub async fn report_loop(
             continue;
         }
         let Some(health) = reading(
-            &tunnel.device().snapshot(),
+            &tunnel.engine().snapshot(),
             &store.state(),
             SystemTime::now(),
         ) else {

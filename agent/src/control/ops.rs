@@ -239,8 +239,8 @@ impl AgentOps {
         let Some(tunnel) = tunnel else {
             return Sample::default();
         };
-        let device = tunnel.device();
-        let peers = device
+        let engine = tunnel.engine();
+        let peers = engine
             .snapshot()
             .peers
             .into_iter()
@@ -258,7 +258,7 @@ impl AgentOps {
             peers,
             drops: DropReason::ALL
                 .iter()
-                .map(|r| (*r, device.drops().get(*r)))
+                .map(|r| (*r, engine.drops().get(*r)))
                 .collect(),
             ready: readiness.check().is_ok(),
         }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use ip_network::Ipv4Network;
 use isthmus_api::WireGuardPeer;
-use isthmus_routing::model::{Key, Value};
+use isthmus_routing::model::{EntryKey, Value};
 use isthmus_routing::plan::{self as routing_plan, Devices, Settings};
 use isthmus_routing::Mode;
 use isthmus_wg::snat::SourceRewrite;
@@ -73,7 +73,7 @@ pub fn routing(
     fixed: &Fixed,
     vxlan_index: u32,
     applied: Option<&MeshPlan>,
-) -> BTreeMap<Key, Value> {
+) -> BTreeMap<EntryKey, Value> {
     let remotes = applied.map(|p| p.remotes.as_slice()).unwrap_or_default();
     let devices = Devices {
         vxlan: (vxlan_index != 0).then_some(vxlan_index),

@@ -33,10 +33,11 @@ use super::publish::{self, PublishOptions};
 use super::runtime::{self, Runtime};
 use isthmus_routing::address::Netlink;
 use isthmus_routing::kernel::Kernel;
-use isthmus_routing::model::{Key as RouteKey, Value as RouteValue};
+use isthmus_routing::model::{EntryKey, Value as RouteValue};
 use isthmus_routing::netns;
 use isthmus_routing::plan::Settings;
 use isthmus_routing::{watch, Mode, Router};
+use isthmus_wg::key::Key;
 use isthmus_wg::tunnel::Tunnel;
 use isthmus_wg::uapi::server;
 
@@ -69,7 +70,7 @@ struct Agent {
     tunnel: Arc<Tunnel>,
     netlink: Netlink,
     router: Router,
-    private_key: isthmus_wg::key::Key,
+    private_key: Key,
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
     applied: Option<MeshPlan>,
@@ -164,7 +165,7 @@ impl Agent {
         self.applied = Some(plan);
     }
 
-    async fn apply_routing(&mut self, desired: BTreeMap<RouteKey, RouteValue>) {
+    async fn apply_routing(&mut self, desired: BTreeMap<EntryKey, RouteValue>) {
         self.router.set_desired(desired);
         let started = Instant::now();
         let result = self.router.reconcile().await;

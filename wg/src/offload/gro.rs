@@ -227,9 +227,9 @@ impl Coalescer {
 #[cfg(test)]
 mod tests {
     use super::super::gso::split;
-    use super::super::testpkt::{assert_valid, complete_partial, l4_offset, udp, Tcp};
     use super::super::virtio::GSO_NONE;
     use super::*;
+    use crate::packet::{assert_valid, complete_partial, l4_offset, Tcp, Udp};
 
     /// Feeds `packets` through a coalescer, returns the TUN writes as (header, packet).
     fn coalesce(packets: &[Vec<u8>]) -> Vec<(VirtioHdr, Vec<u8>)> {
@@ -338,7 +338,7 @@ mod tests {
         other_flow.sport = 40001;
         let other_flow = other_flow.build();
         let gap = Tcp::new(false, 4000 + 1, 1000).build(); // not a's next sequence number
-        let u = udp(false, 100);
+        let u = Udp::new(false, 100).build();
         let v6 = Tcp::new(true, 4000, 1000).build();
         // (name, packets, segments per write)
         type Case<'a> = (&'a str, Vec<Vec<u8>>, Vec<usize>);

@@ -156,8 +156,8 @@ fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::super::checksum::fold;
-    use super::super::testpkt::{assert_valid, udp, Tcp};
     use super::*;
+    use crate::packet::{assert_valid, Tcp, Udp};
 
     /// A super-segment as the kernel hands it over: real headers, the transport checksum
     /// field holding only the pseudo-header sum (CHECKSUM_PARTIAL).
@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn udp_super_segments_split() {
         for v6 in [false, true] {
-            let mut p = udp(v6, 3000);
+            let mut p = Udp::new(v6, 3000).build();
             let l4 = if v6 { 40 } else { 20 };
             let hdr = VirtioHdr {
                 flags: F_NEEDS_CSUM,
@@ -279,7 +279,7 @@ mod tests {
         let segs = split_all(hdr, &mut p).expect("split");
         assert_eq!(segs, vec![good]);
         // Without NEEDS_CSUM the packet passes untouched.
-        let mut plain = udp(true, 10);
+        let mut plain = Udp::new(true, 10).build();
         assert_eq!(
             split_all(VirtioHdr::NONE, &mut plain).expect("split"),
             vec![plain.clone()]

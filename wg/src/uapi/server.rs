@@ -36,7 +36,7 @@ pub trait UapiHandler: Send + Sync + 'static {
 
 impl UapiHandler for Arc<Tunnel> {
     fn get(&self) -> DeviceSnapshot {
-        self.device().snapshot()
+        self.engine().snapshot()
     }
 
     fn set(&self, change: &Change) -> Result<(), UapiError> {

@@ -72,8 +72,8 @@ pub fn padded_len(len: usize, mtu: usize) -> usize {
     len - last_unit + round(last_unit).min(mtu)
 }
 
-/// The configuration as one run of packets sees it: taken with [`Device::burst`] and kept
-/// by a packet thread, which calls [`Device::refresh`] before each batch — one atomic load
+/// The configuration as one run of packets sees it: taken with [`Engine::burst`] and kept
+/// by a packet thread, which calls [`Engine::refresh`] before each batch — one atomic load
 /// when nothing changed, instead of a lock and two reference-count updates per packet.
 /// Holding it across a reconfiguration is harmless: the batch finishes on the view it
 /// started with, and removed peers are let go at the next refresh.
@@ -112,7 +112,7 @@ impl Burst {
 }
 
 /// Where an encrypted datagram goes: `len` bytes at the start of the buffer given to
-/// [`Device::seal`].
+/// [`Engine::seal`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sealed {
     pub to: SocketAddr,
@@ -188,28 +188,35 @@ impl Default for State {
     }
 }
 
+/// The WireGuard engine of one interface: every peer's boringtun [`Tunn`] (noise session),
+/// the allowed-IP table, the receiver-index table and the device-wide handshake limiter,
+/// behind methods that take packets and datagrams and hand output to a [`Transmit`].
+///
+/// What boringtun's `device::Device` and wireguard-go's `Device` do *minus* the I/O: no TUN,
+/// no socket, no thread. [`crate::Tunnel`] adds those. Named `Engine`, not `Device`, so a
+/// reader who knows those two does not expect a TUN behind it.
 #[derive(Default)]
-pub struct Device {
+pub struct Engine {
     state: RwLock<Arc<State>>,
     /// Bumped on every reconfiguration, after the new state is in place.
     generation: AtomicU64,
     /// Serialises reconfigurations (readers never take it).
     reconfigure_lock: Mutex<()>,
     drops: DropCounters,
-    /// The TUN's MTU, the cap on padding; 0 until [`Device::set_mtu`].
+    /// The TUN's MTU, the cap on padding; 0 until [`Engine::set_mtu`].
     mtu: AtomicUsize,
 }
 
-impl Device {
-    pub fn new() -> Device {
-        Device::default()
+impl Engine {
+    pub fn new() -> Engine {
+        Engine::default()
     }
 
     fn state(&self) -> Arc<State> {
         self.state.read().clone()
     }
 
-    /// The current configuration, for a run of [`Device::seal`] or [`Device::open`] calls.
+    /// The current configuration, for a run of [`Engine::seal`] or [`Engine::open`] calls.
     pub fn burst(&self) -> Burst {
         // Generation first: a reconfiguration racing with this makes the next refresh reload.
         let generation = self.generation.load(Ordering::Acquire);
@@ -363,7 +370,7 @@ impl Device {
     }
 
     /// Encrypts `packet`, padded, for the peer that owns its destination into the start of
-    /// `dst` (at least [`Device::sealed_len`] bytes) and says where that datagram goes;
+    /// `dst` (at least [`Engine::sealed_len`] bytes) and says where that datagram goes;
     /// sending it is the caller's, so a batch can leave in one system call. Its bytes count
     /// as sent here. With no session yet the packet is queued and the handshake initiation
     /// leaves through `out` at once (`None`).
