@@ -10,6 +10,7 @@ pub mod mesh;
 pub mod ops;
 pub mod options;
 pub mod pass;
+pub mod pmtu;
 pub mod publish;
 pub mod run;
 pub mod runtime;
