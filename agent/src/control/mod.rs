@@ -11,6 +11,7 @@ pub mod ops;
 pub mod options;
 pub mod pass;
 pub mod pmtu;
+pub mod probe;
 pub mod publish;
 pub mod run;
 pub mod runtime;
