@@ -12,7 +12,8 @@
 //!   acknowledgement, which fits any path. A size is *good* when acknowledged; it is *too
 //!   big* when [`Timing::tries`] probes of it in a row went unanswered. The sizes are inner
 //!   sizes, the unit of the tunnel's MTU: a path that carries 1300-byte IPv4 packets carries
-//!   1240-byte packets through the tunnel (WireGuard adds 60 bytes over IPv4).
+//!   1232-byte packets through the tunnel (WireGuard adds 60 bytes over IPv4 and pads the
+//!   inner packet to a multiple of 16, up to the device's MTU).
 //! - **Why in the kernel's tunnel and not in the engine.** The probe takes exactly the path
 //!   real traffic takes (TUN, engine, socket, NAT, the path, the other engine, the other TUN),
 //!   so it measures what traffic gets; it needs no change to the data plane and no privilege
