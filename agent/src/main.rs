@@ -52,6 +52,9 @@ enum Command {
         /// rows show public keys).
         #[arg(long)]
         kubeconfig: Option<std::path::PathBuf>,
+        /// The running agent's state directory, for the path MTUs it found.
+        #[arg(long, default_value = "/var/lib/isthmus")]
+        state_dir: std::path::PathBuf,
     },
     /// This node: public key, mode, topology, mesh IP, journal, API connectivity, peers.
     Status {
@@ -129,6 +132,10 @@ struct RunArgs {
     /// Serve /metrics, /healthz and /readyz here ("" or "off": don't).
     #[arg(long, default_value = "0.0.0.0:9580")]
     metrics_addr: String,
+    /// UDP port for path MTU probes between agents, on the mesh IP inside the tunnel (0:
+    /// no probing; routes then keep the tunnels' MTU).
+    #[arg(long, default_value_t = isthmus_agent::control::probe::DEFAULT_PORT)]
+    pmtu_port: u16,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -163,6 +170,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         health_interval: (args.health_interval > 0)
             .then(|| std::time::Duration::from_secs(args.health_interval)),
         metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
+        pmtu_port: (args.pmtu_port != 0).then_some(args.pmtu_port),
     };
     runtime.block_on(async { run(opts, isthmus_ops::daemon::shutdown_signal()).await })
 }
@@ -193,9 +201,19 @@ fn peer_rows(
     ))
 }
 
-fn run_peers(iface: &str, json: bool, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn run_peers(
+    iface: &str,
+    json: bool,
+    kubeconfig: Option<&std::path::Path>,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     check_iface(iface)?;
-    let rows = peer_rows(iface, kubeconfig)?;
+    let mut rows = peer_rows(iface, kubeconfig)?;
+    match isthmus_agent::control::runtime::read(state_dir) {
+        Ok(Some(r)) => isthmus_agent::cli::peers::with_path_mtus(&mut rows, &r.path_mtus),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "no path MTUs"),
+    }
     let out = if json {
         isthmus_agent::cli::peers::json(&rows)? + "\n"
     } else {
@@ -284,7 +302,8 @@ fn main() -> ExitCode {
             iface,
             json,
             kubeconfig,
-        } => run_peers(&iface, json, kubeconfig.as_deref()),
+            state_dir,
+        } => run_peers(&iface, json, kubeconfig.as_deref(), &state_dir),
         Command::Status {
             state_dir,
             iface,

@@ -34,6 +34,7 @@ const ENDPOINT_RULE: &str = r"self.matches(r'^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]
     printcolumn = r#"{"name":"Admitted","type":"string","jsonPath":".status.conditions[?(@.type==\"Admitted\")].status"}"#,
     printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"MeshConnected\")].status"}"#,
     printcolumn = r#"{"name":"Pairs","type":"string","jsonPath":".status.conditions[?(@.type==\"MeshConnected\")].message","priority":1}"#,
+    printcolumn = r#"{"name":"Path MTU","type":"integer","jsonPath":".status.health.lowestPathMTU","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -130,6 +131,14 @@ pub struct MeshHealth {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
     pub peers: Vec<PeerHealth>,
+    /// The smallest path MTU among the peers (`kubectl get wgp -o wide` shows it).
+    #[serde(
+        default,
+        rename = "lowestPathMTU",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 0, max = 65535))]
+    pub lowest_path_mtu: Option<i32>,
 }
 
 /// One tunnel, as the agent sees it.
@@ -145,6 +154,11 @@ pub struct PeerHealth {
     pub rx_bytes: i64,
     #[schemars(range(min = 0))]
     pub tx_bytes: i64,
+    /// The largest packet the path to the peer carries through the tunnel, as the agent's
+    /// probing found it; absent: not (yet) measured.
+    #[serde(default, rename = "pathMTU", skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub path_mtu: Option<i32>,
 }
 
 impl WireGuardPeer {

@@ -7,6 +7,11 @@
 //! writes them, the route with an MTU that fits through the tunnel. `routed` leaves
 //! flannel's entries alone: a policy rule sends remote pod CIDRs to a table of our own whose
 //! routes lead straight into the TUN.
+//!
+//! In both modes each remote node's mesh IP gets a host route into the TUN with the path's
+//! MTU, so the node's own traffic to it (and, in `vxlan` mode, flannel's encapsulated
+//! packets) fits the path, not just the device. The path's MTU is the smallest of this
+//! tunnel's, the remote tunnel's and what probing measured ([`Remote::path_mtu`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -54,6 +59,21 @@ pub struct Remote {
     pub vtep: Option<Vtep>,
     /// The remote tunnel's MTU, when it published one.
     pub mtu: Option<u16>,
+    /// The largest packet the path to the remote carries through the tunnel, when measured
+    /// (the agent's path MTU discovery).
+    pub path_mtu: Option<u16>,
+}
+
+impl Remote {
+    /// The MTU of the path through the tunnel: the smallest of this node's tunnel MTU, the
+    /// remote's and the measured one.
+    pub fn path_mtu(&self, tunnel_mtu: u16) -> u16 {
+        [Some(tunnel_mtu), self.mtu, self.path_mtu]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(tunnel_mtu)
+    }
 }
 
 /// The entries routing wants for `remotes`, given this node's tunnel MTU.
@@ -65,8 +85,34 @@ pub fn desired(
 ) -> BTreeMap<EntryKey, Value> {
     let mut out = BTreeMap::new();
     for remote in remotes {
-        // The smaller of the two tunnels bounds the path.
-        let path_mtu = remote.mtu.map_or(tunnel_mtu, |m| m.min(tunnel_mtu));
+        let path_mtu = remote.path_mtu(tunnel_mtu);
+        let table = match settings.mode {
+            Mode::Vxlan => MAIN_TABLE,
+            Mode::Routed => settings.table,
+        };
+        out.insert(
+            host_key(table, remote.mesh_ip),
+            Value::Route(Route {
+                oif: devices.tun,
+                gateway: None,
+                onlink: false,
+                protocol: PROTO_STATIC,
+                scope: SCOPE_LINK,
+                prefsrc: None,
+                mtu: Some(u32::from(path_mtu)),
+            }),
+        );
+        if settings.mode == Mode::Routed {
+            out.insert(
+                EntryKey::Rule {
+                    v6: !remote.mesh_ip.is_ipv4(),
+                    priority: settings.rule_priority,
+                },
+                Value::Rule {
+                    table: settings.table,
+                },
+            );
+        }
         match settings.mode {
             Mode::Vxlan => vxlan_entries(&mut out, devices, path_mtu, remote),
             Mode::Routed => routed_entries(&mut out, settings, devices, path_mtu, remote),
@@ -154,6 +200,15 @@ fn routed_entries(
     }
 }
 
+/// The host route's key for `ip`.
+fn host_key(table: u32, ip: IpAddr) -> EntryKey {
+    EntryKey::Route {
+        table,
+        dst: ip,
+        prefix: if ip.is_ipv4() { 32 } else { 128 },
+    }
+}
+
 fn route_key(table: u32, cidr: &IpNetwork) -> EntryKey {
     EntryKey::Route {
         table,
@@ -194,6 +249,7 @@ mod tests {
                 ip: format!("10.244.2{n}.0").parse().unwrap(),
             }),
             mtu,
+            path_mtu: None,
         }
     }
 
@@ -222,6 +278,7 @@ mod tests {
                     "fdb 0a:58:0a:f4:15:00 dev #5: dst 100.96.0.1",
                     "neigh 10.244.21.0 dev #5: lladdr 0a:58:0a:f4:15:00",
                     "route 10.244.21.0/24 table 254: via 10.244.21.0 dev #5 proto 3 onlink mtu 1370",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420",
                 ],
             ),
             (
@@ -233,14 +290,39 @@ mod tests {
                     "fdb 0a:58:0a:f4:16:00 dev #5: dst 100.96.0.2",
                     "neigh 10.244.22.0 dev #5: lladdr 0a:58:0a:f4:16:00",
                     "route 10.244.22.0/24 table 254: via 10.244.22.0 dev #5 proto 3 onlink mtu 1270",
+                    "route 100.96.0.2/32 table 254: dev #9 proto 4 mtu 1320",
                 ],
             ),
             (
-                "vxlan: no VXLAN device yet, nothing to repoint",
+                "vxlan: a measured path smaller than both tunnels clamps pods and the host",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![Remote { path_mtu: Some(1240), ..remote(2, Some(1420)) }],
+                vec![
+                    "fdb 0a:58:0a:f4:16:00 dev #5: dst 100.96.0.2",
+                    "neigh 10.244.22.0 dev #5: lladdr 0a:58:0a:f4:16:00",
+                    "route 10.244.22.0/24 table 254: via 10.244.22.0 dev #5 proto 3 onlink mtu 1190",
+                    "route 100.96.0.2/32 table 254: dev #9 proto 4 mtu 1240",
+                ],
+            ),
+            (
+                "vxlan: a measured path never raises the tunnels' bound",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![Remote { path_mtu: Some(1420), ..remote(2, Some(1320)) }],
+                vec![
+                    "fdb 0a:58:0a:f4:16:00 dev #5: dst 100.96.0.2",
+                    "neigh 10.244.22.0 dev #5: lladdr 0a:58:0a:f4:16:00",
+                    "route 10.244.22.0/24 table 254: via 10.244.22.0 dev #5 proto 3 onlink mtu 1270",
+                    "route 100.96.0.2/32 table 254: dev #9 proto 4 mtu 1320",
+                ],
+            ),
+            (
+                "vxlan: no VXLAN device yet, nothing to repoint; the host's route to the mesh IP",
                 settings(Mode::Vxlan),
                 Devices { vxlan: None, tun: TUN },
                 vec![remote(1, None)],
-                vec![],
+                vec!["route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420"],
             ),
             (
                 "vxlan: a remote that published no VTEP is skipped",
@@ -251,16 +333,26 @@ mod tests {
                     "fdb 0a:58:0a:f4:17:00 dev #5: dst 100.96.0.3",
                     "neigh 10.244.23.0 dev #5: lladdr 0a:58:0a:f4:17:00",
                     "route 10.244.23.0/24 table 254: via 10.244.23.0 dev #5 proto 3 onlink mtu 1370",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420",
+                    "route 100.96.0.3/32 table 254: dev #9 proto 4 mtu 1420",
                 ],
             ),
             (
                 "routed: one rule, one route per remote pod CIDR into the TUN",
                 settings(Mode::Routed),
                 devices(),
-                vec![remote(1, None), remote(2, Some(1320))],
+                vec![
+                    remote(1, None),
+                    remote(2, Some(1320)),
+                    Remote { path_mtu: Some(1240), ..remote(3, None) },
+                ],
                 vec![
                     "route 10.244.21.0/24 table 51820: dev #9 proto 4 mtu 1420",
                     "route 10.244.22.0/24 table 51820: dev #9 proto 4 mtu 1320",
+                    "route 10.244.23.0/24 table 51820: dev #9 proto 4 mtu 1240",
+                    "route 100.96.0.1/32 table 51820: dev #9 proto 4 mtu 1420",
+                    "route 100.96.0.2/32 table 51820: dev #9 proto 4 mtu 1320",
+                    "route 100.96.0.3/32 table 51820: dev #9 proto 4 mtu 1240",
                     "rule -4 pref 5210: lookup 51820",
                 ],
             ),

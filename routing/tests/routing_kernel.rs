@@ -131,6 +131,7 @@ fn remote() -> Remote {
             ip: "10.244.21.0".parse().unwrap(),
         }),
         mtu: None,
+        path_mtu: None,
     }
 }
 
@@ -194,13 +195,18 @@ fn vxlan_mode_repoints_reasserts_and_restores_exactly() {
     let o = rig.runtime.block_on(router.reconcile()).unwrap();
     assert_eq!(
         (o.changed, o.failed),
-        (2, 0),
-        "FDB and route changed, neigh already right"
+        (3, 0),
+        "FDB and route changed, neigh already right, a host route to the mesh IP added"
     );
     assert_eq!(ns.fdb_dst(), "100.96.0.3");
     let route = ns.ip("route show 10.244.21.0/24");
     assert!(route.contains("mtu 1370"), "{route}");
     assert!(route.contains("via 10.244.21.0 dev flannel.1"), "{route}");
+    let host = ns.ip("route show 100.96.0.3/32");
+    assert!(
+        host.contains("dev isthtun proto static scope link") && host.contains("mtu 1420"),
+        "{host}"
+    );
     assert!(rig.state.path().join("routing-journal.json").exists());
 
     // flannel (or anyone) puts the underlay address back: the next pass re-asserts.
@@ -212,7 +218,7 @@ fn vxlan_mode_repoints_reasserts_and_restores_exactly() {
     assert_eq!(ns.fdb_dst(), "100.96.0.3");
 
     let o = rig.runtime.block_on(router.restore()).unwrap();
-    assert_eq!(o.changed, 2);
+    assert_eq!(o.changed, 3);
     assert_eq!(
         ns.dump(),
         before,
@@ -237,9 +243,12 @@ fn cleanup_after_a_crash_leaves_what_flannel_changed_meanwhile() {
     // Meanwhile flannel rewrites the route as it wants it (a different MTU-less route).
     ns.ip("route replace 10.244.21.0/24 via 10.244.21.0 dev flannel.1 onlink proto boot");
     let mut fresh = rig.router();
-    assert_eq!(fresh.journal().len(), 2);
+    assert_eq!(fresh.journal().len(), 3);
     let o = rig.runtime.block_on(fresh.restore()).unwrap();
-    assert_eq!(o.changed, 1, "only the FDB entry was still ours");
+    assert_eq!(
+        o.changed, 2,
+        "only the FDB entry and the host route were still ours"
+    );
     assert_eq!(ns.fdb_dst(), "10.0.0.11");
     assert_eq!(ns.dump(), before);
     assert_eq!(rig.runtime.block_on(fresh.restore()).unwrap().changed, 0);
@@ -253,7 +262,7 @@ fn routed_mode_adds_a_rule_and_table_and_removes_them() {
     let mut router = rig.router();
     router.set_desired(rig.plan(Mode::Routed));
     let o = rig.runtime.block_on(router.reconcile()).unwrap();
-    assert_eq!((o.changed, o.failed), (2, 0));
+    assert_eq!((o.changed, o.failed), (3, 0));
     let rules = ns.ip("rule show");
     assert!(rules.contains("5210:\tfrom all lookup 51820"), "{rules}");
     let table = ns.ip("route show table 51820");
@@ -273,6 +282,6 @@ fn routed_mode_adds_a_rule_and_table_and_removes_them() {
     assert_eq!(o.reasserted.len(), 1);
 
     let o = rig.runtime.block_on(router.restore()).unwrap();
-    assert_eq!(o.changed, 2, "rule and route removed: {o:?}");
+    assert_eq!(o.changed, 3, "rule and routes removed: {o:?}");
     assert_eq!(ns.dump(), before);
 }

@@ -23,6 +23,11 @@ pub struct Peer {
     endpoint: RwLock<Option<SocketAddr>>,
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
+    /// The latest handshake seen, in milliseconds since the epoch (0: none). boringtun
+    /// forgets it when a session expires after failed rekeys; the kernel's and
+    /// wireguard-go's "latest handshake" does not, and the health report needs it to say
+    /// how long a dead path has been down.
+    latest_handshake_ms: AtomicU64,
 }
 
 impl Peer {
@@ -34,6 +39,7 @@ impl Peer {
             endpoint: RwLock::new(config.endpoint),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
+            latest_handshake_ms: AtomicU64::new(0),
         };
         peer.rebuild_session(config, private);
         peer
@@ -99,9 +105,23 @@ impl Peer {
         self.tx_bytes.load(Ordering::Relaxed)
     }
 
-    /// Wall-clock time of the latest completed handshake, if the current session has one.
+    /// Wall-clock time of the latest completed handshake, kept after its session expired.
     pub fn last_handshake(&self) -> Option<SystemTime> {
-        let since = self.tunn.lock().as_ref()?.time_since_last_handshake()?;
-        SystemTime::now().checked_sub(since)
+        let live = self
+            .tunn
+            .lock()
+            .as_ref()
+            .and_then(|t| t.time_since_last_handshake())
+            .and_then(|since| SystemTime::now().checked_sub(since))
+            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let ms = match live {
+            Some(ms) => self
+                .latest_handshake_ms
+                .fetch_max(ms, Ordering::Relaxed)
+                .max(ms),
+            None => self.latest_handshake_ms.load(Ordering::Relaxed),
+        };
+        (ms != 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     }
 }

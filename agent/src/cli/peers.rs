@@ -1,5 +1,6 @@
 //! `isthmus-agent peers`: one row per configured peer — node, location, endpoint, mesh IP,
-//! latest handshake age, rx/tx and a state an operator can act on.
+//! latest handshake age, rx/tx, the path MTU probing found and a state an operator can act
+//! on.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +44,18 @@ pub struct PeerRow {
     pub handshake_age_seconds: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The largest packet the path to the peer carries through the tunnel, as the running
+    /// agent's probing found it (absent: not measured, or no agent running).
+    #[serde(rename = "pathMTU")]
+    pub path_mtu: Option<u16>,
     pub state: State,
+}
+
+/// Fills in the path MTUs the agent found (by node name).
+pub fn with_path_mtus(rows: &mut [PeerRow], path_mtus: &std::collections::BTreeMap<String, u16>) {
+    for r in rows {
+        r.path_mtu = r.node.as_ref().and_then(|n| path_mtus.get(n)).copied();
+    }
 }
 
 /// Joins the tunnel's view (`snapshot`) with the API's (`peers`), sorted by node then key.
@@ -75,6 +87,7 @@ pub fn rows(snapshot: &DeviceSnapshot, peers: &[WireGuardPeer], now: SystemTime)
                 handshake_age_seconds: handshake_age.map(|a| a.as_secs()),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
+                path_mtu: None,
                 state,
             }
         })
@@ -101,6 +114,7 @@ pub fn render(rows: &[PeerRow]) -> String {
                     .unwrap_or_else(|| "never".into()),
                 human_bytes(r.rx_bytes),
                 human_bytes(r.tx_bytes),
+                r.path_mtu.map_or_else(dash, |m| m.to_string()),
                 serde_json::to_value(r.state)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
@@ -117,6 +131,7 @@ pub fn render(rows: &[PeerRow]) -> String {
             "HANDSHAKE",
             "RX",
             "TX",
+            "PATH-MTU",
             "STATE",
         ],
         &cells,
@@ -187,7 +202,11 @@ mod tests {
             wgp("aws-1", &k1, "aws", "100.96.0.3"),
             wgp("aws-2", &k2, "aws", "100.96.0.4"),
         ];
-        let rows = rows(&snap, &api, now);
+        let mut rows = rows(&snap, &api, now);
+        with_path_mtus(
+            &mut rows,
+            &std::collections::BTreeMap::from([("aws-1".to_string(), 1240)]),
+        );
         let states: Vec<(Option<&str>, State)> =
             rows.iter().map(|r| (r.node.as_deref(), r.state)).collect();
         assert_eq!(
@@ -205,6 +224,7 @@ mod tests {
             lines[2].contains("aws-1")
                 && lines[2].contains("12s ago")
                 && lines[2].contains("1.00 MiB")
+                && lines[2].contains(" 1240 ")
                 && lines[2].ends_with("up"),
             "{table}"
         );
@@ -215,6 +235,8 @@ mod tests {
         assert_eq!(first["handshakeAgeSeconds"], 12);
         assert_eq!(first["rxBytes"], 1024 * 1024);
         assert_eq!(first["state"], "up");
+        assert_eq!(first["pathMTU"], 1240);
+        assert_eq!(doc["peers"][2]["pathMTU"], serde_json::Value::Null);
         assert_eq!(doc["peers"][0]["latestHandshake"], serde_json::Value::Null);
     }
 }

@@ -3,6 +3,7 @@
 //! manager; the admission policy keeps it off the coordinator's fields). The coordinator
 //! turns the reports into `MeshConnected`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,8 @@ use kube::ResourceExt;
 use isthmus_wg::tunnel::Tunnel;
 use isthmus_wg::DeviceSnapshot;
 
+use super::probe::PathMtus;
+
 fn time(t: SystemTime) -> Option<Time> {
     let secs = t.duration_since(UNIX_EPOCH).ok()?.as_secs();
     Timestamp::from_second(i64::try_from(secs).ok()?)
@@ -28,6 +31,7 @@ fn time(t: SystemTime) -> Option<Time> {
 pub fn reading(
     snapshot: &DeviceSnapshot,
     peers: &[Arc<WireGuardPeer>],
+    path_mtus: &BTreeMap<String, u16>,
     now: SystemTime,
 ) -> Option<MeshHealth> {
     let mut out: Vec<PeerHealth> = snapshot
@@ -37,6 +41,7 @@ pub fn reading(
             let key = p.public_key.to_base64();
             let node = peers.iter().find(|w| w.spec.public_key == key)?.name_any();
             Some(PeerHealth {
+                path_mtu: path_mtus.get(&node).map(|m| i32::from(*m)),
                 node,
                 latest_handshake: p.last_handshake.and_then(time),
                 rx_bytes: i64::try_from(p.rx_bytes).unwrap_or(i64::MAX),
@@ -47,6 +52,7 @@ pub fn reading(
     out.sort_by(|a, b| a.node.cmp(&b.node));
     Some(MeshHealth {
         observed_time: time(now)?,
+        lowest_path_mtu: out.iter().filter_map(|p| p.path_mtu).min(),
         peers: out,
     })
 }
@@ -58,6 +64,7 @@ pub async fn report_loop(
     tunnel: Arc<Tunnel>,
     store: Store<WireGuardPeer>,
     interval: Duration,
+    path_mtus: PathMtus,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -70,6 +77,7 @@ pub async fn report_loop(
         let Some(health) = reading(
             &tunnel.engine().snapshot(),
             &store.state(),
+            &path_mtus.lock().clone(),
             SystemTime::now(),
         ) else {
             continue;
@@ -93,6 +101,19 @@ mod tests {
     use isthmus_wg::key::Key;
     use isthmus_wg::PeerSnapshot;
 
+    fn h_spec(key: Key) -> WireGuardPeerSpec {
+        WireGuardPeerSpec {
+            public_key: key.to_base64(),
+            endpoint: "203.0.113.2:51801".into(),
+            location: "aws".into(),
+            node_ip: "10.0.0.11".into(),
+            pod_cidrs: vec![],
+            vtep: None,
+            persistent_keepalive: None,
+            mtu: None,
+        }
+    }
+
     #[test]
     fn names_peers_and_times_handshakes() {
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
@@ -111,20 +132,8 @@ mod tests {
             peers: vec![peer(known, Some(30)), peer(Key([2; 32]), None)],
             ..Default::default()
         };
-        let wgp = Arc::new(WireGuardPeer::new(
-            "aws-1",
-            WireGuardPeerSpec {
-                public_key: known.to_base64(),
-                endpoint: "203.0.113.2:51801".into(),
-                location: "aws".into(),
-                node_ip: "10.0.0.11".into(),
-                pod_cidrs: vec![],
-                vtep: None,
-                persistent_keepalive: None,
-                mtu: None,
-            },
-        ));
-        let h = reading(&snap, &[wgp], now).unwrap();
+        let wgp = Arc::new(WireGuardPeer::new("aws-1", h_spec(known)));
+        let h = reading(&snap, &[wgp], &BTreeMap::new(), now).unwrap();
         assert_eq!(h.observed_time.0.as_second(), 1_800_000_000);
         assert_eq!(h.peers.len(), 1, "an unpublished key is left out");
         assert_eq!(h.peers[0].node, "aws-1");
@@ -136,5 +145,13 @@ mod tests {
             Some(1_800_000_000 - 30)
         );
         assert_eq!((h.peers[0].rx_bytes, h.peers[0].tx_bytes), (9, 7));
+        assert_eq!((h.peers[0].path_mtu, h.lowest_path_mtu), (None, None));
+        let measured = BTreeMap::from([("aws-1".to_string(), 1240u16)]);
+        let wgp = Arc::new(WireGuardPeer::new("aws-1", h_spec(known)));
+        let h = reading(&snap, &[wgp], &measured, now).unwrap();
+        assert_eq!(
+            (h.peers[0].path_mtu, h.lowest_path_mtu),
+            (Some(1240), Some(1240))
+        );
     }
 }

@@ -59,6 +59,7 @@ fn remote(peer: &WireGuardPeer, mesh_ip: IpAddr) -> Remote {
         pod_cidrs: pod_cidrs(peer),
         vtep,
         mtu: peer.spec.mtu.and_then(|m| u16::try_from(m).ok()),
+        path_mtu: None,
     }
 }
 
@@ -210,6 +211,7 @@ pub(crate) mod tests {
                     ip: "10.244.3.0".parse().unwrap(),
                 }),
                 mtu: Some(1420),
+                path_mtu: None,
             }]
         );
     }

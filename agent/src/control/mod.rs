@@ -10,6 +10,8 @@ pub mod mesh;
 pub mod ops;
 pub mod options;
 pub mod pass;
+pub mod pmtu;
+pub mod probe;
 pub mod publish;
 pub mod run;
 pub mod runtime;

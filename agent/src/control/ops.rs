@@ -78,6 +78,8 @@ pub struct PeerSample {
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The path MTU found by probing, if any.
+    pub path_mtu: Option<u16>,
 }
 
 /// Everything a scrape reports besides the long-lived counters.
@@ -117,6 +119,7 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
     let mut r = Registry::default();
     let handshake = family::<Gauge>();
     let (rx, tx) = (family::<Counter>(), family::<Counter>());
+    let path_mtu = family::<Gauge>();
     for p in &sample.peers {
         let labels = vec![("peer", p.peer.clone())];
         let at = p
@@ -126,6 +129,9 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         handshake.get_or_create(&labels).set(at);
         rx.get_or_create(&labels).inc_by(p.rx_bytes);
         tx.get_or_create(&labels).inc_by(p.tx_bytes);
+        if let Some(m) = p.path_mtu {
+            path_mtu.get_or_create(&labels).set(i64::from(m));
+        }
     }
     let drops = family::<Counter>();
     let handshake_failures = family::<Counter>();
@@ -155,6 +161,12 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         rx,
     );
     r.register_with_unit("isthmus_peer_tx", "Bytes sent to the peer", Unit::Bytes, tx);
+    r.register_with_unit(
+        "isthmus_peer_path_mtu",
+        "Largest packet the path to the peer carries through the tunnel, as probing found it",
+        Unit::Bytes,
+        path_mtu,
+    );
     r.register(
         "isthmus_handshake_failures",
         "Inbound handshakes refused (bad MAC or key, or an unknown peer)",
@@ -185,6 +197,7 @@ struct State {
     tunnel: Option<Arc<Tunnel>>,
     readiness: Readiness,
     names: BTreeMap<Key, String>,
+    path_mtus: Option<super::probe::PathMtus>,
 }
 
 /// The agent's side of the ops endpoint, shared between the run loop and the HTTP server.
@@ -200,6 +213,11 @@ impl AgentOps {
         let mut s = self.state.lock();
         s.tunnel = Some(tunnel);
         s.readiness.dataplane_up = true;
+    }
+
+    /// Where path MTU discovery writes what it finds.
+    pub fn path_mtus(&self, found: super::probe::PathMtus) {
+        self.state.lock().path_mtus = Some(found);
     }
 
     pub fn peers_synced(&self) {
@@ -232,9 +250,14 @@ impl AgentOps {
     }
 
     fn sample(&self) -> Sample {
-        let (tunnel, names, readiness) = {
+        let (tunnel, names, readiness, path_mtus) = {
             let s = self.state.lock();
-            (s.tunnel.clone(), s.names.clone(), s.readiness)
+            let path_mtus = s
+                .path_mtus
+                .as_ref()
+                .map(|m| m.lock().clone())
+                .unwrap_or_default();
+            (s.tunnel.clone(), s.names.clone(), s.readiness, path_mtus)
         };
         let Some(tunnel) = tunnel else {
             return Sample::default();
@@ -245,6 +268,10 @@ impl AgentOps {
             .peers
             .into_iter()
             .map(|p| PeerSample {
+                path_mtu: names
+                    .get(&p.public_key)
+                    .and_then(|n| path_mtus.get(n))
+                    .copied(),
                 peer: names
                     .get(&p.public_key)
                     .cloned()
@@ -340,6 +367,7 @@ mod tests {
                 last_handshake: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
                 rx_bytes: 10,
                 tx_bytes: 20,
+                path_mtu: Some(1240),
             }],
             drops: DropReason::ALL.iter().map(|r| (*r, 1)).collect(),
             ready: true,
@@ -350,6 +378,7 @@ mod tests {
             "isthmus_peer_last_handshake_seconds{peer=\"aws-1\"} 1700000000",
             "isthmus_peer_rx_bytes_total{peer=\"aws-1\"} 10",
             "isthmus_peer_tx_bytes_total{peer=\"aws-1\"} 20",
+            "isthmus_peer_path_mtu_bytes{peer=\"aws-1\"} 1240",
             "isthmus_dropped_packets_total{reason=\"no_route\"} 1",
             "isthmus_dropped_packets_total{reason=\"io_error\"} 1",
             "isthmus_handshake_failures_total{reason=\"handshake_rejected\"} 1",

@@ -30,6 +30,9 @@ pub struct RunOptions {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the
     /// agent's own network namespace.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The UDP port path MTU probes go to and come from, on the mesh IP (`None`: no
+    /// probing; routes keep the tunnels' MTU).
+    pub pmtu_port: Option<u16>,
 }
 
 #[derive(Clone, Debug)]

@@ -8,12 +8,13 @@ use std::net::IpAddr;
 use ip_network::Ipv4Network;
 use isthmus_api::WireGuardPeer;
 use isthmus_routing::model::{EntryKey, Value};
-use isthmus_routing::plan::{self as routing_plan, Devices, Settings};
+use isthmus_routing::plan::{self as routing_plan, Devices, Remote, Settings};
 use isthmus_routing::Mode;
 use isthmus_wg::snat::SourceRewrite;
 use kube::ResourceExt;
 
 use super::mesh::{self, MeshPlan};
+use super::probe::{Target, Targets};
 
 /// What a pass needs that stays put while the agent runs: options, and what the agent
 /// found once at start.
@@ -68,18 +69,60 @@ fn source_rewrite(mode: Mode, address: Option<(IpAddr, u8)>) -> Option<SourceRew
 }
 
 /// What routing should hold for the mesh applied (`vxlan_index` 0: flannel's device is not
-/// there).
+/// there), with the path MTUs measured so far (by node name).
 pub fn routing(
     fixed: &Fixed,
     vxlan_index: u32,
     applied: Option<&MeshPlan>,
+    path_mtus: &BTreeMap<String, u16>,
 ) -> BTreeMap<EntryKey, Value> {
-    let remotes = applied.map(|p| p.remotes.as_slice()).unwrap_or_default();
+    let remotes: Vec<Remote> = applied
+        .map(|p| p.remotes.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| Remote {
+            path_mtu: path_mtus.get(&r.name).copied(),
+            ..r.clone()
+        })
+        .collect();
     let devices = Devices {
         vxlan: (vxlan_index != 0).then_some(vxlan_index),
         tun: fixed.tun_index,
     };
-    routing_plan::desired(&fixed.routing, devices, fixed.tunnel_mtu, remotes)
+    routing_plan::desired(&fixed.routing, devices, fixed.tunnel_mtu, &remotes)
+}
+
+/// What path MTU discovery should probe for the mesh applied: our mesh IP and every remote
+/// node, each below the smaller of the two tunnels' MTUs.
+pub fn probe_targets(fixed: &Fixed, applied: Option<&MeshPlan>) -> Targets {
+    let Some(plan) = applied else {
+        return Targets::default();
+    };
+    let remotes = plan
+        .remotes
+        .iter()
+        .filter_map(|r| {
+            let public_key = plan
+                .names
+                .iter()
+                .find(|(_, name)| **name == r.name)
+                .map(|(k, _)| *k)?;
+            Some(Target {
+                name: r.name.clone(),
+                public_key,
+                mesh_ip: r.mesh_ip,
+                ceiling: Remote {
+                    path_mtu: None,
+                    ..r.clone()
+                }
+                .path_mtu(fixed.tunnel_mtu),
+            })
+        })
+        .collect();
+    Targets {
+        own: plan.address.map(|(ip, _)| ip),
+        remotes,
+    }
 }
 
 /// Whether to publish our WireGuardPeer again: our VTEP changed, or our peer is gone
@@ -188,12 +231,13 @@ mod tests {
         ];
         let applied = mesh::plan("a1", &peers);
         let routed = fixed(Mode::Routed);
+        let none = BTreeMap::new();
         assert!(
-            routing(&routed, 0, None).is_empty(),
+            routing(&routed, 0, None, &none).is_empty(),
             "nothing applied, nothing routed"
         );
         assert_eq!(
-            routing(&routed, 0, Some(&applied)),
+            routing(&routed, 0, Some(&applied), &none),
             routing_plan::desired(
                 &routed.routing,
                 Devices {
@@ -204,16 +248,54 @@ mod tests {
                 &applied.remotes
             )
         );
-        assert!(!routing(&routed, 0, Some(&applied)).is_empty());
+        assert!(!routing(&routed, 0, Some(&applied), &none).is_empty());
         let vxlan = fixed(Mode::Vxlan);
-        assert!(
-            routing(&vxlan, 0, Some(&applied)).is_empty(),
-            "no flannel device yet"
+        let render = |m: BTreeMap<EntryKey, Value>| -> Vec<String> {
+            m.iter().map(|(k, v)| format!("{k}: {v}")).collect()
+        };
+        assert_eq!(
+            render(routing(&vxlan, 0, Some(&applied), &none)),
+            vec!["route 100.96.0.3/32 table 254: dev #7 proto 4 mtu 1420"],
+            "no flannel device yet: only the host route to the remote's mesh IP"
         );
         assert!(
-            !routing(&vxlan, 9, Some(&applied)).is_empty(),
+            routing(&vxlan, 9, Some(&applied), &none).len() > 1,
             "flannel's device, once found, carries the entries"
         );
+        // A measured path clamps both the pods' route and the host route.
+        let measured = BTreeMap::from([("b1".to_string(), 1240u16)]);
+        let got = render(routing(&vxlan, 9, Some(&applied), &measured));
+        assert!(
+            got.iter()
+                .any(|l| l.starts_with("route 10.244.3.0/24") && l.ends_with("mtu 1190")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|l| l.starts_with("route 100.96.0.3/32") && l.ends_with("mtu 1240")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn probes_go_to_remote_nodes_below_the_smaller_tunnel() {
+        let peers = [
+            peer("a1", 1, "old", Some("100.96.0.1"), true),
+            peer("a2", 2, "old", Some("100.96.0.2"), true),
+            peer("b1", 3, "new", Some("100.96.0.3"), true),
+        ];
+        let applied = mesh::plan("a1", &peers);
+        let mut small = fixed(Mode::Vxlan);
+        small.tunnel_mtu = 1320;
+        let t = probe_targets(&small, Some(&applied));
+        assert_eq!(t.own, Some("100.96.0.1".parse().unwrap()));
+        let got: Vec<_> = t
+            .remotes
+            .iter()
+            .map(|r| (r.name.as_str(), r.mesh_ip.to_string(), r.ceiling))
+            .collect();
+        assert_eq!(got, vec![("b1", "100.96.0.3".to_string(), 1320)]);
+        assert_eq!(probe_targets(&small, None), Targets::default());
     }
 
     #[test]

@@ -29,6 +29,8 @@ use super::mesh::MeshPlan;
 use super::ops::AgentOps;
 use super::options::{tunnel_mtu, RunOptions};
 use super::pass::{self, Fixed, MeshStep};
+use super::pmtu::Timing;
+use super::probe::{self, PathMtus, Targets};
 use super::publish::{self, PublishOptions};
 use super::runtime::{self, Runtime};
 use isthmus_routing::address::Netlink;
@@ -79,6 +81,9 @@ struct Agent {
     routing_ok: bool,
     reported: Option<Runtime>,
     ops: Arc<AgentOps>,
+    /// What path MTU discovery probes (the mesh applied), and what it found.
+    probe_targets: tokio::sync::watch::Sender<Targets>,
+    path_mtus: PathMtus,
 }
 
 impl Agent {
@@ -209,6 +214,7 @@ impl Agent {
             api_reachable: api_error.is_none(),
             api_error,
             routing_ok: self.routing_ok,
+            path_mtus: self.path_mtus.lock().clone(),
         };
         if self.reported.as_ref() == Some(&now) {
             return;
@@ -224,8 +230,15 @@ impl Agent {
         if let Some(step) = pass::mesh(&self.fixed, peers, self.applied.as_ref()) {
             self.apply_mesh(step).await;
         }
+        let targets = pass::probe_targets(&self.fixed, self.applied.as_ref());
+        self.probe_targets.send_if_modified(|t| {
+            let changed = *t != targets;
+            *t = targets;
+            changed
+        });
         let vxlan_index = self.vxlan_index.load(Ordering::Relaxed);
-        let desired = pass::routing(&self.fixed, vxlan_index, self.applied.as_ref());
+        let path_mtus = self.path_mtus.lock().clone();
+        let desired = pass::routing(&self.fixed, vxlan_index, self.applied.as_ref(), &path_mtus);
         self.apply_routing(desired).await;
         self.report(peers);
     }
@@ -309,6 +322,21 @@ pub async fn run(
         tun_index,
         tunnel_mtu,
     };
+    let path_mtus = PathMtus::default();
+    let path_mtus_changed = Arc::new(Notify::new());
+    let (probe_targets, targets_rx) = tokio::sync::watch::channel(Targets::default());
+    ops.path_mtus(path_mtus.clone());
+    let prober = opts.pmtu_port.map(|port| {
+        tokio::spawn(probe::run(
+            opts.netns.clone(),
+            port,
+            Timing::default(),
+            targets_rx,
+            tunnel.clone(),
+            path_mtus.clone(),
+            path_mtus_changed.clone(),
+        ))
+    });
     let mut agent = Agent {
         peers: Api::all(client.clone()),
         nodes: Api::all(client),
@@ -325,6 +353,8 @@ pub async fn run(
         routing_ok: false,
         reported: None,
         ops,
+        probe_targets,
+        path_mtus,
     };
     agent.netlink.set_address(&agent.opts.iface, None).await?;
     agent.refresh_vtep().await;
@@ -359,6 +389,7 @@ pub async fn run(
             agent.tunnel.clone(),
             store.clone(),
             every,
+            agent.path_mtus.clone(),
         ))
     });
     tokio::pin!(shutdown);
@@ -386,12 +417,16 @@ pub async fn run(
                 _ = &mut shutdown => break,
                 _ = peers_changed.notified() => {}
                 _ = kernel_changed.notified() => {}
+                _ = path_mtus_changed.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             }
         }
     }
     if let Some(h) = health {
         h.abort();
+    }
+    if let Some(p) = prober {
+        p.abort();
     }
     tracing::info!("shutting down: restoring routing");
     let started = Instant::now();

@@ -25,6 +25,9 @@ pub struct Runtime {
     pub api_error: Option<String>,
     /// Whether routing's last pass wrote everything it wanted.
     pub routing_ok: bool,
+    /// The path MTU found per remote node (by name), for `isthmus-agent peers`.
+    #[serde(default, rename = "pathMTUs")]
+    pub path_mtus: std::collections::BTreeMap<String, u16>,
 }
 
 pub fn write(state_dir: &Path, runtime: &Runtime) -> anyhow::Result<()> {
