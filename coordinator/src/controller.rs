@@ -362,7 +362,7 @@ impl Observer for CoordinatorOps {
 }
 
 /// Aborts a spawned task when dropped, so a cluster's watches end with its controller.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -371,7 +371,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Watches `K` into a store, waking `changed` on every event and telling `observer`.
-fn watch_into<K>(
+pub(crate) fn watch_into<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
 use ip_network::IpNetwork;
 use isthmus_api::{
     MeshCluster, MeshClusterSpec, Topology, WireGuardPeer, COORDINATOR_MANAGER, REACHABLE,
@@ -30,7 +29,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
@@ -424,7 +423,12 @@ fn start(
     })
 }
 
-fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, tokio::task::JoinHandle<()>)
+/// The seed's own watches: errors are logged by [`watch_into`]; nobody else observes them.
+struct SeedWatch;
+
+impl crate::controller::Observer for SeedWatch {}
+
+fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, crate::controller::AbortOnDrop)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -435,19 +439,7 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let kind = K::kind(&()).to_string();
-    let task = tokio::spawn(
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .for_each(move |event| {
-                if let Err(e) = event {
-                    tracing::warn!(kind, error = %e, "seed watch error; retrying");
-                }
-                changed.notify_one();
-                futures::future::ready(())
-            }),
-    );
+    let task = crate::controller::watch_into(api, writer, changed, Arc::new(SeedWatch));
     (store, task)
 }
 
@@ -494,8 +486,8 @@ pub async fn run(
             supervise(&settings, &clusters, &secrets, &clusters_api, &mut leading, &changed, &mut shutdown).await;
         }
     }
-    clusters_task.abort();
-    secrets_task.abort();
+    drop(clusters_task);
+    drop(secrets_task);
     let _ = stop_lease.send(());
     if let Err(e) = lease_task.await {
         tracing::warn!(error = %e, "lease task failed");
