@@ -7,6 +7,7 @@ use isthmus_tests::capture::UdpCapture;
 use isthmus_tests::pair::{Impl, Pair, Underlay};
 use isthmus_tests::traffic::{ping, ping_within, tcp_transfer};
 use isthmus_tests::wg::KeyPair;
+use isthmus_wg::key::LOW_ORDER_POINTS;
 
 /// netns.sh: "Test that we can change private keys keypairs and retransmit".
 #[test]
@@ -151,17 +152,6 @@ fn setconf_replaces_peers_and_keeps_working() {
     tcp_transfer(&a.ns, &b.ns, b.inner_v4(), 4 << 20)
         .unwrap_or_else(|e| panic!("{e:#}\n{}", pair.logs()));
 }
-
-/// The small-order X25519 points netns.sh configures as peers.
-const LOW_ORDER_POINTS: [&str; 7] = [
-    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-    "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
-    "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
-    "7P///////////////////////////////////////38=",
-    "7f///////////////////////////////////////38=",
-    "7v///////////////////////////////////////38=",
-];
 
 /// netns.sh: "Ensure that we don't send handshakes to low order points": peers whose public
 /// key is a small-order point, with a keepalive every second and traffic routed to them,

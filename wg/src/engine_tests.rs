@@ -373,21 +373,10 @@ fn padded_len_follows_wireguard_go() {
     assert_eq!(padded_len(1425, 1420), 1420 + 16);
 }
 
-/// The small-order X25519 points the kernel's netns.sh configures as peers.
-const LOW_ORDER_POINTS: [&str; 7] = [
-    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-    "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
-    "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
-    "7P///////////////////////////////////////38=",
-    "7f///////////////////////////////////////38=",
-    "7v///////////////////////////////////////38=",
-];
-
 #[test]
 fn no_handshake_is_sent_to_a_low_order_public_key() {
     let a = Node::new(1);
-    let peers: Vec<PeerConfig> = LOW_ORDER_POINTS
+    let peers: Vec<PeerConfig> = crate::key::LOW_ORDER_POINTS
         .iter()
         .enumerate()
         .map(|(i, key)| {
@@ -426,7 +415,7 @@ fn no_handshake_is_sent_to_a_low_order_public_key() {
 
     let mut buf = vec![0u8; MAX_PACKET];
     for node in [&a, &fresh] {
-        for i in 0..LOW_ORDER_POINTS.len() as u8 {
+        for i in 0..crate::key::LOW_ORDER_POINTS.len() as u8 {
             let packet = udp4([10, 9, 0, 1], [10, 0, i, 5], 28);
             node.engine.handle_outbound(&packet, &mut buf, &node.out);
         }

@@ -73,6 +73,20 @@ impl fmt::Debug for Key {
     }
 }
 
+/// The small-order X25519 points (base64), as the kernel's `netns.sh` configures them as
+/// peers: with any private key they give an all-zero shared secret, so no handshake may
+/// ever be sent to one ([`crate::peer::Peer::rebuild_session`] checks by computing, this
+/// list is for the tests that prove it).
+pub const LOW_ORDER_POINTS: [&str; 7] = [
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+    "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
+    "7P///////////////////////////////////////38=",
+    "7f///////////////////////////////////////38=",
+    "7v///////////////////////////////////////38=",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
