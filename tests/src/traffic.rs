@@ -228,6 +228,39 @@ pub fn tcp_transfer_across(
     Ok(())
 }
 
+/// The segment size each end of a fresh TCP connection from `from` to `to_addr` (in `to`)
+/// will send, as `getsockopt(TCP_MAXSEG)` reports it after the handshake: the smaller of
+/// what the other end advertised in its SYN (or SYN-ACK) and its own route's MTU, minus
+/// options. (client, server).
+pub fn tcp_mss(from: &Netns, to: &Netns, to_addr: IpAddr) -> anyhow::Result<(u32, u32)> {
+    let listener = to.enter(move || TcpListener::bind(SocketAddr::new(to_addr, 0)))??;
+    let addr = listener.local_addr()?;
+    let client = from.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))?;
+    let client = client.context("connecting through the tunnel")?;
+    let (server, _) = listener.accept().context("accepting")?;
+    Ok((maxseg(&client)?, maxseg(&server)?))
+}
+
+fn maxseg(s: &TcpStream) -> anyhow::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket, and `v`/`len` describe a c_int the kernel writes into.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        bail!("TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    }
+    u32::try_from(v).context("negative TCP_MAXSEG")
+}
+
 /// A UDP socket inside `ns`, for sending arbitrary datagrams at a daemon.
 pub fn udp_socket(ns: &Netns, bind: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(ns.enter(move || UdpSocket::bind(bind))??)

@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use isthmus_tests::cluster::{Cluster, ClusterOptions};
 use isthmus_tests::netns::Netns;
 use isthmus_tests::overlay::Overlay;
-use isthmus_tests::traffic::{ping_within, tcp_transfer, tcp_transfer_across, tcp_transfer_timed};
+use isthmus_tests::traffic::{
+    ping_within, tcp_mss, tcp_transfer, tcp_transfer_across, tcp_transfer_timed,
+};
 
 const VSPHERE: usize = 0;
 const AWS: usize = 1;
@@ -302,6 +304,18 @@ async fn path_mtu_is_found_through_silent_drops_and_followed() {
         "{host}\n{pods}"
     );
 
+    // A full path clamps pods' segments only to what the tunnel carries (1420 - 90).
+    let (full_client_mss, _) = tcp_mss(
+        &overlay.node(VSPHERE).expect("pod").pod,
+        &overlay.node(AWS).expect("pod").pod,
+        overlay.node(AWS).expect("pod").pod_ip.into(),
+    )
+    .expect("a connection pod → pod");
+    assert!(
+        (1310..=1330).contains(&full_client_mss),
+        "segment size pod → pod on a full path: {full_client_mss}"
+    );
+
     // 2. 1380 bytes, silently: the agents notice without any traffic (their confirmations).
     drop_above(&cluster, Some(1380));
     let found_1380 = wait_path_mtu(&cluster, AT_1380, Duration::from_secs(30));
@@ -364,6 +378,16 @@ async fn path_mtu_is_found_through_silent_drops_and_followed() {
         "status.health.lowestPathMTU {lowest:?}"
     );
     crossings(&cluster, &overlay, &mesh, "1300-byte path");
+    // Both SYNs were clamped: each pod sends segments the path carries from the first byte
+    // (VXLAN: 20 outer IP + 8 UDP + 8 VXLAN + 14 Ethernet + 20 inner IP + 20 TCP = 90 bytes
+    // besides the segment), though its own device says 1450.
+    let clamp = cli.expect("path MTU") - 90;
+    let (client_mss, server_mss) =
+        tcp_mss(&v.pod, &a.pod, a.pod_ip.into()).expect("a connection pod → pod");
+    assert!(
+        u64::from(client_mss) <= clamp && u64::from(server_mss) <= clamp,
+        "segment sizes pod → pod {client_mss}, back {server_mss}: not clamped to {clamp}"
+    );
     let logged = cluster.nodes[VSPHERE]
         .agent
         .as_ref()
@@ -424,7 +448,8 @@ async fn path_mtu_is_found_through_silent_drops_and_followed() {
          change (bound {bound} s), path at ≤1232 after {det:.1?} s, settled after {set:.1?} s; probes on a quiet path \
          {per_minute:.1}/min/peer ({probes} in {quiet} s); 100 MiB across the 1300-byte path \
          pod → pod {d:.0} Mbit/s discovered vs {s:.0} Mbit/s static --mtu 1240, node → node \
-         {dn:.0} vs {sn:.0} Mbit/s; ICMP allowed: path MTU {icmp:?} after {icmpt:.1} s",
+         {dn:.0} vs {sn:.0} Mbit/s; TCP segment sizes pod → pod: {full_client_mss} on the full \
+         path, {client_mss}/{server_mss} at 1300; ICMP allowed: path MTU {icmp:?} after {icmpt:.1} s",
         full = full_found.as_secs_f64(),
         f1380 = found_1380.as_secs_f64(),
         rec = recovered.as_secs_f64(),

@@ -26,6 +26,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::config::{DeviceConfig, SetEffects};
 use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
+use crate::mss;
 use crate::peer::Peer;
 use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 
@@ -243,6 +244,25 @@ impl Engine {
         self.mtu.store(usize::from(mtu), Ordering::Relaxed);
     }
 
+    /// Sets what the path to the peer with `key` carries through the tunnel (`None`: the
+    /// device's MTU), which TCP SYNs to and from that peer are clamped to; says whether the
+    /// peer is configured. Kept across reconfigurations that keep the peer.
+    pub fn set_path_mtu(&self, key: &Key, mtu: Option<u16>) -> bool {
+        let state = self.state();
+        let Some(peer) = state.by_key.get(key) else {
+            return false;
+        };
+        peer.set_path_mtu(mtu);
+        true
+    }
+
+    /// The MSS limit for TCP to and from `peer`: its path MTU, else the device's MTU (0:
+    /// neither known, no clamping).
+    fn clamp_mtu(&self, peer: &Peer) -> u16 {
+        peer.path_mtu()
+            .unwrap_or_else(|| u16::try_from(self.mtu.load(Ordering::Relaxed)).unwrap_or(u16::MAX))
+    }
+
     /// How long the datagram sealing a `len`-byte packet is: padding plus [`DATA_OVERHEAD`].
     pub fn sealed_len(&self, len: usize) -> usize {
         padded_len(len, self.mtu.load(Ordering::Relaxed)) + DATA_OVERHEAD
@@ -399,7 +419,8 @@ impl Engine {
         let padded = padded
             .min(dst.len().saturating_sub(DATA_OVERHEAD))
             .max(packet.len());
-        match encapsulate_padded(tunn, packet, padded, dst) {
+        let clamp = Some(self.clamp_mtu(peer)).filter(|m| *m != 0 && mss::needs_clamp(packet, *m));
+        match encapsulate_padded(tunn, packet, padded, clamp, dst) {
             TunnResult::WriteToNetwork(data) if data.first() == Some(&DATA_TYPE) => {
                 let len = data.len();
                 drop(guard);
@@ -511,8 +532,14 @@ impl Engine {
             // boringtun decrypts to the start of the buffer; keep the promise if it ever moves.
             dst.copy_within(offset..offset + len, 0);
         }
-        self.admit(burst, peer, src, from, datagram.len())
-            .then_some(len)
+        if !self.admit(burst, peer, src, from, datagram.len()) {
+            return None;
+        }
+        let path_mtu = self.clamp_mtu(peer);
+        if path_mtu != 0 {
+            mss::clamp(&mut dst[..len], path_mtu);
+        }
+        Some(len)
     }
 
     /// The peer a handshake initiation comes from, after the device-wide MAC check and load
@@ -617,20 +644,26 @@ impl Engine {
 
 /// `tunn.encapsulate` of `packet` followed by zeros up to `padded` bytes; the receiver
 /// trims them by the IP header's length (boringtun's `validate_decapsulated_packet` does).
+/// With `clamp`, the copy's TCP MSS is lowered to that path MTU first (the packet itself
+/// is not ours to change).
 fn encapsulate_padded<'a>(
     tunn: &mut Tunn,
     packet: &[u8],
     padded: usize,
+    clamp: Option<u16>,
     dst: &'a mut [u8],
 ) -> TunnResult<'a> {
-    if padded <= packet.len() {
+    if padded <= packet.len() && clamp.is_none() {
         return tunn.encapsulate(packet, dst);
     }
     PADDED.with(move |scratch| {
         let mut scratch = scratch.borrow_mut();
         scratch[..packet.len()].copy_from_slice(packet);
         scratch[packet.len()..padded].fill(0);
-        tunn.encapsulate(&scratch[..padded], dst)
+        if let Some(path_mtu) = clamp {
+            mss::clamp(&mut scratch[..packet.len()], path_mtu);
+        }
+        tunn.encapsulate(&scratch[..padded.max(packet.len())], dst)
     })
 }
 

@@ -545,3 +545,61 @@ fn replay_window_tolerates_1023_packets_of_reordering() {
         .handle_inbound(from, &earlier[SENT - 2], &mut buf, &b.out);
     assert!(b.out.take().is_empty(), "a replay was accepted");
 }
+
+/// A TCP SYN (or SYN-ACK) from `src` to `dst` advertising `mss`.
+fn syn(src: [u8; 4], dst: [u8; 4], flags: u8, mss: u16) -> Vec<u8> {
+    let mut t = crate::packet::Tcp::new(false, 1, 0);
+    t.src = src.into();
+    t.dst = dst.into();
+    t.flags = flags;
+    let [hi, lo] = mss.to_be_bytes();
+    t.options = vec![2, 4, hi, lo];
+    t.build()
+}
+
+fn advertised_mss(packet: &[u8]) -> u16 {
+    u16::from_be_bytes([packet[42], packet[43]])
+}
+
+#[test]
+fn tcp_syns_to_and_from_a_peer_are_clamped_to_its_path_mtu() {
+    let (a, b) = pair();
+    assert!(a.engine.set_path_mtu(&b.public(), Some(1300)));
+    assert!(
+        !a.engine.set_path_mtu(&Key([9; 32]), Some(1300)),
+        "unknown peer"
+    );
+
+    // Outbound: a's SYN leaves for b with the MSS the path carries (1300 - 40).
+    let got = handshake_and_send(&a, &b, &syn([10, 0, 0, 1], [10, 0, 0, 2], 0x02, 1460));
+    assert_eq!(got.len(), 1);
+    crate::packet::assert_valid(&got[0]);
+    assert_eq!(advertised_mss(&got[0]), 1260);
+
+    // Inbound: b clamps nothing (no MTU known), a clamps the SYN-ACK it opens.
+    let mut buf = vec![0u8; MAX_PACKET];
+    let syn_ack = syn([10, 0, 0, 2], [10, 0, 0, 1], 0x12, 1460);
+    b.engine.handle_outbound(&syn_ack, &mut buf, &b.out);
+    let got = deliver(&b, &a, ADDR_B);
+    assert_eq!(got.len(), 1);
+    crate::packet::assert_valid(&got[0]);
+    assert_eq!(advertised_mss(&got[0]), 1260);
+
+    // Kept across a reconfiguration that keeps the peer; without a path MTU the device's
+    // MTU applies.
+    a.configure(&b, Some(ADDR_B), &["10.0.0.2/32", "10.9.0.0/16"]);
+    a.engine.handle_outbound(
+        &syn([10, 0, 0, 1], [10, 0, 0, 2], 0x02, 1460),
+        &mut buf,
+        &a.out,
+    );
+    assert_eq!(advertised_mss(&deliver(&a, &b, ADDR_A)[0]), 1260);
+    a.engine.set_path_mtu(&b.public(), None);
+    a.engine.set_mtu(1420);
+    a.engine.handle_outbound(
+        &syn([10, 0, 0, 1], [10, 0, 0, 2], 0x02, 1460),
+        &mut buf,
+        &a.out,
+    );
+    assert_eq!(advertised_mss(&deliver(&a, &b, ADDR_A)[0]), 1380);
+}

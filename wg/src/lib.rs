@@ -12,6 +12,7 @@
 //!   adapter on top: it turns text into engine values and back, and calls the engine, which
 //!   knows nothing of it;
 //! - [`key`]: WireGuard keys;
+//! - [`mss`]: TCP MSS clamping of SYNs to and from a peer, to what its path carries;
 //! - `packet` (tests, and others with the `testing` feature): the one packet factory.
 //!
 //! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`), routing
@@ -26,6 +27,7 @@ pub mod config;
 pub mod drops;
 pub mod engine;
 pub mod key;
+pub mod mss;
 pub mod offload;
 #[cfg(any(test, feature = "testing"))]
 pub mod packet;

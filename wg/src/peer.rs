@@ -1,7 +1,7 @@
 //! One peer's live state: its boringtun session, where it is now, and what it moved.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -28,6 +28,10 @@ pub struct Peer {
     /// wireguard-go's "latest handshake" does not, and the health report needs it to say
     /// how long a dead path has been down.
     latest_handshake_ms: AtomicU64,
+    /// The largest packet the path to this peer carries through the tunnel, as the control
+    /// plane measured or derived it (0: not set, the device's MTU applies): what TCP SYNs
+    /// to and from the peer are clamped to ([`crate::mss`]).
+    path_mtu: AtomicU16,
 }
 
 impl Peer {
@@ -40,6 +44,7 @@ impl Peer {
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             latest_handshake_ms: AtomicU64::new(0),
+            path_mtu: AtomicU16::new(0),
         };
         peer.rebuild_session(config, private);
         peer
@@ -87,6 +92,15 @@ impl Peer {
         if self.endpoint() != Some(addr) {
             *self.endpoint.write() = Some(addr);
         }
+    }
+
+    /// The path MTU set by [`crate::Engine::set_path_mtu`], if any.
+    pub fn path_mtu(&self) -> Option<u16> {
+        Some(self.path_mtu.load(Ordering::Relaxed)).filter(|m| *m != 0)
+    }
+
+    pub fn set_path_mtu(&self, mtu: Option<u16>) {
+        self.path_mtu.store(mtu.unwrap_or(0), Ordering::Relaxed);
     }
 
     pub fn add_rx(&self, n: usize) {

@@ -11,6 +11,7 @@ use isthmus_routing::model::{EntryKey, Value};
 use isthmus_routing::plan::{self as routing_plan, Devices, Remote, Settings};
 use isthmus_routing::Mode;
 use isthmus_wg::snat::SourceRewrite;
+use isthmus_wg::Key;
 use kube::ResourceExt;
 
 use super::mesh::{self, MeshPlan};
@@ -125,6 +126,19 @@ pub fn probe_targets(fixed: &Fixed, applied: Option<&MeshPlan>) -> Targets {
     }
 }
 
+/// The path MTU the engine clamps TCP SYNs to, per remote peer: what probing measured, else
+/// the smaller of the two tunnels' MTUs — the same value the routes to that peer carry.
+pub fn clamp_mtus(targets: &Targets, path_mtus: &BTreeMap<String, u16>) -> Vec<(Key, u16)> {
+    targets
+        .remotes
+        .iter()
+        .map(|t| {
+            let measured = path_mtus.get(&t.name).copied().unwrap_or(t.ceiling);
+            (t.public_key, measured.min(t.ceiling))
+        })
+        .collect()
+}
+
 /// Whether to publish our WireGuardPeer again: our VTEP changed, or our peer is gone
 /// (deleted by hand, or a fresh API server).
 pub fn republish(node_name: &str, peers: &[WireGuardPeer], vtep_changed: bool) -> bool {
@@ -220,6 +234,43 @@ mod tests {
             }
             let got = step.map(|s| (s.set_address, s.source_rewrite));
             assert_eq!(got, want, "{case}");
+        }
+    }
+
+    #[test]
+    fn syns_are_clamped_to_the_measured_path_else_the_smaller_tunnel() {
+        let peers = [
+            peer("a1", 1, "old", Some("100.96.0.1"), true),
+            peer("b1", 3, "new", Some("100.96.0.3"), true),
+            peer("b2", 4, "new", Some("100.96.0.4"), true),
+        ];
+        let applied = mesh::plan("a1", &peers);
+        let targets = probe_targets(&fixed(Mode::Vxlan), Some(&applied));
+        let key = |name: &str| {
+            targets
+                .remotes
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.public_key)
+                .unwrap()
+        };
+        // (measured per node, expected clamp for b1 and b2)
+        type Case<'a> = (&'a [(&'a str, u16)], [u16; 2]);
+        let cases: [Case; 3] = [
+            (&[], [1420, 1420]),
+            (&[("b1", 1240)], [1240, 1420]),
+            // A stale measurement above the tunnels' MTU never raises the clamp.
+            (&[("b1", 1232), ("b2", 9000)], [1232, 1420]),
+        ];
+        for (measured, want) in cases {
+            let measured: BTreeMap<String, u16> =
+                measured.iter().map(|(n, m)| (n.to_string(), *m)).collect();
+            let got: BTreeMap<Key, u16> = clamp_mtus(&targets, &measured).into_iter().collect();
+            assert_eq!(
+                got,
+                BTreeMap::from([(key("b1"), want[0]), (key("b2"), want[1])]),
+                "{measured:?}"
+            );
         }
     }
 

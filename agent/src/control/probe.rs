@@ -179,6 +179,9 @@ pub async fn run(
     changed: Arc<Notify>,
 ) {
     let mut socket: Option<(IpAddr, UdpSocket)> = None;
+    // After a failed bind (the port taken, the address not yet up): the address, the
+    // failures so far and when to try again. The 1 s counters tick brings the loop round.
+    let mut bind_retry: Option<(IpAddr, u32, Instant)> = None;
     let mut peers: BTreeMap<IpAddr, Peer> = BTreeMap::new();
     let mut buf = vec![0u8; 65536];
     let mut counters_tick = tokio::time::interval(Duration::from_secs(1));
@@ -188,16 +191,29 @@ pub async fn run(
         let want = targets.borrow_and_update().clone();
         if socket.as_ref().map(|(ip, _)| *ip) != want.own {
             socket = None;
-            if let Some(own) = want.own {
+            let due =
+                bind_retry.is_none_or(|(ip, _, at)| Some(ip) != want.own || Instant::now() >= at);
+            if let (Some(own), true) = (want.own, due) {
                 match bind(netns.clone(), own, port)
                     .and_then(|s| UdpSocket::from_std(s).context("registering the probe socket"))
                 {
                     Ok(s) => {
                         tracing::info!(address = %own, port, "probing path MTUs");
                         socket = Some((own, s));
+                        bind_retry = None;
                     }
                     Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), "no path MTU probing; will retry");
+                        let failures = match bind_retry {
+                            Some((ip, n, _)) if ip == own => n + 1,
+                            _ => 1,
+                        };
+                        let wait = bind_backoff(failures);
+                        if failures == 1 {
+                            tracing::warn!(error = format!("{e:#}"), retry_in = ?wait, "no path MTU probing yet; retrying with backoff");
+                        } else {
+                            tracing::debug!(error = format!("{e:#}"), failures, retry_in = ?wait, "probe socket still not bound");
+                        }
+                        bind_retry = Some((own, failures, Instant::now() + wait));
                     }
                 }
             }
@@ -290,6 +306,13 @@ pub async fn run(
     }
 }
 
+/// How long to wait before binding the probe socket again after `failures` failed binds:
+/// doubling from 1 s, at most 30 s, so a port held by something else is retried for ever
+/// without a log line a second.
+fn bind_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
 async fn recv(
     socket: &Option<(IpAddr, UdpSocket)>,
     buf: &mut [u8],
@@ -324,6 +347,15 @@ fn publish(peers: &BTreeMap<IpAddr, Peer>, found: &PathMtus, changed: &Notify) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_bind_is_retried_with_doubling_backoff_up_to_30s() {
+        let secs: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 100]
+            .into_iter()
+            .map(|n| bind_backoff(n).as_secs())
+            .collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
 
     #[test]
     fn messages_round_trip_and_junk_is_ignored() {

@@ -231,13 +231,16 @@ impl Agent {
             self.apply_mesh(step).await;
         }
         let targets = pass::probe_targets(&self.fixed, self.applied.as_ref());
+        let path_mtus = self.path_mtus.lock().clone();
+        for (key, mtu) in pass::clamp_mtus(&targets, &path_mtus) {
+            self.tunnel.engine().set_path_mtu(&key, Some(mtu));
+        }
         self.probe_targets.send_if_modified(|t| {
             let changed = *t != targets;
             *t = targets;
             changed
         });
         let vxlan_index = self.vxlan_index.load(Ordering::Relaxed);
-        let path_mtus = self.path_mtus.lock().clone();
         let desired = pass::routing(&self.fixed, vxlan_index, self.applied.as_ref(), &path_mtus);
         self.apply_routing(desired).await;
         self.report(peers);
