@@ -21,7 +21,7 @@ use isthmus_tests::fdb::{fdb_set, measure_fdb_reassert};
 use isthmus_tests::overlay::{Overlay, VXLAN_DEV};
 use isthmus_tests::snapshot::{diff_text, snapshot};
 use isthmus_tests::traffic::{
-    link_counters, ping, ping_within, start_stream, tcp_transfer, StreamConfig,
+    link_counters, ping, ping_within, start_stream, tcp_mss, tcp_transfer, StreamConfig,
 };
 
 /// The nodes: two per cloud, slots 1 and 2, so `vsphere-1` and `aws-1` are both 10.0.0.11.
@@ -391,6 +391,15 @@ async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
         20 << 20,
     )
     .expect("TCP vsphere → aws, routed");
+    // The pods' devices say 1450; the engine clamps both SYNs to the tunnel's 1420 less IP
+    // and TCP headers (1380), less the timestamp option the segments carry (12).
+    let (client_mss, server_mss) =
+        tcp_mss(pod(VSPHERE_2), pod(AWS_2), pod_ip(&overlay, AWS_2)).expect("TCP, routed");
+    assert_eq!(
+        (client_mss, server_mss),
+        (1368, 1368),
+        "segment sizes pod → pod and back, routed"
+    );
     let v2 = cluster.node(VSPHERE_2);
     let route = v2
         .ns
