@@ -165,6 +165,11 @@ impl WireGuardPeer {
     /// The coordinator's current verdict: `Admitted=True` for this very generation of the
     /// spec. A spec changed since (a new key, say) is not admitted until re-checked.
     pub fn is_admitted(&self) -> bool {
+        // A peer being deleted is out, whatever its conditions say: a finalizer someone added
+        // must not keep a revoked node in the mesh.
+        if self.meta().deletion_timestamp.is_some() {
+            return false;
+        }
         let generation = self.meta().generation;
         self.status
             .as_ref()

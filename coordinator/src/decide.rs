@@ -26,6 +26,10 @@ pub struct PeerView {
     pub mesh_ip: Option<String>,
     /// The current Admitted condition, if any: (status, reason, lastTransitionTime).
     pub admitted: Option<(String, String, String)>,
+    /// Where the other nodes send: `IPv4:port` or `[IPv6]:port`.
+    pub endpoint: String,
+    /// The object has a deletionTimestamp (a finalizer holds it): out of the mesh, no status.
+    pub deleting: bool,
 }
 
 /// What the coordinator needs of a Node.
@@ -156,6 +160,32 @@ pub fn admit(peer: &PeerView, node: Option<&NodeView>) -> Admission {
     }
 }
 
+/// Why `endpoint` may not be a peer's: it lies inside the mesh pool or a Node's pod CIDR,
+/// addresses the tunnel itself carries, so every datagram to it would be routed back into
+/// the tunnel (a loop the kernel bounds and a userspace tunnel must refuse up front).
+/// Endpoints that do not parse are the API's to reject (the CRD validates them).
+fn endpoint_inside_mesh(
+    endpoint: &str,
+    pool: &Pool,
+    pod_networks: &[(IpNetwork, &str)],
+) -> Option<String> {
+    let ip = endpoint.parse::<std::net::SocketAddr>().ok()?.ip();
+    if pool.cidr.contains(ip) {
+        return Some(format!(
+            "endpoint {endpoint} is inside the mesh pool {}: its datagrams would loop into the tunnel",
+            pool.cidr
+        ));
+    }
+    pod_networks
+        .iter()
+        .find(|(net, _)| net.contains(ip))
+        .map(|(net, node)| {
+            format!(
+                "endpoint {endpoint} is inside pod CIDR {net} of Node {node}: its datagrams would loop into the tunnel"
+            )
+        })
+}
+
 /// The mesh IP pool: hosts of one prefix, minus its network and broadcast addresses.
 #[derive(Clone, Debug)]
 pub struct Pool {
@@ -224,7 +254,15 @@ pub fn decide(
     let mut keys_seen: HashMap<&str, &str> = HashMap::new();
     let mut macs_seen: HashMap<String, &str> = HashMap::new();
     let mut admissions: Vec<(&PeerView, Admission)> = Vec::new();
-    for peer in order {
+    let pod_networks: Vec<(IpNetwork, &str)> = nodes
+        .values()
+        .flat_map(|n| {
+            n.pod_cidrs
+                .iter()
+                .filter_map(|c| c.parse::<IpNetwork>().ok().map(|c| (c, n.name.as_str())))
+        })
+        .collect();
+    for peer in order.into_iter().filter(|p| !p.deleting) {
         let node = nodes.get(peer.name.as_str()).copied();
         let was_admitted = peer.admitted.as_ref().is_some_and(|(s, _, _)| s == "True");
         if node.is_none() && (was_admitted || peer.mesh_ip.is_some()) {
@@ -232,6 +270,15 @@ pub fn decide(
             continue;
         }
         let mut admission = admit(peer, node);
+        if admission.admitted {
+            if let Some(message) = endpoint_inside_mesh(&peer.endpoint, pool, &pod_networks) {
+                admission = Admission {
+                    admitted: false,
+                    reason: "EndpointInsideMesh",
+                    message,
+                };
+            }
+        }
         // A second claimant of a key or of a VTEP MAC (which would repoint the first's FDB
         // entries) is refused; the older keeps it.
         if admission.admitted {
@@ -367,6 +414,8 @@ mod tests {
             vtep: None,
             mesh_ip: None,
             admitted: None,
+            endpoint: "203.0.113.9:51820".into(),
+            deleting: false,
         }
     }
 
@@ -578,6 +627,66 @@ mod tests {
         assert_eq!(plan.statuses["b"].admission.reason, "DuplicateVtep");
         assert_eq!(plan.statuses["b"].mesh_ip, None);
         assert!(plan.statuses["c"].admission.admitted, "no vtep, no clash");
+    }
+
+    #[test]
+    fn an_endpoint_the_tunnel_carries_is_refused() {
+        let nodes = [
+            node("a", "10.0.0.5", "10.244.1.0/24"),
+            node("b", "10.0.0.6", "10.244.2.0/24"),
+        ];
+        // (endpoint, admitted, message start)
+        let cases = [
+            ("203.0.113.9:51820", true, "matches Node a"),
+            ("10.0.0.6:51820", true, "matches Node a"),
+            (
+                "100.96.0.3:51820",
+                false,
+                "endpoint 100.96.0.3:51820 is inside the mesh pool 100.96.0.0/29",
+            ),
+            (
+                "10.244.2.7:51820",
+                false,
+                "endpoint 10.244.2.7:51820 is inside pod CIDR 10.244.2.0/24 of Node b",
+            ),
+            (
+                "10.244.1.1:51820",
+                false,
+                "endpoint 10.244.1.1:51820 is inside pod CIDR 10.244.1.0/24 of Node a",
+            ),
+            ("[2001:db8::1]:51820", true, "matches Node a"),
+        ];
+        for (endpoint, admitted, message) in cases {
+            let mut p = peer("a", "1", "10.0.0.5", "10.244.1.0/24");
+            p.endpoint = endpoint.into();
+            let plan = run(&[p], &nodes);
+            let got = &plan.statuses["a"].admission;
+            assert_eq!(got.admitted, admitted, "{endpoint}: {got:?}");
+            if !admitted {
+                assert_eq!(got.reason, "EndpointInsideMesh");
+                assert_eq!(plan.statuses["a"].mesh_ip, None);
+            }
+            assert!(
+                got.message.starts_with(message),
+                "{endpoint}: {}",
+                got.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_held_by_a_finalizer_gets_no_status_and_frees_its_claims() {
+        let nodes = [node("a", "10.0.0.5", "10.244.1.0/24")];
+        let mut held = peer("a", "1", "10.0.0.5", "10.244.1.0/24");
+        held.mesh_ip = Some("100.96.0.1".into());
+        held.admitted = Some(("True".into(), "NodeVerified".into(), "t".into()));
+        held.deleting = true;
+        let mut next = peer("a2", "2", "10.0.0.5", "10.244.1.0/24");
+        next.public_key = held.public_key.clone();
+        let plan = run(&[held, next], &nodes);
+        assert!(!plan.statuses.contains_key("a"), "{plan:?}");
+        assert!(plan.deletions.is_empty(), "already being deleted");
+        assert_eq!(plan.statuses["a2"].admission.reason, "NodeNotFound");
     }
 
     #[test]

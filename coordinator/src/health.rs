@@ -34,6 +34,10 @@ pub struct Thresholds {
     pub handshake: i64,
     /// A reading older than this means the agent stopped reporting.
     pub report: i64,
+    /// How far ahead of the coordinator's clock a reading or handshake may be dated and
+    /// still count: more is a wrong (or lying) clock, and a reading dated in the future
+    /// would otherwise stay "fresh" long after its agent stopped.
+    pub skew: i64,
 }
 
 impl Default for Thresholds {
@@ -41,8 +45,18 @@ impl Default for Thresholds {
         Thresholds {
             handshake: 180,
             report: 60,
+            skew: 30,
         }
     }
+}
+
+/// Down pairs named in a message; the rest are counted, so a message stays short (and a
+/// status small) however many pairs are down.
+const NAMED_DOWN: usize = 5;
+
+/// Whether `at` is at most `max` seconds old and no more than the skew allowance ahead.
+fn recent(at: i64, now: i64, max: i64, t: &Thresholds) -> bool {
+    (-t.skew..=max).contains(&(now - at))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,14 +68,14 @@ pub struct Verdict {
 }
 
 fn fresh<'r>(report: Option<&'r Report>, now: i64, t: &Thresholds) -> Option<&'r Report> {
-    report.filter(|r| now - r.observed <= t.report)
+    report.filter(|r| recent(r.observed, now, t.report, t))
 }
 
 /// Whether `from`'s fresh report shows a recent handshake with `to`.
 fn witnessed(from: &Member, to: &str, now: i64, t: &Thresholds) -> bool {
     fresh(from.report.as_ref(), now, t)
         .and_then(|r| r.handshakes.get(to).copied().flatten())
-        .is_some_and(|h| now - h <= t.handshake)
+        .is_some_and(|h| recent(h, now, t.handshake, t))
 }
 
 /// How a down pair looks from `from`'s side, for the message. No ages in it: the message
@@ -78,6 +92,15 @@ fn describe(from: &Member, to: &str, t: &Thresholds) -> String {
     }
 }
 
+/// `down: a (…), b (…)`, naming at most [`NAMED_DOWN`] pairs and counting the rest.
+fn down_message(down: &[String]) -> String {
+    let named = down[..down.len().min(NAMED_DOWN)].join(", ");
+    match down.len().saturating_sub(NAMED_DOWN) {
+        0 => format!("down: {named}"),
+        more => format!("down: {named} and {more} more"),
+    }
+}
+
 /// The verdict for every member.
 pub fn mesh_connected(
     members: &[Member],
@@ -91,38 +114,50 @@ pub fn mesh_connected(
             .iter()
             .filter(|o| o.name != me.name && topology.wants_tunnel(&me.location, &o.location))
             .collect();
+        // A pair with a node whose agent never reported is that node's `NoReport`, not a
+        // fault of everyone it should reach: a join does not flip the whole other location.
         let down: Vec<String> = wanted
             .iter()
+            .filter(|o| o.report.is_some())
             .filter(|o| !witnessed(me, &o.name, now, t) && !witnessed(o, &me.name, now, t))
             .map(|o| describe(me, &o.name, t))
             .collect();
-        let up = wanted.len() - down.len();
-        let pairs = format!("{up}/{} pairs up", wanted.len());
+        // No counts of wanted pairs in any message: they change on every join and would
+        // rewrite every peer's status for nothing.
         let verdict = match (&me.report, fresh(me.report.as_ref(), now, t)) {
             (None, _) => Verdict {
                 connected: false,
                 reason: "NoReport",
-                message: format!("{pairs}; the agent has not reported yet"),
+                message: "the agent has not reported yet".into(),
+            },
+            (Some(r), None) if r.observed > now => Verdict {
+                connected: false,
+                reason: "ReportFromTheFuture",
+                message: format!(
+                    "the agent's report is dated more than {}s ahead of the coordinator's clock; \
+                     check the node's clock",
+                    t.skew
+                ),
             },
             (Some(_), None) => Verdict {
                 connected: false,
                 reason: "ReportStale",
-                message: format!("{pairs}; the agent has not reported for over {}s", t.report),
+                message: format!("the agent has not reported for over {}s", t.report),
             },
             _ if !down.is_empty() => Verdict {
                 connected: false,
                 reason: "PairsDown",
-                message: format!("{pairs}; down: {}", down.join(", ")),
+                message: down_message(&down),
             },
             _ if wanted.is_empty() => Verdict {
                 connected: true,
                 reason: "NoPairsWanted",
-                message: format!("{pairs}: the topology wants no tunnel for this node yet"),
+                message: "the topology wants no tunnel for this node yet".into(),
             },
             _ => Verdict {
                 connected: true,
                 reason: "AllPairsUp",
-                message: pairs,
+                message: "every tunnel the topology wants is up".into(),
             },
         };
         out.insert(me.name.clone(), verdict);
@@ -135,6 +170,7 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_800_000_000;
+    const ALL_UP: &str = "every tunnel the topology wants is up";
 
     /// Report age and, per peer, the handshake's age (`None`: never).
     type Reading<'a> = (i64, &'a [(&'a str, Option<i64>)]);
@@ -183,9 +219,9 @@ mod tests {
                     ),
                 ],
                 vec![
-                    ("a1", true, "AllPairsUp", "1/1 pairs up"),
-                    ("a2", true, "AllPairsUp", "1/1 pairs up"),
-                    ("b1", true, "AllPairsUp", "2/2 pairs up"),
+                    ("a1", true, "AllPairsUp", ALL_UP),
+                    ("a2", true, "AllPairsUp", ALL_UP),
+                    ("b1", true, "AllPairsUp", ALL_UP),
                 ],
             ),
             (
@@ -200,18 +236,18 @@ mod tests {
                     ),
                 ],
                 vec![
-                    ("a1", true, "AllPairsUp", "1/1 pairs up"),
+                    ("a1", true, "AllPairsUp", ALL_UP),
                     (
                         "a2",
                         false,
                         "PairsDown",
-                        "0/1 pairs up; down: b1 (no handshake for over 180s)",
+                        "down: b1 (no handshake for over 180s)",
                     ),
                     (
                         "b1",
                         false,
                         "PairsDown",
-                        "1/2 pairs up; down: a2 (no handshake for over 180s)",
+                        "down: a2 (no handshake for over 180s)",
                     ),
                 ],
             ),
@@ -222,35 +258,91 @@ mod tests {
                     member("b1", "new", Some((300, &[("a1", Some(330))]))),
                 ],
                 vec![
-                    ("a1", true, "AllPairsUp", "1/1 pairs up"),
+                    ("a1", true, "AllPairsUp", ALL_UP),
                     (
                         "b1",
                         false,
                         "ReportStale",
-                        "1/1 pairs up; the agent has not reported for over 60s",
+                        "the agent has not reported for over 60s",
                     ),
                 ],
             ),
             (
-                "never handshook, and an agent that never reported",
+                "never handshook, seen from both ends",
                 vec![
                     member("a1", "old", Some((5, &[("b1", None)]))),
-                    member("b1", "new", None),
+                    member("b1", "new", Some((5, &[("a1", None)]))),
+                ],
+                vec![
+                    ("a1", false, "PairsDown", "down: b1 (never handshook)"),
+                    ("b1", false, "PairsDown", "down: a1 (never handshook)"),
+                ],
+            ),
+            (
+                "a joining node that has not reported yet flips nobody else",
+                vec![
+                    member("a1", "old", Some((5, &[("b1", Some(30)), ("b2", None)]))),
+                    member("b1", "new", Some((5, &[("a1", Some(30))]))),
+                    member("b2", "new", None),
+                ],
+                vec![
+                    ("a1", true, "AllPairsUp", ALL_UP),
+                    ("b1", true, "AllPairsUp", ALL_UP),
+                    ("b2", false, "NoReport", "the agent has not reported yet"),
+                ],
+            ),
+            (
+                "a report dated in the future is not fresh, nor are its handshakes",
+                vec![
+                    member("a1", "old", Some((-3600, &[("b1", Some(-3600))]))),
+                    member("b1", "new", Some((5, &[("a1", None)]))),
                 ],
                 vec![
                     (
                         "a1",
                         false,
-                        "PairsDown",
-                        "0/1 pairs up; down: b1 (never handshook)",
+                        "ReportFromTheFuture",
+                        "the agent's report is dated more than 30s ahead of the coordinator's \
+                         clock; check the node's clock",
                     ),
-                    (
-                        "b1",
-                        false,
-                        "NoReport",
-                        "0/1 pairs up; the agent has not reported yet",
-                    ),
+                    ("b1", false, "PairsDown", "down: a1 (never handshook)"),
                 ],
+            ),
+            (
+                "a little skew is tolerated",
+                vec![
+                    member("a1", "old", Some((-20, &[("b1", Some(-20))]))),
+                    member("b1", "new", Some((5, &[]))),
+                ],
+                vec![
+                    ("a1", true, "AllPairsUp", ALL_UP),
+                    ("b1", true, "AllPairsUp", ALL_UP),
+                ],
+            ),
+            (
+                "many pairs down: five named, the rest counted",
+                vec![
+                    member("a1", "old", Some((5, &[]))),
+                    member("b1", "new", Some((5, &[]))),
+                    member("b2", "new", Some((5, &[]))),
+                    member("b3", "new", Some((5, &[]))),
+                    member("b4", "new", Some((5, &[]))),
+                    member("b5", "new", Some((5, &[]))),
+                    member("b6", "new", Some((5, &[]))),
+                    member("b7", "new", Some((5, &[]))),
+                ],
+                std::iter::once((
+                    "a1",
+                    false,
+                    "PairsDown",
+                    "down: b1 (not configured yet), b2 (not configured yet), b3 (not configured \
+                     yet), b4 (not configured yet), b5 (not configured yet) and 2 more",
+                ))
+                .chain(
+                    ["b1", "b2", "b3", "b4", "b5", "b6", "b7"]
+                        .map(|b| (b, false, "PairsDown", "down: a1 (not configured yet)")),
+                )
+                .collect(),
             ),
             (
                 "alone in its location: nothing wanted yet",
@@ -259,7 +351,7 @@ mod tests {
                     "a1",
                     true,
                     "NoPairsWanted",
-                    "0/0 pairs up: the topology wants no tunnel for this node yet",
+                    "the topology wants no tunnel for this node yet",
                 )],
             ),
         ];

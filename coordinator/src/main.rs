@@ -110,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
                 health: isthmus_coordinator::health::Thresholds {
                     handshake: handshake_stale_seconds,
                     report: report_stale_seconds,
+                    ..Default::default()
                 },
             };
             let lease = LeaseSettings {

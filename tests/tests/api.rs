@@ -248,16 +248,41 @@ async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
             .await,
         "A admits itself",
     );
+    let msg = forbidden(
+        a_peers
+            .patch_status(
+                "node-a",
+                &ssa,
+                &Patch::Apply(status(json!({"conditions": [{
+                "type": "MeshConnected", "status": "True", "reason": "AllPairsUp", "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}))),
+            )
+            .await,
+        "A declares itself connected",
+    );
+    assert!(msg.contains("an agent writes only status.health"), "{msg}");
     a_peers
         .patch_status(
             "node-a",
             &ssa,
-            &Patch::Apply(status(json!({"conditions": [{
-            "type": "Connected", "status": "True", "reason": "Handshakes", "message": "",
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}))),
+            &Patch::Apply(status(json!({"health": {
+                "observedTime": "2026-01-01T00:00:00Z", "peers": []}}))),
         )
         .await
-        .expect("the agent reports its own connectivity");
+        .expect("the agent reports its own health");
+
+    // A finalizer would keep the peer of a removed node around: refused.
+    let msg = forbidden(
+        a_peers
+            .patch(
+                "node-a",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold"]}})),
+            )
+            .await,
+        "A adds a finalizer",
+    );
+    assert!(msg.contains("may not add or remove finalizers"), "{msg}");
 
     // A token not bound to a pod on a node says nothing about the node: refused.
     let unbound = rig

@@ -84,15 +84,30 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
     .await;
     let all = conditions(&cluster).await;
     assert!(
-        is(&all[0].1, "True", "AllPairsUp", "1/1 pairs up"),
+        is(
+            &all[0].1,
+            "True",
+            "AllPairsUp",
+            "every tunnel the topology wants is up"
+        ),
         "{all:?}"
     );
     assert!(
-        is(&all[1].1, "True", "AllPairsUp", "1/1 pairs up"),
+        is(
+            &all[1].1,
+            "True",
+            "AllPairsUp",
+            "every tunnel the topology wants is up"
+        ),
         "{all:?}"
     );
     assert!(
-        is(&all[2].1, "True", "AllPairsUp", "2/2 pairs up"),
+        is(
+            &all[2].1,
+            "True",
+            "AllPairsUp",
+            "every tunnel the topology wants is up"
+        ),
         "{all:?}"
     );
 
@@ -139,13 +154,7 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let quiet = wait_for(&cluster, Duration::from_secs(30), |all| {
         all.iter().any(|(n, c)| {
-            n == "aws-2"
-                && is(
-                    c,
-                    "False",
-                    "ReportStale",
-                    "1/1 pairs up; the agent has not reported",
-                )
+            n == "aws-2" && is(c, "False", "ReportStale", "the agent has not reported")
         })
     })
     .await;
@@ -194,7 +203,7 @@ async fn a_broken_path_turns_mesh_connected_false_once_handshakes_go_stale() {
     let stale = wait_for(&cluster, Duration::from_secs(200), |all| {
         all.len() == 2
             && all.iter().all(|(_, c)| {
-                is(c, "False", "PairsDown", "0/1 pairs up; down: ")
+                is(c, "False", "PairsDown", "down: ")
                     && c.as_ref()
                         .is_some_and(|(_, _, m)| m.ends_with("(no handshake for over 125s)"))
             })

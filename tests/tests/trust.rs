@@ -4,6 +4,9 @@
 //! them against what flannel and the admins wrote on its Node and refuses the lie, so no
 //! other agent acts on it.
 //!
+//! Each lie is refused with its reason in `Admitted`: a forged VTEP, a forged location, an
+//! endpoint inside a pod CIDR.
+//!
 //! Three nodes with the flannel overlay (`tests/src/overlay.rs`, which annotates each Node
 //! as flannel does): `vsphere-1` the observer, `aws-1` the victim, `aws-2` the attacker.
 
@@ -186,7 +189,44 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
         "aws-1 tunnels to a peer that lied about its location"
     );
 
-    // 3. The truth again: admitted again, with the mesh IP it had.
+    // 3. An endpoint inside the victim's pod CIDR (the tunnel carries those addresses, so the
+    // observer's datagrams to it would loop into its own tunnel): refused, not configured.
+    let victim_cidr = peer(&cluster, AWS_1)
+        .await
+        .expect("victim")
+        .spec
+        .pod_cidrs
+        .first()
+        .cloned()
+        .expect("victim's pod CIDR");
+    let (network, _) = victim_cidr.split_once('/').expect("a CIDR");
+    let inside: std::net::Ipv4Addr = network.parse().expect("IPv4 pod CIDR");
+    let mut forged = honest.clone();
+    forged.endpoint = format!("{}:51820", std::net::Ipv4Addr::from(u32::from(inside) + 7));
+    publish(forged).await;
+    let want = Some(("False".to_string(), "EndpointInsideMesh".to_string()));
+    let ok = eventually(Duration::from_secs(20), || async {
+        admitted(&cluster, AWS_2).await == want
+    })
+    .await;
+    assert!(
+        ok,
+        "endpoint inside a pod CIDR: {:?}\n{}",
+        admitted(&cluster, AWS_2).await,
+        cluster.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cluster
+            .node(VSPHERE_1)
+            .dump()
+            .expect("dump")
+            .peer(&attacker_key)
+            .is_none(),
+        "the observer configured a peer whose endpoint its own tunnel carries"
+    );
+
+    // 4. The truth again: admitted again, with the mesh IP it had.
     publish(honest).await;
     let want = Some(("True".to_string(), "NodeVerified".to_string()));
     let ok = eventually(Duration::from_secs(20), || async {

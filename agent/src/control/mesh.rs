@@ -217,6 +217,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_peer_held_by_a_finalizer_leaves_the_mesh_at_once() {
+        let mut held = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        held.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+        held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        let peers = vec![
+            peer("a1", 1, "old", Some("100.96.0.1"), true),
+            held,
+            peer("b2", 4, "new", Some("100.96.0.4"), true),
+        ];
+        assert_eq!(keys(&plan("a1", &peers)), vec![4]);
+        assert_eq!(
+            plan("b1", &peers),
+            MeshPlan::default(),
+            "nor does it mesh itself"
+        );
+    }
+
+    #[test]
     fn full_topology_pairs_everyone_admitted() {
         let mut peers = vec![
             peer("a1", 1, "old", Some("100.96.0.1"), true),
