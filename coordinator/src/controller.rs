@@ -3,7 +3,7 @@
 //! only where it differs; deletions for peers whose Node is gone. Acts only while holding the
 //! lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use futures::StreamExt;
 use isthmus_api::{Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER, MESH_CONNECTED};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -125,6 +125,8 @@ pub fn peer_view(p: &WireGuardPeer) -> PeerView {
         vtep: p.spec.vtep.as_ref().map(|v| (v.mac.clone(), v.ip.clone())),
         mesh_ip: status.and_then(|s| s.mesh_ip.clone()),
         admitted,
+        endpoint: p.spec.endpoint.clone(),
+        deleting: p.metadata.deletion_timestamp.is_some(),
     }
 }
 
@@ -177,10 +179,15 @@ fn admission_up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
         })
 }
 
+/// The status apply for `name`, conditional on the object still being at `resource_version`
+/// (what the pass decided from): a write decided on a stale view — a paused leader resumed
+/// after another took over, a watch behind — fails with a conflict instead of undoing
+/// newer state; the next pass decides again.
 fn status_patch(
     name: &str,
     want: &DesiredStatus,
     mesh: Option<&MeshCondition>,
+    resource_version: Option<&str>,
 ) -> serde_json::Value {
     let mut conditions = vec![serde_json::json!({
         "type": ADMITTED,
@@ -203,7 +210,7 @@ fn status_patch(
     serde_json::json!({
         "apiVersion": "isthmus.dev/v1alpha1",
         "kind": "WireGuardPeer",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "resourceVersion": resource_version},
         "status": {
             "meshIP": want.mesh_ip,
             "meshCIDR": want.mesh_cidr,
@@ -245,10 +252,14 @@ impl Controller {
     }
 
     /// `MeshConnected` for every peer the plan admits.
-    fn mesh_conditions(&self, plan: &Plan, now: &Timestamp) -> BTreeMap<String, MeshCondition> {
-        let peers = self.peer_store.state();
-        let members: Vec<Member> = peers
-            .iter()
+    fn mesh_conditions(
+        &self,
+        plan: &Plan,
+        by_name: &HashMap<String, &Arc<WireGuardPeer>>,
+        now: &Timestamp,
+    ) -> BTreeMap<String, MeshCondition> {
+        let members: Vec<Member> = by_name
+            .values()
             .filter(|p| {
                 plan.statuses
                     .get(&p.name_any())
@@ -265,7 +276,7 @@ impl Controller {
         verdicts
             .into_iter()
             .filter_map(|(name, verdict)| {
-                let peer = peers.iter().find(|p| p.name_any() == name)?;
+                let peer = by_name.get(&name)?;
                 let last_transition = match condition(peer, MESH_CONNECTED) {
                     Some(c) if c.status == true_false(verdict.connected) => {
                         c.last_transition_time.0.to_string()
@@ -285,54 +296,160 @@ impl Controller {
             .collect()
     }
 
-    async fn reconcile(&self) -> anyhow::Result<()> {
+    /// One pass: every status that differs goes out (at most [`WRITES_IN_FLIGHT`] at a
+    /// time), then the deletions the guard allows. A failed write fails only its peer: the
+    /// rest of the pass, collection included, goes on, and the pass reports the failures.
+    /// Nothing is written once `leading` says the lease is no longer ours.
+    async fn reconcile(&self, leading: &tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let plan = self.plan();
-        let mesh = self.mesh_conditions(&plan, &Timestamp::now());
+        let peers = self.peer_store.state();
+        let by_name: HashMap<String, &Arc<WireGuardPeer>> =
+            peers.iter().map(|p| (p.name_any(), p)).collect();
+        let mesh = self.mesh_conditions(&plan, &by_name, &Timestamp::now());
         let ssa = PatchParams::apply(COORDINATOR_MANAGER).force();
-        let mut written = 0;
-        for (name, want) in &plan.statuses {
-            let current = self
-                .peer_store
-                .state()
-                .into_iter()
-                .find(|p| p.name_any() == *name);
-            let mesh = mesh.get(name);
-            if current
-                .as_deref()
-                .is_some_and(|p| up_to_date(p, want, mesh))
-            {
-                continue;
+
+        // Owned work items: the futures below borrow nothing from this pass.
+        let writes: Vec<(String, serde_json::Value, String)> = plan
+            .statuses
+            .iter()
+            .filter_map(|(name, want)| {
+                let current = by_name.get(name.as_str())?;
+                (!up_to_date(current, want, mesh.get(name.as_str())))
+                    .then_some((name, want, current))
+            })
+            .map(|(name, want, current)| {
+                let mesh = mesh.get(name);
+                let version = current.resource_version();
+                let summary = format!(
+                    "admitted={} reason={} mesh_ip={} mesh_connected={:?} mesh_reason={:?}",
+                    want.admission.admitted,
+                    want.admission.reason,
+                    want.mesh_ip.as_deref().unwrap_or("-"),
+                    mesh.map(|m| m.verdict.connected),
+                    mesh.map(|m| m.verdict.reason),
+                );
+                (
+                    name.clone(),
+                    status_patch(name, want, mesh, version.as_deref()),
+                    summary,
+                )
+            })
+            .collect();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(writes)
+            .map(|(name, body, summary)| {
+                let (api, ssa, leading) = (self.peers.clone(), ssa.clone(), leading.clone());
+                async move {
+                    if !*leading.borrow() {
+                        anyhow::bail!("lease lost; status of {name} not written");
+                    }
+                    match timed(api.patch_status(&name, &ssa, &Patch::Apply(body))).await {
+                        Ok(_) => tracing::info!(peer = %name, "status written: {summary}"),
+                        // Changed since the pass looked (an agent's health report, another
+                        // replica): the watch brings the new object and a new pass.
+                        Err(e) if is_status(&e, &[409]) => {
+                            tracing::debug!(peer = %name, "changed since read; next pass decides")
+                        }
+                        Err(e) => return Err(e.context(format!("writing status of {name}"))),
+                    }
+                    Ok(())
+                }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        let written = results.iter().filter(|r| r.is_ok()).count();
+        let mut failures: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+            .collect();
+
+        match deletion_guard(peers.len(), plan.deletions.len()) {
+            Err(refusal) => {
+                tracing::warn!(
+                    deletions = plan.deletions.len(),
+                    peers = peers.len(),
+                    "{refusal}"
+                );
+                failures.push(refusal);
             }
-            self.peers
-                .patch_status(name, &ssa, &Patch::Apply(status_patch(name, want, mesh)))
-                .await
-                .with_context(|| format!("writing status of {name}"))?;
-            written += 1;
-            tracing::info!(
-                peer = %name,
-                admitted = want.admission.admitted,
-                reason = want.admission.reason,
-                mesh_ip = want.mesh_ip.as_deref().unwrap_or("-"),
-                mesh_connected = mesh.map(|m| m.verdict.connected),
-                mesh_reason = mesh.map(|m| m.verdict.reason),
-                "status written"
-            );
-        }
-        for name in &plan.deletions {
-            match self.peers.delete(name, &DeleteParams::default()).await {
-                Ok(_) => tracing::info!(peer = %name, "deleted: its Node is gone"),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e).with_context(|| format!("deleting {name}")),
+            Ok(()) => {
+                for name in &plan.deletions {
+                    if !*leading.borrow() {
+                        failures.push(format!("lease lost; {name} not deleted"));
+                        continue;
+                    }
+                    // Only the object this pass saw: a peer re-created under the same name
+                    // since (a node that rejoined) is not deleted by mistake.
+                    let seen = by_name.get(name.as_str());
+                    let params = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            uid: seen.and_then(|p| p.uid()),
+                            resource_version: seen.and_then(|p| p.resource_version()),
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    match timed(self.peers.delete(name, &params)).await {
+                        Ok(_) => tracing::info!(peer = %name, "deleted: its Node is gone"),
+                        Err(e) if is_status(&e, &[404, 409]) => {}
+                        Err(e) => failures.push(format!("deleting {name}: {e:#}")),
+                    }
+                }
             }
         }
         tracing::debug!(
             written,
+            failed = failures.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "reconciled"
         );
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "{} of the pass's writes failed; first: {}",
+                failures.len(),
+                failures[0]
+            )
+        }
     }
+}
+
+/// Status writes a pass has in flight at once: a join's writes do not queue behind
+/// hundreds of others, and the API server is not flooded either.
+const WRITES_IN_FLIGHT: usize = 16;
+
+/// The longest one API request may take before the pass gives up on it (kube's client
+/// sets no deadline on a request by default).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `request` under [`REQUEST_TIMEOUT`].
+async fn timed<T>(
+    request: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(result) => result.map_err(anyhow::Error::from),
+        Err(_) => anyhow::bail!("no answer within {REQUEST_TIMEOUT:?}"),
+    }
+}
+
+fn is_status(e: &anyhow::Error, codes: &[u16]) -> bool {
+    matches!(e.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if codes.contains(&s.code))
+}
+
+/// Whether a pass may delete `deletions` of `peers` peers at once. Deleting more than half
+/// the mesh in one pass is what an empty or truncated Node list (a broken watch, RBAC
+/// changed under the coordinator) would ask for, never a migration step: a cloud is
+/// drained node by node, and even deleting the whole old half at once is allowed. Refused,
+/// nothing is deleted and the pass says why; an admin deletes by hand if it was meant.
+pub fn deletion_guard(peers: usize, deletions: usize) -> Result<(), String> {
+    if deletions * 2 > peers && deletions > 1 {
+        return Err(format!(
+            "refusing to delete {deletions} of {peers} WireGuardPeers in one pass (more than \
+             half the mesh): is the Node list complete? Delete them by hand if this is meant"
+        ));
+    }
+    Ok(())
 }
 
 /// What a per-cluster controller tells whoever runs it. Called from its own task; cheap.
@@ -449,7 +566,7 @@ pub async fn serve_cluster(
         let is_leading = *leading.borrow_and_update();
         if is_leading {
             let started = std::time::Instant::now();
-            let result = controller.reconcile().await;
+            let result = controller.reconcile(&leading).await;
             if let Err(e) = &result {
                 tracing::warn!(error = format!("{e:#}"), "reconcile failed; will retry");
             }
@@ -486,7 +603,13 @@ pub async fn lead(
     let renew_every = settings.duration / 5;
     loop {
         let was = *leading.borrow();
-        let checked = lock.acquire_or_renew().await;
+        // A renewal that does not come back within a fifth of the lease counts as failed:
+        // the leader stops acting then, long before a standby may take over (it waits the
+        // whole lease after the last renewal it saw).
+        let checked = match tokio::time::timeout(renew_every, lock.acquire_or_renew()).await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow::anyhow!("no answer within {renew_every:?}")),
+        };
         let now = match &checked {
             Ok(held) => *held,
             Err(e) => {
@@ -535,5 +658,30 @@ pub async fn run(
         // The lease loop ends on shutdown, after releasing the lease.
         _ = &mut lead => Ok(()),
         result = &mut serve => result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deleting_more_than_half_the_mesh_at_once_is_refused() {
+        // (peers, deletions, allowed)
+        let cases = [
+            (10, 0, true),
+            (10, 1, true),
+            (1, 1, true),
+            (2, 1, true),
+            (6, 3, true),
+            (4, 2, true),
+            (6, 4, false),
+            (3, 2, false),
+            (1000, 1000, false),
+        ];
+        for (peers, deletions, allowed) in cases {
+            let got = deletion_guard(peers, deletions);
+            assert_eq!(got.is_ok(), allowed, "{deletions} of {peers}: {got:?}");
+        }
     }
 }

@@ -1,7 +1,13 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: one replica acts, another takes over
 //! within `duration` after the leader stops renewing (at once if it released the lease).
+//!
+//! No two clocks are compared: a standby judges expiry by how long *it* has seen the same
+//! lease (its resourceVersion unchanged, on its own monotonic clock), as client-go does, so
+//! a leader whose wall clock runs behind is not deposed early, nor one whose clock runs ahead
+//! kept for ever. Every write replaces the object read, resourceVersion included, so of two
+//! replicas racing only one wins; the other gets a conflict and stands by.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -15,6 +21,15 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's lease as last seen: its resourceVersion, and since when (ours).
+    seen: parking_lot::Mutex<Option<(String, Instant)>>,
+}
+
+/// Whether a standby may take a lease that another replica holds: only once it has seen the
+/// same version of it, unrenewed, for longer than the lease lasts. A released lease (no
+/// holder) is free at once.
+pub fn may_take(holder_empty: bool, unchanged_for: Duration, duration: Duration) -> bool {
+    holder_empty || unchanged_for > duration
 }
 
 impl LeaseLock {
@@ -30,6 +45,7 @@ impl LeaseLock {
             name: name.to_string(),
             identity: identity.to_string(),
             duration,
+            seen: parking_lot::Mutex::new(None),
         }
     }
 
@@ -70,12 +86,25 @@ impl LeaseLock {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.identity;
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(0));
-            t.0.as_second() + secs < now.as_second()
-        });
-        if !ours && !holder.is_empty() && !expired {
-            return Ok(false);
+        if !ours {
+            let version = lease.metadata.resource_version.clone().unwrap_or_default();
+            let unchanged_for = {
+                let mut seen = self.seen.lock();
+                match seen.as_ref() {
+                    Some((v, since)) if *v == version => since.elapsed(),
+                    _ => {
+                        *seen = Some((version, Instant::now()));
+                        Duration::ZERO
+                    }
+                }
+            };
+            let duration = Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+            )
+            .max(self.duration);
+            if !may_take(holder.is_empty(), unchanged_for, duration) {
+                return Ok(false);
+            }
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
         let acquired = if ours { spec.acquire_time } else { None };
@@ -104,5 +133,30 @@ impl LeaseLock {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_takes_only_a_released_lease_or_one_it_saw_unrenewed_for_its_duration() {
+        let d = Duration::from_secs(10);
+        // (holder empty, unchanged for (s), may take)
+        let cases = [
+            (true, 0, true),
+            (false, 0, false),
+            (false, 9, false),
+            (false, 10, false),
+            (false, 11, true),
+        ];
+        for (empty, secs, want) in cases {
+            assert_eq!(
+                may_take(empty, Duration::from_secs(secs), d),
+                want,
+                "holder empty {empty}, unchanged for {secs}s"
+            );
+        }
     }
 }
