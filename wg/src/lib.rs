@@ -12,6 +12,7 @@
 //!   adapter on top: it turns text into engine values and back, and calls the engine, which
 //!   knows nothing of it;
 //! - [`key`]: WireGuard keys;
+//! - [`ratelimit`]: handshake load shedding (device-wide load, per-source token buckets);
 //! - `packet` (tests, and others with the `testing` feature): the one packet factory.
 //!
 //! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`), routing
@@ -30,6 +31,7 @@ pub mod offload;
 #[cfg(any(test, feature = "testing"))]
 pub mod packet;
 pub mod peer;
+pub mod ratelimit;
 pub mod snapshot;
 pub mod snat;
 pub mod sockets;
