@@ -86,7 +86,10 @@ impl Host {
         format!("/var/run/wireguard/{}.sock", self.iface)
     }
 
-    fn start(kind: Impl, n: u8, name: &str, dir: &Path) -> anyhow::Result<Host> {
+    /// Host `n` of implementation `kind` in a new namespace `<name>-<n>`, keyed and
+    /// listening, with no underlay link yet (a [`Pair`] adds one; a test with more hosts
+    /// wires its own).
+    pub fn start(kind: Impl, n: u8, name: &str, dir: &Path) -> anyhow::Result<Host> {
         let ns = Netns::new(&format!("{name}-{n}"))?;
         let iface = format!("{name}w{n}");
         let log = dir.join(format!("daemon-{n}.log"));
@@ -157,7 +160,7 @@ impl Host {
     }
 
     /// Tunnel addresses on the interface, and the interface up.
-    fn address(&self) -> anyhow::Result<()> {
+    pub fn address(&self) -> anyhow::Result<()> {
         let v4 = format!("{}/24", self.inner_v4());
         let v6 = format!("{}/64", self.inner_v6());
         self.ns.ip(&["addr", "add", &v4, "dev", &self.iface])?;

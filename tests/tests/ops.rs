@@ -14,7 +14,7 @@ use isthmus_tests::traffic::ping_within;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-const DROP_REASONS: [&str; 10] = [
+const DROP_REASONS: [&str; 11] = [
     "no_route",
     "no_endpoint",
     "malformed",
@@ -24,6 +24,7 @@ const DROP_REASONS: [&str; 10] = [
     "decrypt_failed",
     "source_not_allowed",
     "under_load",
+    "rate_limited",
     "io_error",
 ];
 

@@ -24,12 +24,15 @@ pub enum DropReason {
     SourceNotAllowed,
     /// Handshake refused because we are under load (a cookie reply was sent instead).
     UnderLoad,
+    /// Handshake with a valid cookie, under load, from a source address over its own
+    /// budget (20 a second, bursts of 5; see `ratelimit`).
+    RateLimited,
     /// Sending on the UDP socket or writing to the TUN failed.
     IoError,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::Malformed,
@@ -39,6 +42,7 @@ impl DropReason {
         DropReason::DecryptFailed,
         DropReason::SourceNotAllowed,
         DropReason::UnderLoad,
+        DropReason::RateLimited,
         DropReason::IoError,
     ];
 
@@ -54,6 +58,7 @@ impl DropReason {
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::SourceNotAllowed => "source_not_allowed",
             DropReason::UnderLoad => "under_load",
+            DropReason::RateLimited => "rate_limited",
             DropReason::IoError => "io_error",
         }
     }

@@ -13,6 +13,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -28,11 +29,8 @@ use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
 use crate::mss;
 use crate::peer::Peer;
+use crate::ratelimit::HandshakeLimiter;
 use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
-
-/// Handshakes per second the whole device answers before it demands cookies (boringtun's
-/// and wireguard-go's order of magnitude).
-const DEVICE_HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// A buffer this large holds any datagram or packet the engine produces.
 pub const MAX_PACKET: usize = 65_535 + 32;
@@ -120,22 +118,32 @@ pub struct Sealed {
     pub len: usize,
 }
 
+/// The device's key and what guards handshakes addressed to it.
+///
+/// boringtun's `RateLimiter` decides "under load" and checks the cookie in one call, and
+/// does not say which happened; the per-source bucket must run exactly when a cookie was
+/// checked and held. So two of them sit at the extremes and [`HandshakeLimiter`] decides
+/// between them: `macs` is never under load (it checks MAC1 only), `cookies` always is (it
+/// checks MAC1 and MAC2, and formats the cookie reply when MAC2 is missing or stale).
 #[derive(Clone)]
 struct Identity {
     secret: StaticSecret,
     public: PublicKey,
-    limiter: Arc<RateLimiter>,
+    macs: Arc<RateLimiter>,
+    cookies: Arc<RateLimiter>,
+    limiter: Arc<Mutex<HandshakeLimiter>>,
 }
 
 impl Identity {
     fn new(private: Key) -> Identity {
         let secret = StaticSecret::from(private.0);
         let public = PublicKey::from(&secret);
-        let limiter = Arc::new(RateLimiter::new(&public, DEVICE_HANDSHAKE_RATE_LIMIT));
         Identity {
             secret,
             public,
-            limiter,
+            macs: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            cookies: Arc::new(RateLimiter::new(&public, 0)),
+            limiter: Arc::new(Mutex::new(HandshakeLimiter::new())),
         }
     }
 }
@@ -542,8 +550,12 @@ impl Engine {
         Some(len)
     }
 
-    /// The peer a handshake initiation comes from, after the device-wide MAC check and load
-    /// shedding, and before any Diffie-Hellman work beyond identifying the sender.
+    /// The peer a handshake initiation comes from, after the MAC checks and load shedding,
+    /// and before any Diffie-Hellman work beyond identifying the sender. Under load (more
+    /// than 100 initiations a second device-wide) an initiation needs a valid cookie, else
+    /// it gets a cookie reply, and then must fit its source address's token bucket — the
+    /// kernel's and wireguard-go's order, so a source answering cookies cannot take every
+    /// handshake (and the packet thread's time) for itself.
     fn initiator<'s>(
         &self,
         state: &'s State,
@@ -557,15 +569,27 @@ impl Engine {
             self.drops.record(DropReason::UnknownPeer);
             return None;
         };
-        match id.limiter.verify_packet(Some(from.ip()), datagram, buf) {
-            Ok(_) => {}
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                let _ = out.send(from, cookie);
-                self.drops.record(DropReason::UnderLoad);
-                return None;
+        // MAC1 first: garbage neither costs a lock nor counts towards the load.
+        if id.macs.verify_packet(None, datagram, buf).is_err() {
+            self.drops.record(DropReason::HandshakeRejected);
+            return None;
+        }
+        let now = Instant::now();
+        if id.limiter.lock().arrive(now) {
+            match id.cookies.verify_packet(Some(from.ip()), datagram, buf) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let _ = out.send(from, cookie);
+                    self.drops.record(DropReason::UnderLoad);
+                    return None;
+                }
+                Err(_) => {
+                    self.drops.record(DropReason::HandshakeRejected);
+                    return None;
+                }
             }
-            Err(_) => {
-                self.drops.record(DropReason::HandshakeRejected);
+            if !id.limiter.lock().allow(from.ip(), now) {
+                self.drops.record(DropReason::RateLimited);
                 return None;
             }
         }
@@ -627,7 +651,11 @@ impl Engine {
     pub fn tick(&self, buf: &mut [u8], out: &dyn Transmit) {
         let state = self.state();
         if let Some(id) = &state.identity {
-            id.limiter.reset_count();
+            // Their counters only decide load at the extremes (see `Identity`); reset anyway
+            // so neither ever wraps.
+            id.macs.reset_count();
+            id.cookies.reset_count();
+            id.limiter.lock().collect(Instant::now());
         }
         for peer in state.by_key.values() {
             let mut guard = peer.tunn.lock();

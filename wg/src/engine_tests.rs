@@ -245,6 +245,81 @@ fn handshake_flood_gets_cookie_replies() {
     assert!(b.engine.drops().get(DropReason::UnknownPeer) > 0);
 }
 
+/// A stranger that answers every cookie reply (so its MAC2 is valid) floods b from one
+/// address: past the device's 100 a second it gets 20 a second into the Diffie-Hellman
+/// work, not everything it sends, and a second source is not held back by the first.
+#[test]
+fn a_source_answering_cookies_is_limited_per_address() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use std::time::Instant;
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    let (_a, b) = pair();
+    let stranger = |seed: u8| {
+        Tunn::new(
+            StaticSecret::from([seed; 32]),
+            PublicKey::from(b.public().0),
+            None,
+            None,
+            u32::from(seed),
+            None,
+        )
+    };
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut init = vec![0u8; 256];
+    let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
+    // Sends `count` initiations from `from`, feeding every cookie reply back to the sender;
+    // returns how many cookie replies came.
+    let mut flood = |tunn: &mut Tunn, from: SocketAddr, count: usize| {
+        let mut cookies = 0;
+        for _ in 0..count {
+            let TunnResult::WriteToNetwork(msg) = tunn.format_handshake_initiation(&mut init, true)
+            else {
+                panic!("no initiation");
+            };
+            b.engine.handle_inbound(from, msg, &mut buf, &b.out);
+            for o in b.out.take() {
+                let Output::Datagram(to, d) = o else { continue };
+                assert_eq!(
+                    (to, d[0]),
+                    (from, 3),
+                    "only cookie replies go to a stranger"
+                );
+                cookies += 1;
+                let mut scratch = vec![0u8; 256];
+                assert!(matches!(
+                    tunn.decapsulate(Some(b_ip), &d, &mut scratch),
+                    TunnResult::Done
+                ));
+            }
+        }
+        cookies
+    };
+    let start = Instant::now();
+    let attacker: SocketAddr = "203.0.113.5:999".parse().unwrap();
+    let cookies = flood(&mut stranger(9), attacker, 2_000);
+    let elapsed = start.elapsed().as_secs_f64();
+    let reached_dh = b.engine.drops().get(DropReason::UnknownPeer);
+    // Before the load: 100; under it: a burst of 5 and 20 a second.
+    let bound = 100 + 5 + (20.0 * (elapsed + 1.0)) as u64;
+    assert!(cookies > 0, "no cookie reply under load");
+    assert!(
+        reached_dh <= bound,
+        "{reached_dh} initiations reached Diffie-Hellman in {elapsed:.2} s (bound {bound})"
+    );
+    assert!(b.engine.drops().get(DropReason::RateLimited) >= 2_000 - bound - cookies as u64);
+
+    // Another source, still under load: its cookie-carrying initiations get through.
+    let before = b.engine.drops().get(DropReason::UnknownPeer);
+    let other: SocketAddr = "203.0.113.6:999".parse().unwrap();
+    assert_eq!(
+        flood(&mut stranger(10), other, 4),
+        1,
+        "one cookie, then MAC2"
+    );
+    assert_eq!(b.engine.drops().get(DropReason::UnknownPeer), before + 3);
+}
+
 #[test]
 fn removed_peer_is_forgotten_at_once() {
     let (a, b) = pair();

@@ -13,6 +13,7 @@
 //!   knows nothing of it;
 //! - [`key`]: WireGuard keys;
 //! - [`mss`]: TCP MSS clamping of SYNs to and from a peer, to what its path carries;
+//! - [`ratelimit`]: handshake load shedding (device-wide load, per-source token buckets);
 //! - `packet` (tests, and others with the `testing` feature): the one packet factory.
 //!
 //! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`), routing
@@ -32,6 +33,7 @@ pub mod offload;
 #[cfg(any(test, feature = "testing"))]
 pub mod packet;
 pub mod peer;
+pub mod ratelimit;
 pub mod snapshot;
 pub mod snat;
 pub mod sockets;
