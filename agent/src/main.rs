@@ -278,14 +278,20 @@ fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
     check_iface(iface)?;
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let tunnel = Tunnel::start(iface, listen_port, mtu)?;
-    let uapi = server::serve(iface, Arc::new(tunnel))?;
+    let signals_handle = signals.handle();
+    // A tunnel that stopped ends the wait as a signal would, so the socket goes too.
+    tunnel.on_failure(move || signals_handle.close());
+    let uapi = server::serve(iface, Arc::new(tunnel.clone()))?;
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down");
     }
     // Removing the socket file is the only cleanup that outlives us: the kernel deletes the
     // TUN device and closes the sockets when the process exits.
     drop(uapi);
-    Ok(())
+    match tunnel.failure() {
+        Some(why) => anyhow::bail!("{iface}: {why}"),
+        None => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -43,13 +43,19 @@ pub struct Pending {
 
 impl Entry {
     /// Whether `current` is a value isthmus put there or knows of: the applied one, or the
-    /// one an unconfirmed write was replacing.
+    /// one an unconfirmed write was replacing. A rule cannot be replaced in place: the
+    /// kernel write deletes the old one, then adds the new, so where one replaced another —
+    /// ours over someone's, someone's back over ours on removal, or an unconfirmed write of
+    /// ours — no rule at all is where a killed write stopped, and counts as ours.
     pub fn knows(&self, current: Option<&Value>) -> bool {
+        let replaced_rule = matches!(self.key, EntryKey::Rule { .. })
+            && (self.prior.is_some() || self.pending.as_ref().is_some_and(|p| p.was.is_some()));
         current == Some(&self.applied)
             || self
                 .pending
                 .as_ref()
                 .is_some_and(|p| p.was.as_ref() == current)
+            || (current.is_none() && replaced_rule)
     }
 }
 
@@ -155,6 +161,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
+    crate::fault::hit(crate::fault::Point::JournalTemp);
     fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
     sync_dir(path)
 }

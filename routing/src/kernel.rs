@@ -373,6 +373,7 @@ impl Kernel {
                 if let Some(Value::Rule { table: old }) = current {
                     self.ack(RouteNetlinkMessage::DelRule(rule(*v6, *priority, *old)), 0)
                         .await?;
+                    crate::fault::hit(crate::fault::Point::MidWrite);
                 }
                 self.ack(
                     RouteNetlinkMessage::NewRule(rule(*v6, *priority, *table)),

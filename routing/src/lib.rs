@@ -7,7 +7,8 @@
 //! [`kernel`] reads and writes the entries over rtnetlink; [`Router`] runs the three in
 //! order — journal first, durably, then the kernel, then the journal again to confirm — and [`watch`] wakes it when anyone
 //! rewrites an entry, so it can put ours back. [`address`] sets the tunnel device's mesh IP;
-//! [`netns`] runs setup inside another network namespace.
+//! [`netns`] runs setup inside another network namespace; [`fault`] lets the crash-safety
+//! tests kill a real process between any two of those steps.
 //!
 //! This crate must never import Kubernetes (`kube`, `k8s-openapi`, `isthmus-api`) nor the
 //! WireGuard engine (`isthmus-wg`): it is told what to route as plain values, so its plans
@@ -15,6 +16,7 @@
 //! `Cargo.toml` holds no such dependency, and `tests/layering.rs` fails if one arrives.
 
 pub mod address;
+pub mod fault;
 pub mod journal;
 pub mod kernel;
 pub mod model;
@@ -114,6 +116,7 @@ impl Router {
                 _ => None,
             })
             .collect();
+        fault::hit(fault::Point::BeforeJournal);
         // Written down before anything is applied.
         self.journal.commit(puts, &[])?;
         let mut outcome = Outcome::default();
@@ -122,7 +125,10 @@ impl Router {
         for (key, d) in &decisions {
             let mut ok = true;
             if let Some(action) = &d.action {
-                match self.kernel.apply(key, action, current.get(key)).await {
+                fault::hit(fault::Point::BeforeWrite);
+                let written = self.kernel.apply(key, action, current.get(key)).await;
+                fault::hit(fault::Point::AfterWrite);
+                match written {
                     Ok(()) => {
                         outcome.changed += 1;
                         if let Record::Put(e) = &d.record {
@@ -152,6 +158,7 @@ impl Router {
         }
         // Until this lands a failed write or a kill leaves `pending`, which restore reads.
         self.journal.commit(confirmed, &drops)?;
+        fault::hit(fault::Point::AfterConfirm);
         Ok(outcome)
     }
 

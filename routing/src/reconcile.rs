@@ -499,6 +499,60 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_replacement_stopped_between_delete_and_add_is_ours() {
+        let key = EntryKey::Rule {
+            v6: false,
+            priority: 5210,
+        };
+        let theirs = Value::Rule { table: 100 };
+        let ours = Value::Rule { table: 51820 };
+        let replaced = Entry {
+            key,
+            prior: Some(theirs.clone()),
+            applied: ours.clone(),
+            pending: None,
+        };
+        let unconfirmed = Entry {
+            pending: Some(Pending {
+                was: Some(theirs.clone()),
+            }),
+            ..replaced.clone()
+        };
+        let created = Entry {
+            prior: None,
+            ..replaced.clone()
+        };
+        // (name, journaled, the action removal takes with no rule at the priority)
+        let rows = [
+            (
+                "killed replacing theirs with ours",
+                &unconfirmed,
+                Some(Action::Set(theirs.clone())),
+            ),
+            (
+                "killed putting theirs back over ours",
+                &replaced,
+                Some(Action::Set(theirs.clone())),
+            ),
+            ("ours deleted, there was none before", &created, None),
+        ];
+        for (name, journaled, action) in rows {
+            let d = decide(key, None, None, Some(journaled));
+            assert_eq!((d.record, d.action), (Record::Drop, action), "{name}");
+        }
+        let again = decide(key, Some(&ours), None, Some(&unconfirmed));
+        assert_eq!(
+            (again.action, again.reasserted),
+            (Some(Action::Set(ours.clone())), false),
+            "retried, not a re-assertion"
+        );
+        match again.record {
+            Record::Put(e) => assert_eq!(e.prior, Some(theirs), "their rule stays the prior"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn restore_then_restore_again_is_a_no_op() {
         let e = entry(Some("10.0.0.11"), "100.96.0.3");
         let first = decide(key(), None, Some(&dst("100.96.0.3")), Some(&e));

@@ -425,3 +425,50 @@ async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
     }
     assert_restored(&cluster, &before, "after graceful removal (routed)");
 }
+
+/// The TUN device deleted under a running agent: its reader fails, and the agent stops as on
+/// SIGTERM — routing restored, journal and UAPI socket gone — and exits non-zero with the
+/// reason, rather than vanishing with flannel's entries still pointing into a dead tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tun_read_error_restores_routing_before_the_agent_exits() {
+    let mut cluster = Cluster::new().await.expect("cluster");
+    for (cloud, slot) in [(0, 1), (1, 1)] {
+        cluster.add_node_idle(cloud, slot).await.expect("node");
+    }
+    let overlay = Overlay::build(&cluster).expect("overlay");
+    cluster.start_coordinator("c1").expect("coordinator");
+    let before = snapshot(&cluster.node(VSPHERE_1).ns).expect("snapshot");
+    start_agents(&mut cluster, &[]);
+    let pod = &overlay.named(VSPHERE_1).expect("pod").pod;
+    assert!(
+        ping_within(pod, pod_ip(&overlay, AWS_1), Duration::from_secs(60)),
+        "pods never reached each other across clouds:\n{}",
+        cluster.logs()
+    );
+    let node = cluster.node_mut(VSPHERE_1);
+    let journal = node.state_dir.join("routing-journal.json");
+    assert!(journal.exists(), "routing changed nothing");
+
+    node.ns
+        .ip(&["link", "del", &node.iface])
+        .expect("deleting the TUN device");
+    let mut agent = node.agent.take().expect("agent");
+    let exited = isthmus_tests::daemon::wait_until(Duration::from_secs(15), || !agent.is_running());
+    let log = agent.log();
+    assert!(exited, "the agent kept running without its TUN:\n{log}");
+    let after = snapshot(&node.ns).expect("snapshot");
+    assert!(
+        after == before,
+        "{VSPHERE_1} after its TUN read failed:\n{}\n{log}",
+        diff_text(&before, &after)
+    );
+    assert!(!journal.exists(), "the journal outlived the agent:\n{log}");
+    let sock = format!("/var/run/wireguard/{}.sock", node.iface);
+    assert!(!std::path::Path::new(&sock).exists(), "{sock} left behind");
+    let status = agent.stop().expect("exit status");
+    assert!(!status.success(), "{status}: a stopped tunnel is a failure");
+    assert!(
+        log.contains("the tunnel stopped") && log.contains("routing restored"),
+        "{log}"
+    );
+}

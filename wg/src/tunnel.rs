@@ -123,6 +123,15 @@ pub struct Tunnel {
     set_lock: Mutex<()>,
     /// VXLAN source rewrite (routing mode `vxlan`); read once per TUN read.
     source_rewrite: RwLock<Option<SourceRewrite>>,
+    /// Why the tunnel stopped carrying packets (the TUN could not be read), and whom to tell:
+    /// the owner restores what it changed and exits, instead of the process vanishing here.
+    failure: Mutex<Failure>,
+}
+
+#[derive(Default)]
+struct Failure {
+    reason: Option<String>,
+    notify: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Tunnel {
@@ -150,6 +159,7 @@ impl Tunnel {
             net,
             set_lock: Mutex::new(()),
             source_rewrite: RwLock::new(None),
+            failure: Mutex::new(Failure::default()),
         });
         tunnel.spawn_socket_readers(&sockets)?;
         tunnel.spawn("tun-reader", Tunnel::tun_loop)?;
@@ -232,6 +242,30 @@ impl Tunnel {
     /// stop). See [`SourceRewrite`].
     pub fn set_source_rewrite(&self, rewrite: Option<SourceRewrite>) {
         *self.source_rewrite.write() = rewrite;
+    }
+
+    /// Calls `notify` once the tunnel has stopped carrying packets (at once if it already
+    /// has); [`Tunnel::failure`] says why. One callback: a later call replaces it.
+    pub fn on_failure(&self, notify: impl Fn() + Send + Sync + 'static) {
+        let mut f = self.failure.lock();
+        if f.reason.is_some() {
+            notify();
+        }
+        f.notify = Some(Box::new(notify));
+    }
+
+    /// Why the tunnel stopped, once it has: the TUN device could not be read (deleted, say).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().reason.clone()
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(iface = %self.iface, %reason, "the tunnel stopped");
+        let mut f = self.failure.lock();
+        f.reason = Some(reason);
+        if let Some(notify) = &f.notify {
+            notify();
+        }
     }
 
     /// The TUN device's MTU as configured.
@@ -328,8 +362,8 @@ impl Tunnel {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::error!(error = %e, iface = %self.iface, "TUN read failed; stopping");
-                    std::process::exit(1);
+                    // Not an exit here: the owner has routing to restore first.
+                    return self.fail(format!("reading the TUN device failed: {e}"));
                 }
             };
             self.engine.refresh(&mut burst);

@@ -6,7 +6,8 @@
 //! plan touches the tunnel; what routing should hold; whether to publish again) and
 //! applies; routing puts back any owned entry someone rewrote. When the API server is
 //! unreachable the watch retries with backoff and the node keeps the last plan it applied.
-//! On SIGTERM routing is restored before the process exits.
+//! On SIGTERM, and when the tunnel stops (its TUN device unreadable), routing is restored
+//! before the process exits.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -296,6 +297,19 @@ pub async fn run(
     tunnel
         .sync(private_key, &[])
         .context("setting the node key on the tunnel")?;
+    // A tunnel that stopped (its TUN device unreadable) stops the agent as SIGTERM does:
+    // routing is restored first, then the process exits with the reason.
+    let tunnel_failed = Arc::new(Notify::new());
+    {
+        let failed = tunnel_failed.clone();
+        tunnel.on_failure(move || failed.notify_one());
+    }
+    let shutdown = async {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = tunnel_failed.notified() => {}
+        }
+    };
     ops.dataplane_up(tunnel.clone());
     let _uapi = server::serve(&opts.iface, Arc::new(tunnel.clone()))?;
     let tun_index = kernel
@@ -440,7 +454,10 @@ pub async fn run(
         took_ms = started.elapsed().as_millis() as u64,
         "routing restored"
     );
-    Ok(())
+    match agent.tunnel.failure() {
+        Some(why) => Err(anyhow::anyhow!("{}: {why}", agent.opts.iface)),
+        None => Ok(()),
+    }
 }
 
 /// `isthmus-agent cleanup`: restores what the journal under `state_dir` lists, for after a
