@@ -163,6 +163,38 @@ async fn mesh_forms_admits_joins_and_collects() {
         .unwrap()
         .iter()
         .any(|p| p.name_any() == "aws-3"));
+
+    // Every real Node vanishes at once (what a wiped or truncated Node list looks like):
+    // the coordinator refuses to collect most of the mesh in one pass, and says so.
+    let aws_1_key = cluster.node("aws-1").dump().unwrap().public_key;
+    for name in ["vsphere-1", "vsphere-2", "aws-1", "aws-2"] {
+        nodes.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let refused = eventually(Duration::from_secs(20), || async {
+        cluster
+            .logs()
+            .contains("refusing to delete 4 of 6 WireGuardPeers")
+    })
+    .await;
+    assert!(refused, "no refusal logged\n{}", cluster.logs());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left: Vec<String> = cluster
+        .peers()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    for name in ["vsphere-1", "vsphere-2", "aws-1", "aws-2"] {
+        assert!(left.iter().any(|l| l == name), "{name} collected: {left:?}");
+    }
+    assert!(
+        cluster
+            .node("vsphere-1")
+            .dump()
+            .is_ok_and(|d| d.peer(&aws_1_key).is_some()),
+        "the data plane lost a peer to the mass deletion"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
