@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: sandbox test deps lint bench build image test-images
+.PHONY: sandbox test deps lint bench build image test-images fuzz
 
 deps:
 	bash scripts/install-deps.sh
@@ -46,7 +46,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Every test: formatting and lints, unit tests, and the end-to-end tests in network
+## Every test: formatting and lints, a few seconds of every fuzz target over its corpus
+## (scripts/fuzz-smoke.sh, nightly), unit tests, and the end-to-end tests in network
 ## namespaces (needs root, TUN and iproute2). The interop peer is the current wireguard-go,
 ## built once from Go modules into .cache/; Debian's older build is tested too. The
 ## control-plane tests run a real kube-apiserver and etcd, built once into .cache/kube; the
@@ -59,8 +60,17 @@ test: deps lint
 	bash scripts/build-image.sh --target-dir $(TARGET_DIR) >/dev/null
 	bash scripts/build-test-images.sh >/dev/null
 	bash scripts/build-sandbox-image.sh --target-dir $(TARGET_DIR) >/dev/null
+	bash scripts/fuzz-smoke.sh
 	ISTHMUS_WIREGUARD_GO=$(CURDIR)/.cache/bin/wireguard-go-current \
 	  $(CARGO) test --release --workspace -- --test-threads=2
+
+## Long fuzz runs (docs/fuzzing.md): every target in fuzz/ one after the other, each for
+## FUZZ_SECONDS (default 600) or FUZZ_RUNS executions; FUZZ_TARGETS picks some. What the
+## runs find is kept in fuzz/corpus/ (minimise it with `cargo fuzz cmin` before committing).
+FUZZ_SECONDS ?= 600
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RUNS=$(FUZZ_RUNS) FUZZ_TARGETS="$(FUZZ_TARGETS)" \
+	  FUZZ_KEEP=1 bash scripts/fuzz-smoke.sh
 
 ## Throughput side by side with wireguard-go and boringtun-cli; writes docs/benchmarks.md.
 bench: build

@@ -76,28 +76,35 @@ impl Journal {
     /// cannot be read is an error, never silently dropped: it is the only record of what
     /// to restore.
     pub fn open(state_dir: &Path) -> anyhow::Result<Journal> {
+        match fs::read(state_dir.join(FILE)) {
+            Ok(bytes) => Journal::from_bytes(state_dir, &bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Journal {
+                path: state_dir.join(FILE),
+                entries: BTreeMap::new(),
+            }),
+            Err(e) => Err(e).with_context(|| format!("reading {}", state_dir.join(FILE).display())),
+        }
+    }
+
+    /// The loader behind [`Journal::open`], on bytes already read from the journal under
+    /// `state_dir`: the one place a file from disk is trusted, so the fuzz target drives it.
+    pub fn from_bytes(state_dir: &Path, bytes: &[u8]) -> anyhow::Result<Journal> {
         let path = state_dir.join(FILE);
-        let entries = match fs::read(&path) {
-            Ok(bytes) => {
-                let disk: OnDisk = serde_json::from_slice(&bytes).with_context(|| {
-                    format!(
-                        "{} is unreadable; fix or remove it by hand after checking the \
-                         VXLAN FDB, neighbours, routes and rules it lists",
-                        path.display()
-                    )
-                })?;
-                if disk.version != VERSION {
-                    bail!(
-                        "{} has version {}, this agent reads {VERSION}",
-                        path.display(),
-                        disk.version
-                    );
-                }
-                disk.entries.into_iter().map(|e| (e.key, e)).collect()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+        let disk: OnDisk = serde_json::from_slice(bytes).with_context(|| {
+            format!(
+                "{} is unreadable; fix or remove it by hand after checking the \
+                 VXLAN FDB, neighbours, routes and rules it lists",
+                path.display()
+            )
+        })?;
+        if disk.version != VERSION {
+            bail!(
+                "{} has version {}, this agent reads {VERSION}",
+                path.display(),
+                disk.version
+            );
+        }
+        let entries = disk.entries.into_iter().map(|e| (e.key, e)).collect();
         Ok(Journal { path, entries })
     }
 

@@ -7,6 +7,12 @@
 //! burst), so merging only neighbours catches nearly all of it with one buffer and no
 //! flow table. Anything that is not a plain in-order TCP data segment passes through
 //! unchanged, after whatever was pending.
+//!
+//! Only segments whose IPv4 header and TCP checksums verify are merged, as the kernel's GRO
+//! and wireguard-go's do: the merged packet's checksum is recomputed (CHECKSUM_PARTIAL), so
+//! merging a bad segment would hand the receiving TCP corrupt data it would otherwise drop.
+//! A bad one passes through as it came. The check runs only when a merge is about to
+//! happen (the head of a run once, then each joining segment), so lone packets pay nothing.
 
 use super::checksum::{finish, fold, pseudo_header, sum};
 use super::virtio::{VirtioHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VIRTIO_HDR_LEN};
@@ -79,6 +85,8 @@ struct Pending {
     segments: usize,
     /// A short segment or PSH ended the run; nothing more may join.
     closed: bool,
+    /// The first segment's checksums were checked and verify (done at the first merge).
+    verified: bool,
 }
 
 pub struct Coalescer {
@@ -110,7 +118,13 @@ impl Coalescer {
     pub fn push(&mut self, slot: &mut [u8], emit: &mut impl FnMut(&[u8])) {
         let packet = &slot[VIRTIO_HDR_LEN..];
         match Segment::parse(packet) {
-            Some(seg) if self.can_merge(packet, &seg) => self.merge(packet, &seg),
+            Some(seg)
+                if self.can_merge(packet, &seg)
+                    && self.head_verifies()
+                    && checksums_verify(packet, &seg) =>
+            {
+                self.merge(packet, &seg)
+            }
             Some(seg) => {
                 self.flush(emit);
                 self.start(packet, seg);
@@ -169,7 +183,21 @@ impl Coalescer {
             next_seq: seg.seq.wrapping_add(seg.payload as u32),
             segments: 1,
             closed: seg.psh,
+            verified: false,
         });
+    }
+
+    /// Whether the pending run's first segment has valid checksums, checked once.
+    fn head_verifies(&mut self) -> bool {
+        let Some(p) = self.pending.as_mut() else {
+            return false;
+        };
+        if !p.verified {
+            // Still one segment: the buffer holds it exactly as it came.
+            let packet = &self.buf[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + self.len];
+            p.verified = checksums_verify(packet, &p.first);
+        }
+        p.verified
     }
 
     fn can_merge(&self, packet: &[u8], seg: &Segment) -> bool {
@@ -222,6 +250,15 @@ impl Coalescer {
             self.buf[VIRTIO_HDR_LEN + p.first.l4 + TCP_FLAGS] |= TCP_PSH;
         }
     }
+}
+
+/// Whether `packet` (parsed as `seg`) has a valid IPv4 header checksum and TCP checksum.
+fn checksums_verify(packet: &[u8], seg: &Segment) -> bool {
+    let ip_ok = seg.v6 || finish(sum(&packet[..seg.l4], 0)) == 0;
+    let (src, dst) = ip_addrs(packet, seg.v6);
+    let tcp =
+        pseudo_header(src, dst, IPPROTO_TCP, packet.len() - seg.l4) + sum(&packet[seg.l4..], 0);
+    ip_ok && finish(tcp) == 0
 }
 
 #[cfg(test)]
@@ -439,6 +476,43 @@ mod tests {
             Tcp::new(false, 501, 1000).build(),
         ]);
         assert_eq!(out.len(), 2, "larger than the first");
+    }
+
+    /// Found by the gro_coalesce fuzz target: a segment with a bad TCP or IPv4 header
+    /// checksum was merged, and the merged packet's recomputed checksum made the kernel
+    /// accept its corrupt bytes. Bad segments now pass through untouched, in order.
+    #[test]
+    fn segments_with_bad_checksums_are_never_merged() {
+        type Edit = fn(&mut Vec<u8>);
+        let edits: [(&str, bool, Edit); 3] = [
+            ("TCP checksum", false, |p| p[20 + 16] ^= 0x5a),
+            ("IPv4 header checksum", false, |p| p[10] ^= 0xa5),
+            ("TCPv6 checksum", true, |p| p[40 + 16] ^= 0x5a),
+        ];
+        for (name, v6, edit) in edits {
+            for bad in 0..4 {
+                let mut packets = run(v6, 1, 4 * 1000, 1000, false);
+                edit(&mut packets[bad]);
+                let out = coalesce(&packets);
+                // The bad one comes out byte for byte, alone; the others still merge.
+                let alone: Vec<&Vec<u8>> = out
+                    .iter()
+                    .filter(|(h, _)| h.gso_type == GSO_NONE)
+                    .map(|(_, p)| p)
+                    .collect();
+                assert!(alone.contains(&&packets[bad]), "{name} at {bad}: merged");
+                let merged: usize = out
+                    .iter()
+                    .filter(|(h, _)| h.gso_type != GSO_NONE)
+                    .map(|(h, p)| (p.len() - l4_offset(p) - 32).div_ceil(usize::from(h.gso_size)))
+                    .sum();
+                assert_eq!(merged + alone.len(), 4, "{name} at {bad}: packets lost");
+                assert!(
+                    merged >= 2,
+                    "{name} at {bad}: the good neighbours still merge"
+                );
+            }
+        }
     }
 
     #[test]

@@ -181,8 +181,26 @@ fn read_set_body(reader: &mut impl BufRead) -> Result<Vec<String>, UapiError> {
 pub fn serve_client(stream: UnixStream, handler: &dyn UapiHandler) -> io::Result<()> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
+    let writer = stream.try_clone()?;
+    serve_requests(BufReader::new(stream), writer, handler)
+}
+
+/// [`serve_client`] on any reader and writer, so the fuzz target can drive the request
+/// parser (framing, `get`, `set`) without a socket.
+#[cfg(feature = "testing")]
+pub fn serve_io(
+    reader: impl BufRead,
+    writer: impl Write,
+    handler: &dyn UapiHandler,
+) -> io::Result<()> {
+    serve_requests(reader, writer, handler)
+}
+
+fn serve_requests(
+    mut reader: impl BufRead,
+    mut writer: impl Write,
+    handler: &dyn UapiHandler,
+) -> io::Result<()> {
     loop {
         let op = match read_line(&mut reader) {
             Ok(Line::Text(op)) => op,
