@@ -47,6 +47,38 @@ async fn admitted(cluster: &Cluster, name: &str) -> Option<(String, String)> {
     (c.observed_generation == p.metadata.generation).then(|| (c.status.clone(), c.reason.clone()))
 }
 
+/// Waits until the attacker's peer is refused with `reason`, then checks for a moment that
+/// node `observer` has not configured it (`what` names the lie in the failure).
+async fn refused_and_not_configured(
+    cluster: &Cluster,
+    reason: &str,
+    observer: &str,
+    attacker_key: &str,
+    what: &str,
+) {
+    let want = Some(("False".to_string(), reason.to_string()));
+    let ok = eventually(Duration::from_secs(20), || async {
+        admitted(cluster, AWS_2).await == want
+    })
+    .await;
+    assert!(
+        ok,
+        "{what}: {:?}\n{}",
+        admitted(cluster, AWS_2).await,
+        cluster.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cluster
+            .node(observer)
+            .dump()
+            .expect("dump")
+            .peer(attacker_key)
+            .is_none(),
+        "{what}: {observer} configured the refused peer"
+    );
+}
+
 /// The FDB lines of `flannel.1` on node `name` for `mac`.
 fn fdb_for(cluster: &Cluster, name: &str, mac: &str) -> Vec<String> {
     fdb_entries(&cluster.node(name).ns)
@@ -167,27 +199,14 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     let mut forged = honest.clone();
     forged.location = "vsphere".into();
     publish(forged).await;
-    let want = Some(("False".to_string(), "LocationMismatch".to_string()));
-    let ok = eventually(Duration::from_secs(20), || async {
-        admitted(&cluster, AWS_2).await == want
-    })
+    refused_and_not_configured(
+        &cluster,
+        "LocationMismatch",
+        AWS_1,
+        &attacker_key,
+        "forged location",
+    )
     .await;
-    assert!(
-        ok,
-        "forged location: {:?}\n{}",
-        admitted(&cluster, AWS_2).await,
-        cluster.logs()
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        cluster
-            .node(AWS_1)
-            .dump()
-            .expect("dump")
-            .peer(&attacker_key)
-            .is_none(),
-        "aws-1 tunnels to a peer that lied about its location"
-    );
 
     // 3. An endpoint inside the victim's pod CIDR (the tunnel carries those addresses, so the
     // observer's datagrams to it would loop into its own tunnel): refused, not configured.
@@ -204,27 +223,14 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     let mut forged = honest.clone();
     forged.endpoint = format!("{}:51820", std::net::Ipv4Addr::from(u32::from(inside) + 7));
     publish(forged).await;
-    let want = Some(("False".to_string(), "EndpointInsideMesh".to_string()));
-    let ok = eventually(Duration::from_secs(20), || async {
-        admitted(&cluster, AWS_2).await == want
-    })
+    refused_and_not_configured(
+        &cluster,
+        "EndpointInsideMesh",
+        VSPHERE_1,
+        &attacker_key,
+        "endpoint inside a pod CIDR",
+    )
     .await;
-    assert!(
-        ok,
-        "endpoint inside a pod CIDR: {:?}\n{}",
-        admitted(&cluster, AWS_2).await,
-        cluster.logs()
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        cluster
-            .node(VSPHERE_1)
-            .dump()
-            .expect("dump")
-            .peer(&attacker_key)
-            .is_none(),
-        "the observer configured a peer whose endpoint its own tunnel carries"
-    );
 
     // 4. The truth again: admitted again, with the mesh IP it had.
     publish(honest).await;

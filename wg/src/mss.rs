@@ -23,6 +23,8 @@ pub const VXLAN_PORTS: [u16; 2] = [8472, 4789];
 /// shrink segments to nothing.
 pub const MIN_MSS: u16 = 536;
 
+use crate::offload::{be16, put16};
+
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
@@ -190,14 +192,6 @@ fn adjust(check: u16, odd: bool, old: u16, new: u16) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
 #[cfg(test)]

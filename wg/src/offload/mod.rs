@@ -61,7 +61,8 @@ const TCP_CSUM: usize = 16;
 /// Offset of the checksum in a UDP header.
 const UDP_CSUM: usize = 6;
 
-fn be16(b: &[u8], at: usize) -> u16 {
+/// The big-endian 16-bit word at `at` (also for [`crate::mss`]).
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
@@ -69,7 +70,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn put16(b: &mut [u8], at: usize, v: u16) {
+pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
