@@ -23,10 +23,10 @@ pub const VXLAN_PORTS: [u16; 2] = [8472, 4789];
 /// shrink segments to nothing.
 pub const MIN_MSS: u16 = 536;
 
-use crate::offload::{be16, put16};
+use crate::offload::{
+    be16, put16, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, TCP_CSUM, TCP_FLAGS, UDP_CSUM,
+};
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
 const TCP_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
@@ -72,13 +72,13 @@ pub fn clamp(packet: &mut [u8], path_mtu: u16) -> Option<(u16, u16)> {
     if old <= new {
         return None;
     }
-    let tcp_check_at = site.tcp + 16;
+    let tcp_check_at = site.tcp + TCP_CSUM;
     let old_check = be16(packet, tcp_check_at);
     let new_check = adjust(old_check, (site.value - site.tcp) % 2 == 1, old, new);
     put16(packet, site.value, new);
     put16(packet, tcp_check_at, new_check);
     if let Some(udp) = site.udp {
-        let udp_check_at = udp + 6;
+        let udp_check_at = udp + UDP_CSUM;
         let check = be16(packet, udp_check_at);
         // Zero means the sender sent no UDP checksum (Linux VXLAN's default): keep it so.
         if check != 0 {
@@ -151,7 +151,7 @@ fn transport(packet: &[u8], at: usize) -> Option<(u8, usize)> {
 /// The offset of the MSS value when the TCP header at `tcp` is a SYN that carries one.
 fn syn_mss(packet: &[u8], tcp: usize) -> Option<usize> {
     let header = packet.get(tcp..tcp + TCP_HEADER)?;
-    if header[13] & TCP_SYN == 0 {
+    if header[TCP_FLAGS] & TCP_SYN == 0 {
         return None;
     }
     let end = tcp + usize::from(header[12] >> 4) * 4;

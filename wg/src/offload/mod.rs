@@ -48,8 +48,8 @@ pub mod virtio;
 
 pub use virtio::{VirtioHdr, VIRTIO_HDR_LEN};
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -57,10 +57,10 @@ const TCP_ACK: u8 = 0x10;
 const TCP_CWR: u8 = 0x80;
 
 /// Offset of the TCP flags byte, and of the checksum, in a TCP header.
-const TCP_FLAGS: usize = 13;
-const TCP_CSUM: usize = 16;
+pub(crate) const TCP_FLAGS: usize = 13;
+pub(crate) const TCP_CSUM: usize = 16;
 /// Offset of the checksum in a UDP header.
-const UDP_CSUM: usize = 6;
+pub(crate) const UDP_CSUM: usize = 6;
 
 /// The big-endian 16-bit word at `at` (also for [`crate::mss`]).
 pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
