@@ -6,7 +6,8 @@
 //! 0: a raw datagram; 1: a raw datagram carrying B's receiver index for A;
 //! 2: a packet A seals (its destination set to B's address) — B must open it to the same
 //! bytes or drop it; 3: a valid datagram from A with bytes flipped at (position, mask)
-//! pairs — B must never accept it.
+//! pairs — B must never accept it. In mode 2 a TCP SYN arrives with its MSS clamped to the
+//! tunnel's MTU, as the engine does to every SYN it carries.
 #![no_main]
 
 use std::cell::RefCell;
@@ -17,11 +18,14 @@ use isthmus_wg::capture::{Capture, Output};
 use isthmus_wg::config::{DeviceConfig, PeerConfig, SetEffects};
 use isthmus_wg::engine::{Engine, MAX_PACKET};
 use isthmus_wg::key::Key;
+use isthmus_wg::mss;
 use isthmus_wg::packet::udp4;
 use libfuzzer_sys::fuzz_target;
 
 const ADDR_A: &str = "192.0.2.1:51820";
 const ADDR_B: &str = "192.0.2.2:51820";
+/// Both tunnels' MTU; with no path MTU measured, the MSS clamp follows it.
+const MTU: u16 = 1420;
 
 struct Node {
     engine: Engine,
@@ -45,7 +49,7 @@ fn node(seed: u8, addr: &str, peer: u8, peer_addr: &str, allowed: &[&str]) -> No
     pc.allowed_ips = allowed.iter().map(|n| n.parse().unwrap()).collect();
     let out = Capture::default();
     let engine = Engine::new();
-    engine.set_mtu(1420);
+    engine.set_mtu(MTU);
     let cfg = DeviceConfig {
         private_key: Some(Key([seed; 32])),
         listen_port: 51820,
@@ -179,9 +183,12 @@ fuzz_target!(|data: &[u8]| {
                     return;
                 };
                 if let Some(len) = mesh.open(&sealed) {
-                    // Padding is zeros; what B writes to its TUN is A's packet, no more.
+                    // Padding is zeros; what B writes to its TUN is A's packet, no more —
+                    // except that a TCP SYN's MSS is clamped to what the tunnel carries. A
+                    // packet whose header claims some of the padding is whole only at B.
                     let mut want = packet.clone();
                     want.resize(want.len().max(len), 0);
+                    mss::clamp(&mut want[..len], MTU);
                     assert_eq!(&mesh.dst[..len], &want[..len], "opened packet differs");
                 }
             }

@@ -96,7 +96,9 @@ pub fn clamp(packet: &mut [u8], path_mtu: u16) -> Option<(u16, u16)> {
 
 /// The MSS option of a TCP SYN in `packet`, bare or one VXLAN level down.
 fn locate(packet: &[u8]) -> Option<Site> {
-    let (proto, l4) = transport(packet, 0)?;
+    let (proto, l4, end) = transport(packet, 0)?;
+    // What follows the IP packet's own length (padding, junk) is not the packet's.
+    let packet = &packet[..end];
     match proto {
         TCP => syn_mss(packet, l4).map(|value| Site {
             tcp: l4,
@@ -117,11 +119,11 @@ fn locate(packet: &[u8]) -> Option<Site> {
                 0x86dd => 6,
                 _ => return None,
             };
-            let (proto, tcp) = transport(packet, inner)?;
+            let (proto, tcp, inner_end) = transport(packet, inner)?;
             if proto != TCP || packet[inner] >> 4 != ip_version {
                 return None;
             }
-            syn_mss(packet, tcp).map(|value| Site {
+            syn_mss(&packet[..inner_end], tcp).map(|value| Site {
                 tcp,
                 value,
                 udp: Some(l4),
@@ -131,21 +133,25 @@ fn locate(packet: &[u8]) -> Option<Site> {
     }
 }
 
-/// The transport protocol and header offset of the IP packet at `at`, when it is whole (not
-/// a fragment) and its transport header follows the IP header directly.
-fn transport(packet: &[u8], at: usize) -> Option<(u8, usize)> {
+/// The transport protocol, the transport header's offset and the end of the IP packet at
+/// `at` (by its own length field), when it is whole — not a fragment, not cut short — and
+/// its transport header follows the IP header directly.
+fn transport(packet: &[u8], at: usize) -> Option<(u8, usize, usize)> {
     let ip = packet.get(at..)?;
-    match ip.first()? >> 4 {
+    let (proto, header, total) = match ip.first()? >> 4 {
         4 if ip.len() >= 20 => {
             let ihl = usize::from(ip[0] & 0x0f) * 4;
             let more_fragments = ip[6] & 0x20 != 0;
             let offset = be16(ip, 6) & 0x1fff;
-            (ihl >= 20 && ip.len() >= ihl && !more_fragments && offset == 0)
-                .then_some((ip[9], at + ihl))
+            if ihl < 20 || more_fragments || offset != 0 {
+                return None;
+            }
+            (ip[9], ihl, usize::from(be16(ip, 2)))
         }
-        6 if ip.len() >= 40 => Some((ip[6], at + 40)),
-        _ => None,
-    }
+        6 if ip.len() >= 40 => (ip[6], 40, 40 + usize::from(be16(ip, 4))),
+        _ => return None,
+    };
+    (header <= total && total <= ip.len()).then_some((proto, at + header, at + total))
 }
 
 /// The offset of the MSS value when the TCP header at `tcp` is a SYN that carries one.
@@ -309,8 +315,16 @@ mod tests {
         not_ip[0] = 0x15;
         let mut short_vxlan = Udp::new(false, 4);
         short_vxlan.dport = 8472;
+        // The IP header's length ends the packet before the MSS option; what follows is
+        // padding or junk, even though it reads as a TCP option.
+        let mut options_past_the_ip_length = syn.clone();
+        put16(&mut options_past_the_ip_length, 2, 40);
+        let mut longer_than_the_buffer = syn.clone();
+        put16(&mut longer_than_the_buffer, 2, syn.len() as u16 + 4);
         for (name, mut p) in [
             ("fragment", fragment),
+            ("options past the IP length", options_past_the_ip_length),
+            ("IP length past the buffer", longer_than_the_buffer),
             ("UDP to another port", vxlan(false, &syn, false, 9999)),
             ("options cut short", syn[..syn.len() - 2].to_vec()),
             ("option length 0", bad_option_len),
@@ -323,6 +337,19 @@ mod tests {
             assert_eq!(clamp(&mut p, 1200), None, "{name}");
             assert_eq!(p, before, "{name}");
         }
+    }
+
+    #[test]
+    fn bytes_after_the_ip_packet_neither_hide_nor_move_the_option() {
+        let syn = segment(false, TCP_SYN, &mss(1460));
+        let mut padded = [&syn[..], &[0u8; 12]].concat();
+        assert_eq!(clamp(&mut padded, 1420), Some((1460, 1380)));
+        assert_valid(&padded[..syn.len()]);
+        assert_eq!(
+            &padded[syn.len()..],
+            &[0u8; 12],
+            "the padding is not touched"
+        );
     }
 
     #[test]
