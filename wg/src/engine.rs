@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
 use ip_network_table::IpNetworkTable;
 use parking_lot::{Mutex, RwLock};
@@ -25,6 +24,7 @@ use rand_core::RngCore;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::config::{DeviceConfig, SetEffects};
+use crate::cookie::{CookieChecker, Mac2, COOKIE_REPLY_LEN};
 use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
 use crate::mss;
@@ -120,17 +120,14 @@ pub struct Sealed {
 
 /// The device's key and what guards handshakes addressed to it.
 ///
-/// boringtun's `RateLimiter` decides "under load" and checks the cookie in one call, and
-/// does not say which happened; the per-source bucket must run exactly when a cookie was
-/// checked and held. So two of them sit at the extremes and [`HandshakeLimiter`] decides
-/// between them: `macs` is never under load (it checks MAC1 only), `cookies` always is (it
-/// checks MAC1 and MAC2, and formats the cookie reply when MAC2 is missing or stale).
+/// [`HandshakeLimiter`] decides when the device is under load; `cookies` checks MAC1 always
+/// and, under load, MAC2 against a cookie bound to the source's address and port (our own,
+/// see [`crate::cookie`]: boringtun's binds it to the address only).
 #[derive(Clone)]
 struct Identity {
     secret: StaticSecret,
     public: PublicKey,
-    macs: Arc<RateLimiter>,
-    cookies: Arc<RateLimiter>,
+    cookies: Arc<CookieChecker>,
     limiter: Arc<Mutex<HandshakeLimiter>>,
 }
 
@@ -141,8 +138,7 @@ impl Identity {
         Identity {
             secret,
             public,
-            macs: Arc::new(RateLimiter::new(&public, u64::MAX)),
-            cookies: Arc::new(RateLimiter::new(&public, 0)),
+            cookies: Arc::new(CookieChecker::new(public.as_bytes(), Instant::now())),
             limiter: Arc::new(Mutex::new(HandshakeLimiter::new())),
         }
     }
@@ -570,20 +566,20 @@ impl Engine {
             return None;
         };
         // MAC1 first: garbage neither costs a lock nor counts towards the load.
-        if id.macs.verify_packet(None, datagram, buf).is_err() {
+        if !id.cookies.check_mac1(datagram) {
             self.drops.record(DropReason::HandshakeRejected);
             return None;
         }
         let now = Instant::now();
         if id.limiter.lock().arrive(now) {
-            match id.cookies.verify_packet(Some(from.ip()), datagram, buf) {
-                Ok(_) => {}
-                Err(TunnResult::WriteToNetwork(cookie)) => {
-                    let _ = out.send(from, cookie);
+            match id.cookies.check_mac2(datagram, from, now, buf) {
+                Mac2::Valid => {}
+                Mac2::Reply => {
+                    let _ = out.send(from, &buf[..COOKIE_REPLY_LEN]);
                     self.drops.record(DropReason::UnderLoad);
                     return None;
                 }
-                Err(_) => {
+                Mac2::Invalid => {
                     self.drops.record(DropReason::HandshakeRejected);
                     return None;
                 }
@@ -651,10 +647,6 @@ impl Engine {
     pub fn tick(&self, buf: &mut [u8], out: &dyn Transmit) {
         let state = self.state();
         if let Some(id) = &state.identity {
-            // Their counters only decide load at the extremes (see `Identity`); reset anyway
-            // so neither ever wraps.
-            id.macs.reset_count();
-            id.cookies.reset_count();
             id.limiter.lock().collect(Instant::now());
         }
         for peer in state.by_key.values() {

@@ -320,6 +320,61 @@ fn a_source_answering_cookies_is_limited_per_address() {
     assert_eq!(b.engine.drops().get(DropReason::UnknownPeer), before + 3);
 }
 
+/// Two hosts behind one NAT share its address, not their ports: a cookie one of them earned
+/// does not carry initiations from the other port (the whitepaper binds the cookie to the
+/// address and the port; boringtun's own checker binds it to the address only).
+#[test]
+fn a_cookie_is_valid_only_from_the_port_that_earned_it() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    let (_a, b) = pair();
+    let mut stranger = Tunn::new(
+        StaticSecret::from([11u8; 32]),
+        PublicKey::from(b.public().0),
+        None,
+        None,
+        11,
+        None,
+    );
+    let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
+    let (mut init, mut buf) = (vec![0u8; 256], vec![0u8; MAX_PACKET]);
+    // Sends one initiation from `from`; says whether b answered with a cookie reply (the
+    // sender keeps the cookie, as a real initiator does).
+    let mut send = |from: SocketAddr| {
+        let TunnResult::WriteToNetwork(msg) = stranger.format_handshake_initiation(&mut init, true)
+        else {
+            panic!("no initiation");
+        };
+        b.engine.handle_inbound(from, msg, &mut buf, &b.out);
+        let mut replied = false;
+        for o in b.out.take() {
+            let Output::Datagram(to, d) = o else { continue };
+            assert_eq!(
+                (to, d[0]),
+                (from, 3),
+                "only cookie replies go to a stranger"
+            );
+            let mut scratch = vec![0u8; 256];
+            assert!(matches!(
+                stranger.decapsulate(Some(b_ip), &d, &mut scratch),
+                TunnResult::Done
+            ));
+            replied = true;
+        }
+        replied
+    };
+    let earner: SocketAddr = "198.51.100.7:40001".parse().unwrap();
+    let neighbour: SocketAddr = "198.51.100.7:40002".parse().unwrap();
+    // Load the device until the first cookie reply: the earner now holds a cookie.
+    assert!((0..200).any(|_| send(earner)), "no cookie reply under load");
+    assert!(
+        !send(earner),
+        "the earner's cookie is valid from its own port"
+    );
+    assert!(send(neighbour), "a cookie from another port was taken");
+}
+
 #[test]
 fn removed_peer_is_forgotten_at_once() {
     let (a, b) = pair();

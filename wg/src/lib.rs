@@ -25,6 +25,7 @@
 pub mod batch;
 pub mod capture;
 pub mod config;
+pub mod cookie;
 pub mod drops;
 pub mod engine;
 pub mod key;
