@@ -14,7 +14,7 @@ use isthmus_tests::traffic::ping_within;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-const DROP_REASONS: [&str; 11] = [
+const DROP_REASONS: [&str; 12] = [
     "no_route",
     "no_endpoint",
     "malformed",
@@ -26,6 +26,7 @@ const DROP_REASONS: [&str; 11] = [
     "under_load",
     "rate_limited",
     "io_error",
+    "too_big",
 ];
 
 /// Polls `GET path` until `want` holds for (status, body); the last answer either way.

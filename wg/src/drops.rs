@@ -29,10 +29,13 @@ pub enum DropReason {
     RateLimited,
     /// Sending on the UDP socket or writing to the TUN failed.
     IoError,
+    /// Outbound packet longer than one data message can carry (65,535 bytes sealed): only
+    /// a TUN with an MTU above what an IP packet can be hands one over.
+    TooBig,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::Malformed,
@@ -44,6 +47,7 @@ impl DropReason {
         DropReason::UnderLoad,
         DropReason::RateLimited,
         DropReason::IoError,
+        DropReason::TooBig,
     ];
 
     /// Stable snake_case name, used in logs and metrics labels.
@@ -60,6 +64,7 @@ impl DropReason {
             DropReason::UnderLoad => "under_load",
             DropReason::RateLimited => "rate_limited",
             DropReason::IoError => "io_error",
+            DropReason::TooBig => "too_big",
         }
     }
 }

@@ -418,8 +418,13 @@ impl Engine {
             self.drops.record(DropReason::NoRoute);
             return None;
         };
+        // boringtun panics on a destination too short for the sealed packet.
+        if packet.len() + DATA_OVERHEAD > dst.len() {
+            self.drops.record(DropReason::TooBig);
+            return None;
+        }
         let padded = self.sealed_len(packet.len()) - DATA_OVERHEAD;
-        // Never past `dst`: boringtun panics on a short buffer, and unpadded is still valid.
+        // Never past `dst`: unpadded is still valid.
         let padded = padded
             .min(dst.len().saturating_sub(DATA_OVERHEAD))
             .max(packet.len());

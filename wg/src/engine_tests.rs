@@ -9,18 +9,18 @@ use crate::engine::{Engine, MAX_PACKET};
 use crate::key::Key;
 use crate::packet::{ipv4, udp4, UDP};
 
-const ADDR_A: &str = "192.0.2.1:51820";
-const ADDR_B: &str = "192.0.2.2:51820";
-const ADDR_C: &str = "192.0.2.3:51820";
+pub(crate) const ADDR_A: &str = "192.0.2.1:51820";
+pub(crate) const ADDR_B: &str = "192.0.2.2:51820";
+pub(crate) const ADDR_C: &str = "192.0.2.3:51820";
 
-struct Node {
-    engine: Engine,
-    out: Capture,
-    private: Key,
+pub(crate) struct Node {
+    pub(crate) engine: Engine,
+    pub(crate) out: Capture,
+    pub(crate) private: Key,
 }
 
 impl Node {
-    fn new(seed: u8) -> Node {
+    pub(crate) fn new(seed: u8) -> Node {
         Node {
             engine: Engine::new(),
             out: Capture::default(),
@@ -28,11 +28,11 @@ impl Node {
         }
     }
 
-    fn public(&self) -> Key {
+    pub(crate) fn public(&self) -> Key {
         self.private.public_from_private()
     }
 
-    fn configure(&self, peer: &Node, endpoint: Option<&str>, allowed: &[&str]) {
+    pub(crate) fn configure(&self, peer: &Node, endpoint: Option<&str>, allowed: &[&str]) {
         let mut pc = PeerConfig::new(peer.public());
         pc.endpoint = endpoint.map(|e| e.parse().unwrap());
         pc.allowed_ips = allowed.iter().map(|n| n.parse().unwrap()).collect();
@@ -49,7 +49,7 @@ impl Node {
 
 /// Hands every datagram `from` sent to `to`, as if it came from `source`; returns what
 /// `to` wrote to its TUN.
-fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
+pub(crate) fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; MAX_PACKET];
     for o in from.out.take() {
         match o {
@@ -78,7 +78,7 @@ fn deliver(from: &Node, to: &Node, source: &str) -> Vec<Vec<u8>> {
     tun
 }
 
-fn pair() -> (Node, Node) {
+pub(crate) fn pair() -> (Node, Node) {
     let (a, b) = (Node::new(1), Node::new(2));
     a.configure(&b, Some(ADDR_B), &["10.0.0.2/32"]);
     b.configure(&a, Some(ADDR_A), &["10.0.0.1/32"]);
@@ -86,7 +86,7 @@ fn pair() -> (Node, Node) {
 }
 
 /// Sends one packet a -> b through a full handshake; returns what b's TUN received.
-fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u8>> {
     let mut buf = vec![0u8; MAX_PACKET];
     a.engine.handle_outbound(packet, &mut buf, &a.out);
     assert!(deliver(a, b, ADDR_A).is_empty()); // initiation -> response

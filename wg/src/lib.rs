@@ -43,6 +43,8 @@ pub mod uapi;
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod protocol_tests;
 
 pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, SetEffects};
 pub use engine::{Burst, Engine, Sealed, Transmit, DATA_OVERHEAD};
