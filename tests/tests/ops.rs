@@ -14,7 +14,7 @@ use isthmus_tests::traffic::ping_within;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-const DROP_REASONS: [&str; 12] = [
+const DROP_REASONS: [&str; 13] = [
     "no_route",
     "no_endpoint",
     "malformed",
@@ -27,6 +27,7 @@ const DROP_REASONS: [&str; 12] = [
     "rate_limited",
     "io_error",
     "too_big",
+    "routing_loop",
 ];
 
 /// Polls `GET path` until `want` holds for (status, body); the last answer either way.

@@ -32,10 +32,13 @@ pub enum DropReason {
     /// Outbound packet longer than one data message can carry (65,535 bytes sealed): only
     /// a TUN with an MTU above what an IP packet can be hands one over.
     TooBig,
+    /// One of the device's own datagrams came back through its TUN: a peer's endpoint lies
+    /// inside what the tunnel carries (see `loopguard`).
+    RoutingLoop,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::Malformed,
@@ -48,6 +51,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::IoError,
         DropReason::TooBig,
+        DropReason::RoutingLoop,
     ];
 
     /// Stable snake_case name, used in logs and metrics labels.
@@ -65,6 +69,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::IoError => "io_error",
             DropReason::TooBig => "too_big",
+            DropReason::RoutingLoop => "routing_loop",
         }
     }
 }

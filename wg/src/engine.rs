@@ -27,6 +27,7 @@ use crate::config::{DeviceConfig, SetEffects};
 use crate::cookie::{CookieChecker, Mac2, COOKIE_REPLY_LEN};
 use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
+use crate::loopguard;
 use crate::mss;
 use crate::peer::Peer;
 use crate::ratelimit::HandshakeLimiter;
@@ -413,6 +414,12 @@ impl Engine {
             self.drops.record(DropReason::NoRoute);
             return None;
         };
+        let state = &burst.state;
+        let endpoints = || state.peers.iter().filter_map(|p| p.endpoint());
+        if loopguard::is_own_datagram(packet, state.config.listen_port, endpoints()) {
+            self.drops.record(DropReason::RoutingLoop);
+            return None;
+        }
         let mut guard = peer.tunn.lock();
         let Some(tunn) = guard.as_mut() else {
             self.drops.record(DropReason::NoRoute);

@@ -29,6 +29,7 @@ pub mod cookie;
 pub mod drops;
 pub mod engine;
 pub mod key;
+pub mod loopguard;
 pub mod mss;
 pub mod offload;
 #[cfg(any(test, feature = "testing"))]

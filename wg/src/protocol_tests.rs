@@ -160,3 +160,37 @@ fn oversized_datagrams_and_packets_never_panic() {
     assert_eq!(sent.len(), 2, "{} datagrams sent", sent.len());
     assert_eq!(a.engine.drops().get(DropReason::TooBig), 3);
 }
+
+/// Two peers whose endpoints lie in each other's allowed IPs: a datagram a sends to b's
+/// endpoint comes back through the TUN routed to c, and is not sealed again (nor the other
+/// way round); a pod's own UDP to the same address from another port still is.
+#[test]
+fn own_datagrams_routed_back_into_the_tunnel_are_not_sealed_again() {
+    use crate::packet::Udp;
+
+    let (a, b, c) = (Node::new(1), Node::new(2), Node::new(3));
+    set_peers(
+        &a,
+        vec![
+            peer(&b, "10.0.3.9:51820", &["10.0.2.0/24"]),
+            peer(&c, "10.0.2.9:51820", &["10.0.3.0/24"]),
+        ],
+    );
+    let datagram = |sport: u16, to: &str| {
+        let to: SocketAddr = to.parse().unwrap();
+        let mut u = Udp::new(false, 148);
+        u.src = "10.0.9.1".parse().unwrap();
+        u.dst = to.ip();
+        u.sport = sport;
+        u.dport = to.port();
+        u.build()
+    };
+    send(&a, &datagram(51820, "10.0.3.9:51820"));
+    send(&a, &datagram(51820, "10.0.2.9:51820"));
+    assert!(a.out.take().is_empty(), "an own datagram was sealed again");
+    assert_eq!(a.engine.drops().get(DropReason::RoutingLoop), 2);
+    // Another port is someone else's traffic: it goes on (here: a handshake starts).
+    send(&a, &datagram(40000, "10.0.3.9:51820"));
+    assert_eq!(a.out.take().len(), 1);
+    assert_eq!(a.engine.drops().get(DropReason::RoutingLoop), 2);
+}
