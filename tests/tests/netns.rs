@@ -1,7 +1,8 @@
 //! More of the kernel's netns selftest (tools/testing/selftests/wireguard/netns.sh), ported
 //! to isthmus in namespaces; `selftest.rs` has the first scenarios.
 
-use std::time::Duration;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use isthmus_tests::pair::{Impl, Pair, Underlay};
 use isthmus_tests::traffic::{link_counters, ping};
@@ -135,4 +136,188 @@ fn counters_are_exact_after_ten_pings() {
     );
     assert_eq!(wa.rx_bytes, wb.tx_bytes, "a received what b sent");
     assert_eq!((wb.rx_bytes, wa.tx_bytes), (answered, answered));
+}
+
+/// The daemon's resident memory in KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Applies `config` with `wg setconf`; returns how long it took.
+fn setconf(pair: &Pair, config: &str) -> Duration {
+    let host = &pair.a;
+    let path = pair.dir.path().join("big.conf");
+    std::fs::write(&path, config).unwrap();
+    let start = Instant::now();
+    host.wg(&["setconf", &host.iface, &path.display().to_string()])
+        .unwrap_or_else(|e| panic!("setconf: {e:#}\n{}", pair.logs()));
+    start.elapsed()
+}
+
+/// netns.sh: 130,560 allowed IPs on one peer (255 × 256 IPv4 /16s and as many IPv6 /128s)
+/// are all taken and all listed; then 40 peers with 52 prefixes each; then 30 peers, the
+/// last with two prefixes, and `wg showconf` answers. Time and memory are printed.
+#[test]
+fn many_allowed_ips_and_many_peers_are_all_taken() {
+    let pair = Pair::unconnected(Impl::Isthmus, Impl::Isthmus, Underlay::V4).expect("pair");
+    let host = &pair.a;
+    let private = |config: &mut String| {
+        let _ = writeln!(config, "[Interface]\nPrivateKey = {}", host.keys.private);
+    };
+    let rss_before = rss_kib(host.daemon.pid());
+
+    let mut config = String::new();
+    private(&mut config);
+    let _ = writeln!(
+        config,
+        "[Peer]\nPublicKey = {}",
+        KeyPair::generate().unwrap().public
+    );
+    for a in 1..=255 {
+        for b in 0..=255 {
+            let _ = writeln!(config, "AllowedIPs = {a}.{b}.0.0/16,{a:x}::{b:x}/128");
+        }
+    }
+    let took = setconf(&pair, &config);
+    let listed = host.wg(&["show", &host.iface, "allowed-ips"]).unwrap();
+    let tokens = listed.split_whitespace().count();
+    let rss_after = rss_kib(host.daemon.pid());
+    eprintln!(
+        "130,560 allowed IPs on one peer: setconf {:.2} s, RSS {} -> {} KiB (+{} KiB)",
+        took.as_secs_f64(),
+        rss_before,
+        rss_after,
+        rss_after.saturating_sub(rss_before)
+    );
+    assert_eq!(tokens, 255 * 256 * 2 + 1, "the key and every prefix listed");
+
+    let mut config = String::new();
+    private(&mut config);
+    for a in 1..=40 {
+        let _ = writeln!(
+            config,
+            "[Peer]\nPublicKey = {}",
+            KeyPair::generate().unwrap().public
+        );
+        for b in 1..=52 {
+            let _ = writeln!(config, "AllowedIPs = {a}.{b}.0.0/16");
+        }
+    }
+    let took = setconf(&pair, &config);
+    let listed = host.wg(&["show", &host.iface, "allowed-ips"]).unwrap();
+    let lines: Vec<usize> = listed
+        .lines()
+        .map(|l| l.split_whitespace().count())
+        .collect();
+    eprintln!(
+        "40 peers x 52 prefixes: setconf {:.2} s",
+        took.as_secs_f64()
+    );
+    assert_eq!(lines, vec![53; 40], "every peer with its 52 prefixes");
+
+    let mut config = String::new();
+    private(&mut config);
+    for _ in 0..29 {
+        let _ = writeln!(
+            config,
+            "[Peer]\nPublicKey = {}",
+            KeyPair::generate().unwrap().public
+        );
+    }
+    let last = KeyPair::generate().unwrap().public;
+    let _ = writeln!(
+        config,
+        "[Peer]\nPublicKey = {last}\nAllowedIPs = 255.2.3.4/32,abcd::255/128"
+    );
+    setconf(&pair, &config);
+    let shown = host.wg(&["showconf", &host.iface]).unwrap();
+    assert_eq!(shown.matches("[Peer]").count(), 30);
+    let dump = host.dump().unwrap();
+    let allowed = &dump.peer(&last).expect("the last peer").allowed_ips;
+    assert!(
+        allowed.contains("255.2.3.4/32") && allowed.contains("abcd::255/128"),
+        "{allowed}"
+    );
+}
+
+/// netns.sh: "Test using IPv4 that roaming works" and the same over IPv6. The roamer moves
+/// to a new port (and then to the IPv6 underlay and another port); the other side learns the
+/// new address and port from the roamer's next authenticated packet and answers there, with
+/// no configuration of its own. Both ways: isthmus roaming to wireguard-go, and isthmus
+/// following wireguard-go.
+#[test]
+fn roaming_over_ipv4_and_ipv6_follows_address_and_port() {
+    let pair = Pair::new(Impl::Isthmus, Impl::WireguardGo, Underlay::V4).expect("pair");
+    assert!(ping(&pair.a.ns, pair.b.inner_v4(), 1), "{}", pair.logs());
+    // The port each host listens on now (a, b).
+    let mut ports = [pair.a.port.to_string(), pair.b.port.to_string()];
+    let moves = [
+        (0, "9999", Underlay::V4),
+        (0, "9998", Underlay::V6),
+        (1, "9997", Underlay::V4),
+        (1, "9996", Underlay::V6),
+    ];
+    for (who, port, family) in moves {
+        let (roamer, other) = if who == 0 {
+            (&pair.a, &pair.b)
+        } else {
+            (&pair.b, &pair.a)
+        };
+        roamer
+            .wg(&["set", &roamer.iface, "listen-port", port])
+            .unwrap();
+        // The old port is let go (isthmus's readers notice within 250 ms).
+        let old = format!("sport = :{}", ports[who]);
+        let released = (0..20).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            roamer
+                .ns
+                .exec("ss", &["-Hlun", &old])
+                .is_ok_and(|s| s.trim().is_empty())
+        });
+        assert!(
+            released,
+            "{:?} still listens on {}",
+            roamer.kind, ports[who]
+        );
+        ports[who] = port.to_string();
+        let to_other = match other.underlay(family) {
+            std::net::IpAddr::V4(ip) => format!("{ip}:{}", ports[1 - who]),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", ports[1 - who]),
+        };
+        roamer
+            .wg(&[
+                "set",
+                &roamer.iface,
+                "peer",
+                &other.keys.public,
+                "endpoint",
+                &to_other,
+            ])
+            .unwrap();
+        // Over the other inner family each time, as netns.sh does.
+        let dst = match family {
+            Underlay::V4 => other.inner_v6(),
+            Underlay::V6 => other.inner_v4(),
+        };
+        let what = format!("{:?} moved to {port} over {family:?}", roamer.kind);
+        assert!(ping(&roamer.ns, dst, 1), "{what}\n{}", pair.logs());
+        let want = match roamer.underlay(family) {
+            std::net::IpAddr::V4(ip) => format!("{ip}:{port}"),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+        };
+        let dump = other.dump().unwrap();
+        let seen = &dump.peer(&roamer.keys.public).unwrap().endpoint;
+        assert_eq!(seen, &want, "{what}: the other side's endpoint");
+        assert!(
+            ping(&other.ns, roamer.inner_v4(), 1),
+            "{what}: answered at {want}\n{}",
+            pair.logs()
+        );
+    }
 }
