@@ -2,9 +2,12 @@
 //! to isthmus in namespaces; `selftest.rs` has the first scenarios.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use isthmus_tests::pair::{Impl, Pair, Underlay};
+use anyhow::{bail, Context};
+use isthmus_tests::pair::{Host, Impl, Pair, Underlay};
 use isthmus_tests::traffic::{link_counters, ping};
 use isthmus_tests::wg::KeyPair;
 
@@ -320,4 +323,148 @@ fn roaming_over_ipv4_and_ipv6_follows_address_and_port() {
             pair.logs()
         );
     }
+}
+
+/// An iperf3 server for one test, ended (by its PID) when dropped, also on failure.
+struct IperfServer(Child);
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What one iperf3 run carried: bytes the receiver got (in one second), and for UDP the
+/// share lost.
+#[derive(Debug)]
+struct Carried {
+    bytes: u64,
+    lost_percent: f64,
+}
+
+/// One iperf3 run from `from` to `dst` (an address of `to`): TCP with `streams` parallel
+/// streams, or UDP as fast as it goes (`-b 0`), for one second — netns.sh's `tests()` with
+/// `-t 1`.
+fn iperf(from: &Host, to: &Host, dst: IpAddr, udp: bool, streams: u32) -> anyhow::Result<Carried> {
+    let dst = dst.to_string();
+    let server = IperfServer(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &to.ns.name,
+                "iperf3",
+                "-s",
+                "-1",
+                "-B",
+                &dst,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?,
+    );
+    let listening = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        to.ns
+            .exec("ss", &["-Htln", "sport = :5201"])
+            .is_ok_and(|s| !s.trim().is_empty())
+    });
+    if !listening {
+        bail!("iperf3 server did not listen");
+    }
+    let streams = streams.to_string();
+    let mut args = vec!["-c", &dst, "-t", "1", "-J", "-Z", "-P", &streams];
+    if udp {
+        args.extend(["-u", "-b", "0"]);
+    }
+    let out = from.ns.exec("iperf3", &args)?;
+    drop(server);
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let end = &v["end"];
+    // TCP: what the receiver counted. UDP: iperf3 sums what was sent and the share the
+    // receiver reported lost.
+    let sum = if udp {
+        &end["sum"]
+    } else {
+        &end["sum_received"]
+    };
+    let bytes = sum["bytes"]
+        .as_u64()
+        .context("no bytes in iperf3's summary")?;
+    let lost_percent = sum["lost_percent"].as_f64().unwrap_or(0.0);
+    Ok(Carried {
+        bytes: (bytes as f64 * (100.0 - lost_percent) / 100.0) as u64,
+        lost_percent,
+    })
+}
+
+/// netns.sh's `tests()`, over `underlay`: TCP with 1, 4 and 50 streams and UDP, both ways,
+/// inside IPv4 and IPv6, at the tunnel's MTU and again at netns.sh's big MTU (34,816 minus
+/// 1,500 plus the tunnel's; the datagrams are then fragmented on the 1,500-byte underlay).
+/// Every run carries data; UDP at full speed may lose some, never all.
+fn traffic_both_ways_at_both_mtus(underlay: Underlay) {
+    let pair = Pair::new(Impl::Isthmus, Impl::Isthmus, underlay).expect("pair");
+    let (a, b) = (&pair.a, &pair.b);
+    assert!(ping(&a.ns, b.inner_v4(), 1), "{}", pair.logs());
+    let mtu = a.ns.link_mtu(&a.iface).unwrap();
+    let big = 34_816 - 1_500 + mtu;
+    let mut report = Vec::new();
+    for tunnel_mtu in [mtu, big] {
+        for host in [a, b] {
+            host.ns
+                .ip(&[
+                    "link",
+                    "set",
+                    "dev",
+                    &host.iface,
+                    "mtu",
+                    &tunnel_mtu.to_string(),
+                ])
+                .unwrap();
+        }
+        for (from, to) in [(a, b), (b, a)] {
+            for inner_v6 in [false, true] {
+                let dst = if inner_v6 {
+                    to.inner_v6()
+                } else {
+                    to.inner_v4()
+                };
+                let mut runs = vec![(false, 1), (true, 1)];
+                if tunnel_mtu == mtu && !inner_v6 {
+                    runs.extend([(false, 4), (false, 50)]);
+                }
+                for (udp, streams) in runs {
+                    let what = format!(
+                        "{underlay:?} underlay, MTU {tunnel_mtu}, host {} -> {}, {} {}, {streams} stream(s)",
+                        from.n,
+                        to.n,
+                        if inner_v6 { "IPv6" } else { "IPv4" },
+                        if udp { "UDP" } else { "TCP" },
+                    );
+                    let carried = iperf(from, to, dst, udp, streams)
+                        .unwrap_or_else(|e| panic!("{what}: {e:#}\n{}", pair.logs()));
+                    assert!(carried.bytes > 0, "{what}: nothing carried");
+                    assert!(carried.lost_percent < 100.0, "{what}: all lost");
+                    report.push(format!(
+                        "{what}: {:.0} Mbit/s received, {:.1} % lost",
+                        carried.bytes as f64 * 8.0 / 1e6,
+                        carried.lost_percent
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn tcp_and_udp_both_ways_over_an_ipv4_underlay() {
+    traffic_both_ways_at_both_mtus(Underlay::V4);
+}
+
+#[test]
+fn tcp_and_udp_both_ways_over_an_ipv6_underlay() {
+    traffic_both_ways_at_both_mtus(Underlay::V6);
 }
