@@ -268,7 +268,8 @@ impl Engine {
             .unwrap_or_else(|| u16::try_from(self.mtu.load(Ordering::Relaxed)).unwrap_or(u16::MAX))
     }
 
-    /// How long the datagram sealing a `len`-byte packet is: padding plus [`DATA_OVERHEAD`].
+    /// The longest datagram sealing a `len`-byte packet can be: padding to the device's MTU
+    /// plus [`DATA_OVERHEAD`] (toward a peer with a lower path MTU it is shorter).
     pub fn sealed_len(&self, len: usize) -> usize {
         padded_len(len, self.mtu.load(Ordering::Relaxed)) + DATA_OVERHEAD
     }
@@ -430,7 +431,10 @@ impl Engine {
             self.drops.record(DropReason::TooBig);
             return None;
         }
-        let padded = self.sealed_len(packet.len()) - DATA_OVERHEAD;
+        // Padding stops at the MTU toward this peer: its path MTU when one is known (the
+        // agent lowers the route to it to that), else the device's. Padding to the device's
+        // MTU would push a packet that fits the lower route past what the path carries.
+        let padded = padded_len(packet.len(), usize::from(self.clamp_mtu(peer)));
         // Never past `dst`: unpadded is still valid.
         let padded = padded
             .min(dst.len().saturating_sub(DATA_OVERHEAD))

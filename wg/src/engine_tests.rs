@@ -449,7 +449,7 @@ fn a_refreshed_burst_follows_a_moved_allowed_ip() {
 }
 
 /// The datagrams `node` sent since the last take, by length.
-fn sent_lengths(node: &Node) -> Vec<usize> {
+pub(crate) fn sent_lengths(node: &Node) -> Vec<usize> {
     node.out
         .take()
         .into_iter()

@@ -7,9 +7,11 @@ use crate::capture::Output;
 use crate::config::{DeviceConfig, PeerConfig, SetEffects};
 use crate::drops::DropReason;
 use crate::engine::MAX_PACKET;
-use crate::engine_tests::{deliver, handshake_and_send, pair, Node, ADDR_A, ADDR_B, ADDR_C};
+use crate::engine_tests::{
+    deliver, handshake_and_send, pair, sent_lengths, Node, ADDR_A, ADDR_B, ADDR_C,
+};
 use crate::key::Key;
-use crate::packet::udp4;
+use crate::packet::{ipv4, udp4, UDP};
 
 fn peer(node: &Node, endpoint: &str, allowed: &[&str]) -> PeerConfig {
     let mut pc = PeerConfig::new(node.public());
@@ -193,4 +195,32 @@ fn own_datagrams_routed_back_into_the_tunnel_are_not_sealed_again() {
     send(&a, &datagram(40000, "10.0.3.9:51820"));
     assert_eq!(a.out.take().len(), 1);
     assert_eq!(a.engine.drops().get(DropReason::RoutingLoop), 2);
+}
+
+/// netns.sh's route-MTU padding case, as isthmus meets it: toward a peer whose path carries
+/// less than the device's MTU (the agent lowers the route to it and tells the engine),
+/// padding stops at that path MTU, so a packet that fits the route still fits the path.
+/// Without a path MTU the device's MTU caps it, as in wireguard-go.
+#[test]
+fn padding_stops_at_the_peers_path_mtu() {
+    let (a, b) = pair();
+    a.engine.set_mtu(1420);
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
+    let wire = |len: usize| {
+        let packet = ipv4([10, 0, 0, 1], [10, 0, 0, 2], UDP, len);
+        send(&a, &packet);
+        sent_lengths(&a)
+    };
+    // (path MTU, packet length, datagram length)
+    let cases = [
+        (None, 1297, 32 + 1312),
+        (Some(1300), 1297, 32 + 1300),
+        (Some(1300), 1290, 32 + 1296),
+        (Some(1300), 1300, 32 + 1300),
+        (Some(1299), 1297, 32 + 1299),
+    ];
+    for (path_mtu, len, want) in cases {
+        assert!(a.engine.set_path_mtu(&b.public(), path_mtu));
+        assert_eq!(wire(len), vec![want], "path {path_mtu:?}, {len} bytes");
+    }
 }
