@@ -13,7 +13,6 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -21,9 +20,9 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
 use ip_network_table::IpNetworkTable;
 use parking_lot::{Mutex, RwLock};
-use rand_core::RngCore;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::clock::{Clock, IndexSource, OsIndices, SystemClock};
 use crate::config::{DeviceConfig, SetEffects};
 use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
@@ -204,7 +203,10 @@ impl Default for State {
 /// What boringtun's `device::Device` and wireguard-go's `Device` do *minus* the I/O: no TUN,
 /// no socket, no thread. [`crate::Tunnel`] adds those. Named `Engine`, not `Device`, so a
 /// reader who knows those two does not expect a TUN behind it.
-#[derive(Default)]
+///
+/// Time and randomness come in through a [`Clock`] and an [`IndexSource`]
+/// ([`Engine::with_sources`]; [`Engine::new`] takes the system's), so tests can drive every
+/// timer and reproduce every receiver index (see [`crate::clock`]).
 pub struct Engine {
     state: RwLock<Arc<State>>,
     /// Bumped on every reconfiguration, after the new state is in place.
@@ -214,11 +216,35 @@ pub struct Engine {
     drops: DropCounters,
     /// The TUN's MTU, the cap on padding; 0 until [`Engine::set_mtu`].
     mtu: AtomicUsize,
+    clock: Arc<dyn Clock>,
+    indices: Arc<dyn IndexSource>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::with_sources(Arc::new(SystemClock), Arc::new(OsIndices))
+    }
 }
 
 impl Engine {
+    /// An engine on the host's clock and the OS random number generator.
     pub fn new() -> Engine {
         Engine::default()
+    }
+
+    /// An engine that reads the time from `clock` and draws receiver indices from
+    /// `indices`: a test's virtual clock and [`crate::clock::SeededIndices`] make a run
+    /// reproducible.
+    pub fn with_sources(clock: Arc<dyn Clock>, indices: Arc<dyn IndexSource>) -> Engine {
+        Engine {
+            state: RwLock::default(),
+            generation: AtomicU64::default(),
+            reconfigure_lock: Mutex::default(),
+            drops: DropCounters::default(),
+            mtu: AtomicUsize::default(),
+            clock,
+            indices,
+        }
     }
 
     fn state(&self) -> Arc<State> {
@@ -310,7 +336,7 @@ impl Engine {
                     peer.clone()
                 }
                 _ => {
-                    let index = fresh_index(&old.by_index, &by_index);
+                    let index = fresh_index(&*self.indices, &old.by_index, &by_index);
                     Arc::new(Peer::new(pc, index, secret))
                 }
             };
@@ -574,7 +600,7 @@ impl Engine {
             self.drops.record(DropReason::HandshakeRejected);
             return None;
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         if id.limiter.lock().arrive(now) {
             match id.cookies.verify_packet(Some(from.ip()), datagram, buf) {
                 Ok(_) => {}
@@ -655,7 +681,7 @@ impl Engine {
             // so neither ever wraps.
             id.macs.reset_count();
             id.cookies.reset_count();
-            id.limiter.lock().collect(Instant::now());
+            id.limiter.lock().collect(self.clock.now());
         }
         for peer in state.by_key.values() {
             let mut guard = peer.tunn.lock();
@@ -712,9 +738,9 @@ fn reason_for(e: &WireGuardError) -> DropReason {
 
 /// A random 24-bit receiver index not used by the old or the new peer set, so a datagram
 /// for a removed peer can never reach its successor.
-fn fresh_index(old: &IndexMap, new: &IndexMap) -> u32 {
+fn fresh_index(indices: &dyn IndexSource, old: &IndexMap, new: &IndexMap) -> u32 {
     loop {
-        let index = rand_core::OsRng.next_u32() & 0x00ff_ffff;
+        let index = indices.next_u32() & 0x00ff_ffff;
         if !old.contains_key(&index) && !new.contains_key(&index) {
             return index;
         }
