@@ -13,6 +13,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -34,6 +35,7 @@ use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 /// A buffer this large holds any datagram or packet the engine produces.
 pub const MAX_PACKET: usize = 65_535 + 32;
 
+const INITIATION_TYPE: u8 = 1;
 const COOKIE_REPLY_TYPE: u8 = 3;
 
 /// Where the engine's output goes.
@@ -660,6 +662,10 @@ impl Engine {
     }
 
     fn send_to_peer(&self, peer: &Peer, data: &[u8], out: &dyn Transmit) {
+        if data.first() == Some(&INITIATION_TYPE) {
+            let jitter = u64::from(self.indices.next_u32()) % (RETRY_JITTER_MAX_MS + 1);
+            *peer.last_initiation.lock() = Some((self.clock.now(), Duration::from_millis(jitter)));
+        }
         let Some(endpoint) = peer.endpoint() else {
             self.drops.record(DropReason::NoEndpoint);
             return;
@@ -683,9 +689,14 @@ impl Engine {
             id.cookies.reset_count();
             id.limiter.lock().collect(self.clock.now());
         }
+        let now = self.clock.now();
         for peer in state.by_key.values() {
             let mut guard = peer.tunn.lock();
             let Some(tunn) = guard.as_mut() else { continue };
+            let last_initiation = *peer.last_initiation.lock();
+            if hold_retry(now, last_initiation, tunn.time_since_last_handshake()) {
+                continue;
+            }
             match tunn.update_timers(buf) {
                 TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
                 TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
@@ -694,6 +705,42 @@ impl Engine {
             }
         }
     }
+}
+
+/// A handshake initiation is retried REKEY_TIMEOUT after the previous one.
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The retry jitter's upper bound: "some random value between 0 and 333 ms" (whitepaper
+/// §6.1; the kernel's `REKEY_TIMEOUT_JITTER_MAX_JIFFIES` is HZ / 3).
+const RETRY_JITTER_MAX_MS: u64 = 333;
+
+/// Sessions are not used past this age (whitepaper §6.2).
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+
+/// Whether the timer tick leaves a peer alone this time, to jitter its handshake retry.
+///
+/// boringtun retries an unanswered initiation exactly REKEY_TIMEOUT after it
+/// (`timers.rs:228`; its comment promises a jitter it never adds), so two peers that
+/// initiate at once stay in lockstep. It offers no way to delay the retry alone, so the
+/// engine skips the peer's `update_timers` from REKEY_TIMEOUT after the last initiation
+/// until the jitter drawn for it has passed: the retry leaves 5 s + jitter after the
+/// previous one (quantised to the 100 ms tick). The peer's other timers wait at most
+/// 333 ms once per retry — except session expiry: when the newest session is within a
+/// second of REJECT_AFTER_TIME the tick is never skipped (the current session is at least
+/// that old), so no data outlives its session.
+pub fn hold_retry(
+    now: Instant,
+    last_initiation: Option<(Instant, Duration)>,
+    since_handshake: Option<Duration>,
+) -> bool {
+    let Some((sent, jitter)) = last_initiation else {
+        return false;
+    };
+    let due = sent + REKEY_TIMEOUT;
+    let in_window = now >= due && now < due + jitter;
+    let near_expiry =
+        since_handshake.is_some_and(|age| age + Duration::from_secs(1) >= REJECT_AFTER_TIME);
+    in_window && !near_expiry
 }
 
 /// `tunn.encapsulate` of `packet` followed by zeros up to `padded` bytes; the receiver

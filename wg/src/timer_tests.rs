@@ -390,7 +390,6 @@ fn persistent_keepalive_every_interval() {
 /// plus a random jitter of up to a third of a second (whitepaper §6.1, so that two peers
 /// initiating at once drift apart), and given up after REKEY_ATTEMPT_TIME (90 s).
 #[test]
-#[ignore = "boringtun defect, fixed in the next commit"]
 fn handshake_retries_with_jitter_and_gives_up_after_90_s() {
     let mut rig = Rig::new(0);
     rig.carries = Box::new(|_| false);
@@ -527,4 +526,34 @@ fn session_indices_are_random_per_handshake_and_seedable() {
         .filter(|w| w[1] >> 8 == w[0] >> 8 || w[1].wrapping_sub(w[0]) == 1)
         .count();
     assert_eq!(sequential, 0, "linkable indices: {first:x?}");
+}
+
+/// When the tick leaves a peer alone to jitter its retry (`engine::hold_retry`).
+#[test]
+fn the_retry_is_held_for_its_jitter_but_never_past_session_expiry() {
+    use crate::engine::hold_retry;
+    let t0 = std::time::Instant::now();
+    let at = |s: f64| t0 + secs(s);
+    let sent = Some((t0, secs(0.3)));
+    let young = Some(secs(60.0));
+    let old = Some(secs(179.5));
+    let cases = [
+        // (now, last initiation, newest session's age, held)
+        (at(4.9), sent, young, false),
+        (at(5.0), sent, young, true),
+        (at(5.2), sent, young, true),
+        (at(5.3), sent, young, false),
+        (at(5.1), sent, None, true),
+        (at(5.1), Some((t0, secs(0.0))), young, false),
+        (at(5.1), None, young, false),
+        (at(5.1), sent, old, false),
+    ];
+    for (now, last, age, held) in cases {
+        assert_eq!(
+            hold_retry(now, last, age),
+            held,
+            "at {:?} after the initiation, session age {age:?}",
+            now - t0
+        );
+    }
 }
