@@ -708,7 +708,7 @@ impl Engine {
 }
 
 /// A handshake initiation is retried REKEY_TIMEOUT after the previous one.
-pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The retry jitter's upper bound: "some random value between 0 and 333 ms" (whitepaper
 /// §6.1; the kernel's `REKEY_TIMEOUT_JITTER_MAX_JIFFIES` is HZ / 3).
@@ -728,7 +728,7 @@ const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// 333 ms once per retry — except session expiry: when the newest session is within a
 /// second of REJECT_AFTER_TIME the tick is never skipped (the current session is at least
 /// that old), so no data outlives its session.
-pub fn hold_retry(
+pub(crate) fn hold_retry(
     now: Instant,
     last_initiation: Option<(Instant, Duration)>,
     since_handshake: Option<Duration>,

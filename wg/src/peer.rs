@@ -33,7 +33,7 @@ pub struct Peer {
     /// to and from the peer are clamped to ([`crate::mss`]).
     path_mtu: AtomicU16,
     /// When the latest handshake initiation left and the jitter drawn for its retry
-    /// (see [`crate::engine::hold_retry`]).
+    /// (see `engine::hold_retry`).
     pub last_initiation: Mutex<Option<(Instant, Duration)>>,
 }
 
