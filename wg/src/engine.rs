@@ -13,16 +13,16 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
 use ip_network_table::IpNetworkTable;
 use parking_lot::{Mutex, RwLock};
-use rand_core::RngCore;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::clock::{Clock, IndexSource, OsIndices, SystemClock};
 use crate::config::{DeviceConfig, SetEffects};
 use crate::cookie::{CookieChecker, Mac2, COOKIE_REPLY_LEN};
 use crate::drops::{DropCounters, DropReason};
@@ -36,6 +36,7 @@ use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 /// A buffer this large holds any datagram or packet the engine produces.
 pub const MAX_PACKET: usize = 65_535 + 32;
 
+const INITIATION_TYPE: u8 = 1;
 const COOKIE_REPLY_TYPE: u8 = 3;
 
 /// Where the engine's output goes.
@@ -133,13 +134,13 @@ struct Identity {
 }
 
 impl Identity {
-    fn new(private: Key) -> Identity {
+    fn new(private: Key, now: Instant) -> Identity {
         let secret = StaticSecret::from(private.0);
         let public = PublicKey::from(&secret);
         Identity {
             secret,
             public,
-            cookies: Arc::new(CookieChecker::new(public.as_bytes(), Instant::now())),
+            cookies: Arc::new(CookieChecker::new(public.as_bytes(), now)),
             limiter: Arc::new(Mutex::new(HandshakeLimiter::new())),
         }
     }
@@ -201,7 +202,10 @@ impl Default for State {
 /// What boringtun's `device::Device` and wireguard-go's `Device` do *minus* the I/O: no TUN,
 /// no socket, no thread. [`crate::Tunnel`] adds those. Named `Engine`, not `Device`, so a
 /// reader who knows those two does not expect a TUN behind it.
-#[derive(Default)]
+///
+/// Time and randomness come in through a [`Clock`] and an [`IndexSource`]
+/// ([`Engine::with_sources`]; [`Engine::new`] takes the system's), so tests can drive every
+/// timer and reproduce every receiver index (see [`crate::clock`]).
 pub struct Engine {
     state: RwLock<Arc<State>>,
     /// Bumped on every reconfiguration, after the new state is in place.
@@ -211,11 +215,35 @@ pub struct Engine {
     drops: DropCounters,
     /// The TUN's MTU, the cap on padding; 0 until [`Engine::set_mtu`].
     mtu: AtomicUsize,
+    clock: Arc<dyn Clock>,
+    indices: Arc<dyn IndexSource>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::with_sources(Arc::new(SystemClock), Arc::new(OsIndices))
+    }
 }
 
 impl Engine {
+    /// An engine on the host's clock and the OS random number generator.
     pub fn new() -> Engine {
         Engine::default()
+    }
+
+    /// An engine that reads the time from `clock` and draws receiver indices from
+    /// `indices`: a test's virtual clock and [`crate::clock::SeededIndices`] make a run
+    /// reproducible.
+    pub fn with_sources(clock: Arc<dyn Clock>, indices: Arc<dyn IndexSource>) -> Engine {
+        Engine {
+            state: RwLock::default(),
+            generation: AtomicU64::default(),
+            reconfigure_lock: Mutex::default(),
+            drops: DropCounters::default(),
+            mtu: AtomicUsize::default(),
+            clock,
+            indices,
+        }
     }
 
     fn state(&self) -> Arc<State> {
@@ -281,7 +309,7 @@ impl Engine {
         let old = self.state();
         let identity_changed = old.config.private_key != next.private_key;
         let identity = if identity_changed {
-            next.private_key.map(Identity::new)
+            next.private_key.map(|k| Identity::new(k, self.clock.now()))
         } else {
             old.identity.clone()
         };
@@ -308,7 +336,7 @@ impl Engine {
                     peer.clone()
                 }
                 _ => {
-                    let index = fresh_index(&old.by_index, &by_index);
+                    let index = fresh_index(&*self.indices, &old.by_index, &by_index);
                     Arc::new(Peer::new(pc, index, secret))
                 }
             };
@@ -586,7 +614,7 @@ impl Engine {
             self.drops.record(DropReason::HandshakeRejected);
             return None;
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         if id.limiter.lock().arrive(now) {
             match id.cookies.check_mac2(datagram, from, now, buf) {
                 Mac2::Valid => {}
@@ -646,6 +674,10 @@ impl Engine {
     }
 
     fn send_to_peer(&self, peer: &Peer, data: &[u8], out: &dyn Transmit) {
+        if data.first() == Some(&INITIATION_TYPE) {
+            let jitter = u64::from(self.indices.next_u32()) % (RETRY_JITTER_MAX_MS + 1);
+            *peer.last_initiation.lock() = Some((self.clock.now(), Duration::from_millis(jitter)));
+        }
         let Some(endpoint) = peer.endpoint() else {
             self.drops.record(DropReason::NoEndpoint);
             return;
@@ -663,11 +695,16 @@ impl Engine {
     pub fn tick(&self, buf: &mut [u8], out: &dyn Transmit) {
         let state = self.state();
         if let Some(id) = &state.identity {
-            id.limiter.lock().collect(Instant::now());
+            id.limiter.lock().collect(self.clock.now());
         }
+        let now = self.clock.now();
         for peer in state.by_key.values() {
             let mut guard = peer.tunn.lock();
             let Some(tunn) = guard.as_mut() else { continue };
+            let last_initiation = *peer.last_initiation.lock();
+            if hold_retry(now, last_initiation, tunn.time_since_last_handshake()) {
+                continue;
+            }
             match tunn.update_timers(buf) {
                 TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
                 TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
@@ -676,6 +713,42 @@ impl Engine {
             }
         }
     }
+}
+
+/// A handshake initiation is retried REKEY_TIMEOUT after the previous one.
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The retry jitter's upper bound: "some random value between 0 and 333 ms" (whitepaper
+/// §6.1; the kernel's `REKEY_TIMEOUT_JITTER_MAX_JIFFIES` is HZ / 3).
+const RETRY_JITTER_MAX_MS: u64 = 333;
+
+/// Sessions are not used past this age (whitepaper §6.2).
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+
+/// Whether the timer tick leaves a peer alone this time, to jitter its handshake retry.
+///
+/// boringtun retries an unanswered initiation exactly REKEY_TIMEOUT after it
+/// (`timers.rs:228`; its comment promises a jitter it never adds), so two peers that
+/// initiate at once stay in lockstep. It offers no way to delay the retry alone, so the
+/// engine skips the peer's `update_timers` from REKEY_TIMEOUT after the last initiation
+/// until the jitter drawn for it has passed: the retry leaves 5 s + jitter after the
+/// previous one (quantised to the 100 ms tick). The peer's other timers wait at most
+/// 333 ms once per retry — except session expiry: when the newest session is within a
+/// second of REJECT_AFTER_TIME the tick is never skipped (the current session is at least
+/// that old), so no data outlives its session.
+pub(crate) fn hold_retry(
+    now: Instant,
+    last_initiation: Option<(Instant, Duration)>,
+    since_handshake: Option<Duration>,
+) -> bool {
+    let Some((sent, jitter)) = last_initiation else {
+        return false;
+    };
+    let due = sent + REKEY_TIMEOUT;
+    let in_window = now >= due && now < due + jitter;
+    let near_expiry =
+        since_handshake.is_some_and(|age| age + Duration::from_secs(1) >= REJECT_AFTER_TIME);
+    in_window && !near_expiry
 }
 
 /// `tunn.encapsulate` of `packet` followed by zeros up to `padded` bytes; the receiver
@@ -720,9 +793,9 @@ fn reason_for(e: &WireGuardError) -> DropReason {
 
 /// A random 24-bit receiver index not used by the old or the new peer set, so a datagram
 /// for a removed peer can never reach its successor.
-fn fresh_index(old: &IndexMap, new: &IndexMap) -> u32 {
+fn fresh_index(indices: &dyn IndexSource, old: &IndexMap, new: &IndexMap) -> u32 {
     loop {
-        let index = rand_core::OsRng.next_u32() & 0x00ff_ffff;
+        let index = indices.next_u32() & 0x00ff_ffff;
         if !old.contains_key(&index) && !new.contains_key(&index) {
             return index;
         }

@@ -11,6 +11,8 @@
 //! - [`uapi`]: the text protocol `wg` speaks on `/var/run/wireguard/<iface>.sock`, an
 //!   adapter on top: it turns text into engine values and back, and calls the engine, which
 //!   knows nothing of it;
+//! - [`clock`]: time and randomness as the engine's inputs ([`clock::Clock`],
+//!   [`clock::IndexSource`]), so tests drive every timer;
 //! - [`key`]: WireGuard keys;
 //! - [`mss`]: TCP MSS clamping of SYNs to and from a peer, to what its path carries;
 //! - [`ratelimit`]: handshake load shedding (device-wide load, per-source token buckets);
@@ -24,6 +26,7 @@
 
 pub mod batch;
 pub mod capture;
+pub mod clock;
 pub mod config;
 pub mod cookie;
 pub mod drops;
@@ -46,6 +49,8 @@ pub mod uapi;
 mod engine_tests;
 #[cfg(test)]
 mod protocol_tests;
+#[cfg(test)]
+mod timer_tests;
 
 pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, SetEffects};
 pub use engine::{Burst, Engine, Sealed, Transmit, DATA_OVERHEAD};

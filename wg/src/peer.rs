@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
@@ -32,6 +32,9 @@ pub struct Peer {
     /// plane measured or derived it (0: not set, the device's MTU applies): what TCP SYNs
     /// to and from the peer are clamped to ([`crate::mss`]).
     path_mtu: AtomicU16,
+    /// When the latest handshake initiation left and the jitter drawn for its retry
+    /// (see `engine::hold_retry`).
+    pub last_initiation: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Peer {
@@ -45,6 +48,7 @@ impl Peer {
             tx_bytes: AtomicU64::new(0),
             latest_handshake_ms: AtomicU64::new(0),
             path_mtu: AtomicU16::new(0),
+            last_initiation: Mutex::new(None),
         };
         peer.rebuild_session(config, private);
         peer
