@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use isthmus_tests::netns::{veth, Netns};
 use isthmus_tests::pair::{Host, Impl, Pair, Underlay};
 use isthmus_tests::traffic::{link_counters, ping};
 use isthmus_tests::wg::KeyPair;
@@ -467,4 +468,132 @@ fn tcp_and_udp_both_ways_over_an_ipv4_underlay() {
 #[test]
 fn tcp_and_udp_both_ways_over_an_ipv6_underlay() {
     traffic_both_ways_at_both_mtus(Underlay::V6);
+}
+
+/// netns.sh: "Test using NAT". a sits behind a router that source-NATs it and forgets a UDP
+/// mapping after 2 s of silence; b is on the far side and has no endpoint for a. a's first
+/// packet teaches b the NAT's address and port; a's persistent keepalive (1 s) keeps the
+/// mapping, so b still reaches a after 3 s of no traffic. Without the keepalive (the
+/// control), the mapping lapses and b's packets die at the router.
+#[test]
+fn nat_with_persistent_keepalive_keeps_the_return_path() {
+    isthmus_tests::require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("isthmus-nat")
+        .tempdir()
+        .unwrap();
+    let name = isthmus_tests::unique_name();
+    let a = Host::start(Impl::Isthmus, 1, &name, dir.path()).expect("host a");
+    let b = Host::start(Impl::WireguardGo, 2, &name, dir.path()).expect("host b");
+    let router = Netns::new(&format!("{name}-r")).expect("router");
+    let (ea, ra) = veth(&a.ns, &router, &format!("{name}x")).unwrap();
+    let (rb, eb) = veth(&router, &b.ns, &format!("{name}y")).unwrap();
+    a.ns.ip(&["addr", "add", "192.168.1.2/24", "dev", &ea])
+        .unwrap();
+    a.ns.ip(&["route", "add", "default", "via", "192.168.1.1"])
+        .unwrap();
+    router
+        .ip(&["addr", "add", "192.168.1.1/24", "dev", &ra])
+        .unwrap();
+    router
+        .ip(&["addr", "add", "10.0.0.1/24", "dev", &rb])
+        .unwrap();
+    b.ns.ip(&["addr", "add", "10.0.0.100/24", "dev", &eb])
+        .unwrap();
+    router
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    router
+        .exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "192.168.1.0/24",
+                "-d",
+                "10.0.0.0/24",
+                "-j",
+                "SNAT",
+                "--to",
+                "10.0.0.1",
+            ],
+        )
+        .unwrap();
+    for timeout in [
+        "nf_conntrack_udp_timeout",
+        "nf_conntrack_udp_timeout_stream",
+    ] {
+        router
+            .exec("sysctl", &["-qw", &format!("net.netfilter.{timeout}=2")])
+            .unwrap();
+    }
+    a.address().unwrap();
+    b.address().unwrap();
+    let logs = || format!("{}\n{}", a.daemon.log(), b.daemon.log());
+    // b first: a's keepalive starts a handshake the moment it is configured.
+    let a_allowed = format!("{}/32", a.inner_v4());
+    b.wg(&[
+        "set",
+        &b.iface,
+        "peer",
+        &a.keys.public,
+        "allowed-ips",
+        &a_allowed,
+    ])
+    .unwrap();
+    let b_endpoint = format!("10.0.0.100:{}", b.port);
+    let b_allowed = format!("{}/32", b.inner_v4());
+    a.wg(&[
+        "set",
+        &a.iface,
+        "peer",
+        &b.keys.public,
+        "allowed-ips",
+        &b_allowed,
+        "endpoint",
+        &b_endpoint,
+        "persistent-keepalive",
+        "1",
+    ])
+    .unwrap();
+
+    assert!(ping(&a.ns, b.inner_v4(), 1), "a to b\n{}", logs());
+    assert!(ping(&b.ns, a.inner_v4(), 1), "b to a\n{}", logs());
+    let seen = b
+        .dump()
+        .unwrap()
+        .peer(&a.keys.public)
+        .unwrap()
+        .endpoint
+        .clone();
+    assert_eq!(
+        seen,
+        format!("10.0.0.1:{}", a.port),
+        "b learnt the NAT's side"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        ping(&b.ns, a.inner_v4(), 1),
+        "the keepalive did not hold the mapping\n{}",
+        logs()
+    );
+
+    // The control: with the keepalive off, 3 s of silence and the mapping is gone.
+    a.wg(&[
+        "set",
+        &a.iface,
+        "peer",
+        &b.keys.public,
+        "persistent-keepalive",
+        "0",
+    ])
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !ping(&b.ns, a.inner_v4(), 1),
+        "b reached a with no keepalive: the NAT in this test does not expire mappings"
+    );
 }
