@@ -7,9 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use isthmus_tests::daemon::Daemon;
 use isthmus_tests::netns::{veth, Netns};
 use isthmus_tests::pair::{Host, Impl, Pair, Underlay};
-use isthmus_tests::traffic::{link_counters, ping};
+use isthmus_tests::traffic::{link_counters, ping, tcp_transfer};
 use isthmus_tests::wg::KeyPair;
 
 /// netns.sh: "Test that route loops are handled". a's peer endpoint is set to an address a's
@@ -595,5 +596,103 @@ fn nat_with_persistent_keepalive_keeps_the_return_path() {
     assert!(
         !ping(&b.ns, a.inner_v4(), 1),
         "b reached a with no keepalive: the NAT in this test does not expire mappings"
+    );
+}
+
+/// A second isthmus device in `host`'s namespace, `<iface>i` on `port`, keyed, addressed
+/// 10.249.0.<n>/24 at `mtu`, up; its daemon and keys.
+fn inner_device(pair: &Pair, host: &Host, port: u16, mtu: u32) -> (Daemon, KeyPair, String) {
+    let iface = format!("{}i", host.iface);
+    let log = pair.dir.path().join(format!("inner-{}.log", host.n));
+    let daemon = Daemon::spawn(
+        &host.ns.name,
+        &isthmus_tests::agent_binary(),
+        &[
+            "tunnel",
+            "--iface",
+            &iface,
+            "--listen-port",
+            &port.to_string(),
+        ],
+        &[("RUST_LOG", "info")],
+        log,
+    )
+    .unwrap();
+    let sock = format!("/var/run/wireguard/{iface}.sock");
+    let up = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::path::Path::new(&sock).exists()
+    });
+    assert!(up, "inner device never opened {sock}: {}", daemon.log());
+    let keys = KeyPair::generate().unwrap();
+    let key_file = pair.dir.path().join(format!("inner-{}.key", host.n));
+    std::fs::write(&key_file, &keys.private).unwrap();
+    isthmus_tests::wg::wg(
+        &host.ns,
+        &[
+            "set",
+            &iface,
+            "private-key",
+            &key_file.display().to_string(),
+        ],
+    )
+    .unwrap();
+    let addr = format!("10.249.0.{}/24", host.n);
+    host.ns.ip(&["addr", "add", &addr, "dev", &iface]).unwrap();
+    host.ns
+        .ip(&["link", "set", &iface, "mtu", &mtu.to_string(), "up"])
+        .unwrap();
+    (daemon, keys, iface)
+}
+
+/// netns.sh: "Test that we can route wg through wg". Each host runs a second device whose
+/// peer's endpoint is the other host's address on the first device: the inner device's
+/// datagrams travel inside the outer tunnel (and are not mistaken for the outer device's
+/// own, §8), pings and a TCP transfer cross, and both devices count the traffic.
+#[test]
+fn wg_inside_wg_carries_traffic() {
+    let pair = Pair::new(Impl::Isthmus, Impl::Isthmus, Underlay::V4).expect("pair");
+    let (a, b) = (&pair.a, &pair.b);
+    assert!(ping(&a.ns, b.inner_v4(), 1), "{}", pair.logs());
+    // Inner MTU: the outer's 1,420 less the inner's own 60 bytes of IPv4, UDP and WireGuard.
+    let (da, ka, ia) = inner_device(&pair, a, 41001, 1360);
+    let (db, kb, ib) = inner_device(&pair, b, 41002, 1360);
+    let connect = |host: &Host, iface: &str, other: &Host, other_keys: &KeyPair, port: u16| {
+        let allowed = format!("10.249.0.{}/32", other.n);
+        let endpoint = format!("{}:{port}", other.inner_v4());
+        isthmus_tests::wg::wg(
+            &host.ns,
+            &[
+                "set",
+                iface,
+                "peer",
+                &other_keys.public,
+                "allowed-ips",
+                &allowed,
+                "endpoint",
+                &endpoint,
+            ],
+        )
+        .unwrap();
+    };
+    connect(a, &ia, b, &kb, 41002);
+    connect(b, &ib, a, &ka, 41001);
+    let logs = || format!("{}\n{}\n{}", pair.logs(), da.log(), db.log());
+    let inner_b: IpAddr = "10.249.0.2".parse().unwrap();
+    let outer_before = a.dump().unwrap().peers[0].tx_bytes;
+    assert!(ping(&a.ns, inner_b, 3), "inner ping\n{}", logs());
+    tcp_transfer(&a.ns, &b.ns, inner_b, 4 << 20).unwrap_or_else(|e| panic!("{e:#}\n{}", logs()));
+    let inner_tx = isthmus_tests::wg::wg(&a.ns, &["show", &ia, "transfer"]).unwrap();
+    let outer_tx = a.dump().unwrap().peers[0].tx_bytes - outer_before;
+    let inner_tx: u64 = inner_tx
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    eprintln!("wg inside wg: inner device sent {inner_tx} bytes, outer {outer_tx}");
+    assert!(inner_tx > 4 << 20, "the inner device carried the transfer");
+    assert!(
+        outer_tx > inner_tx,
+        "the outer device carried the inner one's datagrams"
     );
 }
