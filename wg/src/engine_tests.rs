@@ -94,6 +94,20 @@ pub(crate) fn handshake_and_send(a: &Node, b: &Node, packet: &[u8]) -> Vec<Vec<u
     deliver(a, b, ADDR_A)
 }
 
+/// An initiator that knows `to`'s public key but is none of its peers: it gets past MAC1,
+/// into the cookie and rate-limiting checks. boringtun's own `Tunn`, so its cookie handling
+/// is independent of ours.
+fn stranger(to: &Node, seed: u8) -> boringtun::noise::Tunn {
+    boringtun::noise::Tunn::new(
+        x25519_dalek::StaticSecret::from([seed; 32]),
+        x25519_dalek::PublicKey::from(to.public().0),
+        None,
+        None,
+        u32::from(seed),
+        None,
+    )
+}
+
 #[test]
 fn packet_crosses_after_handshake() {
     let (a, b) = pair();
@@ -209,19 +223,11 @@ fn a_sync_keeps_the_session_and_the_roamed_endpoint_of_an_unchanged_peer() {
 
 #[test]
 fn handshake_flood_gets_cookie_replies() {
-    use boringtun::noise::{Tunn, TunnResult};
-    use x25519_dalek::{PublicKey, StaticSecret};
+    use boringtun::noise::TunnResult;
 
     let (_a, b) = pair();
     // A stranger with valid MACs (it knows b's public key) hammering b with initiations.
-    let mut stranger = Tunn::new(
-        StaticSecret::from([9u8; 32]),
-        PublicKey::from(b.public().0),
-        None,
-        None,
-        7,
-        None,
-    );
+    let mut stranger = stranger(&b, 9);
     let mut init = vec![0u8; 256];
     let mut buf = vec![0u8; MAX_PACKET];
     let from: SocketAddr = "203.0.113.5:999".parse().unwrap();
@@ -252,19 +258,9 @@ fn handshake_flood_gets_cookie_replies() {
 fn a_source_answering_cookies_is_limited_per_address() {
     use boringtun::noise::{Tunn, TunnResult};
     use std::time::Instant;
-    use x25519_dalek::{PublicKey, StaticSecret};
 
     let (_a, b) = pair();
-    let stranger = |seed: u8| {
-        Tunn::new(
-            StaticSecret::from([seed; 32]),
-            PublicKey::from(b.public().0),
-            None,
-            None,
-            u32::from(seed),
-            None,
-        )
-    };
+    let stranger = |seed: u8| stranger(&b, seed);
     let mut buf = vec![0u8; MAX_PACKET];
     let mut init = vec![0u8; 256];
     let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
@@ -325,18 +321,10 @@ fn a_source_answering_cookies_is_limited_per_address() {
 /// address and the port; boringtun's own checker binds it to the address only).
 #[test]
 fn a_cookie_is_valid_only_from_the_port_that_earned_it() {
-    use boringtun::noise::{Tunn, TunnResult};
-    use x25519_dalek::{PublicKey, StaticSecret};
+    use boringtun::noise::TunnResult;
 
     let (_a, b) = pair();
-    let mut stranger = Tunn::new(
-        StaticSecret::from([11u8; 32]),
-        PublicKey::from(b.public().0),
-        None,
-        None,
-        11,
-        None,
-    );
+    let mut stranger = stranger(&b, 11);
     let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
     let (mut init, mut buf) = (vec![0u8; 256], vec![0u8; MAX_PACKET]);
     // Sends one initiation from `from`; says whether b answered with a cookie reply (the

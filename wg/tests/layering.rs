@@ -18,12 +18,13 @@ const FORBIDDEN: &[&str] = &[
     "tokio",
 ];
 
-#[test]
-fn the_engine_depends_on_no_kubernetes_netlink_or_async_runtime() {
+/// `cargo tree --offline ARGS --prefix none`, from this crate's directory.
+fn cargo_tree(args: &[&str]) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["tree", "--offline", "-p", env!("CARGO_PKG_NAME")])
-        .args(["-e", "normal,build", "--prefix", "none", "-f", "{p}"])
+        .args(["tree", "--offline"])
+        .args(args)
+        .args(["--prefix", "none"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("running cargo tree");
@@ -32,7 +33,19 @@ fn the_engine_depends_on_no_kubernetes_netlink_or_async_runtime() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tree = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_engine_depends_on_no_kubernetes_netlink_or_async_runtime() {
+    let tree = cargo_tree(&[
+        "-p",
+        env!("CARGO_PKG_NAME"),
+        "-e",
+        "normal,build",
+        "-f",
+        "{p}",
+    ]);
     let found: Vec<&str> = tree
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -47,19 +60,13 @@ fn the_engine_depends_on_no_kubernetes_netlink_or_async_runtime() {
 /// may turn it on: the engine's tests move boringtun's clock another way (`crate::clock`).
 #[test]
 fn nothing_in_the_workspace_enables_boringtuns_process_wide_mock_clock() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["tree", "--offline", "--workspace", "-i", "boringtun"])
-        .args(["-e", "features,normal,build,dev", "--prefix", "none"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("running cargo tree");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tree = String::from_utf8_lossy(&out.stdout);
+    let tree = cargo_tree(&[
+        "--workspace",
+        "-i",
+        "boringtun",
+        "-e",
+        "features,normal,build,dev",
+    ]);
     assert!(
         tree.contains("boringtun feature"),
         "no feature listing: {tree}"
