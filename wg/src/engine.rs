@@ -6,7 +6,7 @@
 //! datagrams by receiver index (or, for a handshake initiation, by the static key inside it).
 //! Decrypted packets are checked against the sender's allowed IPs (cryptokey routing).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -531,7 +531,7 @@ impl Engine {
         out: &dyn Transmit,
     ) -> Option<usize> {
         let state = &burst.state;
-        let packet = match Packet::from_bytes(pooled(datagram, datagram.len())).try_into_wg() {
+        let packet = match Packet::from_bytes(BytesMut::from(datagram)).try_into_wg() {
             Ok(p) => p,
             Err(_) => {
                 self.drops.record(DropReason::Malformed);
@@ -798,29 +798,13 @@ fn encapsulate_padded(
     padded: usize,
     clamp: Option<u16>,
 ) -> Option<WgKind> {
-    let mut buf = pooled(packet, padded.max(packet.len()));
+    let mut buf = BytesMut::with_capacity(padded.max(packet.len()));
+    buf.extend_from_slice(packet);
+    buf.resize(padded.max(packet.len()), 0);
     if let Some(path_mtu) = clamp {
         mss::clamp(&mut buf[..packet.len()], path_mtu);
     }
     tunn.handle_outgoing_packet(Packet::from_bytes(buf), None)
-}
-
-thread_local! {
-    /// gotatun takes packets as owned `BytesMut`s. Each is split off this per-thread buffer;
-    /// once gotatun has dropped the piece, `reserve` reclaims the same allocation, so the
-    /// copy in costs no allocation per packet.
-    static POOL: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(2 * MAX_PACKET));
-}
-
-/// `bytes` copied into an owned buffer of `len` bytes (zero-filled past `bytes`).
-fn pooled(bytes: &[u8], len: usize) -> BytesMut {
-    POOL.with(|pool| {
-        let mut pool = pool.borrow_mut();
-        pool.reserve(MAX_PACKET);
-        pool.extend_from_slice(bytes);
-        pool.resize(len.max(bytes.len()), 0);
-        pool.split()
-    })
 }
 
 /// The destination address of an IP packet (what boringtun's `Tunn::dst_address` gave).
