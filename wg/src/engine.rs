@@ -6,7 +6,7 @@
 //! datagrams by receiver index (or, for a handshake initiation, by the static key inside it).
 //! Decrypted packets are checked against the sender's allowed IPs (cryptokey routing).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
@@ -15,17 +15,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use gotatun::noise::errors::WireGuardError;
-use gotatun::noise::handshake::parse_handshake_anon;
-use gotatun::noise::index_table::IndexTable;
-use gotatun::noise::{Tunn, TunnResult};
-use gotatun::packet::{Packet, WgHandshakeInit, WgKind};
-use gotatun::tun::MtuWatcher;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{HandshakeInit, Packet, Tunn, TunnResult};
 use ip_network_table::IpNetworkTable;
 use parking_lot::{Mutex, RwLock};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::clock::{Clock, IndexSource, OsIndices, SystemClock};
@@ -35,12 +29,15 @@ use crate::drops::{DropCounters, DropReason};
 use crate::key::Key;
 use crate::loopguard;
 use crate::mss;
-use crate::peer::{Peer, SessionSource};
+use crate::peer::Peer;
 use crate::ratelimit::HandshakeLimiter;
 use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 
 /// A buffer this large holds any datagram or packet the engine produces.
 pub const MAX_PACKET: usize = 65_535 + 32;
+
+const INITIATION_TYPE: u8 = 1;
+const COOKIE_REPLY_TYPE: u8 = 3;
 
 /// Where the engine's output goes.
 pub trait Transmit {
@@ -52,10 +49,17 @@ pub trait Transmit {
 /// 16-byte authentication tag. A sealed datagram is this much longer than its packet.
 pub const DATA_OVERHEAD: usize = 32;
 
+const DATA_TYPE: u8 = 4;
+
 /// WireGuard pads every data message's plaintext to a multiple of this (whitepaper §5.4.6)
-/// so datagram lengths say less about the packets inside; boringtun 0.7 does not, gotatun
-/// does only to the TUN's MTU (`pad_to_x16`), so the engine pads itself to the path's.
+/// so datagram lengths say less about the packets inside; boringtun 0.7 does not.
 pub const PADDING_MULTIPLE: usize = 16;
+
+thread_local! {
+    /// Where a packet is copied to be padded, once per packet thread: boringtun seals
+    /// exactly the bytes it is given, and the packet's own buffer is not ours to grow.
+    static PADDED: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_PACKET].into_boxed_slice());
+}
 
 /// The plaintext length a packet of `len` bytes is sealed at: rounded up to
 /// [`PADDING_MULTIPLE`] but never past `mtu` (0: unknown, no cap) — wireguard-go's and the
@@ -213,10 +217,6 @@ pub struct Engine {
     mtu: AtomicUsize,
     clock: Arc<dyn Clock>,
     indices: Arc<dyn IndexSource>,
-    /// gotatun's receiver indices are random per session (not per peer): which peer each
-    /// index we handed out belongs to, as gotatun's own `Device` keeps it (`peers_by_idx`).
-    sessions: RwLock<HashMap<u32, Arc<Peer>, BuildHasherDefault<IndexHasher>>>,
-    session_source: SessionSource,
 }
 
 impl Default for Engine {
@@ -241,10 +241,8 @@ impl Engine {
             reconfigure_lock: Mutex::default(),
             drops: DropCounters::default(),
             mtu: AtomicUsize::default(),
-            session_source: session_source(&indices),
             clock,
             indices,
-            sessions: RwLock::default(),
         }
     }
 
@@ -328,7 +326,7 @@ impl Engine {
             ) {
                 (Some(peer), Some(before)) => {
                     if identity_changed || before.session_params_differ(pc) {
-                        peer.rebuild_session(pc, secret, &self.session_source);
+                        peer.rebuild_session(pc, secret);
                     }
                     if before.endpoint != pc.endpoint {
                         if let Some(ep) = pc.endpoint {
@@ -339,7 +337,7 @@ impl Engine {
                 }
                 _ => {
                     let index = fresh_index(&*self.indices, &old.by_index, &by_index);
-                    Arc::new(Peer::new(pc, index, secret, &self.session_source))
+                    Arc::new(Peer::new(pc, index, secret))
                 }
             };
             let position = peers.len() as u32;
@@ -365,12 +363,6 @@ impl Engine {
         });
         *self.state.write() = state.clone();
         self.generation.fetch_add(1, Ordering::Release);
-        self.sessions.write().retain(|_, p| {
-            state
-                .by_key
-                .get(&p.public_key)
-                .is_some_and(|q| Arc::ptr_eq(p, q))
-        });
 
         let mut buf = vec![0u8; 256];
         for key in &effects.keepalive_started {
@@ -381,11 +373,11 @@ impl Engine {
     }
 
     /// A keepalive now (or a handshake initiation when there is no session yet).
-    fn send_keepalive(&self, peer: &Arc<Peer>, _buf: &mut [u8], out: &dyn Transmit) {
+    fn send_keepalive(&self, peer: &Peer, buf: &mut [u8], out: &dyn Transmit) {
         let mut guard = peer.tunn.lock();
         if let Some(tunn) = guard.as_mut() {
-            if let Some(kind) = tunn.handle_outgoing_packet(Packet::default(), None) {
-                self.send_to_peer(peer, kind, out);
+            if let TunnResult::WriteToNetwork(data) = tunn.encapsulate(&[], buf) {
+                self.send_to_peer(peer, data, out);
             }
         }
     }
@@ -443,7 +435,7 @@ impl Engine {
         dst: &mut [u8],
         out: &dyn Transmit,
     ) -> Option<Sealed> {
-        let Some(dst_addr) = dst_address(packet) else {
+        let Some(dst_addr) = Tunn::dst_address(packet) else {
             self.drops.record(DropReason::Malformed);
             return None;
         };
@@ -476,16 +468,10 @@ impl Engine {
             .min(dst.len().saturating_sub(DATA_OVERHEAD))
             .max(packet.len());
         let clamp = Some(self.clamp_mtu(peer)).filter(|m| *m != 0 && mss::needs_clamp(packet, *m));
-        match encapsulate_padded(tunn, packet, padded, clamp) {
-            Some(WgKind::Data(data)) => {
-                let data: Packet = data.into();
+        match encapsulate_padded(tunn, packet, padded, clamp, dst) {
+            TunnResult::WriteToNetwork(data) if data.first() == Some(&DATA_TYPE) => {
                 let len = data.len();
                 drop(guard);
-                if len > dst.len() {
-                    self.drops.record(DropReason::TooBig);
-                    return None;
-                }
-                dst[..len].copy_from_slice(&data);
                 let Some(to) = peer.endpoint() else {
                     self.drops.record(DropReason::NoEndpoint);
                     return None;
@@ -493,11 +479,15 @@ impl Engine {
                 peer.add_tx(len);
                 Some(Sealed { to, len })
             }
-            Some(handshake) => {
+            TunnResult::WriteToNetwork(handshake) => {
                 self.send_to_peer(peer, handshake, out);
                 None
             }
-            None => None,
+            TunnResult::Err(e) => {
+                tracing::debug!(error = ?e, "encapsulate failed");
+                None
+            }
+            _ => None,
         }
     }
 
@@ -531,7 +521,7 @@ impl Engine {
         out: &dyn Transmit,
     ) -> Option<usize> {
         let state = &burst.state;
-        let packet = match Packet::from_bytes(BytesMut::from(datagram)).try_into_wg() {
+        let packet = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => {
                 self.drops.record(DropReason::Malformed);
@@ -539,22 +529,21 @@ impl Engine {
             }
         };
         let found = match &packet {
-            WgKind::HandshakeInit(init) => self
-                .initiator(state, from, datagram, init, dst, out)
-                .cloned(),
-            WgKind::HandshakeResp(p) => self.by_index(p.receiver_idx.get()),
-            WgKind::CookieReply(p) => self.by_index(p.receiver_idx.get()),
-            WgKind::Data(p) => self.by_index(p.header.receiver_idx.get()),
+            Packet::HandshakeInit(init) => self.initiator(state, from, datagram, init, dst, out),
+            Packet::HandshakeResponse(p) => self.by_index(state, p.receiver_idx),
+            Packet::PacketCookieReply(p) => self.by_index(state, p.receiver_idx),
+            Packet::PacketData(p) => self.by_index(state, p.receiver_idx),
         };
-        let peer = &found?;
-        let is_cookie = matches!(packet, WgKind::CookieReply(_));
+        let peer = found?;
+        let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
 
         let mut guard = peer.tunn.lock();
         let Some(tunn) = guard.as_mut() else {
             self.drops.record(DropReason::UnknownPeer);
             return None;
         };
-        let inner = match tunn.handle_incoming_packet(packet) {
+        let base = dst.as_ptr() as usize;
+        let (inner, src) = match tunn.decapsulate(Some(from.ip()), datagram, dst) {
             TunnResult::Done => {
                 if !is_cookie {
                     peer.add_rx(datagram.len());
@@ -567,44 +556,30 @@ impl Engine {
                 return None;
             }
             TunnResult::WriteToNetwork(reply) => {
-                if let WgKind::CookieReply(reply) = reply {
+                if reply.first() == Some(&COOKIE_REPLY_TYPE) {
                     // The peer's own limiter is shedding load: it answered with a cookie.
-                    let reply: Packet = reply.into();
-                    let _ = out.send(from, &reply);
+                    let _ = out.send(from, reply);
                     self.drops.record(DropReason::UnderLoad);
                     return None;
                 }
                 peer.add_rx(datagram.len());
                 peer.set_endpoint(from);
                 self.send_to_peer(peer, reply, out);
-                // A completed handshake releases the packets queued while it ran (already
-                // padded by `seal`, so the watcher's MTU pads nothing more).
-                let mut mtu = MtuWatcher::new(u16::MAX);
-                let queued: Vec<WgKind> = tunn.get_queued_packets(&mut mtu).collect();
-                for queued in queued {
+                // A completed handshake releases the packets queued while it ran.
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], dst) {
                     self.send_to_peer(peer, queued, out);
                 }
                 return None;
             }
-            TunnResult::WriteToTunnel(inner) => inner,
+            TunnResult::WriteToTunnelV4(inner, src) => (inner, IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(inner, src) => (inner, IpAddr::V6(src)),
         };
+        let (offset, len) = (inner.as_ptr() as usize - base, inner.len());
         drop(guard);
-        if inner.is_empty() {
-            // A keepalive: it authenticated, so it counts and the peer may have roamed.
-            peer.add_rx(datagram.len());
-            peer.set_endpoint(from);
-            return None;
+        if offset != 0 {
+            // boringtun decrypts to the start of the buffer; keep the promise if it ever moves.
+            dst.copy_within(offset..offset + len, 0);
         }
-        // gotatun leaves the padding on; the IP header says where the packet ends.
-        let Some((src, len)) = source_and_len(&inner) else {
-            self.drops.record(DropReason::Malformed);
-            return None;
-        };
-        if len > dst.len() {
-            self.drops.record(DropReason::TooBig);
-            return None;
-        }
-        dst[..len].copy_from_slice(&inner[..len]);
         if !self.admit(burst, peer, src, from, datagram.len()) {
             return None;
         }
@@ -626,7 +601,7 @@ impl Engine {
         state: &'s State,
         from: SocketAddr,
         datagram: &[u8],
-        init: &WgHandshakeInit,
+        init: &HandshakeInit,
         buf: &mut [u8],
         out: &dyn Transmit,
     ) -> Option<&'s Arc<Peer>> {
@@ -669,8 +644,8 @@ impl Engine {
         peer
     }
 
-    fn by_index(&self, receiver_idx: u32) -> Option<Arc<Peer>> {
-        let peer = self.sessions.read().get(&receiver_idx).cloned();
+    fn by_index<'s>(&self, state: &'s State, receiver_idx: u32) -> Option<&'s Arc<Peer>> {
+        let peer = state.by_index.get(&(receiver_idx >> 8));
         if peer.is_none() {
             self.drops.record(DropReason::UnknownIndex);
         }
@@ -698,22 +673,11 @@ impl Engine {
         }
     }
 
-    fn send_to_peer(&self, peer: &Arc<Peer>, kind: WgKind, out: &dyn Transmit) {
-        let sender_idx = match &kind {
-            WgKind::HandshakeInit(p) => Some(p.sender_idx.get()),
-            WgKind::HandshakeResp(p) => Some(p.sender_idx.get()),
-            _ => None,
-        };
-        if let Some(idx) = sender_idx {
-            // The index the peer will address its answers and data to.
-            self.sessions.write().insert(idx, peer.clone());
-        }
-        if matches!(kind, WgKind::HandshakeInit(_)) {
+    fn send_to_peer(&self, peer: &Peer, data: &[u8], out: &dyn Transmit) {
+        if data.first() == Some(&INITIATION_TYPE) {
             let jitter = u64::from(self.indices.next_u32()) % (RETRY_JITTER_MAX_MS + 1);
             *peer.last_initiation.lock() = Some((self.clock.now(), Duration::from_millis(jitter)));
         }
-        let data: Packet = kind.into();
-        let data: &[u8] = &data;
         let Some(endpoint) = peer.endpoint() else {
             self.drops.record(DropReason::NoEndpoint);
             return;
@@ -728,7 +692,7 @@ impl Engine {
     }
 
     /// Drives handshake retries, rekeys, keepalives and session expiry; call every ~100 ms.
-    pub fn tick(&self, _buf: &mut [u8], out: &dyn Transmit) {
+    pub fn tick(&self, buf: &mut [u8], out: &dyn Transmit) {
         let state = self.state();
         if let Some(id) = &state.identity {
             id.limiter.lock().collect(self.clock.now());
@@ -741,14 +705,13 @@ impl Engine {
             if hold_retry(now, last_initiation, tunn.time_since_last_handshake()) {
                 continue;
             }
-            match tunn.update_timers() {
-                Ok(Some(kind)) => self.send_to_peer(peer, kind, out),
-                Ok(None) | Err(WireGuardError::ConnectionExpired) => {}
-                Err(e) => tracing::debug!(error = ?e, "timer update failed"),
+            match tunn.update_timers(buf) {
+                TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
+                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                TunnResult::Err(e) => tracing::debug!(error = ?e, "timer update failed"),
+                _ => {}
             }
         }
-        let table = &self.session_source.table;
-        self.sessions.write().retain(|idx, _| table.in_use(*idx));
     }
 }
 
@@ -792,69 +755,30 @@ pub(crate) fn hold_retry(
 /// trims them by the IP header's length (boringtun's `validate_decapsulated_packet` does).
 /// With `clamp`, the copy's TCP MSS is lowered to that path MTU first (the packet itself
 /// is not ours to change).
-fn encapsulate_padded(
+fn encapsulate_padded<'a>(
     tunn: &mut Tunn,
     packet: &[u8],
     padded: usize,
     clamp: Option<u16>,
-) -> Option<WgKind> {
-    let mut buf = BytesMut::with_capacity(padded.max(packet.len()));
-    buf.extend_from_slice(packet);
-    buf.resize(padded.max(packet.len()), 0);
-    if let Some(path_mtu) = clamp {
-        mss::clamp(&mut buf[..packet.len()], path_mtu);
+    dst: &'a mut [u8],
+) -> TunnResult<'a> {
+    if padded <= packet.len() && clamp.is_none() {
+        return tunn.encapsulate(packet, dst);
     }
-    tunn.handle_outgoing_packet(Packet::from_bytes(buf), None)
-}
-
-/// The destination address of an IP packet (what boringtun's `Tunn::dst_address` gave).
-fn dst_address(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => {
-            let b: [u8; 4] = packet[16..20].try_into().ok()?;
-            Some(IpAddr::from(b))
+    PADDED.with(move |scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch[..packet.len()].copy_from_slice(packet);
+        scratch[packet.len()..padded].fill(0);
+        if let Some(path_mtu) = clamp {
+            mss::clamp(&mut scratch[..packet.len()], path_mtu);
         }
-        6 if packet.len() >= 40 => {
-            let b: [u8; 16] = packet[24..40].try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        _ => None,
-    }
-}
-
-/// The source address of a decrypted IP packet and its length by its header (gotatun, unlike
-/// boringtun's `validate_decapsulated_packet`, neither checks nor trims it).
-fn source_and_len(packet: &[u8]) -> Option<(IpAddr, usize)> {
-    let (src, len) = match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => {
-            let b: [u8; 4] = packet[12..16].try_into().ok()?;
-            let len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-            (IpAddr::from(b), len)
-        }
-        6 if packet.len() >= 40 => {
-            let b: [u8; 16] = packet[8..24].try_into().ok()?;
-            let len = usize::from(u16::from_be_bytes([packet[4], packet[5]])) + 40;
-            (IpAddr::from(b), len)
-        }
-        _ => return None,
-    };
-    (len <= packet.len() && len >= 20).then_some((src, len))
-}
-
-/// One index table per engine, seeded from its [`IndexSource`] (so a seeded engine's session
-/// indices are reproducible), and the seed of each session's retry jitter from it too.
-fn session_source(indices: &Arc<dyn IndexSource>) -> SessionSource {
-    let draw = |i: &dyn IndexSource| (u64::from(i.next_u32()) << 32) | u64::from(i.next_u32());
-    let table = IndexTable::from_rng(StdRng::seed_from_u64(draw(&**indices)));
-    let indices = indices.clone();
-    SessionSource {
-        table,
-        seed: Box::new(move || draw(&*indices)),
-    }
+        tunn.encapsulate(&scratch[..padded.max(packet.len())], dst)
+    })
 }
 
 fn reason_for(e: &WireGuardError) -> DropReason {
     match e {
+        WireGuardError::UnderLoad => DropReason::UnderLoad,
         WireGuardError::InvalidMac
         | WireGuardError::WrongKey
         | WireGuardError::WrongIndex

@@ -1,16 +1,13 @@
-//! One peer's live state: its gotatun session, where it is now, and what it moved.
+//! One peer's live state: its boringtun session, where it is now, and what it moved.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use gotatun::noise::index_table::IndexTable;
-use gotatun::noise::rate_limiter::RateLimiter;
-use gotatun::noise::Tunn;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
 use parking_lot::{Mutex, RwLock};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::config::PeerConfig;
@@ -40,20 +37,8 @@ pub struct Peer {
     pub last_initiation: Mutex<Option<(Instant, Duration)>>,
 }
 
-/// Where a peer's sessions draw their receiver indices (one table per engine, shared by
-/// all peers, so no two sessions share an index) and the seed of its retry jitter.
-pub struct SessionSource {
-    pub table: IndexTable,
-    pub seed: Box<dyn Fn() -> u64 + Send + Sync>,
-}
-
 impl Peer {
-    pub fn new(
-        config: &PeerConfig,
-        index: u32,
-        private: Option<&StaticSecret>,
-        sessions: &SessionSource,
-    ) -> Peer {
+    pub fn new(config: &PeerConfig, index: u32, private: Option<&StaticSecret>) -> Peer {
         let peer = Peer {
             public_key: config.public_key,
             index,
@@ -65,7 +50,7 @@ impl Peer {
             path_mtu: AtomicU16::new(0),
             last_initiation: Mutex::new(None),
         };
-        peer.rebuild_session(config, private, sessions);
+        peer.rebuild_session(config, private);
         peer
     }
 
@@ -76,12 +61,7 @@ impl Peer {
     /// anyone can compute: the peer stays configured (and listed) but gets no session, so
     /// no handshake is ever sent to it — what the kernel and wireguard-go do. boringtun 0.7
     /// does not check (`NoiseParams::new`, handshake.rs:379).
-    pub fn rebuild_session(
-        &self,
-        config: &PeerConfig,
-        private: Option<&StaticSecret>,
-        sessions: &SessionSource,
-    ) {
+    pub fn rebuild_session(&self, config: &PeerConfig, private: Option<&StaticSecret>) {
         let peer_public = PublicKey::from(config.public_key.0);
         let usable = |secret: &&StaticSecret| {
             let contributory = secret.diffie_hellman(&peer_public).was_contributory();
@@ -96,17 +76,13 @@ impl Peer {
         let tunn = private.filter(usable).map(|secret| {
             let keepalive =
                 (config.persistent_keepalive > 0).then_some(config.persistent_keepalive);
-            let public = PublicKey::from(secret);
-            Tunn::new_with_rng(
+            Tunn::new(
                 secret.clone(),
                 peer_public,
                 config.preshared_key.map(|k| k.0),
                 keepalive,
-                sessions.table.clone(),
-                // The engine limits handshakes and answers with cookies itself
-                // (`crate::cookie`, `crate::ratelimit`) before a datagram reaches the Tunn.
-                Arc::new(RateLimiter::new(&public, u64::MAX)),
-                StdRng::seed_from_u64((sessions.seed)()),
+                self.index,
+                None::<Arc<RateLimiter>>,
             )
         });
         *self.tunn.lock() = tunn;

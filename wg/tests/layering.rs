@@ -41,15 +41,15 @@ fn the_engine_depends_on_no_kubernetes_netlink_or_async_runtime() {
     assert!(found.is_empty(), "the engine pulls in {found:?}");
 }
 
-/// gotatun's `mock_instant` feature (boringtun's `mock-instant` before it) replaces its clock for the whole process with one
+/// boringtun's `mock-instant` feature replaces its clock for the whole process with one
 /// that never moves by itself; feature unification would carry it from any test into the
 /// agent binary. No crate in the workspace, for any target (dev-dependencies included),
 /// may turn it on: the engine's tests move boringtun's clock another way (`crate::clock`).
 #[test]
-fn nothing_in_the_workspace_enables_gotatuns_process_wide_mock_clock() {
+fn nothing_in_the_workspace_enables_boringtuns_process_wide_mock_clock() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["tree", "--offline", "--workspace", "-i", "gotatun"])
+        .args(["tree", "--offline", "--workspace", "-i", "boringtun"])
         .args(["-e", "features,normal,build,dev", "--prefix", "none"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -61,12 +61,12 @@ fn nothing_in_the_workspace_enables_gotatuns_process_wide_mock_clock() {
     );
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(
-        tree.contains("gotatun feature"),
+        tree.contains("boringtun feature"),
         "no feature listing: {tree}"
     );
     let mocked: Vec<&str> = tree.lines().filter(|l| l.contains("mock")).collect();
     assert!(
         mocked.is_empty(),
-        "gotatun's mock clock is enabled: {mocked:?}"
+        "boringtun's mock clock is enabled: {mocked:?}"
     );
 }
