@@ -202,16 +202,13 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
     );
 }
 
+/// The reports a watch saw, with when each arrived.
+type Reports = Arc<Mutex<Vec<(Instant, MeshHealth)>>>;
+
 /// Every change to `name`'s `status.health` the API server makes, as a watch sees it: when
 /// it arrived and the report (a relist that repeats the last report adds nothing).
-fn record_reports(
-    api: Api<WireGuardPeer>,
-    name: &str,
-) -> (
-    Arc<Mutex<Vec<(Instant, MeshHealth)>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let seen: Arc<Mutex<Vec<(Instant, MeshHealth)>>> = Arc::default();
+fn record_reports(api: Api<WireGuardPeer>, name: &str) -> (Reports, tokio::task::JoinHandle<()>) {
+    let seen: Reports = Arc::default();
     let out = seen.clone();
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let task = tokio::spawn(async move {
