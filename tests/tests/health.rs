@@ -359,7 +359,8 @@ async fn a_steady_mesh_writes_once_a_heartbeat_and_a_broken_path_is_reported_at_
         .expect("vsphere-1 names aws-1 down");
     watch.abort();
     // When the handshake crossed the threshold, and when the agent's report says it saw it
-    // down (both from this machine's clock; seconds, so one more of rounding).
+    // down (both from this machine's clock, in whole seconds: one of rounding, one for a
+    // busy machine; still far below the 20 s heartbeat).
     let crossed = last_handshake + THRESHOLD;
     let reported = down.observed_time.0.as_second();
     let now = SystemTime::now()
@@ -371,7 +372,7 @@ async fn a_steady_mesh_writes_once_a_heartbeat_and_a_broken_path_is_reported_at_
         reported - crossed
     );
     assert!(
-        reported <= crossed + CHECK + 1 && reported <= now,
+        reported <= crossed + CHECK + 2 && reported <= now,
         "crossed at {crossed}, reported at {reported}: within the check, not a heartbeat"
     );
     assert_eq!((down.peers_up, down.peers_expected), (0, 1), "{down:?}");
