@@ -39,7 +39,7 @@ enum Command {
     },
     /// The node agent (DaemonSet): tunnel, publish this node's WireGuardPeer, follow the
     /// admitted peers, steer cross-location overlay traffic into the tunnel.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// One row per peer: node, location, endpoint, mesh IP, latest handshake, rx/tx, state
     /// (up / stale / never).
     Peers {
@@ -116,9 +116,15 @@ struct RunArgs {
     /// Node IP override (default: the Node's first InternalIP).
     #[arg(long)]
     node_ip: Option<String>,
-    /// Seconds between health reports into this node's WireGuardPeer status (0: off).
-    #[arg(long, default_value_t = 15)]
+    /// Heartbeat of the health report in this node's WireGuardPeer status, in seconds: the
+    /// report is written when it changes (checked every 5 s) and otherwise this often, so
+    /// the coordinator knows the agent is alive (0: no report).
+    #[arg(long, default_value_t = 60)]
     health_interval: u64,
+    /// A tunnel whose latest handshake is older than this many seconds is reported down
+    /// (WireGuard rejects a session after 180 s; keep it above the 120 s rekey).
+    #[arg(long, default_value_t = 180)]
+    handshake_stale_seconds: u64,
     /// Keepalive the peers send to this node, in seconds (keeps NAT mappings open).
     #[arg(long, default_value_t = 25)]
     keepalive: u16,
@@ -169,6 +175,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         netns: args.netns,
         health_interval: (args.health_interval > 0)
             .then(|| std::time::Duration::from_secs(args.health_interval)),
+        handshake_stale: std::time::Duration::from_secs(args.handshake_stale_seconds),
         metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
         pmtu_port: (args.pmtu_port != 0).then_some(args.pmtu_port),
     };
@@ -303,7 +310,7 @@ fn main() -> ExitCode {
             listen_port,
             mtu,
         } => run_tunnel(&iface, listen_port, mtu),
-        Command::Run(args) => run_agent(args),
+        Command::Run(args) => run_agent(*args),
         Command::Peers {
             iface,
             json,

@@ -20,7 +20,7 @@ pub use cluster::{
     REACHABLE,
 };
 pub use peer::{
-    MeshHealth, PeerHealth, Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED,
+    MeshHealth, PeerPathMtu, Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED,
     AGENT_MANAGER, COORDINATOR_MANAGER, MESH_CONNECTED,
 };
 pub use topology::Topology;

@@ -34,6 +34,8 @@ const ENDPOINT_RULE: &str = r"self.matches(r'^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]
     printcolumn = r#"{"name":"Admitted","type":"string","jsonPath":".status.conditions[?(@.type==\"Admitted\")].status"}"#,
     printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"MeshConnected\")].status"}"#,
     printcolumn = r#"{"name":"Pairs","type":"string","jsonPath":".status.conditions[?(@.type==\"MeshConnected\")].message","priority":1}"#,
+    printcolumn = r#"{"name":"Up","type":"integer","jsonPath":".status.health.peersUp","priority":1}"#,
+    printcolumn = r#"{"name":"Expected","type":"integer","jsonPath":".status.health.peersExpected","priority":1}"#,
     printcolumn = r#"{"name":"Path MTU","type":"integer","jsonPath":".status.health.lowestPathMTU","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -116,21 +118,44 @@ pub struct WireGuardPeerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// Written by the node's agent (its own field manager, rate-limited): how its tunnels
-    /// look. The coordinator turns these into `MeshConnected`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written by the node's agent (its own field manager): a summary of its tunnels, written
+    /// when it changes and otherwise once a heartbeat (`--health-interval`). The coordinator
+    /// turns these into `MeshConnected`. A report that does not parse (an older agent's, a
+    /// hand edit) reads as no report rather than failing the whole object.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub health: Option<MeshHealth>,
 }
 
-/// One agent's reading of its tunnels.
+/// `Some` report when it parses, else `None`: one bad report must not hide the object (and
+/// with it the node's spec) from every watcher.
+fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<MeshHealth>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value.and_then(|v| serde_json::from_value(v).ok()))
+}
+
+/// One agent's summary of its tunnels. Its size does not grow with the mesh while the mesh
+/// is healthy (no per-peer entry for a tunnel that is up at full size), so N nodes writing it
+/// and N agents watching it cost O(N), not O(N²). Per-peer counters and handshake times stay
+/// on the node (`isthmus-agent peers`, `wg show`, metrics).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshHealth {
     /// When the agent took the reading; an old one means the agent stopped reporting.
     pub observed_time: Time,
-    #[serde(default)]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
-    pub peers: Vec<PeerHealth>,
+    /// Tunnels with a handshake younger than the agent's threshold (`--handshake-stale-seconds`).
+    #[schemars(range(min = 0))]
+    pub peers_up: i32,
+    /// Tunnels the agent wants: the admitted peers its topology pairs it with.
+    #[schemars(range(min = 0))]
+    pub peers_expected: i32,
+    /// Every wanted peer whose tunnel is not up (never handshook, handshake too old, or not
+    /// configured yet), by node name, sorted; empty while the mesh is healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down_peers: Vec<String>,
     /// The smallest path MTU among the peers (`kubectl get wgp -o wide` shows it).
     #[serde(
         default,
@@ -139,26 +164,41 @@ pub struct MeshHealth {
     )]
     #[schemars(range(min = 0, max = 65535))]
     pub lowest_path_mtu: Option<i32>,
+    /// Per peer, the path MTU probing found, only where it is below this node's tunnel MTU
+    /// (a full-size path needs no entry); sorted by node.
+    #[serde(default, rename = "pathMTUs", skip_serializing_if = "Vec::is_empty")]
+    pub path_mtus: Vec<PeerPathMtu>,
 }
 
-/// One tunnel, as the agent sees it.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerHealth {
+impl MeshHealth {
+    /// Equal but for when it was observed: nothing worth a write.
+    pub fn same_summary(&self, other: &MeshHealth) -> bool {
+        (
+            self.peers_up,
+            self.peers_expected,
+            &self.down_peers,
+            self.lowest_path_mtu,
+            &self.path_mtus,
+        ) == (
+            other.peers_up,
+            other.peers_expected,
+            &other.down_peers,
+            other.lowest_path_mtu,
+            &other.path_mtus,
+        )
+    }
+}
+
+/// A tunnel whose path carries less than the tunnel MTU.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerPathMtu {
     /// The peer's node (its WireGuardPeer's name).
     pub node: String,
-    /// The latest completed handshake; absent: never.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latest_handshake: Option<Time>,
-    #[schemars(range(min = 0))]
-    pub rx_bytes: i64,
-    #[schemars(range(min = 0))]
-    pub tx_bytes: i64,
     /// The largest packet the path to the peer carries through the tunnel, as the agent's
-    /// probing found it; absent: not (yet) measured.
-    #[serde(default, rename = "pathMTU", skip_serializing_if = "Option::is_none")]
+    /// probing found it.
+    #[serde(rename = "pathMTU")]
     #[schemars(range(min = 0, max = 65535))]
-    pub path_mtu: Option<i32>,
+    pub path_mtu: i32,
 }
 
 impl WireGuardPeer {
@@ -175,5 +215,43 @@ impl WireGuardPeer {
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == ADMITTED))
             .is_some_and(|c| c.status == "True" && c.observed_generation == generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(health: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"meshIP": "100.96.0.3", "health": health})
+    }
+
+    #[test]
+    fn a_report_that_does_not_parse_reads_as_none_and_keeps_the_rest() {
+        // An older agent's per-peer report: no counts, so no summary.
+        let old = status(serde_json::json!({
+            "observedTime": "2026-11-29T19:00:00Z",
+            "peers": [{"node": "aws-1", "rxBytes": 9, "txBytes": 7}],
+        }));
+        let s: WireGuardPeerStatus = serde_json::from_value(old).unwrap();
+        assert_eq!((s.mesh_ip.as_deref(), s.health), (Some("100.96.0.3"), None));
+        let junk = status(serde_json::json!("not a report"));
+        let s: WireGuardPeerStatus = serde_json::from_value(junk).unwrap();
+        assert_eq!(s.health, None);
+    }
+
+    #[test]
+    fn a_healthy_summary_round_trips_without_lists() {
+        let new = status(serde_json::json!({
+            "observedTime": "2026-11-29T19:00:00Z",
+            "peersUp": 2,
+            "peersExpected": 2,
+            "lowestPathMTU": 1420,
+        }));
+        let s: WireGuardPeerStatus = serde_json::from_value(new.clone()).unwrap();
+        let h = s.health.as_ref().unwrap();
+        assert_eq!((h.peers_up, h.peers_expected), (2, 2));
+        assert!(h.down_peers.is_empty() && h.path_mtus.is_empty());
+        assert_eq!(serde_json::to_value(&s).unwrap(), new);
     }
 }

@@ -68,11 +68,7 @@ pub fn member(p: &WireGuardPeer) -> Member {
         .and_then(|s| s.health.as_ref())
         .map(|h| Report {
             observed: timestamp(&h.observed_time),
-            handshakes: h
-                .peers
-                .iter()
-                .map(|ph| (ph.node.clone(), ph.latest_handshake.as_ref().map(timestamp)))
-                .collect(),
+            down: h.down_peers.iter().cloned().collect(),
         });
     Member {
         name: p.name_any(),

@@ -1,22 +1,24 @@
 //! `MeshConnected`: whether every tunnel the topology wants for a node is up, from the
-//! health readings the agents write into their own WireGuardPeers. Pure, so every case —
-//! all up, a stale handshake, a silent agent, nothing wanted — is a table row.
+//! health summaries the agents write into their own WireGuardPeers. Pure, so every case —
+//! all up, a pair down, a silent agent, nothing wanted — is a table row.
 //!
-//! A pair is up when either end reported, recently, a handshake that is itself recent: a
-//! handshake is mutual, so one fresh witness is enough. A node whose own agent has stopped
-//! reporting is not connected, whatever its peers say: nobody could tell if its routing
-//! still stands.
+//! Each agent decides for itself which of its tunnels are up (a handshake younger than its
+//! `--handshake-stale-seconds`) and names the ones that are down. A pair is down when either
+//! end's fresh report names the other: a handshake is mutual, so the two ends agree but for
+//! the seconds between their checks, and an end that does not yet know the other (a join its
+//! watch has not delivered) does not vouch for the pair while the other end calls it down.
+//! A stale report names nothing. A node whose own agent has stopped reporting is not
+//! connected, whatever its peers say: nobody could tell if its routing still stands.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use isthmus_api::Topology;
 
-/// One agent's reading: when it was taken, and per peer node the latest handshake
-/// (`None`: never), all in Unix seconds.
+/// One agent's summary: when it was taken (Unix seconds) and the peers it reports down.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
     pub observed: i64,
-    pub handshakes: BTreeMap<String, Option<i64>>,
+    pub down: BTreeSet<String>,
 }
 
 /// An admitted peer.
@@ -29,22 +31,20 @@ pub struct Member {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Thresholds {
-    /// A handshake older than this no longer counts (WireGuard rejects a session after
-    /// 180 s; a healthy keepalive-driven tunnel renews every 120 s).
-    pub handshake: i64,
-    /// A reading older than this means the agent stopped reporting.
+    /// A report older than this means the agent stopped reporting. Agents write on change
+    /// and otherwise once a heartbeat (60 s by default): three heartbeats, so one lost or
+    /// slow write does not flip the condition.
     pub report: i64,
-    /// How far ahead of the coordinator's clock a reading or handshake may be dated and
-    /// still count: more is a wrong (or lying) clock, and a reading dated in the future
-    /// would otherwise stay "fresh" long after its agent stopped.
+    /// How far ahead of the coordinator's clock a report may be dated and still count: more
+    /// is a wrong (or lying) clock, and a report dated in the future would otherwise stay
+    /// "fresh" long after its agent stopped.
     pub skew: i64,
 }
 
 impl Default for Thresholds {
     fn default() -> Thresholds {
         Thresholds {
-            handshake: 180,
-            report: 60,
+            report: 180,
             skew: 30,
         }
     }
@@ -54,50 +54,30 @@ impl Default for Thresholds {
 /// status small) however many pairs are down.
 const NAMED_DOWN: usize = 5;
 
-/// Whether `at` is at most `max` seconds old and no more than the skew allowance ahead.
-fn recent(at: i64, now: i64, max: i64, t: &Thresholds) -> bool {
-    (-t.skew..=max).contains(&(now - at))
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub connected: bool,
     pub reason: &'static str,
-    /// Starts with `up/wanted pairs up`, then names what is down.
     pub message: String,
 }
 
 fn fresh<'r>(report: Option<&'r Report>, now: i64, t: &Thresholds) -> Option<&'r Report> {
-    report.filter(|r| recent(r.observed, now, t.report, t))
+    report.filter(|r| (-t.skew..=t.report).contains(&(now - r.observed)))
 }
 
-/// Whether `from`'s fresh report shows a recent handshake with `to`.
-fn witnessed(from: &Member, to: &str, now: i64, t: &Thresholds) -> bool {
-    fresh(from.report.as_ref(), now, t)
-        .and_then(|r| r.handshakes.get(to).copied().flatten())
-        .is_some_and(|h| recent(h, now, t.handshake, t))
+/// Whether `from`'s fresh report names `to` as down.
+fn reports_down(from: &Member, to: &str, now: i64, t: &Thresholds) -> bool {
+    fresh(from.report.as_ref(), now, t).is_some_and(|r| r.down.contains(to))
 }
 
-/// How a down pair looks from `from`'s side, for the message. No ages in it: the message
-/// stays the same while the state does, so the status is not rewritten every pass.
-fn describe(from: &Member, to: &str, t: &Thresholds) -> String {
-    match from
-        .report
-        .as_ref()
-        .and_then(|r| r.handshakes.get(to).copied())
-    {
-        Some(Some(_)) => format!("{to} (no handshake for over {}s)", t.handshake),
-        Some(None) => format!("{to} (never handshook)"),
-        None => format!("{to} (not configured yet)"),
-    }
-}
-
-/// `down: a (…), b (…)`, naming at most [`NAMED_DOWN`] pairs and counting the rest.
-fn down_message(down: &[String]) -> String {
+/// `down: a, b (no recent handshake)`, naming at most [`NAMED_DOWN`] pairs and counting the
+/// rest. No ages in it: the message stays the same while the state does, so the status is
+/// not rewritten every pass.
+fn down_message(down: &[&str]) -> String {
     let named = down[..down.len().min(NAMED_DOWN)].join(", ");
     match down.len().saturating_sub(NAMED_DOWN) {
-        0 => format!("down: {named}"),
-        more => format!("down: {named} and {more} more"),
+        0 => format!("down: {named} (no recent handshake)"),
+        more => format!("down: {named} and {more} more (no recent handshake)"),
     }
 }
 
@@ -116,11 +96,11 @@ pub fn mesh_connected(
             .collect();
         // A pair with a node whose agent never reported is that node's `NoReport`, not a
         // fault of everyone it should reach: a join does not flip the whole other location.
-        let down: Vec<String> = wanted
+        let down: Vec<&str> = wanted
             .iter()
             .filter(|o| o.report.is_some())
-            .filter(|o| !witnessed(me, &o.name, now, t) && !witnessed(o, &me.name, now, t))
-            .map(|o| describe(me, &o.name, t))
+            .filter(|o| reports_down(me, &o.name, now, t) || reports_down(o, &me.name, now, t))
+            .map(|o| o.name.as_str())
             .collect();
         // No counts of wanted pairs in any message: they change on every join and would
         // rewrite every peer's status for nothing.
@@ -172,8 +152,8 @@ mod tests {
     const NOW: i64 = 1_800_000_000;
     const ALL_UP: &str = "every tunnel the topology wants is up";
 
-    /// Report age and, per peer, the handshake's age (`None`: never).
-    type Reading<'a> = (i64, &'a [(&'a str, Option<i64>)]);
+    /// Report age and the peers it names down.
+    type Reading<'a> = (i64, &'a [&'a str]);
     /// Name, members, then per member: name, connected, reason, message.
     type Row<'a> = (&'a str, Vec<Member>, Vec<(&'a str, bool, &'a str, &'a str)>);
 
@@ -181,12 +161,9 @@ mod tests {
         Member {
             name: name.into(),
             location: location.into(),
-            report: report.map(|(age, hs)| Report {
+            report: report.map(|(age, down)| Report {
                 observed: NOW - age,
-                handshakes: hs
-                    .iter()
-                    .map(|(n, h)| (n.to_string(), h.map(|a| NOW - a)))
-                    .collect(),
+                down: down.iter().map(|n| n.to_string()).collect(),
             }),
         }
     }
@@ -205,18 +182,14 @@ mod tests {
 
     #[test]
     fn table() {
-        // a1, a2 in "old"; b1 in "new". Ages in seconds.
+        // a1, a2 in "old"; b1 in "new". Ages in seconds (the report threshold is 180 s).
         let rows: Vec<Row> = vec![
             (
-                "all up, each side witnessing",
+                "all up: nobody names anybody down",
                 vec![
-                    member("a1", "old", Some((5, &[("b1", Some(30))]))),
-                    member("a2", "old", Some((5, &[("b1", Some(100))]))),
-                    member(
-                        "b1",
-                        "new",
-                        Some((5, &[("a1", Some(30)), ("a2", Some(100))])),
-                    ),
+                    member("a1", "old", Some((5, &[]))),
+                    member("a2", "old", Some((170, &[]))),
+                    member("b1", "new", Some((5, &[]))),
                 ],
                 vec![
                     ("a1", true, "AllPairsUp", ALL_UP),
@@ -225,37 +198,34 @@ mod tests {
                 ],
             ),
             (
-                "a stale handshake turns both ends false, with the pair named",
+                "a pair down turns both ends false, with the other end named",
                 vec![
-                    member("a1", "old", Some((5, &[("b1", Some(30))]))),
-                    member("a2", "old", Some((5, &[("b1", Some(400))]))),
-                    member(
-                        "b1",
-                        "new",
-                        Some((5, &[("a1", Some(30)), ("a2", Some(400))])),
-                    ),
+                    member("a1", "old", Some((5, &[]))),
+                    member("a2", "old", Some((5, &["b1"]))),
+                    member("b1", "new", Some((5, &["a2"]))),
                 ],
                 vec![
                     ("a1", true, "AllPairsUp", ALL_UP),
-                    (
-                        "a2",
-                        false,
-                        "PairsDown",
-                        "down: b1 (no handshake for over 180s)",
-                    ),
-                    (
-                        "b1",
-                        false,
-                        "PairsDown",
-                        "down: a2 (no handshake for over 180s)",
-                    ),
+                    ("a2", false, "PairsDown", "down: b1 (no recent handshake)"),
+                    ("b1", false, "PairsDown", "down: a2 (no recent handshake)"),
                 ],
             ),
             (
-                "one fresh witness is enough; a silent agent is not connected itself",
+                "one end naming the pair is enough (the other has not seen the joiner yet)",
                 vec![
-                    member("a1", "old", Some((5, &[("b1", Some(30))]))),
-                    member("b1", "new", Some((300, &[("a1", Some(330))]))),
+                    member("a1", "old", Some((5, &[]))),
+                    member("b1", "new", Some((5, &["a1"]))),
+                ],
+                vec![
+                    ("a1", false, "PairsDown", "down: b1 (no recent handshake)"),
+                    ("b1", false, "PairsDown", "down: a1 (no recent handshake)"),
+                ],
+            ),
+            (
+                "a silent agent is not connected itself, and its stale report names nothing",
+                vec![
+                    member("a1", "old", Some((5, &[]))),
+                    member("b1", "new", Some((300, &["a1"]))),
                 ],
                 vec![
                     ("a1", true, "AllPairsUp", ALL_UP),
@@ -263,26 +233,15 @@ mod tests {
                         "b1",
                         false,
                         "ReportStale",
-                        "the agent has not reported for over 60s",
+                        "the agent has not reported for over 180s",
                     ),
-                ],
-            ),
-            (
-                "never handshook, seen from both ends",
-                vec![
-                    member("a1", "old", Some((5, &[("b1", None)]))),
-                    member("b1", "new", Some((5, &[("a1", None)]))),
-                ],
-                vec![
-                    ("a1", false, "PairsDown", "down: b1 (never handshook)"),
-                    ("b1", false, "PairsDown", "down: a1 (never handshook)"),
                 ],
             ),
             (
                 "a joining node that has not reported yet flips nobody else",
                 vec![
-                    member("a1", "old", Some((5, &[("b1", Some(30)), ("b2", None)]))),
-                    member("b1", "new", Some((5, &[("a1", Some(30))]))),
+                    member("a1", "old", Some((5, &["b2"]))),
+                    member("b1", "new", Some((5, &[]))),
                     member("b2", "new", None),
                 ],
                 vec![
@@ -292,10 +251,10 @@ mod tests {
                 ],
             ),
             (
-                "a report dated in the future is not fresh, nor are its handshakes",
+                "a report dated in the future is not fresh",
                 vec![
-                    member("a1", "old", Some((-3600, &[("b1", Some(-3600))]))),
-                    member("b1", "new", Some((5, &[("a1", None)]))),
+                    member("a1", "old", Some((-3600, &[]))),
+                    member("b1", "new", Some((5, &["a1"]))),
                 ],
                 vec![
                     (
@@ -305,13 +264,13 @@ mod tests {
                         "the agent's report is dated more than 30s ahead of the coordinator's \
                          clock; check the node's clock",
                     ),
-                    ("b1", false, "PairsDown", "down: a1 (never handshook)"),
+                    ("b1", false, "PairsDown", "down: a1 (no recent handshake)"),
                 ],
             ),
             (
                 "a little skew is tolerated",
                 vec![
-                    member("a1", "old", Some((-20, &[("b1", Some(-20))]))),
+                    member("a1", "old", Some((-20, &[]))),
                     member("b1", "new", Some((5, &[]))),
                 ],
                 vec![
@@ -322,7 +281,11 @@ mod tests {
             (
                 "many pairs down: five named, the rest counted",
                 vec![
-                    member("a1", "old", Some((5, &[]))),
+                    member(
+                        "a1",
+                        "old",
+                        Some((5, &["b1", "b2", "b3", "b4", "b5", "b6", "b7"])),
+                    ),
                     member("b1", "new", Some((5, &[]))),
                     member("b2", "new", Some((5, &[]))),
                     member("b3", "new", Some((5, &[]))),
@@ -335,14 +298,34 @@ mod tests {
                     "a1",
                     false,
                     "PairsDown",
-                    "down: b1 (not configured yet), b2 (not configured yet), b3 (not configured \
-                     yet), b4 (not configured yet), b5 (not configured yet) and 2 more",
+                    "down: b1, b2, b3, b4, b5 and 2 more (no recent handshake)",
                 ))
                 .chain(
                     ["b1", "b2", "b3", "b4", "b5", "b6", "b7"]
-                        .map(|b| (b, false, "PairsDown", "down: a1 (not configured yet)")),
+                        .map(|b| (b, false, "PairsDown", "down: a1 (no recent handshake)")),
                 )
                 .collect(),
+            ),
+            (
+                "a name the topology does not pair is ignored",
+                vec![
+                    member("a1", "old", Some((5, &["a2"]))),
+                    member("a2", "old", Some((5, &[]))),
+                ],
+                vec![
+                    (
+                        "a1",
+                        true,
+                        "NoPairsWanted",
+                        "the topology wants no tunnel for this node yet",
+                    ),
+                    (
+                        "a2",
+                        true,
+                        "NoPairsWanted",
+                        "the topology wants no tunnel for this node yet",
+                    ),
+                ],
             ),
             (
                 "alone in its location: nothing wanted yet",

@@ -50,11 +50,14 @@ enum Command {
         /// Kubeconfig to use (default: in-cluster, then ~/.kube/config).
         #[arg(long)]
         kubeconfig: Option<std::path::PathBuf>,
-        /// A pair whose latest handshake is older than this is down (MeshConnected).
+        /// Moved to the agent (`isthmus-agent run --handshake-stale-seconds`), which now
+        /// decides which of its tunnels are up; accepted and ignored here.
+        #[arg(long, hide = true)]
+        handshake_stale_seconds: Option<i64>,
+        /// A node whose agent has not reported for this long is not connected. Agents
+        /// write on change and at least every `--health-interval` (60 s): keep this a few
+        /// heartbeats above it.
         #[arg(long, default_value_t = 180)]
-        handshake_stale_seconds: i64,
-        /// A node whose agent has not reported for this long is not connected.
-        #[arg(long, default_value_t = 60)]
         report_stale_seconds: i64,
         /// Serve /metrics, /healthz and /readyz here ("" or "off": don't).
         #[arg(long, default_value = "0.0.0.0:9581")]
@@ -86,6 +89,12 @@ async fn main() -> anyhow::Result<()> {
             report_stale_seconds,
             metrics_addr,
         } => {
+            if handshake_stale_seconds.is_some() {
+                tracing::warn!(
+                    "--handshake-stale-seconds is ignored: the agents decide which tunnels are up \
+                     (isthmus-agent run --handshake-stale-seconds)"
+                );
+            }
             let metrics_addr =
                 isthmus_ops::parse_addr(&metrics_addr).map_err(anyhow::Error::msg)?;
             let cidr = mesh_cidr
@@ -108,7 +117,6 @@ async fn main() -> anyhow::Result<()> {
                         .clamp(1, 30),
                 ),
                 health: isthmus_coordinator::health::Thresholds {
-                    handshake: handshake_stale_seconds,
                     report: report_stale_seconds,
                     ..Default::default()
                 },

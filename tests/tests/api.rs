@@ -266,7 +266,8 @@ async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
             "node-a",
             &ssa,
             &Patch::Apply(status(json!({"health": {
-                "observedTime": "2026-01-01T00:00:00Z", "peers": []}}))),
+                "observedTime": "2026-01-01T00:00:00Z", "peersUp": 0, "peersExpected": 1,
+                "downPeers": ["node-b"]}}))),
         )
         .await
         .expect("the agent reports its own health");

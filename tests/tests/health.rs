@@ -1,14 +1,19 @@
-//! Mesh health in the API, against a real API server: agents write their tunnels' health
-//! into their own WireGuardPeer status, the coordinator turns it into `MeshConnected`, and
-//! an operator gates on it with `kubectl wait` and reads it in `kubectl get wgp`. An agent
-//! that stops reporting turns its node's condition false, with the reason.
+//! Mesh health in the API, against a real API server: agents write a summary of their
+//! tunnels into their own WireGuardPeer status, the coordinator turns it into
+//! `MeshConnected`, and an operator gates on it with `kubectl wait` and reads it in
+//! `kubectl get wgp`. An agent that stops reporting turns its node's condition false, with
+//! the reason. A steady mesh costs one write per node per heartbeat; a tunnel going down is
+//! written within the agent's check period, not a heartbeat later.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use isthmus_api::{WireGuardPeer, MESH_CONNECTED};
+use futures::StreamExt;
+use isthmus_api::{MeshHealth, WireGuardPeer, MESH_CONNECTED};
 use isthmus_tests::cluster::Cluster;
 use isthmus_tests::daemon::eventually;
-use kube::ResourceExt;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
 
 fn condition(p: &WireGuardPeer) -> Option<(String, String, String)> {
     p.status
@@ -111,7 +116,8 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
         "{all:?}"
     );
 
-    // What the agents wrote: per tunnel, a handshake and traffic.
+    // What the agents wrote: a summary, both tunnels up, none down, nothing per peer at
+    // full size.
     let peers = cluster.peers().await.expect("peers");
     let vsphere = peers
         .iter()
@@ -122,13 +128,27 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
         .as_ref()
         .and_then(|s| s.health.as_ref())
         .expect("vsphere-1 reports its health");
-    let names: Vec<&str> = health.peers.iter().map(|p| p.node.as_str()).collect();
-    assert_eq!(names, ["aws-1", "aws-2"]);
-    assert!(health
-        .peers
-        .iter()
-        .all(|p| p.latest_handshake.is_some() && p.rx_bytes > 0));
+    assert_eq!(
+        (
+            health.peers_up,
+            health.peers_expected,
+            health.down_peers.len()
+        ),
+        (2, 2, 0),
+        "{health:?}"
+    );
 
+    let wide = cluster
+        .rig
+        .kubectl(&["get", "wgp", "-o", "wide"])
+        .expect("kubectl get wgp -o wide");
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert!(header.windows(2).any(|w| w == ["UP", "EXPECTED"]), "{wide}");
     let table = cluster
         .rig
         .kubectl(&["get", "wgp"])
@@ -182,30 +202,145 @@ async fn mesh_connected_gates_on_health_and_turns_false_when_an_agent_goes_quiet
     );
 }
 
-/// The path between the clouds breaks: no handshake can renew, and once the last one is
-/// older than the threshold every node's MeshConnected turns False with the pair named.
-/// (The threshold is lowered from 180 s to 125 s to keep the test short; it must stay above
-/// WireGuard's 120 s rekey interval, or healthy tunnels would look stale.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_path_turns_mesh_connected_false_once_handshakes_go_stale() {
-    let cluster = connected(
-        &[(0, 1), (1, 1)],
-        "2",
-        &["--handshake-stale-seconds", "125"],
-    )
-    .await;
+/// The reports a watch saw, with when each arrived.
+type Reports = Arc<Mutex<Vec<(Instant, MeshHealth)>>>;
 
-    // Everything crossing vsphere's gateway is dropped from now on.
+/// Every change to `name`'s `status.health` the API server makes, as a watch sees it: when
+/// it arrived and the report (a relist that repeats the last report adds nothing).
+fn record_reports(api: Api<WireGuardPeer>, name: &str) -> (Reports, tokio::task::JoinHandle<()>) {
+    let seen: Reports = Arc::default();
+    let out = seen.clone();
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let task = tokio::spawn(async move {
+        let mut events = std::pin::pin!(watcher(api, config));
+        while let Some(event) = events.next().await {
+            let p = match event {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => p,
+                _ => continue,
+            };
+            let Some(h) = p.status.and_then(|s| s.health) else {
+                continue;
+            };
+            let mut seen = out.lock().expect("reports");
+            if seen.last().is_none_or(|(_, last)| *last != h) {
+                seen.push((Instant::now(), h));
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// Unix seconds of `node`'s latest handshake with `peer`, as `isthmus-agent peers` shows it.
+fn latest_handshake(cluster: &Cluster, node: &str, peer: &str) -> Option<i64> {
+    let n = cluster.node(node);
+    let out = isthmus_tests::netns::run(
+        &isthmus_tests::agent_binary().display().to_string(),
+        &[
+            "peers",
+            "--iface",
+            &n.iface,
+            "--kubeconfig",
+            &n.kubeconfig.display().to_string(),
+            "--state-dir",
+            &n.state_dir.display().to_string(),
+            "--json",
+        ],
+    )
+    .ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
+    doc["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node"] == peer)?["latestHandshake"]
+        .as_i64()
+}
+
+/// A steady, healthy mesh: the agent writes its WireGuardPeer once a heartbeat (here 20 s)
+/// and not more, whatever its tunnels' handshakes and counters do. Then the path between
+/// the clouds breaks: once the last handshake is older than the agent's threshold (lowered
+/// from 180 s to 125 s to keep the test short; it must stay above WireGuard's 120 s rekey),
+/// the agent names the peer down within its 5 s check, not a heartbeat later, and every
+/// node's MeshConnected turns False with the pair named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_mesh_writes_once_a_heartbeat_and_a_broken_path_is_reported_at_once() {
+    const HEARTBEAT: u64 = 20;
+    const THRESHOLD: i64 = 125;
+    const CHECK: i64 = 5;
+    let mut cluster = Cluster::new().await.expect("cluster");
+    for (cloud, slot) in [(0, 1), (1, 1)] {
+        let i = cluster.add_node_idle(cloud, slot).await.expect("node");
+        cluster
+            .start_node_agent(
+                i,
+                &[
+                    "--health-interval",
+                    &HEARTBEAT.to_string(),
+                    "--handshake-stale-seconds",
+                    &THRESHOLD.to_string(),
+                ],
+            )
+            .expect("agent");
+    }
+    cluster.start_coordinator("c1").expect("coordinator");
+    let waited = cluster.rig.kubectl(&[
+        "wait",
+        "--for=condition=MeshConnected",
+        "wireguardpeers",
+        "--all",
+        "--timeout=90s",
+    ]);
+    assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+    let api: Api<WireGuardPeer> = Api::all(cluster.rig.admin().await.expect("admin"));
+    let (reports, watch) = record_reports(api, "vsphere-1");
+    // Let the watch list the object first, and the first path MTU settle.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    // 1. Steady state: count the writes over a window of 150 s.
+    let window = Duration::from_secs(150);
+    let start = Instant::now();
+    tokio::time::sleep(window).await;
+    let steady: Vec<MeshHealth> = reports
+        .lock()
+        .expect("reports")
+        .iter()
+        .filter(|(at, _)| *at > start)
+        .map(|(_, h)| h.clone())
+        .collect();
+    let writes = steady.len() as u64;
+    println!(
+        "steady state: {writes} writes of vsphere-1's report in {}s with a {HEARTBEAT}s \
+         heartbeat ({:.1} per minute)",
+        window.as_secs(),
+        writes as f64 * 60.0 / window.as_secs_f64()
+    );
+    assert!(
+        writes <= window.as_secs() / HEARTBEAT + 1,
+        "{writes} writes in {window:?}: {steady:?}"
+    );
+    assert!(
+        writes >= window.as_secs() / HEARTBEAT - 1,
+        "the heartbeat keeps the report fresh: {writes} writes in {window:?}: {steady:?}"
+    );
+    assert!(
+        steady
+            .iter()
+            .all(|h| h.down_peers.is_empty() && h.peers_up == 1),
+        "{steady:?}"
+    );
+
+    // 2. Everything crossing vsphere's gateway is dropped from now on.
     cluster.clouds[0]
         .gateway
         .exec("iptables", &["-I", "FORWARD", "-j", "DROP"])
         .expect("iptables");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last_handshake = latest_handshake(&cluster, "vsphere-1", "aws-1").expect("handshake");
     let stale = wait_for(&cluster, Duration::from_secs(200), |all| {
         all.len() == 2
             && all.iter().all(|(_, c)| {
                 is(c, "False", "PairsDown", "down: ")
                     && c.as_ref()
-                        .is_some_and(|(_, _, m)| m.ends_with("(no handshake for over 125s)"))
+                        .is_some_and(|(_, _, m)| m.ends_with("(no recent handshake)"))
             })
     })
     .await;
@@ -215,4 +350,30 @@ async fn a_broken_path_turns_mesh_connected_false_once_handshakes_go_stale() {
         conditions(&cluster).await,
         cluster.logs()
     );
+    let down = reports
+        .lock()
+        .expect("reports")
+        .iter()
+        .map(|(_, h)| h.clone())
+        .find(|h| h.down_peers == ["aws-1"])
+        .expect("vsphere-1 names aws-1 down");
+    watch.abort();
+    // When the handshake crossed the threshold, and when the agent's report says it saw it
+    // down (both from this machine's clock, in whole seconds: one of rounding, one for a
+    // busy machine; still far below the 20 s heartbeat).
+    let crossed = last_handshake + THRESHOLD;
+    let reported = down.observed_time.0.as_second();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    println!(
+        "down reported {}s after the threshold was crossed",
+        reported - crossed
+    );
+    assert!(
+        reported <= crossed + CHECK + 2 && reported <= now,
+        "crossed at {crossed}, reported at {reported}: within the check, not a heartbeat"
+    );
+    assert_eq!((down.peers_up, down.peers_expected), (0, 1), "{down:?}");
 }

@@ -360,22 +360,38 @@ async fn path_mtu_is_found_through_silent_drops_and_followed() {
         "the host route carries the path MTU, the pods' route 50 less for VXLAN:\n{host}\n{pods}"
     );
     let health_deadline = Instant::now() + Duration::from_secs(20);
-    let lowest = loop {
+    // status.health: the lowest, and this peer's own entry (its path is below the tunnel MTU).
+    let (lowest, listed) = loop {
         let peers = cluster.peers().await.expect("peers");
-        let lowest = peers
+        let health = peers
             .iter()
             .find(|p| kube::ResourceExt::name_any(*p) == "vsphere-1")
-            .and_then(|p| p.status.as_ref()?.health.as_ref()?.lowest_path_mtu);
-        if lowest.is_some_and(|m| u64::try_from(m).is_ok_and(|m| AT_1300.contains(&m)))
+            .and_then(|p| p.status.as_ref()?.health.clone());
+        let lowest = health.as_ref().and_then(|h| h.lowest_path_mtu);
+        let listed: Vec<(String, i32)> = health
+            .iter()
+            .flat_map(|h| h.path_mtus.iter().map(|p| (p.node.clone(), p.path_mtu)))
+            .collect();
+        let at_1300 = |m: i32| u64::try_from(m).is_ok_and(|m| AT_1300.contains(&m));
+        if (lowest.is_some_and(at_1300)
+            && listed.len() == 1
+            && listed[0].0 == "aws-1"
+            && at_1300(listed[0].1))
             || Instant::now() > health_deadline
         {
-            break lowest;
+            break (lowest, listed);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(
         lowest.is_some_and(|m| u64::try_from(m).is_ok_and(|m| AT_1300.contains(&m))),
         "status.health.lowestPathMTU {lowest:?}"
+    );
+    assert!(
+        listed.len() == 1
+            && listed[0].0 == "aws-1"
+            && u64::try_from(listed[0].1).is_ok_and(|m| AT_1300.contains(&m)),
+        "status.health.pathMTUs {listed:?}"
     );
     crossings(&cluster, &overlay, &mesh, "1300-byte path");
     // Both SYNs were clamped: each pod sends segments the path carries from the first byte

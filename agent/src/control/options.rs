@@ -25,8 +25,11 @@ pub struct RunOptions {
     pub routing: RoutingOptions,
     pub kubeconfig: Option<PathBuf>,
     pub netns: Option<PathBuf>,
-    /// How often the agent writes its health report (`None`: never).
+    /// The health report's heartbeat: it is written when it changes, and at least this
+    /// often (`None`: never written).
     pub health_interval: Option<Duration>,
+    /// A tunnel whose latest handshake is older than this is reported down.
+    pub handshake_stale: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the
     /// agent's own network namespace.
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -383,8 +383,18 @@ pub async fn run(
     let watch = {
         let changed = peers_changed.clone();
         let api_error = agent.api_error.clone();
+        let own = agent.opts.node_name.clone();
         watcher(agent.peers.clone(), watcher::Config::default())
             .default_backoff()
+            // Other nodes' health reports are the coordinator's business: the cache keeps
+            // only this node's own (the report loop compares against it).
+            .modify(move |p| {
+                if p.metadata.name.as_deref() != Some(own.as_str()) {
+                    if let Some(s) = p.status.as_mut() {
+                        s.health = None;
+                    }
+                }
+            })
             .reflect(writer)
             .for_each(move |event| {
                 match &event {
@@ -405,7 +415,11 @@ pub async fn run(
             agent.opts.node_name.clone(),
             agent.tunnel.clone(),
             store.clone(),
-            every,
+            super::health::Settings {
+                heartbeat: every,
+                handshake_stale: agent.opts.handshake_stale,
+                tunnel_mtu: agent.fixed.tunnel_mtu,
+            },
             agent.path_mtus.clone(),
         ))
     });
