@@ -86,6 +86,8 @@ async fn main() -> anyhow::Result<()> {
             report_stale_seconds,
             metrics_addr,
         } => {
+            // First: a SIGTERM while starting up is then handled, not fatal.
+            let shutdown = isthmus_ops::daemon::shutdown_signal();
             let metrics_addr =
                 isthmus_ops::parse_addr(&metrics_addr).map_err(anyhow::Error::msg)?;
             let cidr = mesh_cidr
@@ -126,7 +128,6 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("serving metrics on {addr}"))?;
             }
             let client = isthmus_ops::daemon::kube_client(kubeconfig.as_deref()).await?;
-            let shutdown = isthmus_ops::daemon::shutdown_signal();
             if multi_cluster {
                 let settings = MultiSettings {
                     defaults: cluster,
