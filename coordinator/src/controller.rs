@@ -74,6 +74,9 @@ pub fn member(p: &WireGuardPeer) -> Member {
         name: p.name_any(),
         location: p.spec.location.clone(),
         report,
+        admitted: condition(p, ADMITTED)
+            .filter(|c| c.status == "True")
+            .map(|c| timestamp(&c.last_transition_time)),
     }
 }
 
@@ -218,12 +221,72 @@ fn status_patch(
 
 struct Controller {
     peers: Api<WireGuardPeer>,
+    /// For a live read before acting on a Node's absence (see [`Controller::node_exists`]).
+    nodes: Api<Node>,
     peer_store: Store<WireGuardPeer>,
     node_store: Store<Node>,
     settings: ClusterSettings,
+    /// The latest run of watch errors: (first, last), Unix seconds.
+    outage: Arc<parking_lot::Mutex<Option<(i64, i64)>>>,
 }
 
+/// Seconds to add to the report threshold after an outage: its length
+/// (first to last watch error of the latest run) plus a report period (the watch's backoff
+/// may notice the API server's return late), for one report period after its last error. The agents report again within that period; until then a reading the outage kept
+/// from being renewed does not turn every node's `MeshConnected` false.
+pub fn outage_grace(outage: Option<(i64, i64)>, now: i64, report: i64) -> i64 {
+    match outage {
+        Some((first, last)) if now - last < report => (last - first).max(0) + report,
+        _ => 0,
+    }
+}
+
+/// Records watch errors into a run (errors less than `report` seconds apart belong to the
+/// same outage), then tells the observer it wraps.
+struct OutageObserver {
+    inner: Arc<dyn Observer>,
+    outage: Arc<parking_lot::Mutex<Option<(i64, i64)>>>,
+    report: i64,
+}
+
+impl Observer for OutageObserver {
+    fn synced(&self, peers: &Store<WireGuardPeer>) {
+        self.inner.synced(peers);
+    }
+    fn watch(&self, error: Option<&kube::runtime::watcher::Error>) {
+        if error.is_some() {
+            let now = Timestamp::now().as_second();
+            let mut outage = self.outage.lock();
+            *outage = match *outage {
+                Some((first, last)) if now - last < self.report => Some((first, now)),
+                _ => Some((now, now)),
+            };
+        }
+        self.inner.watch(error);
+    }
+    fn pass_started(&self) {
+        self.inner.pass_started();
+    }
+    fn pass_finished(&self, took: Option<Duration>, error: Option<&anyhow::Error>) {
+        self.inner.pass_finished(took, error);
+    }
+}
+
+/// The refusal that rests on the Node cache alone, so the one checked live first.
+const NODE_NOT_FOUND: &str = "NodeNotFound";
+
 impl Controller {
+    /// Whether the Node named `name` exists, read from the API server rather than the
+    /// cache. The two watches recover independently after an outage, so for a while the
+    /// peer cache can hold a node that joined meanwhile while the Node cache does not yet:
+    /// refusing or deleting it then would de-admit a legitimate node.
+    async fn node_exists(&self, name: &str) -> anyhow::Result<bool> {
+        Ok(timed(self.nodes.get_opt(name))
+            .await
+            .with_context(|| format!("reading Node {name}"))?
+            .is_some())
+    }
+
     fn plan(&self) -> Plan {
         let peers: Vec<PeerView> = self
             .peer_store
@@ -263,11 +326,22 @@ impl Controller {
             })
             .map(|p| member(p))
             .collect();
+        // Agents could not report while the API server was unreachable: their summaries are
+        // older by the outage, not stale.
+        let grace = outage_grace(
+            *self.outage.lock(),
+            now.as_second(),
+            self.settings.health.report,
+        );
+        let thresholds = Thresholds {
+            report: self.settings.health.report + grace,
+            ..self.settings.health
+        };
         let verdicts = health::mesh_connected(
             &members,
             self.settings.topology,
             now.as_second(),
-            &self.settings.health,
+            &thresholds,
         );
         verdicts
             .into_iter()
@@ -306,7 +380,7 @@ impl Controller {
         let ssa = PatchParams::apply(COORDINATOR_MANAGER).force();
 
         // Owned work items: the futures below borrow nothing from this pass.
-        let writes: Vec<(String, serde_json::Value, String)> = plan
+        let writes: Vec<(String, serde_json::Value, String, bool)> = plan
             .statuses
             .iter()
             .filter_map(|(name, want)| {
@@ -329,15 +403,20 @@ impl Controller {
                     name.clone(),
                     status_patch(name, want, mesh, version.as_deref()),
                     summary,
+                    want.admission.reason == NODE_NOT_FOUND,
                 )
             })
             .collect();
         let results: Vec<anyhow::Result<()>> = futures::stream::iter(writes)
-            .map(|(name, body, summary)| {
+            .map(|(name, body, summary, node_not_found)| {
                 let (api, ssa, leading) = (self.peers.clone(), ssa.clone(), leading.clone());
                 async move {
                     if !*leading.borrow() {
                         anyhow::bail!("lease lost; status of {name} not written");
+                    }
+                    if node_not_found && self.node_exists(&name).await? {
+                        tracing::info!(peer = %name, "its Node exists: the Node cache is behind; not refusing it");
+                        return Ok(());
                     }
                     match timed(api.patch_status(&name, &ssa, &Patch::Apply(body))).await {
                         Ok(_) => tracing::info!(peer = %name, "status written: {summary}"),
@@ -374,6 +453,20 @@ impl Controller {
                     if !*leading.borrow() {
                         failures.push(format!("lease lost; {name} not deleted"));
                         continue;
+                    }
+                    // The Node cache may be behind the peer cache (its watch back later
+                    // after an outage): an admitted node is deleted only if its Node is
+                    // gone in a live read too.
+                    match self.node_exists(name).await {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            tracing::info!(peer = %name, "its Node exists: the Node cache is behind; not deleting");
+                            continue;
+                        }
+                        Err(e) => {
+                            failures.push(format!("{e:#}"));
+                            continue;
+                        }
                     }
                     // Only the object this pass saw: a peer re-created under the same name
                     // since (a node that rejoined) is not deleted by mistake.
@@ -528,6 +621,12 @@ pub async fn serve_cluster(
 ) -> anyhow::Result<()> {
     let peers: Api<WireGuardPeer> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client);
+    let outage = Arc::new(parking_lot::Mutex::new(None));
+    let observer: Arc<dyn Observer> = Arc::new(OutageObserver {
+        inner: observer,
+        outage: outage.clone(),
+        report: settings.health.report,
+    });
     let changed = Arc::new(Notify::new());
     let (peer_store, peer_writer) = reflector::store();
     let (node_store, node_writer) = reflector::store();
@@ -538,13 +637,20 @@ pub async fn serve_cluster(
             changed.clone(),
             observer.clone(),
         ),
-        watch_into(nodes, node_writer, changed.clone(), observer.clone()),
+        watch_into(
+            nodes.clone(),
+            node_writer,
+            changed.clone(),
+            observer.clone(),
+        ),
     ];
     let controller = Controller {
         peers,
+        nodes,
         peer_store,
         node_store,
         settings,
+        outage,
     };
     controller
         .peer_store
@@ -660,6 +766,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_extends_the_thresholds_by_its_length_for_one_report_period() {
+        // (outage (first, last), now, grace), report period 60 s.
+        let cases = [
+            (None, 1000, 0),
+            (Some((700, 1000)), 1000, 360),
+            (Some((700, 1000)), 1059, 360),
+            (Some((700, 1000)), 1060, 0),
+            (Some((1000, 1000)), 1010, 60),
+        ];
+        for (outage, now, want) in cases {
+            assert_eq!(outage_grace(outage, now, 60), want, "{outage:?} at {now}");
+        }
+    }
 
     #[test]
     fn deleting_more_than_half_the_mesh_at_once_is_refused() {

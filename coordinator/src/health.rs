@@ -27,6 +27,8 @@ pub struct Member {
     pub name: String,
     pub location: String,
     pub report: Option<Report>,
+    /// Since when it is admitted (Unix seconds; `None`: admitted in this very pass).
+    pub admitted: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,9 +98,13 @@ pub fn mesh_connected(
             .collect();
         // A pair with a node whose agent never reported is that node's `NoReport`, not a
         // fault of everyone it should reach: a join does not flip the whole other location.
+        // Nor does a node admitted after `me` less than a report period ago: it is still
+        // configuring its tunnels, handshaking and reporting, and its own verdict says so.
+        let joined = |m: &Member| m.admitted.unwrap_or(now);
         let down: Vec<&str> = wanted
             .iter()
             .filter(|o| o.report.is_some())
+            .filter(|o| !(joined(o) > joined(me) && now - joined(o) < t.report))
             .filter(|o| reports_down(me, &o.name, now, t) || reports_down(o, &me.name, now, t))
             .map(|o| o.name.as_str())
             .collect();
@@ -159,12 +165,21 @@ mod tests {
 
     fn member(name: &str, location: &str, report: Option<Reading>) -> Member {
         Member {
+            admitted: None,
             name: name.into(),
             location: location.into(),
             report: report.map(|(age, down)| Report {
                 observed: NOW - age,
                 down: down.iter().map(|n| n.to_string()).collect(),
             }),
+        }
+    }
+
+    /// `m`, admitted `ago` seconds before now.
+    fn admitted(m: Member, ago: i64) -> Member {
+        Member {
+            admitted: Some(NOW - ago),
+            ..m
         }
     }
 
@@ -248,6 +263,45 @@ mod tests {
                     ("a1", true, "AllPairsUp", ALL_UP),
                     ("b1", true, "AllPairsUp", ALL_UP),
                     ("b2", false, "NoReport", "the agent has not reported yet"),
+                ],
+            ),
+            (
+                "a node admitted 10 s ago, reporting, no handshake yet: only it is down",
+                vec![
+                    admitted(member("a1", "old", Some((5, &["b2"]))), 1000),
+                    admitted(member("b1", "new", Some((5, &[]))), 1000),
+                    admitted(member("b2", "new", Some((5, &["a1"]))), 10),
+                ],
+                vec![
+                    ("a1", true, "AllPairsUp", ALL_UP),
+                    ("b1", true, "AllPairsUp", ALL_UP),
+                    ("b2", false, "PairsDown", "down: a1 (no recent handshake)"),
+                ],
+            ),
+            (
+                "a node admitted in this pass flips nobody else either",
+                vec![
+                    admitted(member("a1", "old", Some((5, &["b2"]))), 1000),
+                    admitted(member("b1", "new", Some((5, &[]))), 1000),
+                    member("b2", "new", Some((5, &["a1"]))),
+                ],
+                vec![
+                    ("a1", true, "AllPairsUp", ALL_UP),
+                    ("b1", true, "AllPairsUp", ALL_UP),
+                    ("b2", false, "PairsDown", "down: a1 (no recent handshake)"),
+                ],
+            ),
+            (
+                "a report period after its admission, a pair still down counts for both",
+                vec![
+                    admitted(member("a1", "old", Some((5, &["b2"]))), 1000),
+                    admitted(member("b1", "new", Some((5, &[]))), 1000),
+                    admitted(member("b2", "new", Some((5, &["a1"]))), 181),
+                ],
+                vec![
+                    ("a1", false, "PairsDown", "down: b2 (no recent handshake)"),
+                    ("b1", true, "AllPairsUp", ALL_UP),
+                    ("b2", false, "PairsDown", "down: a1 (no recent handshake)"),
                 ],
             ),
             (

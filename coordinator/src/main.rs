@@ -89,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
             report_stale_seconds,
             metrics_addr,
         } => {
+            // First: a SIGTERM while starting up is then handled, not fatal.
+            let shutdown = isthmus_ops::daemon::shutdown_signal();
             if handshake_stale_seconds.is_some() {
                 tracing::warn!(
                     "--handshake-stale-seconds is ignored: the agents decide which tunnels are up \
@@ -134,7 +136,6 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("serving metrics on {addr}"))?;
             }
             let client = isthmus_ops::daemon::kube_client(kubeconfig.as_deref()).await?;
-            let shutdown = isthmus_ops::daemon::shutdown_signal();
             if multi_cluster {
                 let settings = MultiSettings {
                     defaults: cluster,

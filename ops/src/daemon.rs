@@ -32,18 +32,26 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result
 }
 
 /// Resolves on the first SIGTERM or SIGINT (never, if the handlers cannot be installed).
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// a SIGTERM that arrives while the daemon is still starting (or stuck publishing against
+/// an unreachable API server) is held until the daemon looks, instead of killing it with
+/// its routing changes still in place. Call it inside the tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            _ => std::future::pending::<()>().await,
         }
-        _ => std::future::pending::<()>().await,
     }
 }

@@ -223,6 +223,17 @@ impl Cluster {
         identity: &str,
         extra_args: &[&str],
     ) -> anyhow::Result<()> {
+        self.start_coordinator_logging(identity, extra_args, "info")
+    }
+
+    /// [`Cluster::start_coordinator_with`] logging as `rust_log` says (`RUST_LOG`), e.g.
+    /// `info,isthmus_coordinator=debug` to see writes refused with a conflict.
+    pub fn start_coordinator_logging(
+        &mut self,
+        identity: &str,
+        extra_args: &[&str],
+        rust_log: &str,
+    ) -> anyhow::Result<()> {
         let kubeconfig = self.coordinator_kubeconfig.display().to_string();
         let mut args = vec![
             "run",
@@ -242,7 +253,7 @@ impl Cluster {
         let d = Daemon::spawn_host(
             &crate::workspace_bin("isthmus-coordinator"),
             &args,
-            &[("RUST_LOG", "info")],
+            &[("RUST_LOG", rust_log)],
             self.rig
                 .dir
                 .path()

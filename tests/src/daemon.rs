@@ -88,6 +88,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends `signal` and returns at once (SIGSTOP and SIGCONT: pause and resume it).
+    pub fn signal(&mut self, signal: i32) {
+        if self.is_running() {
+            // SAFETY: kill on the PID of a child we have not reaped yet.
+            unsafe { libc::kill(self.child.id() as i32, signal) };
+        }
+    }
+
     /// Sends `signal` and waits up to `grace` for the exit; SIGKILL after that.
     pub fn stop_with(&mut self, signal: i32, grace: Duration) -> Option<ExitStatus> {
         if !self.is_running() {
@@ -95,6 +103,10 @@ impl Daemon {
         }
         // SAFETY: kill on the PID of a child we have not reaped yet.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+        // A paused daemon would hold the signal until its grace ran out.
+        if signal != libc::SIGKILL {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+        }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if !self.is_running() {

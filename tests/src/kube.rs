@@ -121,10 +121,11 @@ pub fn client_cert(dir: &Path, name: &str, subject: &str) -> anyhow::Result<()> 
 pub struct KubeRig {
     // Stopped in declaration order: the API server before its etcd.
     apiserver: Option<Daemon>,
-    _etcd: Daemon,
+    etcd: Option<Daemon>,
     pub dir: TempDir,
     pub port: u16,
     etcd_port: u16,
+    etcd_peer_port: u16,
     pub admin_token: String,
     options: RigOptions,
 }
@@ -184,9 +185,35 @@ impl KubeRig {
             format!("{admin_token},admin,admin-uid,\"system:masters\"\n"),
         )?;
 
-        let (etcd_port, peer_port) = (free_port()?, free_port()?);
-        let client_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let (etcd_port, etcd_peer_port) = (free_port()?, free_port()?);
+        let mut rig = KubeRig {
+            apiserver: None,
+            etcd: None,
+            port: free_port()?,
+            etcd_port,
+            etcd_peer_port,
+            admin_token,
+            dir,
+            options,
+        };
+        rig.start_etcd()?;
+        rig.start_apiserver().await?;
+        if rig.options.install_isthmus {
+            rig.install().await?;
+        }
+        Ok(rig)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) etcd on the same ports and data directory. Does not wait: the API
+    /// server waits for it (and [`KubeRig::wait_ready`] for the API server).
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let client_url = format!("http://127.0.0.1:{}", self.etcd_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.etcd_peer_port);
         let etcd = Daemon::spawn_host(
             &kube_bin("etcd", "ETCD_BIN"),
             &[
@@ -208,26 +235,26 @@ impl KubeRig {
                 "warn",
             ],
             &[],
-            d.join("etcd.log"),
+            // A log per start: a restart keeps what the previous run said.
+            d.join(format!("etcd-{}.log", crate::unique_name())),
         )?;
-        let mut rig = KubeRig {
-            apiserver: None,
-            _etcd: etcd,
-            port: free_port()?,
-            etcd_port,
-            admin_token,
-            dir,
-            options,
-        };
-        rig.start_apiserver().await?;
-        if rig.options.install_isthmus {
-            rig.install().await?;
-        }
-        Ok(rig)
+        self.etcd = Some(etcd);
+        Ok(())
     }
 
-    pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+    /// Stops etcd (SIGTERM, as a restart would), the API server left running.
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut e) = self.etcd.take() {
+            e.stop();
+        }
+    }
+
+    /// Waits up to `timeout` for the API server's `/readyz` (etcd reachable again, say).
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.kubectl(&["get", "--raw", "/readyz"])
+                .is_ok_and(|o| o.trim() == "ok")
+        })
     }
 
     /// Starts (again) the API server on the same port and data.

@@ -375,9 +375,47 @@ pub async fn run(
     };
     agent.netlink.set_address(&agent.opts.iface, None).await?;
     agent.refresh_vtep().await;
-    retry("publishing this node's WireGuardPeer", || agent.publish()).await;
-    tracing::info!(node = %agent.opts.node_name, mode = ?agent.opts.routing.mode, mtu = tunnel_mtu, "published");
+    tokio::pin!(shutdown);
+    // Publishing retries for as long as the API server is unreachable, but a SIGTERM (or a
+    // dead tunnel) meanwhile still stops the agent the normal way, routing restored.
+    let published = tokio::select! {
+        _ = &mut shutdown => false,
+        () = retry("publishing this node's WireGuardPeer", || agent.publish()) => true,
+    };
+    let followed = if published {
+        tracing::info!(node = %agent.opts.node_name, mode = ?agent.opts.routing.mode, mtu = tunnel_mtu, "published");
+        follow(&mut agent, shutdown, kernel_changed, path_mtus_changed).await
+    } else {
+        tracing::info!("stopped before this node's WireGuardPeer was published");
+        Ok(())
+    };
+    if let Some(p) = prober {
+        p.abort();
+    }
+    tracing::info!("shutting down: restoring routing");
+    let started = Instant::now();
+    let o = agent.router.restore().await?;
+    tracing::info!(
+        restored = o.changed,
+        failed = o.failed,
+        took_ms = started.elapsed().as_millis() as u64,
+        "routing restored"
+    );
+    followed?;
+    match agent.tunnel.failure() {
+        Some(why) => Err(anyhow::anyhow!("{}: {why}", agent.opts.iface)),
+        None => Ok(()),
+    }
+}
 
+/// Follows the WireGuardPeers and the kernel, one pass per change, until `shutdown`
+/// resolves (or the peer cache cannot start). Leaves routing as it is: the caller restores.
+async fn follow(
+    agent: &mut Agent,
+    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    kernel_changed: Arc<Notify>,
+    path_mtus_changed: Arc<Notify>,
+) -> anyhow::Result<()> {
     let peers_changed = Arc::new(Notify::new());
     let (store, writer) = reflector::store();
     let watch = {
@@ -408,9 +446,9 @@ pub async fn run(
                 futures::future::ready(())
             })
     };
-    tokio::spawn(watch);
-    let health = agent.opts.health_interval.map(|every| {
-        tokio::spawn(super::health::report_loop(
+    let _watch = AbortOnDrop(tokio::spawn(watch));
+    let _health = agent.opts.health_interval.map(|every| {
+        AbortOnDrop(tokio::spawn(super::health::report_loop(
             agent.peers.clone(),
             agent.opts.node_name.clone(),
             agent.tunnel.clone(),
@@ -421,56 +459,44 @@ pub async fn run(
                 tunnel_mtu: agent.fixed.tunnel_mtu,
             },
             agent.path_mtus.clone(),
-        ))
+        )))
     });
-    tokio::pin!(shutdown);
-    let stopped_early = tokio::select! {
-        _ = &mut shutdown => true,
-        ready = store.wait_until_ready() => { ready.context("peer cache")?; false }
+    tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        ready = store.wait_until_ready() => ready.context("peer cache")?,
     };
-    if !stopped_early {
-        agent.ops.peers_synced();
-        loop {
-            // Observe.
-            let vtep_changed = agent.refresh_vtep().await;
-            let started = Instant::now();
-            agent.ops.pass_started();
-            let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
-            // Decide and apply.
-            agent.pass(&peers).await;
-            agent.ops.pass_finished(started.elapsed());
-            if pass::republish(&agent.opts.node_name, &peers, vtep_changed) {
-                if let Err(e) = agent.publish().await {
-                    tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
-                }
-            }
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = peers_changed.notified() => {}
-                _ = kernel_changed.notified() => {}
-                _ = path_mtus_changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+    agent.ops.peers_synced();
+    loop {
+        // Observe.
+        let vtep_changed = agent.refresh_vtep().await;
+        let started = Instant::now();
+        agent.ops.pass_started();
+        let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
+        // Decide and apply.
+        agent.pass(&peers).await;
+        agent.ops.pass_finished(started.elapsed());
+        if pass::republish(&agent.opts.node_name, &peers, vtep_changed) {
+            if let Err(e) = agent.publish().await {
+                tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
             }
         }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = peers_changed.notified() => {}
+            _ = kernel_changed.notified() => {}
+            _ = path_mtus_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
     }
-    if let Some(h) = health {
-        h.abort();
-    }
-    if let Some(p) = prober {
-        p.abort();
-    }
-    tracing::info!("shutting down: restoring routing");
-    let started = Instant::now();
-    let o = agent.router.restore().await?;
-    tracing::info!(
-        restored = o.changed,
-        failed = o.failed,
-        took_ms = started.elapsed().as_millis() as u64,
-        "routing restored"
-    );
-    match agent.tunnel.failure() {
-        Some(why) => Err(anyhow::anyhow!("{}: {why}", agent.opts.iface)),
-        None => Ok(()),
+}
+
+/// Aborts a spawned task when dropped: the watch and the health reports end with
+/// [`follow`], before routing is restored.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
