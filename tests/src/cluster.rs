@@ -52,6 +52,31 @@ impl NodeHandle {
         dump(&self.ns, &self.iface)
     }
 
+    /// The row for `peer` (a node name) in `isthmus-agent peers --json` on this node, as an
+    /// operator reads it (`latestHandshake`, `pathMTU`, …); `None` if absent or unreadable.
+    pub fn agent_peer_row(&self, peer: &str) -> Option<serde_json::Value> {
+        let out = crate::netns::run(
+            &crate::agent_binary().display().to_string(),
+            &[
+                "peers",
+                "--iface",
+                &self.iface,
+                "--kubeconfig",
+                &self.kubeconfig.display().to_string(),
+                "--state-dir",
+                &self.state_dir.display().to_string(),
+                "--json",
+            ],
+        )
+        .ok()?;
+        let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
+        doc["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node"] == peer)
+            .cloned()
+    }
+
     /// The pod CIDR as written in the Node object, e.g. `10.244.11.0/24`.
     pub fn pod_cidr(&self) -> String {
         format!("{}/24", self.pod_subnet)

@@ -232,27 +232,7 @@ fn record_reports(api: Api<WireGuardPeer>, name: &str) -> (Reports, tokio::task:
 
 /// Unix seconds of `node`'s latest handshake with `peer`, as `isthmus-agent peers` shows it.
 fn latest_handshake(cluster: &Cluster, node: &str, peer: &str) -> Option<i64> {
-    let n = cluster.node(node);
-    let out = isthmus_tests::netns::run(
-        &isthmus_tests::agent_binary().display().to_string(),
-        &[
-            "peers",
-            "--iface",
-            &n.iface,
-            "--kubeconfig",
-            &n.kubeconfig.display().to_string(),
-            "--state-dir",
-            &n.state_dir.display().to_string(),
-            "--json",
-        ],
-    )
-    .ok()?;
-    let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
-    doc["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| p["node"] == peer)?["latestHandshake"]
-        .as_i64()
+    cluster.node(node).agent_peer_row(peer)?["latestHandshake"].as_i64()
 }
 
 /// A steady, healthy mesh: the agent writes its WireGuardPeer once a heartbeat (here 20 s)

@@ -66,27 +66,7 @@ fn drop_above(cluster: &Cluster, max: Option<u32>) {
 
 /// What `isthmus-agent peers --json` on node `i` says about `peer`'s path MTU.
 fn cli_path_mtu(cluster: &Cluster, i: usize, peer: &str) -> Option<u64> {
-    let node = &cluster.nodes[i];
-    let out = isthmus_tests::netns::run(
-        &isthmus_tests::agent_binary().display().to_string(),
-        &[
-            "peers",
-            "--iface",
-            &node.iface,
-            "--kubeconfig",
-            &node.kubeconfig.display().to_string(),
-            "--state-dir",
-            &node.state_dir.display().to_string(),
-            "--json",
-        ],
-    )
-    .ok()?;
-    let doc: serde_json::Value = serde_json::from_str(&out).ok()?;
-    doc["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| p["node"] == peer)?["pathMTU"]
-        .as_u64()
+    cluster.nodes[i].agent_peer_row(peer)?["pathMTU"].as_u64()
 }
 
 /// The path MTU node `i`'s agent found toward the other node, from its runtime state (what
