@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use isthmus_tests::daemon::Daemon;
 use isthmus_tests::netns::{veth, Netns};
 use isthmus_tests::pair::{Host, Impl, Pair, Underlay};
-use isthmus_tests::traffic::{link_counters, ping, tcp_transfer};
+use isthmus_tests::traffic::{link_counters, ping, ping_within, tcp_transfer};
 use isthmus_tests::wg::KeyPair;
 
 /// netns.sh: "Test that route loops are handled". a's peer endpoint is set to an address a's
@@ -311,7 +311,13 @@ fn roaming_over_ipv4_and_ipv6_follows_address_and_port() {
             Underlay::V6 => other.inner_v4(),
         };
         let what = format!("{:?} moved to {port} over {family:?}", roamer.kind);
-        assert!(ping(&roamer.ns, dst, 1), "{what}\n{}", pair.logs());
+        // A ping may be lost while a side rebinds; what is asserted is where the answer goes.
+        let within = Duration::from_secs(5);
+        assert!(
+            ping_within(&roamer.ns, dst, within),
+            "{what}\n{}",
+            pair.logs()
+        );
         let want = match roamer.underlay(family) {
             std::net::IpAddr::V4(ip) => format!("{ip}:{port}"),
             std::net::IpAddr::V6(ip) => format!("[{ip}]:{port}"),
@@ -320,7 +326,7 @@ fn roaming_over_ipv4_and_ipv6_follows_address_and_port() {
         let seen = &dump.peer(&roamer.keys.public).unwrap().endpoint;
         assert_eq!(seen, &want, "{what}: the other side's endpoint");
         assert!(
-            ping(&other.ns, roamer.inner_v4(), 1),
+            ping_within(&other.ns, roamer.inner_v4(), within),
             "{what}: answered at {want}\n{}",
             pair.logs()
         );
