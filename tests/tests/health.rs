@@ -54,6 +54,18 @@ fn is(
         .is_some_and(|(s, r, m)| s == status && r == reason && m.starts_with(message_prefix))
 }
 
+/// `kubectl wait` for `MeshConnected` on every peer, as a migration step gates on it.
+fn wait_mesh_connected(cluster: &Cluster) {
+    let waited = cluster.rig.kubectl(&[
+        "wait",
+        "--for=condition=MeshConnected",
+        "wireguardpeers",
+        "--all",
+        "--timeout=90s",
+    ]);
+    assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+}
+
 /// Nodes at `(cloud, slot)` with agents reporting every `interval` seconds, a coordinator
 /// with `coordinator_args`, once `kubectl wait --for=condition=MeshConnected` is met.
 async fn connected(nodes: &[(usize, u8)], interval: &str, coordinator_args: &[&str]) -> Cluster {
@@ -67,14 +79,7 @@ async fn connected(nodes: &[(usize, u8)], interval: &str, coordinator_args: &[&s
     cluster
         .start_coordinator_with("c1", coordinator_args)
         .expect("coordinator");
-    let waited = cluster.rig.kubectl(&[
-        "wait",
-        "--for=condition=MeshConnected",
-        "wireguardpeers",
-        "--all",
-        "--timeout=90s",
-    ]);
-    assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+    wait_mesh_connected(&cluster);
     cluster
 }
 
@@ -262,14 +267,7 @@ async fn a_steady_mesh_writes_once_a_heartbeat_and_a_broken_path_is_reported_at_
             .expect("agent");
     }
     cluster.start_coordinator("c1").expect("coordinator");
-    let waited = cluster.rig.kubectl(&[
-        "wait",
-        "--for=condition=MeshConnected",
-        "wireguardpeers",
-        "--all",
-        "--timeout=90s",
-    ]);
-    assert!(waited.is_ok(), "{waited:?}\n{}", cluster.logs());
+    wait_mesh_connected(&cluster);
     let api: Api<WireGuardPeer> = Api::all(cluster.rig.admin().await.expect("admin"));
     let (reports, watch) = record_reports(api, "vsphere-1");
     // Let the watch list the object first, and the first path MTU settle.

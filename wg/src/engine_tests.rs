@@ -108,6 +108,39 @@ fn stranger(to: &Node, seed: u8) -> boringtun::noise::Tunn {
     )
 }
 
+/// `stranger` sends one initiation to `b` from `from`; every cookie reply b answers with
+/// is handed back to it, as a real initiator gets it. Returns how many replies came.
+fn initiate_taking_cookies(
+    stranger: &mut boringtun::noise::Tunn,
+    b: &Node,
+    from: SocketAddr,
+) -> usize {
+    use boringtun::noise::TunnResult;
+    let (mut init, mut buf) = (vec![0u8; 256], vec![0u8; MAX_PACKET]);
+    let TunnResult::WriteToNetwork(msg) = stranger.format_handshake_initiation(&mut init, true)
+    else {
+        panic!("no initiation");
+    };
+    b.engine.handle_inbound(from, msg, &mut buf, &b.out);
+    let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
+    let mut cookies = 0;
+    for o in b.out.take() {
+        let Output::Datagram(to, d) = o else { continue };
+        assert_eq!(
+            (to, d[0]),
+            (from, 3),
+            "only cookie replies go to a stranger"
+        );
+        let mut scratch = vec![0u8; 256];
+        assert!(matches!(
+            stranger.decapsulate(Some(b_ip), &d, &mut scratch),
+            TunnResult::Done
+        ));
+        cookies += 1;
+    }
+    cookies
+}
+
 #[test]
 fn packet_crosses_after_handshake() {
     let (a, b) = pair();
@@ -256,40 +289,17 @@ fn handshake_flood_gets_cookie_replies() {
 /// work, not everything it sends, and a second source is not held back by the first.
 #[test]
 fn a_source_answering_cookies_is_limited_per_address() {
-    use boringtun::noise::{Tunn, TunnResult};
+    use boringtun::noise::Tunn;
     use std::time::Instant;
 
     let (_a, b) = pair();
     let stranger = |seed: u8| stranger(&b, seed);
-    let mut buf = vec![0u8; MAX_PACKET];
-    let mut init = vec![0u8; 256];
-    let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
     // Sends `count` initiations from `from`, feeding every cookie reply back to the sender;
     // returns how many cookie replies came.
-    let mut flood = |tunn: &mut Tunn, from: SocketAddr, count: usize| {
-        let mut cookies = 0;
-        for _ in 0..count {
-            let TunnResult::WriteToNetwork(msg) = tunn.format_handshake_initiation(&mut init, true)
-            else {
-                panic!("no initiation");
-            };
-            b.engine.handle_inbound(from, msg, &mut buf, &b.out);
-            for o in b.out.take() {
-                let Output::Datagram(to, d) = o else { continue };
-                assert_eq!(
-                    (to, d[0]),
-                    (from, 3),
-                    "only cookie replies go to a stranger"
-                );
-                cookies += 1;
-                let mut scratch = vec![0u8; 256];
-                assert!(matches!(
-                    tunn.decapsulate(Some(b_ip), &d, &mut scratch),
-                    TunnResult::Done
-                ));
-            }
-        }
-        cookies
+    let flood = |tunn: &mut Tunn, from: SocketAddr, count: usize| {
+        (0..count)
+            .map(|_| initiate_taking_cookies(tunn, &b, from))
+            .sum::<usize>()
     };
     let start = Instant::now();
     let attacker: SocketAddr = "203.0.113.5:999".parse().unwrap();
@@ -321,37 +331,11 @@ fn a_source_answering_cookies_is_limited_per_address() {
 /// address and the port; boringtun's own checker binds it to the address only).
 #[test]
 fn a_cookie_is_valid_only_from_the_port_that_earned_it() {
-    use boringtun::noise::TunnResult;
-
     let (_a, b) = pair();
     let mut stranger = stranger(&b, 11);
-    let b_ip = ADDR_B.parse::<SocketAddr>().unwrap().ip();
-    let (mut init, mut buf) = (vec![0u8; 256], vec![0u8; MAX_PACKET]);
     // Sends one initiation from `from`; says whether b answered with a cookie reply (the
     // sender keeps the cookie, as a real initiator does).
-    let mut send = |from: SocketAddr| {
-        let TunnResult::WriteToNetwork(msg) = stranger.format_handshake_initiation(&mut init, true)
-        else {
-            panic!("no initiation");
-        };
-        b.engine.handle_inbound(from, msg, &mut buf, &b.out);
-        let mut replied = false;
-        for o in b.out.take() {
-            let Output::Datagram(to, d) = o else { continue };
-            assert_eq!(
-                (to, d[0]),
-                (from, 3),
-                "only cookie replies go to a stranger"
-            );
-            let mut scratch = vec![0u8; 256];
-            assert!(matches!(
-                stranger.decapsulate(Some(b_ip), &d, &mut scratch),
-                TunnResult::Done
-            ));
-            replied = true;
-        }
-        replied
-    };
+    let mut send = |from: SocketAddr| initiate_taking_cookies(&mut stranger, &b, from) > 0;
     let earner: SocketAddr = "198.51.100.7:40001".parse().unwrap();
     let neighbour: SocketAddr = "198.51.100.7:40002".parse().unwrap();
     // Load the device until the first cookie reply: the earner now holds a cookie.
