@@ -13,6 +13,8 @@ declare -A wanted=(
   [ping]=iputils-ping
   [nc]=netcat-openbsd
   [iptables]=iptables
+  # the e2e tests set per-namespace sysctls (forwarding, conntrack timeouts, promote_secondaries)
+  [sysctl]=procps
   [openssl]=openssl
   [curl]=curl
   # make image (scripts/build-image.sh) and its test (tests/tests/image.rs)
