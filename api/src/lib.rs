@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod node;
 pub mod peer;
+pub mod proof;
 pub mod topology;
 
 pub use cluster::{
@@ -20,8 +21,8 @@ pub use cluster::{
     REACHABLE,
 };
 pub use peer::{
-    MeshHealth, PeerPathMtu, Vtep, WireGuardPeer, WireGuardPeerSpec, WireGuardPeerStatus, ADMITTED,
-    AGENT_MANAGER, COORDINATOR_MANAGER, MESH_CONNECTED,
+    KeyChallenge, MeshHealth, PeerPathMtu, Vtep, WireGuardPeer, WireGuardPeerSpec,
+    WireGuardPeerStatus, ADMITTED, AGENT_MANAGER, COORDINATOR_MANAGER, MESH_CONNECTED,
 };
 pub use topology::Topology;
 

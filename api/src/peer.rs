@@ -83,6 +83,27 @@ pub struct WireGuardPeerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 576, max = 65535))]
     pub mtu: Option<i32>,
+
+    /// The answer to `status.keyChallenge`: proof that the agent holds the private key of
+    /// `publicKey` ([`crate::proof`]). The coordinator admits no peer without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 44, max = 44))]
+    pub key_proof: Option<String>,
+}
+
+/// The coordinator's challenge to a peer's agent: prove you hold your private key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyChallenge {
+    /// The coordinator's X25519 public key (base64), the other half of the proof's DH.
+    #[schemars(length(min = 44, max = 44))]
+    pub coordinator_key: String,
+    /// Bound to this object (its UID): a proof made for another object does not verify.
+    #[schemars(length(max = 44))]
+    pub nonce: String,
+    /// When the coordinator first asked; a peer admitted before proofs existed keeps its
+    /// admission for a grace period from here, so an upgrade drops no tunnel.
+    pub issued: Time,
 }
 
 /// flannel's VXLAN tunnel endpoint (the `flannel.1` device).
@@ -128,6 +149,9 @@ pub struct WireGuardPeerStatus {
         deserialize_with = "lenient"
     )]
     pub health: Option<MeshHealth>,
+    /// Written by the coordinator: what the agent must answer in `spec.keyProof`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_challenge: Option<KeyChallenge>,
 }
 
 /// `Some` report when it parses, else `None`: one bad report must not hide the object (and

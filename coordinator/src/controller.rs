@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use isthmus_api::{Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER, MESH_CONNECTED};
+use isthmus_api::{
+    KeyChallenge, Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER, MESH_CONNECTED,
+};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{self, Store};
@@ -18,8 +21,9 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 
-use crate::decide::{decide, DesiredStatus, NodeView, PeerView, Plan, Pool};
+use crate::decide::{decide, DesiredStatus, KeyPossession, NodeView, PeerView, Plan, Pool};
 use crate::health::{self, Member, Report, Thresholds, Verdict};
+use crate::identity::CoordinatorKey;
 use crate::lease::LeaseLock;
 use crate::ops::CoordinatorOps;
 
@@ -30,6 +34,11 @@ pub struct ClusterSettings {
     pub topology: Topology,
     pub resync: Duration,
     pub health: Thresholds,
+    /// What agents prove their keys against ([`isthmus_api::proof`]).
+    pub key: CoordinatorKey,
+    /// How long after its first challenge a peer admitted before keeps its admission
+    /// without an answer: an upgrade from agents without proofs drops no tunnel.
+    pub key_proof_grace: Duration,
 }
 
 /// Which Lease picks the one replica that acts, and how long a leader's claim lasts.
@@ -97,7 +106,54 @@ fn true_false(b: bool) -> &'static str {
     }
 }
 
-pub fn peer_view(p: &WireGuardPeer) -> PeerView {
+/// The challenge `p`'s agent must answer: the coordinator's key, a nonce bound to the
+/// object, and when it was first asked (kept while key and nonce stay the same).
+pub fn key_challenge(p: &WireGuardPeer, key: &CoordinatorKey, now: &Timestamp) -> KeyChallenge {
+    let uid = p.metadata.uid.clone().unwrap_or_else(|| p.name_any());
+    let nonce = isthmus_api::proof::challenge_nonce(key.private(), &uid);
+    let issued = p
+        .status
+        .as_ref()
+        .and_then(|s| s.key_challenge.as_ref())
+        .filter(|c| c.coordinator_key == key.public() && c.nonce == nonce)
+        .map_or(Time(*now), |c| c.issued.clone());
+    KeyChallenge {
+        coordinator_key: key.public().to_string(),
+        nonce,
+        issued,
+    }
+}
+
+/// Whether `p`'s `spec.keyProof` answers `challenge`. A proof that fails while the agent
+/// has not yet seen this challenge (a new coordinator key) counts as unanswered, not wrong.
+pub fn key_possession(
+    p: &WireGuardPeer,
+    key: &CoordinatorKey,
+    challenge: &KeyChallenge,
+    now: &Timestamp,
+    grace: Duration,
+) -> KeyPossession {
+    let asked = p.status.as_ref().and_then(|s| s.key_challenge.as_ref());
+    let in_grace = (now.as_second() - challenge.issued.0.as_second())
+        < i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+    match &p.spec.key_proof {
+        Some(proof)
+            if isthmus_api::proof::verify(
+                key.private(),
+                &p.spec.public_key,
+                &p.name_any(),
+                &challenge.nonce,
+                proof,
+            ) =>
+        {
+            KeyPossession::Proven
+        }
+        Some(_) if asked == Some(challenge) => KeyPossession::Wrong,
+        _ => KeyPossession::Unanswered { grace: in_grace },
+    }
+}
+
+pub fn peer_view(p: &WireGuardPeer, key: KeyPossession) -> PeerView {
     let status = p.status.as_ref();
     let admitted = status
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == ADMITTED))
@@ -126,6 +182,7 @@ pub fn peer_view(p: &WireGuardPeer) -> PeerView {
         admitted,
         endpoint: p.spec.endpoint.clone(),
         deleting: p.metadata.deletion_timestamp.is_some(),
+        key,
     }
 }
 
@@ -143,7 +200,13 @@ pub fn node_view(n: &Node) -> NodeView {
 }
 
 /// Whether the object already carries what we want (ignoring times when the verdict holds).
-fn up_to_date(p: &WireGuardPeer, want: &DesiredStatus, mesh: Option<&MeshCondition>) -> bool {
+fn up_to_date(
+    p: &WireGuardPeer,
+    want: &DesiredStatus,
+    mesh: Option<&MeshCondition>,
+    challenge: Option<&KeyChallenge>,
+) -> bool {
+    let challenge_ok = p.status.as_ref().and_then(|s| s.key_challenge.as_ref()) == challenge;
     let mesh_ok = match (condition(p, MESH_CONNECTED), mesh) {
         (None, None) => true,
         (Some(c), Some(m)) => {
@@ -154,7 +217,7 @@ fn up_to_date(p: &WireGuardPeer, want: &DesiredStatus, mesh: Option<&MeshConditi
         }
         _ => false,
     };
-    mesh_ok && admission_up_to_date(p, want)
+    challenge_ok && mesh_ok && admission_up_to_date(p, want)
 }
 
 fn admission_up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
@@ -186,6 +249,7 @@ fn status_patch(
     name: &str,
     want: &DesiredStatus,
     mesh: Option<&MeshCondition>,
+    challenge: Option<&KeyChallenge>,
     resource_version: Option<&str>,
 ) -> serde_json::Value {
     let mut conditions = vec![serde_json::json!({
@@ -215,6 +279,7 @@ fn status_patch(
             "meshCIDR": want.mesh_cidr,
             "topology": want.topology,
             "conditions": conditions,
+            "keyChallenge": challenge,
         }
     })
 }
@@ -287,12 +352,22 @@ impl Controller {
             .is_some())
     }
 
-    fn plan(&self) -> Plan {
+    /// The plan, and the key challenge each peer's status should carry.
+    fn plan(&self) -> (Plan, HashMap<String, KeyChallenge>) {
+        let now = Timestamp::now();
+        let mut challenges = HashMap::new();
         let peers: Vec<PeerView> = self
             .peer_store
             .state()
             .iter()
-            .map(|p| peer_view(p))
+            .map(|p| {
+                let key = &self.settings.key;
+                let challenge = key_challenge(p, key, &now);
+                let possession =
+                    key_possession(p, key, &challenge, &now, self.settings.key_proof_grace);
+                challenges.insert(p.name_any(), challenge);
+                peer_view(p, possession)
+            })
             .collect();
         let nodes: Vec<NodeView> = self
             .node_store
@@ -300,14 +375,14 @@ impl Controller {
             .iter()
             .map(|n| node_view(n))
             .collect();
-        let now = Timestamp::now().to_string();
-        decide(
+        let plan = decide(
             &peers,
             &nodes,
             &self.settings.pool,
             self.settings.topology,
-            &now,
-        )
+            &now.to_string(),
+        );
+        (plan, challenges)
     }
 
     /// `MeshConnected` for every peer the plan admits.
@@ -372,7 +447,7 @@ impl Controller {
     /// Nothing is written once `leading` says the lease is no longer ours.
     async fn reconcile(&self, leading: &tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let plan = self.plan();
+        let (plan, challenges) = self.plan();
         let peers = self.peer_store.state();
         let by_name: HashMap<String, &Arc<WireGuardPeer>> =
             peers.iter().map(|p| (p.name_any(), p)).collect();
@@ -385,7 +460,8 @@ impl Controller {
             .iter()
             .filter_map(|(name, want)| {
                 let current = by_name.get(name.as_str())?;
-                (!up_to_date(current, want, mesh.get(name.as_str())))
+                let challenge = challenges.get(name.as_str());
+                (!up_to_date(current, want, mesh.get(name.as_str()), challenge))
                     .then_some((name, want, current))
             })
             .map(|(name, want, current)| {
@@ -401,7 +477,7 @@ impl Controller {
                 );
                 (
                     name.clone(),
-                    status_patch(name, want, mesh, version.as_deref()),
+                    status_patch(name, want, mesh, challenges.get(name), version.as_deref()),
                     summary,
                     want.admission.reason == NODE_NOT_FOUND,
                 )

@@ -30,6 +30,21 @@ pub struct PeerView {
     pub endpoint: String,
     /// The object has a deletionTimestamp (a finalizer holds it): out of the mesh, no status.
     pub deleting: bool,
+    /// Whether the agent proved it holds the private key of `public_key`.
+    pub key: KeyPossession,
+}
+
+/// What the coordinator found in a peer's `spec.keyProof` ([`isthmus_api::proof`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPossession {
+    /// It verifies for this node, its challenge and its public key.
+    Proven,
+    /// No answer yet (a new peer before its first challenge, or an agent older than proofs).
+    /// `grace`: the challenge was issued less than the grace period ago, during which a peer
+    /// admitted before keeps its admission (an upgrade must not drop its tunnels).
+    Unanswered { grace: bool },
+    /// An answer that does not verify: made without the private key, or copied.
+    Wrong,
 }
 
 /// What the coordinator needs of a Node.
@@ -160,6 +175,38 @@ pub fn admit(peer: &PeerView, node: Option<&NodeView>) -> Admission {
     }
 }
 
+/// The admission `checked` (which the Node vouched for) once the key is accounted for: a
+/// wrong proof is refused at once; a missing one too, unless the peer was admitted before
+/// and the grace after its first challenge still runs. A key nobody proved never enters the
+/// duplicate check ahead of one somebody did (see the order in [`decide`]).
+fn key_possession(peer: &PeerView, was_admitted: bool, checked: Admission) -> Admission {
+    match peer.key {
+        KeyPossession::Proven => checked,
+        KeyPossession::Wrong => Admission {
+            admitted: false,
+            reason: "KeyNotProven",
+            message: "spec.keyProof does not prove possession of publicKey's private key \
+                      (made without it, or copied from another peer)"
+                .into(),
+        },
+        KeyPossession::Unanswered { grace: true } if was_admitted => Admission {
+            message: format!(
+                "{}; key possession not proven yet (status.keyChallenge unanswered), \
+                 admitted for the grace period",
+                checked.message
+            ),
+            ..checked
+        },
+        KeyPossession::Unanswered { .. } => Admission {
+            admitted: false,
+            reason: "KeyNotProven",
+            message: "waiting for the agent to answer status.keyChallenge in spec.keyProof \
+                      (an agent older than the coordinator never does)"
+                .into(),
+        },
+    }
+}
+
 /// Why `endpoint` may not be a peer's: it lies inside the mesh pool or a Node's pod CIDR,
 /// addresses the tunnel itself carries, so every datagram to it would be routed back into
 /// the tunnel (a loop the kernel bounds and a userspace tunnel must refuse up front).
@@ -248,7 +295,15 @@ pub fn decide(
 ) -> Plan {
     let nodes: HashMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut order: Vec<&PeerView> = peers.iter().collect();
-    order.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
+    // Proven claims first, so a peer admitted on grace never keeps a key or VTEP from one
+    // that proved its key; then the older claimant wins.
+    order.sort_by(|a, b| {
+        (a.key != KeyPossession::Proven, &a.created, &a.name).cmp(&(
+            b.key != KeyPossession::Proven,
+            &b.created,
+            &b.name,
+        ))
+    });
 
     let mut plan = Plan::default();
     let mut keys_seen: HashMap<&str, &str> = HashMap::new();
@@ -278,6 +333,9 @@ pub fn decide(
                     message,
                 };
             }
+        }
+        if admission.admitted {
+            admission = key_possession(peer, was_admitted, admission);
         }
         // A second claimant of a key or of a VTEP MAC (which would repoint the first's FDB
         // entries) is refused; the older keeps it.
@@ -416,6 +474,7 @@ mod tests {
             admitted: None,
             endpoint: "203.0.113.9:51820".into(),
             deleting: false,
+            key: KeyPossession::Proven,
         }
     }
 
@@ -598,6 +657,95 @@ mod tests {
         assert!(plan.statuses["a"].admission.admitted);
         assert_eq!(plan.statuses["b"].admission.reason, "DuplicatePublicKey");
         assert_eq!(plan.statuses["b"].mesh_ip, None);
+    }
+
+    #[test]
+    fn a_key_counts_only_once_its_possession_is_proven() {
+        let nodes = [
+            node("a", "10.0.0.5", "10.244.1.0/24"),
+            node("b", "10.0.0.6", "10.244.2.0/24"),
+        ];
+        let admitted = |mut p: PeerView| {
+            p.admitted = Some(("True".into(), "NodeVerified".into(), NOW.into()));
+            p.mesh_ip = Some(format!("100.96.0.{}", if p.name == "a" { 1 } else { 2 }));
+            p
+        };
+        let keyed = |mut p: PeerView, key: KeyPossession| {
+            p.key = key;
+            p
+        };
+        let a = peer("a", "1", "10.0.0.5", "10.244.1.0/24");
+        let b = peer("b", "2", "10.0.0.6", "10.244.2.0/24");
+        // b, the newer object, holds the key; a (older) copied it.
+        let copied = |p: PeerView| PeerView {
+            public_key: "key-b".into(),
+            ..p
+        };
+        let grace = KeyPossession::Unanswered { grace: true };
+        let late = KeyPossession::Unanswered { grace: false };
+        // (case, peers, expected (name, admitted, reason))
+        type Case = (
+            &'static str,
+            Vec<PeerView>,
+            Vec<(&'static str, bool, &'static str)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "both proven",
+                vec![a.clone(), b.clone()],
+                vec![("a", true, "NodeVerified"), ("b", true, "NodeVerified")],
+            ),
+            (
+                "a new peer waits for its answer",
+                vec![keyed(a.clone(), grace), b.clone()],
+                vec![("a", false, "KeyNotProven"), ("b", true, "NodeVerified")],
+            ),
+            (
+                "a wrong answer is refused even for an admitted peer",
+                vec![keyed(admitted(a.clone()), KeyPossession::Wrong)],
+                vec![("a", false, "KeyNotProven")],
+            ),
+            (
+                "an admitted peer keeps its admission unanswered during the grace",
+                vec![keyed(admitted(a.clone()), grace)],
+                vec![("a", true, "NodeVerified")],
+            ),
+            (
+                "and loses it after",
+                vec![keyed(admitted(a.clone()), late)],
+                vec![("a", false, "KeyNotProven")],
+            ),
+            (
+                "an older copier without the key does not displace the owner",
+                vec![keyed(copied(a.clone()), KeyPossession::Wrong), b.clone()],
+                vec![("a", false, "KeyNotProven"), ("b", true, "NodeVerified")],
+            ),
+            (
+                "nor does an older admitted copier on grace",
+                vec![keyed(admitted(copied(a.clone())), grace), b.clone()],
+                vec![
+                    ("a", false, "DuplicatePublicKey"),
+                    ("b", true, "NodeVerified"),
+                ],
+            ),
+            (
+                "nor one that never answers",
+                vec![keyed(copied(a.clone()), late), b.clone()],
+                vec![("a", false, "KeyNotProven"), ("b", true, "NodeVerified")],
+            ),
+        ];
+        for (case, peers, expected) in cases {
+            let plan = run(&peers, &nodes);
+            for (name, admitted, reason) in expected {
+                let got = &plan.statuses[name].admission;
+                assert_eq!(
+                    (got.admitted, got.reason),
+                    (admitted, reason),
+                    "{case}: {name}: {}",
+                    got.message
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! isthmus coordinator: admits WireGuardPeers against their Nodes, allocates mesh IPs,
 //! stamps the topology, collects peers of deleted Nodes. `decide` is the pure core;
 //! `controller` watches and applies; `lease` picks the one replica that acts;
+//! `identity` is the coordinator's key that agents prove theirs against;
 //! `multi` serves many user clusters from the seed (MeshCluster); `ops` is what
 //! `/metrics`, `/healthz` and `/readyz` report.
 //!
@@ -12,6 +13,7 @@
 pub mod controller;
 pub mod decide;
 pub mod health;
+pub mod identity;
 pub mod lease;
 pub mod multi;
 pub mod ops;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use isthmus_api::Topology;
 use isthmus_coordinator::controller::{self, ClusterSettings, LeaseSettings, Settings};
 use isthmus_coordinator::decide::Pool;
+use isthmus_coordinator::identity;
 use isthmus_coordinator::multi::{self, MultiSettings};
 use isthmus_coordinator::ops::CoordinatorOps;
 
@@ -19,6 +20,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only obscure clap's derive"
+)]
 enum Command {
     /// Watch WireGuardPeers and Nodes and admit, allocate, collect (one replica acts).
     Run {
@@ -59,6 +64,14 @@ enum Command {
         /// heartbeats above it.
         #[arg(long, default_value_t = 180)]
         report_stale_seconds: i64,
+        /// Secret (in --lease-namespace, beside the Lease) holding the coordinator's key,
+        /// which agents prove theirs against; created on first start.
+        #[arg(long, default_value = "isthmus-coordinator-key")]
+        key_secret: String,
+        /// Seconds a peer admitted before keeps its admission while its agent has not yet
+        /// answered the key challenge (an upgrade from agents without key proofs).
+        #[arg(long, default_value_t = 600)]
+        key_proof_grace_seconds: u64,
         /// Serve /metrics, /healthz and /readyz here ("" or "off": don't).
         #[arg(long, default_value = "0.0.0.0:9581")]
         metrics_addr: String,
@@ -87,10 +100,13 @@ async fn main() -> anyhow::Result<()> {
             kubeconfig,
             handshake_stale_seconds,
             report_stale_seconds,
+            key_secret,
+            key_proof_grace_seconds,
             metrics_addr,
         } => {
             // First: a SIGTERM while starting up is then handled, not fatal.
             let shutdown = isthmus_ops::daemon::shutdown_signal();
+            tokio::pin!(shutdown);
             if handshake_stale_seconds.is_some() {
                 tracing::warn!(
                     "--handshake-stale-seconds is ignored: the agents decide which tunnels are up \
@@ -109,7 +125,31 @@ async fn main() -> anyhow::Result<()> {
                         std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                     format!("{}-{}", host.trim(), std::process::id())
                 });
+            let ops = Arc::new(CoordinatorOps::default());
+            if let Some(addr) = metrics_addr {
+                isthmus_ops::serve(addr, ops.clone())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
+            }
+            let client = isthmus_ops::daemon::kube_client(kubeconfig.as_deref()).await?;
+            // The API server may be down at start: wait for it as the watches would.
+            let key = loop {
+                let load = identity::load_or_create(client.clone(), &lease_namespace, &key_secret);
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    loaded = load => match loaded {
+                        Ok(key) => break key,
+                        Err(e) => tracing::warn!(error = format!("{e:#}"), "loading the coordinator key; retrying"),
+                    },
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            };
             let cluster = ClusterSettings {
+                key,
+                key_proof_grace: Duration::from_secs(key_proof_grace_seconds),
                 pool: Pool { cidr },
                 topology,
                 // Often enough that a silent agent turns MeshConnected false on time.
@@ -129,13 +169,6 @@ async fn main() -> anyhow::Result<()> {
                 identity,
                 duration: Duration::from_secs(lease_seconds.max(2)),
             };
-            let ops = Arc::new(CoordinatorOps::default());
-            if let Some(addr) = metrics_addr {
-                isthmus_ops::serve(addr, ops.clone())
-                    .await
-                    .with_context(|| format!("serving metrics on {addr}"))?;
-            }
-            let client = isthmus_ops::daemon::kube_client(kubeconfig.as_deref()).await?;
             if multi_cluster {
                 let settings = MultiSettings {
                     defaults: cluster,

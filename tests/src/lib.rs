@@ -16,6 +16,7 @@ pub mod kube;
 pub mod netns;
 pub mod overlay;
 pub mod pair;
+pub mod publisher;
 pub mod rig;
 pub mod scrape;
 pub mod snapshot;

@@ -20,6 +20,7 @@ fn spec() -> WireGuardPeerSpec {
         vtep: None,
         persistent_keepalive: Some(25),
         mtu: None,
+        key_proof: None,
     }
 }
 
@@ -261,6 +262,19 @@ async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
         "A declares itself connected",
     );
     assert!(msg.contains("an agent writes only status.health"), "{msg}");
+    let msg = forbidden(
+        a_peers
+            .patch_status(
+                "node-a",
+                &ssa,
+                &Patch::Apply(status(json!({"keyChallenge": {
+                "coordinatorKey": KEY, "nonce": "bm9uY2U=",
+                "issued": "2026-01-01T00:00:00Z"}}))),
+            )
+            .await,
+        "A sets its own key challenge",
+    );
+    assert!(msg.contains("the key challenge belong"), "{msg}");
     a_peers
         .patch_status(
             "node-a",

@@ -96,6 +96,7 @@ async fn mesh_forms_admits_joins_and_collects() {
         vtep: None,
         persistent_keepalive: None,
         mtu: None,
+        key_proof: None,
     };
     peers
         .create(

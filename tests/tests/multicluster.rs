@@ -15,9 +15,10 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use isthmus_api::{MeshCluster, WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER, REACHABLE};
+use isthmus_api::{MeshCluster, WireGuardPeer, WireGuardPeerSpec, REACHABLE};
 use isthmus_tests::daemon::{eventually, Daemon};
 use isthmus_tests::kube::{workspace_root, KubeRig, RigOptions, NAMESPACE};
+use isthmus_tests::publisher::{self, NodeKey};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use k8s_openapi::ByteString;
@@ -114,9 +115,9 @@ async fn join(rig: &KubeRig, name: &str, location: &str, n: u8) {
         .expect("Node status");
     let token = rig.agent_token(name).await.expect("agent token");
     let agent = rig.client(&format!("agent-{name}"), &token).await.unwrap();
-    let key = base64::engine::general_purpose::STANDARD.encode([n; 32]);
+    let key = NodeKey([n; 32]);
     let spec = WireGuardPeerSpec {
-        public_key: key,
+        public_key: key.public(),
         endpoint: format!("203.0.113.{n}:51820"),
         location: location.into(),
         node_ip,
@@ -124,21 +125,13 @@ async fn join(rig: &KubeRig, name: &str, location: &str, n: u8) {
         vtep: None,
         persistent_keepalive: None,
         mtu: None,
+        key_proof: None,
     };
-    let body = json!({
-        "apiVersion": "isthmus.dev/v1alpha1",
-        "kind": "WireGuardPeer",
-        "metadata": {"name": name},
-        "spec": spec,
-    });
-    Api::<WireGuardPeer>::all(agent)
-        .patch(
-            name,
-            &PatchParams::apply(AGENT_MANAGER).force(),
-            &Patch::Apply(body),
-        )
+    let api = Api::<WireGuardPeer>::all(agent);
+    publisher::apply(&api, name, key, &spec, None)
         .await
         .expect("the agent publishes its own peer");
+    publisher::prove_in_background(api, name.to_string(), key, spec);
 }
 
 /// The mesh IP of `name` if admitted for its current generation.

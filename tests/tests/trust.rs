@@ -232,7 +232,57 @@ async fn forged_vtep_and_location_are_refused_and_steer_nothing() {
     )
     .await;
 
-    // 4. The truth again: admitted again, with the mesh IP it had.
+    // 4. The victim's public key, with the victim's own proof copied (made for aws-1, not
+    // for this node) and then with none: refused both times, and the victim keeps its key,
+    // its admission and its tunnels.
+    let victim: WireGuardPeerSpec = peer(&cluster, AWS_1).await.expect("victim").spec;
+    assert!(
+        victim.key_proof.is_some(),
+        "the victim's agent proved its key"
+    );
+    let victim_endpoint = |observer: &str| {
+        cluster
+            .node(observer)
+            .dump()
+            .expect("dump")
+            .peer(&victim.public_key)
+            .map(|p| p.endpoint.clone())
+    };
+    let before = victim_endpoint(VSPHERE_1);
+    assert!(before.is_some(), "the observer has a tunnel to the victim");
+    for (proof, reason) in [
+        (victim.key_proof.clone(), "KeyNotProven"),
+        (None, "KeyNotProven"),
+    ] {
+        let mut forged = honest.clone();
+        forged.public_key = victim.public_key.clone();
+        forged.key_proof = proof;
+        publish(forged).await;
+        let want = Some(("False".to_string(), reason.to_string()));
+        let ok = eventually(Duration::from_secs(20), || async {
+            admitted(&cluster, AWS_2).await == want
+        })
+        .await;
+        assert!(
+            ok,
+            "copied key, refused as {reason}: {:?}\n{}",
+            admitted(&cluster, AWS_2).await,
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            admitted(&cluster, AWS_1).await,
+            Some(("True".into(), "NodeVerified".into())),
+            "the victim stays admitted"
+        );
+        assert_eq!(
+            victim_endpoint(VSPHERE_1),
+            before,
+            "the victim's tunnel moved"
+        );
+    }
+
+    // 5. The truth again: admitted again, with the mesh IP it had.
     publish(honest).await;
     let want = Some(("True".to_string(), "NodeVerified".to_string()));
     let ok = eventually(Duration::from_secs(20), || async {

@@ -164,6 +164,7 @@ mod tests {
                 vtep: None,
                 persistent_keepalive: None,
                 mtu: None,
+                key_proof: None,
             },
         );
         p.status = Some(WireGuardPeerStatus {

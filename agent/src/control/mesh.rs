@@ -148,6 +148,7 @@ pub(crate) mod tests {
                 }),
                 persistent_keepalive: Some(25),
                 mtu: Some(1420),
+                key_proof: None,
             },
         );
         p.metadata.generation = Some(2);
@@ -164,6 +165,7 @@ pub(crate) mod tests {
                 last_transition_time: Time(Timestamp::UNIX_EPOCH),
             }],
             health: None,
+            key_challenge: None,
         });
         p
     }

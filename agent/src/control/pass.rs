@@ -139,10 +139,30 @@ pub fn clamp_mtus(targets: &Targets, path_mtus: &BTreeMap<String, u16>) -> Vec<(
         .collect()
 }
 
-/// Whether to publish our WireGuardPeer again: our VTEP changed, or our peer is gone
-/// (deleted by hand, or a fresh API server).
-pub fn republish(node_name: &str, peers: &[WireGuardPeer], vtep_changed: bool) -> bool {
-    vtep_changed || !peers.iter().any(|p| p.name_any() == node_name)
+/// Our answer to the key challenge our peer's status carries (`None`: not challenged yet,
+/// or the coordinator's key is unusable), proving we hold `private_key`.
+pub fn key_proof(node_name: &str, peers: &[WireGuardPeer], private_key: &Key) -> Option<String> {
+    let own = peers.iter().find(|p| p.name_any() == node_name)?;
+    let challenge = own.status.as_ref()?.key_challenge.as_ref()?;
+    isthmus_api::proof::answer(
+        &private_key.0,
+        &challenge.coordinator_key,
+        node_name,
+        &challenge.nonce,
+    )
+}
+
+/// Whether to publish our WireGuardPeer again: our VTEP changed, our peer is gone
+/// (deleted by hand, or a fresh API server), or it does not carry `proof`, our answer to
+/// its key challenge.
+pub fn republish(
+    node_name: &str,
+    peers: &[WireGuardPeer],
+    vtep_changed: bool,
+    proof: Option<&str>,
+) -> bool {
+    let own = peers.iter().find(|p| p.name_any() == node_name);
+    vtep_changed || own.is_none_or(|p| proof.is_some() && p.spec.key_proof.as_deref() != proof)
 }
 
 #[cfg(test)]
@@ -350,17 +370,54 @@ mod tests {
     }
 
     #[test]
-    fn republish_when_our_peer_is_gone_or_our_vtep_moved() {
+    fn republish_when_our_peer_is_gone_our_vtep_moved_or_our_proof_is_due() {
         let a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
         let b1 = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let mut answered = a1.clone();
+        answered.spec.key_proof = Some("proof".into());
+        // (peers, vtep changed, our answer to the challenge, republish?)
         let cases = [
-            (vec![a1.clone(), b1.clone()], false, false),
-            (vec![a1], true, true),
-            (vec![b1], false, true),
-            (vec![], false, true),
+            (vec![a1.clone(), b1.clone()], false, None, false),
+            (vec![a1.clone()], true, None, true),
+            (vec![b1.clone()], false, None, true),
+            (vec![], false, None, true),
+            (vec![a1.clone()], false, Some("proof"), true),
+            (vec![answered.clone()], false, Some("proof"), false),
+            (vec![answered], false, Some("another"), true),
         ];
-        for (i, (peers, vtep_changed, want)) in cases.into_iter().enumerate() {
-            assert_eq!(republish("a1", &peers, vtep_changed), want, "case {i}");
+        for (i, (peers, vtep_changed, proof, want)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                republish("a1", &peers, vtep_changed, proof),
+                want,
+                "case {i}"
+            );
         }
+    }
+
+    #[test]
+    fn the_answer_is_to_our_own_challenge_and_verifies() {
+        let coordinator = isthmus_api::proof::generate_private();
+        let private = Key::generate_private();
+        let nonce = "bm9uY2U=".to_string();
+        let mut a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        assert_eq!(key_proof("a1", std::slice::from_ref(&a1), &private), None);
+        a1.status.get_or_insert_default().key_challenge = Some(isthmus_api::KeyChallenge {
+            coordinator_key: isthmus_api::proof::public_key_base64(&coordinator),
+            nonce: nonce.clone(),
+            issued: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ),
+        });
+        let b1 = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let proof = key_proof("a1", &[b1.clone(), a1], &private).unwrap();
+        let public = private.public_from_private().to_base64();
+        assert!(isthmus_api::proof::verify(
+            &coordinator,
+            &public,
+            "a1",
+            &nonce,
+            &proof
+        ));
+        assert_eq!(key_proof("a1", &[b1], &private), None);
     }
 }

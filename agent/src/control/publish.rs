@@ -43,6 +43,7 @@ fn first_address(node: &Node, kind: &str) -> Option<String> {
 pub fn own_spec(
     node: &Node,
     public_key: &Key,
+    key_proof: Option<String>,
     opts: &PublishOptions,
 ) -> anyhow::Result<WireGuardPeerSpec> {
     let node_ip = opts
@@ -89,6 +90,7 @@ pub fn own_spec(
         vtep: opts.vtep.clone(),
         persistent_keepalive: Some(i32::from(opts.keepalive)),
         mtu: opts.mtu.map(i32::from),
+        key_proof,
     })
 }
 
@@ -135,7 +137,7 @@ mod tests {
             keepalive: 25,
             ..Default::default()
         };
-        let s = own_spec(&n, &key, &opts).unwrap();
+        let s = own_spec(&n, &key, None, &opts).unwrap();
         assert_eq!(
             (s.node_ip.as_str(), s.location.as_str(), s.endpoint.as_str()),
             ("10.0.0.5", "eu-west-1", "10.0.0.5:51820")
@@ -154,7 +156,7 @@ mod tests {
             mtu: Some(1420),
             ..opts
         };
-        let s = own_spec(&n, &key, &opts).unwrap();
+        let s = own_spec(&n, &key, None, &opts).unwrap();
         assert_eq!(
             (s.location.as_str(), s.endpoint.as_str()),
             ("vsphere", "203.0.113.1:40000")
@@ -175,7 +177,7 @@ mod tests {
         };
         let key = Key([1; 32]);
         let endpoint = |n: &serde_json::Value, o: &PublishOptions| {
-            own_spec(&node(n.clone()), &key, o).map(|s| s.endpoint)
+            own_spec(&node(n.clone()), &key, None, o).map(|s| s.endpoint)
         };
         let mut external = base.clone();
         external["status"]["addresses"]
@@ -207,13 +209,13 @@ mod tests {
     #[test]
     fn missing_location_or_address_is_a_clear_error() {
         let bare = node(serde_json::json!({"metadata": {"name": "n1"}}));
-        let err = own_spec(&bare, &Key([1; 32]), &PublishOptions::default()).unwrap_err();
+        let err = own_spec(&bare, &Key([1; 32]), None, &PublishOptions::default()).unwrap_err();
         assert!(format!("{err:#}").contains("--node-ip"));
         let no_label = node(serde_json::json!({
             "metadata": {"name": "n1"},
             "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.5"}]}
         }));
-        let err = own_spec(&no_label, &Key([1; 32]), &PublishOptions::default()).unwrap_err();
+        let err = own_spec(&no_label, &Key([1; 32]), None, &PublishOptions::default()).unwrap_err();
         assert!(format!("{err:#}").contains("--location"));
     }
 }

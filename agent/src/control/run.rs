@@ -88,7 +88,16 @@ struct Agent {
 }
 
 impl Agent {
+    /// Publishes our spec, with our answer to the key challenge our object's status carries
+    /// (read live, so a restarted agent keeps its proof and with it its admission).
     async fn publish(&self) -> anyhow::Result<()> {
+        let name = &self.opts.node_name;
+        let own = self
+            .peers
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading WireGuardPeer {name}"))?;
+        let key_proof = pass::key_proof(name, own.as_slice(), &self.private_key);
         let node = self
             .nodes
             .get(&self.opts.node_name)
@@ -99,7 +108,12 @@ impl Agent {
             mtu: Some(self.fixed.tunnel_mtu),
             ..self.opts.publish.clone()
         };
-        let spec = publish::own_spec(&node, &self.private_key.public_from_private(), &opts)?;
+        let spec = publish::own_spec(
+            &node,
+            &self.private_key.public_from_private(),
+            key_proof,
+            &opts,
+        )?;
         publish::publish(&self.peers, &self.opts.node_name, &spec).await
     }
 
@@ -475,7 +489,13 @@ async fn follow(
         // Decide and apply.
         agent.pass(&peers).await;
         agent.ops.pass_finished(started.elapsed());
-        if pass::republish(&agent.opts.node_name, &peers, vtep_changed) {
+        let proof = pass::key_proof(&agent.opts.node_name, &peers, &agent.private_key);
+        if pass::republish(
+            &agent.opts.node_name,
+            &peers,
+            vtep_changed,
+            proof.as_deref(),
+        ) {
             if let Err(e) = agent.publish().await {
                 tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
             }
