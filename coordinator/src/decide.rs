@@ -822,6 +822,53 @@ mod tests {
         }
     }
 
+    /// Dual-stack Nodes on an IPv6 underlay: the node IP and the endpoint are IPv6, the pod
+    /// CIDRs both families; an endpoint inside either family's pod CIDR is refused.
+    #[test]
+    fn dual_stack_nodes_on_an_ipv6_underlay() {
+        let dual = |name: &str, ip: &str, n: u8| NodeView {
+            pod_cidrs: vec![format!("10.244.{n}.0/24"), format!("fd00:244:{n}::/64")],
+            ..node(name, ip, "")
+        };
+        let nodes = [
+            dual("a", "2001:db8:1::11", 1),
+            dual("b", "2001:db8:2::11", 2),
+        ];
+        // (endpoint, admitted, message start)
+        let cases = [
+            ("[2001:db8:1::11]:51820", true, "matches Node a"),
+            ("[2001:db8:2::11]:51820", true, "matches Node a"),
+            (
+                "[fd00:244:2::7]:51820",
+                false,
+                "endpoint [fd00:244:2::7]:51820 is inside pod CIDR fd00:244:2::/64 of Node b",
+            ),
+            (
+                "10.244.1.9:51820",
+                false,
+                "endpoint 10.244.1.9:51820 is inside pod CIDR 10.244.1.0/24 of Node a",
+            ),
+        ];
+        for (endpoint, admitted, message) in cases {
+            let mut p = peer("a", "1", "2001:db8:1::11", "10.244.1.0/24");
+            p.pod_cidrs.push("fd00:244:1::/64".into());
+            p.endpoint = endpoint.into();
+            let plan = run(&[p], &nodes);
+            let got = &plan.statuses["a"].admission;
+            assert_eq!(got.admitted, admitted, "{endpoint}: {got:?}");
+            assert!(
+                got.message.starts_with(message),
+                "{endpoint}: {}",
+                got.message
+            );
+            assert_eq!(plan.statuses["a"].mesh_ip.is_some(), admitted, "{endpoint}");
+        }
+        // A claim of only one family of a dual-stack Node's pod CIDRs is not its own.
+        let p = peer("a", "1", "2001:db8:1::11", "10.244.1.0/24");
+        let plan = run(&[p], &nodes);
+        assert_eq!(plan.statuses["a"].admission.reason, "PodCIDRMismatch");
+    }
+
     #[test]
     fn a_peer_held_by_a_finalizer_gets_no_status_and_frees_its_claims() {
         let nodes = [node("a", "10.0.0.5", "10.244.1.0/24")];

@@ -114,8 +114,22 @@ pub fn desired(
             );
         }
         match settings.mode {
-            Mode::Vxlan => vxlan_entries(&mut out, devices, path_mtu, remote),
-            Mode::Routed => routed_entries(&mut out, settings, devices, path_mtu, remote),
+            Mode::Vxlan => {
+                vxlan_entries(&mut out, devices, path_mtu, remote);
+                // flannel's VTEP carries one family: the other family's pod CIDRs (IPv6
+                // beside an IPv4 `flannel.1`) are routed straight into the tunnel, as in
+                // `routed`, so a dual-stack pod reaches the other cloud over both.
+                if let (Some(_), Some(vtep)) = (devices.vxlan, remote.vtep) {
+                    let other_family = remote
+                        .pod_cidrs
+                        .iter()
+                        .filter(|c| c.network_address().is_ipv4() != vtep.ip.is_ipv4());
+                    routed_entries(&mut out, settings, devices, path_mtu, other_family);
+                }
+            }
+            Mode::Routed => {
+                routed_entries(&mut out, settings, devices, path_mtu, &remote.pod_cidrs)
+            }
         }
     }
     out
@@ -167,14 +181,14 @@ fn vxlan_entries(
     }
 }
 
-fn routed_entries(
+fn routed_entries<'a>(
     out: &mut BTreeMap<EntryKey, Value>,
     settings: &Settings,
     devices: Devices,
     path_mtu: u16,
-    remote: &Remote,
+    cidrs: impl IntoIterator<Item = &'a IpNetwork>,
 ) {
-    for cidr in &remote.pod_cidrs {
+    for cidr in cidrs {
         let v6 = !cidr.network_address().is_ipv4();
         out.insert(
             EntryKey::Rule {
@@ -251,6 +265,14 @@ mod tests {
             mtu,
             path_mtu: None,
         }
+    }
+
+    /// [`remote`] on a dual-stack node: an IPv6 pod CIDR beside the IPv4 one.
+    fn dual(n: u8) -> Remote {
+        let mut r = remote(n, None);
+        r.pod_cidrs
+            .push(format!("fd00:244:2{n}::/64").parse().unwrap());
+        r
     }
 
     fn render(map: &BTreeMap<EntryKey, Value>) -> Vec<String> {
@@ -354,6 +376,40 @@ mod tests {
                     "route 100.96.0.2/32 table 51820: dev #9 proto 4 mtu 1320",
                     "route 100.96.0.3/32 table 51820: dev #9 proto 4 mtu 1240",
                     "rule -4 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "vxlan, dual stack: IPv4 through flannel's VTEP, IPv6 routed into the TUN",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![dual(1)],
+                vec![
+                    "fdb 0a:58:0a:f4:15:00 dev #5: dst 100.96.0.1",
+                    "neigh 10.244.21.0 dev #5: lladdr 0a:58:0a:f4:15:00",
+                    "route 10.244.21.0/24 table 254: via 10.244.21.0 dev #5 proto 3 onlink mtu 1370",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420",
+                    "route fd00:244:21::/64 table 51820: dev #9 proto 4 mtu 1420",
+                    "rule -6 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "vxlan, dual stack, no VXLAN device yet: nothing for pods in either family",
+                settings(Mode::Vxlan),
+                Devices { vxlan: None, tun: TUN },
+                vec![dual(1)],
+                vec!["route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420"],
+            ),
+            (
+                "routed, dual stack: both families into the TUN, a rule for each",
+                settings(Mode::Routed),
+                devices(),
+                vec![dual(1)],
+                vec![
+                    "route 10.244.21.0/24 table 51820: dev #9 proto 4 mtu 1420",
+                    "route 100.96.0.1/32 table 51820: dev #9 proto 4 mtu 1420",
+                    "route fd00:244:21::/64 table 51820: dev #9 proto 4 mtu 1420",
+                    "rule -4 pref 5210: lookup 51820",
+                    "rule -6 pref 5210: lookup 51820",
                 ],
             ),
             (

@@ -5,7 +5,7 @@
 //! inside these namespaces).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,6 +41,10 @@ pub struct NodeHandle {
     pub node_ip: Ipv4Addr,
     /// Network address of the node's /24 pod CIDR (the Node's `spec.podCIDRs[0]`).
     pub pod_subnet: Ipv4Addr,
+    /// With [`ClusterOptions::ipv6`]: the node's IPv6 underlay address (its Node's only
+    /// InternalIP), and the network address of its IPv6 pod CIDR, a /64
+    /// (`spec.podCIDRs[1]`).
+    pub ipv6: Option<(Ipv6Addr, Ipv6Addr)>,
     /// This node's public WireGuard endpoint (its gateway's NAT), what `--endpoint` gets.
     pub endpoint: String,
     pub kubeconfig: PathBuf,
@@ -90,11 +94,21 @@ pub struct ClusterOptions {
     /// both ends of every node's eth0 veth. Clouds differ here in practice (1500 on most,
     /// 1400 or less behind some VPNs and overlays), and the overlay MTU derives from it.
     pub underlay_mtu: u32,
+    /// Dual-stack nodes on an IPv6 underlay: each cloud's LAN also has a routed IPv6 prefix
+    /// (2001:db8:<n>::/64, the clouds' gateways route them to each other), a node's Node
+    /// lists only its IPv6 address as InternalIP, its pod CIDRs are an IPv4 /24 and an IPv6
+    /// /64 (fd00:244:<n*10+slot>::/64), and its agent gets no `--endpoint`, so it
+    /// advertises `[InternalIP]:51820`. There is no IPv4 NAT between the clouds: they
+    /// reach each other only over IPv6.
+    pub ipv6: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> ClusterOptions {
-        ClusterOptions { underlay_mtu: 1500 }
+        ClusterOptions {
+            underlay_mtu: 1500,
+            ipv6: false,
+        }
     }
 }
 
@@ -120,6 +134,9 @@ impl Cluster {
         let rig = KubeRig::start().await?;
         let tag = crate::unique_name();
         let clouds = make_clouds(&tag, options.underlay_mtu)?;
+        if options.ipv6 {
+            route_ipv6_between(&tag, &clouds)?;
+        }
         let coordinator_kubeconfig =
             rig.kubeconfig("coordinator", &rig.coordinator_token().await?)?;
         Ok(Cluster {
@@ -182,14 +199,26 @@ impl Cluster {
         let name = format!("{}-{slot}", c.location);
         let ns = Netns::new(&format!("{}-{}{slot}", self.tag, c.n))?;
         let lan_end = format!("{}l{}{slot}", self.tag, c.n);
-        let node_ip = wire_node(c, &ns, &lan_end, slot, self.options.underlay_mtu)?;
+        let (node_ip, ipv6) = if self.options.ipv6 {
+            let node_ip = wire_lan(c, &ns, &lan_end, slot, self.options.underlay_mtu)?;
+            (node_ip, Some(wire_ipv6(c, &ns, slot)?))
+        } else {
+            let node_ip = wire_node(c, &ns, &lan_end, slot, self.options.underlay_mtu)?;
+            (node_ip, None)
+        };
 
         let admin = self.rig.admin().await?;
         let nodes: Api<Node> = Api::all(admin);
         let pod_subnet = pod_subnet(c.n, slot)?;
+        let mut pod_cidrs = vec![format!("{pod_subnet}/24")];
+        let mut internal_ip = node_ip.to_string();
+        if let Some((ip6, pod6)) = ipv6 {
+            pod_cidrs.push(format!("{pod6}/64"));
+            internal_ip = ip6.to_string();
+        }
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"topology.kubernetes.io/region": c.location}},
-            "spec": {"podCIDRs": [format!("{pod_subnet}/24")]},
+            "spec": {"podCIDRs": pod_cidrs},
         }))?;
         nodes
             .create(&PostParams::default(), &node)
@@ -200,7 +229,7 @@ impl Cluster {
                 &name,
                 &PatchParams::default(),
                 &Patch::Merge(json!({
-                    "status": {"addresses": [{"type": "InternalIP", "address": node_ip.to_string()}]}
+                    "status": {"addresses": [{"type": "InternalIP", "address": internal_ip}]}
                 })),
             )
             .await
@@ -217,7 +246,11 @@ impl Cluster {
             slot,
             node_ip,
             pod_subnet,
-            endpoint: self.endpoint(cloud, slot),
+            endpoint: match ipv6 {
+                Some((ip6, _)) => format!("[{ip6}]:51820"),
+                None => self.endpoint(cloud, slot),
+            },
+            ipv6,
             kubeconfig,
             state_dir,
         };
@@ -233,7 +266,11 @@ impl Cluster {
             .nodes
             .get_mut(i)
             .with_context(|| format!("no node {i}"))?;
-        let endpoint = node.endpoint.clone();
+        // On the IPv6 underlay the agent finds its endpoint itself, from the Node.
+        let endpoint = match node.ipv6 {
+            Some(_) => String::new(),
+            None => node.endpoint.clone(),
+        };
         start_agent_with(node, &endpoint, &logs, extra_args)
     }
 
@@ -399,37 +436,8 @@ pub fn wire_node(
     slot: u8,
     mtu: u32,
 ) -> anyhow::Result<Ipv4Addr> {
+    let node_ip = wire_lan(cloud, ns, lan_end, slot, mtu)?;
     let c = cloud;
-    let mtu = mtu.to_string();
-    let node_end = "eth0";
-    crate::netns::ip(&[
-        "link",
-        "add",
-        lan_end,
-        "mtu",
-        &mtu,
-        "netns",
-        &c.gateway.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        node_end,
-        "mtu",
-        &mtu,
-        "netns",
-        &ns.name,
-    ])?;
-    c.gateway
-        .ip(&["link", "set", lan_end, "master", "lan", "up"])?;
-    let host = slot
-        .checked_add(10)
-        .filter(|h| *h < 255)
-        .with_context(|| format!("slot {slot} has no address in 10.0.0.0/24"))?;
-    let node_ip = Ipv4Addr::new(10, 0, 0, host);
-    ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
     let public = format!("203.0.113.{}", c.n);
     let port = (51800 + u16::from(slot)).to_string();
     c.gateway.exec(
@@ -473,6 +481,107 @@ pub fn wire_node(
     Ok(node_ip)
 }
 
+/// [`wire_node`] without the NAT: the node on its cloud's LAN with its IPv4 address and
+/// default route, reachable from its own cloud only.
+pub fn wire_lan(
+    cloud: &Cloud,
+    ns: &Netns,
+    lan_end: &str,
+    slot: u8,
+    mtu: u32,
+) -> anyhow::Result<Ipv4Addr> {
+    let c = cloud;
+    let mtu = mtu.to_string();
+    let node_end = "eth0";
+    crate::netns::ip(&[
+        "link",
+        "add",
+        lan_end,
+        "mtu",
+        &mtu,
+        "netns",
+        &c.gateway.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        node_end,
+        "mtu",
+        &mtu,
+        "netns",
+        &ns.name,
+    ])?;
+    c.gateway
+        .ip(&["link", "set", lan_end, "master", "lan", "up"])?;
+    let host = slot
+        .checked_add(10)
+        .filter(|h| *h < 255)
+        .with_context(|| format!("slot {slot} has no address in 10.0.0.0/24"))?;
+    let node_ip = Ipv4Addr::new(10, 0, 0, host);
+    ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
+    Ok(node_ip)
+}
+
+/// The clouds' IPv6: each gateway's `lan` gets 2001:db8:<n>::1/64, the public link
+/// 2001:db8:ff::<n>/64, and a route to the other cloud's prefix over it. Routed, no NAT:
+/// every node address is unique and reachable from the other cloud.
+fn route_ipv6_between(tag: &str, clouds: &[Cloud]) -> anyhow::Result<()> {
+    for c in clouds {
+        let g = &c.gateway;
+        g.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        g.ip(&[
+            "addr",
+            "add",
+            &format!("2001:db8:{}::1/64", c.n),
+            "dev",
+            "lan",
+            "nodad",
+        ])?;
+        // The public link's ends, as make_clouds named them.
+        let dev = format!("{tag}p{}", if c.n == 1 { "a" } else { "b" });
+        g.ip(&[
+            "addr",
+            "add",
+            &format!("2001:db8:ff::{}/64", c.n),
+            "dev",
+            &dev,
+            "nodad",
+        ])?;
+        for other in clouds.iter().filter(|o| o.n != c.n) {
+            g.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("2001:db8:{}::/64", other.n),
+                "via",
+                &format!("2001:db8:ff::{}", other.n),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// A node's IPv6 on its cloud's LAN: 2001:db8:<n>::<10+slot>/64 on eth0 and the default
+/// route via the gateway. Returns it with the network address of the node's IPv6 pod CIDR.
+fn wire_ipv6(cloud: &Cloud, ns: &Netns, slot: u8) -> anyhow::Result<(Ipv6Addr, Ipv6Addr)> {
+    let n = u16::from(cloud.n);
+    let host = u16::from(slot) + 10;
+    let ip = Ipv6Addr::new(0x2001, 0xdb8, n, 0, 0, 0, 0, host);
+    ns.ip(&["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("2001:db8:{n}::1"),
+    ])?;
+    let pod = Ipv6Addr::new(0xfd00, 0x244, n * 10 + u16::from(slot), 0, 0, 0, 0, 0);
+    Ok((ip, pod))
+}
+
 /// Network address of the pod CIDR of node `slot` in cloud `n`: 10.244.(n*10+slot).0, so
 /// pod CIDRs are unique across clouds although node IPs are not.
 fn pod_subnet(n: u8, slot: u8) -> anyhow::Result<Ipv4Addr> {
@@ -510,8 +619,6 @@ pub fn start_agent_with(
         &state_dir,
         "--iface",
         &node.iface,
-        "--endpoint",
-        endpoint,
         "--keepalive",
         "5",
         "--kubeconfig",
@@ -519,6 +626,9 @@ pub fn start_agent_with(
         "--netns",
         &netns,
     ];
+    if !endpoint.is_empty() {
+        args.extend_from_slice(&["--endpoint", endpoint]);
+    }
     args.extend_from_slice(extra_args);
     // Agents share the host namespace here: each test that wants metrics picks a port.
     if !extra_args.contains(&"--metrics-addr") {

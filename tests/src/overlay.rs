@@ -20,7 +20,7 @@
 //! MACs are derived from addresses (`0a:58` + IPv4, the CNI convention) so snapshots are
 //! stable and a MAC in a log says which node it belongs to.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context};
 
@@ -53,6 +53,9 @@ pub struct OverlayNode {
     pub vtep_mac: [u8; 6],
     /// The one pod on this node.
     pub pod_ip: Ipv4Addr,
+    /// The pod's IPv6 address on a dual-stack node (`::2` of the node's IPv6 pod CIDR,
+    /// behind `cni0`'s `::1`), as the CNI bridge plugin gives it with a dual-stack IPAM.
+    pub pod_ip6: Option<Ipv6Addr>,
     /// MTU of `flannel.1`, `cni0` and the pod's eth0: underlay − [`ENCAP_OVERHEAD`].
     pub mtu: u32,
     pub pod: Netns,
@@ -196,6 +199,10 @@ impl Overlay {
         create_bridge(ns, gateway, mtu)?;
         let pod = Netns::new(&format!("{}-pod{i}", self.tag))?;
         attach_pod(ns, &pod, &format!("{}v{i}", self.tag), pod_ip, gateway, mtu)?;
+        let pod_ip6 = match node.ipv6 {
+            Some((_, subnet)) => Some(add_pod_ipv6(ns, &pod, subnet)?),
+            None => None,
+        };
         Ok(OverlayNode {
             node: i,
             name: node.name.clone(),
@@ -205,6 +212,7 @@ impl Overlay {
             vtep_ip,
             vtep_mac,
             pod_ip,
+            pod_ip6,
             mtu,
             pod,
         })
@@ -333,6 +341,37 @@ fn attach_pod(
     pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
     Ok(())
+}
+
+/// The IPv6 half of a dual-stack pod: `cni0` gets `<subnet>::1/64`, the pod
+/// `<subnet>::2/64` and its default route via it; the node forwards IPv6. Returns the
+/// pod's address.
+fn add_pod_ipv6(node: &Netns, pod: &Netns, subnet: Ipv6Addr) -> anyhow::Result<Ipv6Addr> {
+    let mut gateway = subnet.segments();
+    gateway[7] = 1;
+    let gateway = Ipv6Addr::from(gateway);
+    let mut pod_ip = subnet.segments();
+    pod_ip[7] = 2;
+    let pod_ip = Ipv6Addr::from(pod_ip);
+    node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{gateway}/64"),
+        "dev",
+        BRIDGE,
+        "nodad",
+    ])?;
+    pod.ip(&[
+        "addr",
+        "add",
+        &format!("{pod_ip}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    pod.ip(&["-6", "route", "add", "default", "via", &gateway.to_string()])?;
+    Ok(pod_ip)
 }
 
 /// What flannel's `handleSubnetEvents` does on `ns` for a remote lease, in its order (ARP,

@@ -30,9 +30,12 @@ async fn overlay_harness_mtu_1400() {
 
 async fn harness(underlay_mtu: u32) {
     let started = Instant::now();
-    let mut cluster = Cluster::with_options(ClusterOptions { underlay_mtu })
-        .await
-        .expect("cluster");
+    let mut cluster = Cluster::with_options(ClusterOptions {
+        underlay_mtu,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
     // vsphere-1, vsphere-2, aws-1, aws-2: 10.0.0.11 and 10.0.0.12 in both clouds.
     for (cloud, slot) in [(0, 1), (0, 2), (1, 1), (1, 2)] {
         cluster.add_node_idle(cloud, slot).await.expect("node");

@@ -243,9 +243,12 @@ fn restart_agents(cluster: &mut Cluster, overlay: &Overlay, extra: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_mtu_is_found_through_silent_drops_and_followed() {
-    let mut cluster = Cluster::with_options(ClusterOptions { underlay_mtu: 1500 })
-        .await
-        .expect("cluster");
+    let mut cluster = Cluster::with_options(ClusterOptions {
+        underlay_mtu: 1500,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
     cluster.add_node_idle(0, 1).await.expect("vsphere node");
     cluster.add_node_idle(1, 1).await.expect("aws node");
     let overlay = Overlay::build(&cluster).expect("overlay");

@@ -32,9 +32,12 @@ const AWS_2: &str = "aws-2";
 const BIG: u64 = 100 * 1024 * 1024;
 
 async fn four_nodes(underlay_mtu: u32) -> (Cluster, Overlay) {
-    let mut cluster = Cluster::with_options(ClusterOptions { underlay_mtu })
-        .await
-        .expect("cluster");
+    let mut cluster = Cluster::with_options(ClusterOptions {
+        underlay_mtu,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
     for (cloud, slot) in [(0, 1), (0, 2), (1, 1), (1, 2)] {
         cluster.add_node_idle(cloud, slot).await.expect("node");
     }
