@@ -337,12 +337,18 @@ impl Engine {
         self.reconfigure_with(config, &SetEffects::default(), out, true);
     }
 
-    /// Ends a rotation: the previous key and every previous session are forgotten.
+    /// Ends a rotation: the previous key and the sessions under it are forgotten. Previous
+    /// sessions of peers that rotated their own key stay to their own end.
     pub fn retire_previous_key(&self) {
         let _serial = self.reconfigure_lock.lock();
         *self.previous_identity.write() = None;
         for peer in &self.state().peers {
-            peer.clear_previous();
+            if peer
+                .previous()
+                .is_some_and(|p| p.peer.public_key == peer.public_key)
+            {
+                peer.clear_previous();
+            }
         }
     }
 

@@ -120,6 +120,26 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
     }
 }
 
+/// The peers whose key changed between two plans, as (old, new): the same node under a new
+/// key rotated it, and the tunnel keeps the old session until the new one is up.
+pub fn successors(before: Option<&MeshPlan>, next: &MeshPlan) -> Vec<(Key, Key)> {
+    let Some(before) = before else {
+        return Vec::new();
+    };
+    let old: BTreeMap<&str, Key> = before
+        .names
+        .iter()
+        .map(|(key, name)| (name.as_str(), *key))
+        .collect();
+    next.names
+        .iter()
+        .filter_map(|(key, name)| {
+            let was = *old.get(name.as_str())?;
+            (was != *key).then_some((was, *key))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -267,5 +287,24 @@ pub(crate) mod tests {
         // b1 changed its spec (generation 3) since it was admitted: not trusted yet.
         peers[1].metadata.generation = Some(3);
         assert!(plan("a1", &peers).peers.is_empty());
+    }
+
+    #[test]
+    fn a_node_under_a_new_key_succeeds_its_old_key() {
+        let me = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        let b = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let c = peer("c1", 4, "new", Some("100.96.0.4"), true);
+        let before = plan("a1", &[me.clone(), b.clone(), c.clone()]);
+        let mut b2 = b.clone();
+        b2.spec.public_key = Key([9; 32]).to_base64();
+        let d = peer("d1", 5, "new", Some("100.96.0.5"), true);
+        let next = plan("a1", &[me.clone(), b2, d]);
+        assert_eq!(
+            successors(Some(&before), &next),
+            vec![(Key([3; 32]), Key([9; 32]))],
+            "b1 rotated; c1 left and d1 came, which is no succession"
+        );
+        assert!(successors(None, &next).is_empty());
+        assert!(successors(Some(&before), &before).is_empty());
     }
 }

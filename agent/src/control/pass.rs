@@ -141,8 +141,19 @@ pub fn clamp_mtus(targets: &Targets, path_mtus: &BTreeMap<String, u16>) -> Vec<(
 
 /// Whether to publish our WireGuardPeer again: our VTEP changed, or our peer is gone
 /// (deleted by hand, or a fresh API server).
-pub fn republish(node_name: &str, peers: &[WireGuardPeer], vtep_changed: bool) -> bool {
-    vtep_changed || !peers.iter().any(|p| p.name_any() == node_name)
+///
+/// Also when the published key is not the key in use (`public_key`, base64): a rotation
+/// whose publish failed is published again.
+pub fn republish(
+    node_name: &str,
+    peers: &[WireGuardPeer],
+    vtep_changed: bool,
+    public_key: &str,
+) -> bool {
+    vtep_changed
+        || !peers
+            .iter()
+            .any(|p| p.name_any() == node_name && p.spec.public_key == public_key)
 }
 
 #[cfg(test)]
@@ -353,14 +364,17 @@ mod tests {
     fn republish_when_our_peer_is_gone_or_our_vtep_moved() {
         let a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
         let b1 = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let key = a1.spec.public_key.clone();
+        let rotated = Key([7; 32]).to_base64();
         let cases = [
-            (vec![a1.clone(), b1.clone()], false, false),
-            (vec![a1], true, true),
-            (vec![b1], false, true),
-            (vec![], false, true),
+            (vec![a1.clone(), b1.clone()], false, &key, false),
+            (vec![a1.clone()], true, &key, true),
+            (vec![b1], false, &key, true),
+            (vec![], false, &key, true),
+            (vec![a1], false, &rotated, true),
         ];
-        for (i, (peers, vtep_changed, want)) in cases.into_iter().enumerate() {
-            assert_eq!(republish("a1", &peers, vtep_changed), want, "case {i}");
+        for (i, (peers, vtep_changed, key, want)) in cases.into_iter().enumerate() {
+            assert_eq!(republish("a1", &peers, vtep_changed, key), want, "case {i}");
         }
     }
 }
