@@ -71,6 +71,11 @@ pub fn parse_interval(text: &str) -> Result<Option<Duration>, String> {
     Ok((n > 0).then(|| Duration::from_secs(n.saturating_mul(unit_secs))))
 }
 
+/// [`parse_interval`] for a flag: zero stays zero (the caller reads it as off).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_interval(text).map(Option::unwrap_or_default)
+}
+
 /// The tunnel MTU for an underlay MTU (none known: the 1500-byte default).
 pub fn tunnel_mtu(underlay: Option<u32>) -> u16 {
     match underlay {

@@ -44,7 +44,7 @@ pub fn mesh(
     peers: &[WireGuardPeer],
     applied: Option<&MeshPlan>,
 ) -> Option<MeshStep> {
-    let plan = mesh::plan(&fixed.node_name, peers);
+    let plan = mesh::plan_after(&fixed.node_name, peers, applied);
     if applied == Some(&plan) {
         return None;
     }
