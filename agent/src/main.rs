@@ -65,6 +65,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rotate this node's WireGuard key without a lost packet: writes the new key where the
+    /// running agent picks it up, which publishes it, lets the peers move over and then
+    /// retires the old key. Waits for the retirement (at most --timeout-seconds).
+    RotateKey {
+        #[arg(long, default_value = "/var/lib/isthmus")]
+        state_dir: std::path::PathBuf,
+        /// How long to wait for the old key's retirement (0: don't wait; the agent
+        /// finishes the rotation either way).
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
     /// Restore the routing a killed agent left behind, from the journal in the state
     /// directory. Safe to repeat: a second run does nothing.
     Cleanup {
@@ -142,6 +153,10 @@ struct RunArgs {
     /// no probing; routes then keep the tunnels' MTU).
     #[arg(long, default_value_t = isthmus_agent::control::probe::DEFAULT_PORT)]
     pmtu_port: u16,
+    /// Rotate the node key this often, without a lost packet: seconds or a number with a
+    /// unit (90s, 30m, 12h, 7d); 0: only on `isthmus-agent rotate-key`.
+    #[arg(long, value_parser = isthmus_agent::control::options::parse_duration)]
+    key_rotation_interval: Option<std::time::Duration>,
 }
 
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
@@ -178,6 +193,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         handshake_stale: std::time::Duration::from_secs(args.handshake_stale_seconds),
         metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
         pmtu_port: (args.pmtu_port != 0).then_some(args.pmtu_port),
+        key_rotation_interval: args.key_rotation_interval.filter(|d| !d.is_zero()),
     };
     runtime.block_on(async { run(opts, isthmus_ops::daemon::shutdown_signal()).await })
 }
@@ -327,6 +343,13 @@ fn main() -> ExitCode {
             iface,
             netns,
         } => run_cleanup(&state_dir, &iface, netns.as_deref()),
+        Command::RotateKey {
+            state_dir,
+            timeout_seconds,
+        } => isthmus_agent::cli::rotate::rotate_key(
+            &state_dir,
+            std::time::Duration::from_secs(timeout_seconds),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -334,5 +357,33 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_takes_a_rotation_interval() {
+        Cli::command().debug_assert();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["isthmus-agent", "run", "--node-name", "n1"];
+            args.extend_from_slice(extra);
+            match Cli::try_parse_from(args).map(|c| c.command) {
+                Ok(Command::Run(a)) => a.key_rotation_interval,
+                _ => panic!("{extra:?} did not parse"),
+            }
+        };
+        assert_eq!(parse(&[]), None);
+        assert_eq!(
+            parse(&["--key-rotation-interval", "12h"]),
+            Some(std::time::Duration::from_secs(43_200))
+        );
+        assert_eq!(
+            parse(&["--key-rotation-interval", "0"]),
+            Some(std::time::Duration::ZERO)
+        );
     }
 }

@@ -660,6 +660,35 @@ mod tests {
     }
 
     #[test]
+    fn a_rotated_key_stays_admitted_with_its_mesh_ip_and_the_oldest_claimant_still_wins() {
+        let nodes = [
+            node("a", "10.0.0.5", "10.244.1.0/24"),
+            node("b", "10.0.0.6", "10.244.2.0/24"),
+        ];
+        let admitted = |mut p: PeerView, ip: &str| {
+            p.admitted = Some(("True".into(), "NodeVerified".into(), "earlier".into()));
+            p.mesh_ip = Some(ip.into());
+            p
+        };
+        let a = admitted(peer("a", "1", "10.0.0.5", "10.244.1.0/24"), "100.96.0.1");
+        let b = admitted(peer("b", "2", "10.0.0.6", "10.244.2.0/24"), "100.96.0.2");
+        // a rotates its key: same verdict (no transition), same mesh IP.
+        let mut rotated = a.clone();
+        rotated.public_key = "key-a2".into();
+        let plan = run(&[rotated.clone(), b.clone()], &nodes);
+        let st = &plan.statuses["a"];
+        assert!(st.admission.admitted, "{st:?}");
+        assert_eq!(st.mesh_ip.as_deref(), Some("100.96.0.1"));
+        assert_eq!(st.last_transition, "earlier", "a rotation is no transition");
+        // b (newer) rotates onto a's key: refused; a (older) keeps it.
+        let mut thief = b.clone();
+        thief.public_key = "key-a2".into();
+        let plan = run(&[rotated, thief], &nodes);
+        assert!(plan.statuses["a"].admission.admitted);
+        assert_eq!(plan.statuses["b"].admission.reason, "DuplicatePublicKey");
+    }
+
+    #[test]
     fn a_key_counts_only_once_its_possession_is_proven() {
         let nodes = [
             node("a", "10.0.0.5", "10.244.1.0/24"),

@@ -149,6 +149,10 @@ pub struct SetEffects {
     /// Peers whose persistent keepalive went from off to on: they get a keepalive at once,
     /// as wireguard-go does, so the peer learns our endpoint without waiting an interval.
     pub keepalive_started: Vec<Key>,
+    /// (old, new): the peer with key `new` is the peer that had `old`, which rotated its
+    /// key; the engine keeps the old session beside the new one (see
+    /// [`crate::Engine::reconfigure`]). Only the control plane says this, never `wg set`.
+    pub successors: Vec<(Key, Key)>,
 }
 
 impl DeviceConfig {

@@ -156,6 +156,9 @@ struct State {
     /// Every peer, in configuration order; `routes` points into it.
     peers: Vec<Arc<Peer>>,
     routes: IpNetworkTable<u32>,
+    /// Peers whose previous session is under another public key (the peer rotated its
+    /// key), by that old key: its handshake initiations still find the previous session.
+    retiring: HashMap<Key, Arc<Peer>>,
 }
 
 /// Peers by receiver index, hashed with one multiplication: the indices are random, so a
@@ -191,6 +194,7 @@ impl Default for State {
             by_index: IndexMap::default(),
             peers: Vec::new(),
             routes: IpNetworkTable::new(),
+            retiring: HashMap::new(),
         }
     }
 }
@@ -217,6 +221,10 @@ pub struct Engine {
     mtu: AtomicUsize,
     clock: Arc<dyn Clock>,
     indices: Arc<dyn IndexSource>,
+    /// Our key before a rotation ([`Engine::rotate_private_key`]), still answered while
+    /// peers learn the new one; `None` once retired. Read only for initiations whose MAC1
+    /// does not match the current key.
+    previous_identity: RwLock<Option<Identity>>,
 }
 
 impl Default for Engine {
@@ -243,6 +251,7 @@ impl Engine {
             mtu: AtomicUsize::default(),
             clock,
             indices,
+            previous_identity: RwLock::default(),
         }
     }
 
@@ -304,28 +313,100 @@ impl Engine {
 
     /// Moves the device to `next`. Peers whose key, preshared key and keepalive are unchanged
     /// keep their sessions; removed peers are forgotten at once.
+    ///
+    /// A new private key cuts every session at once (what `wg set private-key` does); see
+    /// [`Engine::rotate_private_key`] for the change that loses nothing. A peer named in
+    /// `effects.successors` as the new key of a removed peer starts with the removed one's
+    /// session as its previous (see [`crate::peer::Previous`]) and initiates at once.
     pub fn reconfigure(&self, next: DeviceConfig, effects: &SetEffects, out: &dyn Transmit) {
+        self.reconfigure_with(next, effects, out, false);
+    }
+
+    /// Moves the device to the private key `next`, keeping the old one answering beside
+    /// it: every peer gets a fresh session (fresh receiver index) under the new key and
+    /// keeps its current one as the previous, which goes on sending and receiving until
+    /// the new one carries traffic. Nothing initiates under the new key here — the peers
+    /// do once they learn it — so no handshake is wasted on a peer that does not know it
+    /// yet. [`Engine::retire_previous_key`] ends the overlap.
+    pub fn rotate_private_key(&self, next: Key, out: &dyn Transmit) {
+        let mut config = self.config();
+        if config.private_key == Some(next) {
+            return;
+        }
+        config.private_key = Some(next);
+        self.reconfigure_with(config, &SetEffects::default(), out, true);
+    }
+
+    /// Ends a rotation: the previous key and the sessions under it are forgotten. Previous
+    /// sessions of peers that rotated their own key stay to their own end.
+    pub fn retire_previous_key(&self) {
+        let _serial = self.reconfigure_lock.lock();
+        *self.previous_identity.write() = None;
+        for peer in &self.state().peers {
+            if peer
+                .previous()
+                .is_some_and(|p| p.peer.public_key == peer.public_key)
+            {
+                peer.clear_previous();
+            }
+        }
+    }
+
+    /// Whether a previous key is still answered ([`Engine::rotate_private_key`]).
+    pub fn has_previous_key(&self) -> bool {
+        self.previous_identity.read().is_some()
+    }
+
+    /// How many peers still hold a previous session (theirs or ours rotated): zero once
+    /// every peer's new session has carried traffic long enough (see `drop_previous`).
+    pub fn retiring_peers(&self) -> usize {
+        self.state()
+            .peers
+            .iter()
+            .filter(|p| p.is_retiring())
+            .count()
+    }
+
+    fn reconfigure_with(
+        &self,
+        next: DeviceConfig,
+        effects: &SetEffects,
+        out: &dyn Transmit,
+        rotate: bool,
+    ) {
         let _serial = self.reconfigure_lock.lock();
         let old = self.state();
+        let now = self.clock.now();
         let identity_changed = old.config.private_key != next.private_key;
         let identity = if identity_changed {
-            next.private_key.map(|k| Identity::new(k, self.clock.now()))
+            next.private_key.map(|k| Identity::new(k, now))
         } else {
             old.identity.clone()
         };
+        if identity_changed {
+            *self.previous_identity.write() = if rotate { old.identity.clone() } else { None };
+        }
+        let rotate = rotate && identity_changed && identity.is_some();
         let secret = identity.as_ref().map(|i| &i.secret);
+        let mut initiate = Vec::new();
 
         let mut by_key = HashMap::with_capacity(next.peers.len());
         let mut by_index = IndexMap::with_capacity_and_hasher(next.peers.len(), Default::default());
         let mut routes = IpNetworkTable::new();
         let mut peers = Vec::with_capacity(next.peers.len());
+        let mut retiring = HashMap::new();
         for pc in &next.peers {
             let peer = match (
                 old.by_key.get(&pc.public_key),
                 old.config.peer(&pc.public_key),
             ) {
+                (Some(peer), Some(_)) if rotate => {
+                    let index = fresh_index(&*self.indices, &old.by_index, &by_index);
+                    Arc::new(Peer::successor(pc, index, secret, peer, now))
+                }
                 (Some(peer), Some(before)) => {
                     if identity_changed || before.session_params_differ(pc) {
+                        peer.clear_previous();
                         peer.rebuild_session(pc, secret);
                     }
                     if before.endpoint != pc.endpoint {
@@ -337,7 +418,19 @@ impl Engine {
                 }
                 _ => {
                     let index = fresh_index(&*self.indices, &old.by_index, &by_index);
-                    Arc::new(Peer::new(pc, index, secret))
+                    let predecessor = effects
+                        .successors
+                        .iter()
+                        .filter(|(_, new)| *new == pc.public_key)
+                        .filter(|(gone, _)| next.peer(gone).is_none())
+                        .find_map(|(gone, _)| old.by_key.get(gone));
+                    match predecessor {
+                        Some(old_peer) if !identity_changed => {
+                            initiate.push(pc.public_key);
+                            Arc::new(Peer::successor(pc, index, secret, old_peer, now))
+                        }
+                        _ => Arc::new(Peer::new(pc, index, secret)),
+                    }
                 }
             };
             let position = peers.len() as u32;
@@ -346,6 +439,12 @@ impl Engine {
             }
             peers.push(peer.clone());
             by_index.insert(peer.index, peer.clone());
+            if let Some(previous) = peer.previous() {
+                by_index.insert(previous.peer.index, peer.clone());
+                if previous.peer.public_key != pc.public_key {
+                    retiring.insert(previous.peer.public_key, peer.clone());
+                }
+            }
             by_key.insert(pc.public_key, peer);
         }
         for (key, ep) in &effects.endpoints {
@@ -360,6 +459,7 @@ impl Engine {
             by_index,
             peers,
             routes,
+            retiring,
         });
         *self.state.write() = state.clone();
         self.generation.fetch_add(1, Ordering::Release);
@@ -368,6 +468,20 @@ impl Engine {
         for key in &effects.keepalive_started {
             if let Some(peer) = state.by_key.get(key) {
                 self.send_keepalive(peer, &mut buf, out);
+            }
+        }
+        // A peer's new key: shake hands under it now, while the previous session still
+        // carries the traffic, so the switch happens before anything waits for it.
+        for key in &initiate {
+            if let Some(peer) = state.by_key.get(key) {
+                let mut guard = peer.tunn.lock();
+                if let Some(tunn) = guard.as_mut() {
+                    if let TunnResult::WriteToNetwork(init) =
+                        tunn.format_handshake_initiation(&mut buf, false)
+                    {
+                        self.send_to_peer(peer, init, out);
+                    }
+                }
             }
         }
     }
@@ -449,7 +563,16 @@ impl Engine {
             self.drops.record(DropReason::RoutingLoop);
             return None;
         }
-        let mut guard = peer.tunn.lock();
+        // During a rotation the packet leaves on whichever session is up, newest first.
+        let via = if peer.is_retiring() {
+            peer.previous()
+                .filter(|p| sender(peer.has_session(), p.peer.has_session()) == Slot::Previous)
+                .map(|p| p.peer)
+        } else {
+            None
+        };
+        let session: &Peer = via.as_deref().unwrap_or(peer);
+        let mut guard = session.tunn.lock();
         let Some(tunn) = guard.as_mut() else {
             self.drops.record(DropReason::NoRoute);
             return None;
@@ -480,7 +603,7 @@ impl Engine {
                 Some(Sealed { to, len })
             }
             TunnResult::WriteToNetwork(handshake) => {
-                self.send_to_peer(peer, handshake, out);
+                self.send_via(peer, session, handshake, out);
                 None
             }
             TunnResult::Err(e) => {
@@ -534,10 +657,11 @@ impl Engine {
             Packet::PacketCookieReply(p) => self.by_index(state, p.receiver_idx),
             Packet::PacketData(p) => self.by_index(state, p.receiver_idx),
         };
-        let peer = found?;
+        let (peer, via) = found?;
+        let session: &Peer = via.as_deref().unwrap_or(peer);
         let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
 
-        let mut guard = peer.tunn.lock();
+        let mut guard = session.tunn.lock();
         let Some(tunn) = guard.as_mut() else {
             self.drops.record(DropReason::UnknownPeer);
             return None;
@@ -564,10 +688,10 @@ impl Engine {
                 }
                 peer.add_rx(datagram.len());
                 peer.set_endpoint(from);
-                self.send_to_peer(peer, reply, out);
+                self.send_via(peer, session, reply, out);
                 // A completed handshake releases the packets queued while it ran.
                 while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], dst) {
-                    self.send_to_peer(peer, queued, out);
+                    self.send_via(peer, session, queued, out);
                 }
                 return None;
             }
@@ -604,18 +728,30 @@ impl Engine {
         init: &HandshakeInit,
         buf: &mut [u8],
         out: &dyn Transmit,
-    ) -> Option<&'s Arc<Peer>> {
-        let Some(id) = &state.identity else {
+    ) -> Option<(&'s Arc<Peer>, Option<Arc<Peer>>)> {
+        let Some(current) = &state.identity else {
             self.drops.record(DropReason::UnknownPeer);
             return None;
         };
-        // MAC1 first: garbage neither costs a lock nor counts towards the load.
-        if !id.cookies.check_mac1(datagram) {
-            self.drops.record(DropReason::HandshakeRejected);
-            return None;
-        }
+        // MAC1 first: garbage neither costs a lock nor counts towards the load. MAC1 is
+        // keyed by the responder's public key, so it also says which of our keys (current
+        // or, during a rotation, previous) the initiator addressed.
+        let previous_id;
+        let (id, ours_previous) = if current.cookies.check_mac1(datagram) {
+            (current, false)
+        } else {
+            previous_id = self.previous_identity.read().clone();
+            match &previous_id {
+                Some(p) if p.cookies.check_mac1(datagram) => (p, true),
+                _ => {
+                    self.drops.record(DropReason::HandshakeRejected);
+                    return None;
+                }
+            }
+        };
         let now = self.clock.now();
-        if id.limiter.lock().arrive(now) {
+        // One device, one load: the current key's limiter counts every initiation.
+        if current.limiter.lock().arrive(now) {
             match id.cookies.check_mac2(datagram, from, now, buf) {
                 Mac2::Valid => {}
                 Mac2::Reply => {
@@ -628,7 +764,7 @@ impl Engine {
                     return None;
                 }
             }
-            if !id.limiter.lock().allow(from.ip(), now) {
+            if !current.limiter.lock().allow(from.ip(), now) {
                 self.drops.record(DropReason::RateLimited);
                 return None;
             }
@@ -637,19 +773,43 @@ impl Engine {
             self.drops.record(DropReason::HandshakeRejected);
             return None;
         };
-        let peer = state.by_key.get(&Key(half.peer_static_public));
-        if peer.is_none() {
+        let initiator = Key(half.peer_static_public);
+        // Which session answers: ours previous key → the peer's previous session; a peer's
+        // old key (it rotated, we know the new one) → its previous session; else current.
+        let found = match (ours_previous, state.by_key.get(&initiator)) {
+            (false, Some(peer)) => Some((peer, None)),
+            (true, Some(peer)) => peer.previous().map(|p| (peer, Some(p.peer))),
+            (false, None) => state.retiring.get(&initiator).and_then(|peer| {
+                let previous = peer.previous().filter(|p| p.peer.public_key == initiator)?;
+                Some((peer, Some(previous.peer)))
+            }),
+            (true, None) => None,
+        };
+        if found.is_none() {
             self.drops.record(DropReason::UnknownPeer);
         }
-        peer
+        found
     }
 
-    fn by_index<'s>(&self, state: &'s State, receiver_idx: u32) -> Option<&'s Arc<Peer>> {
-        let peer = state.by_index.get(&(receiver_idx >> 8));
-        if peer.is_none() {
+    /// The peer a datagram's receiver index names, and its previous session when the index
+    /// is that session's.
+    fn by_index<'s>(
+        &self,
+        state: &'s State,
+        receiver_idx: u32,
+    ) -> Option<(&'s Arc<Peer>, Option<Arc<Peer>>)> {
+        let index = receiver_idx >> 8;
+        let found = state.by_index.get(&index).and_then(|peer| {
+            if peer.index == index {
+                return Some((peer, None));
+            }
+            let previous = peer.previous().filter(|p| p.peer.index == index)?;
+            Some((peer, Some(previous.peer)))
+        });
+        if found.is_none() {
             self.drops.record(DropReason::UnknownIndex);
         }
-        peer
+        found
     }
 
     /// Cryptokey routing on receive: only sources inside the sender's allowed IPs pass.
@@ -674,9 +834,16 @@ impl Engine {
     }
 
     fn send_to_peer(&self, peer: &Peer, data: &[u8], out: &dyn Transmit) {
+        self.send_via(peer, peer, data, out);
+    }
+
+    /// Sends what `session` (the peer's current session or its previous) produced to
+    /// `peer`'s endpoint; the retry jitter is the session's, the counters the peer's.
+    fn send_via(&self, peer: &Peer, session: &Peer, data: &[u8], out: &dyn Transmit) {
         if data.first() == Some(&INITIATION_TYPE) {
             let jitter = u64::from(self.indices.next_u32()) % (RETRY_JITTER_MAX_MS + 1);
-            *peer.last_initiation.lock() = Some((self.clock.now(), Duration::from_millis(jitter)));
+            *session.last_initiation.lock() =
+                Some((self.clock.now(), Duration::from_millis(jitter)));
         }
         let Some(endpoint) = peer.endpoint() else {
             self.drops.record(DropReason::NoEndpoint);
@@ -699,20 +866,81 @@ impl Engine {
         }
         let now = self.clock.now();
         for peer in state.by_key.values() {
-            let mut guard = peer.tunn.lock();
-            let Some(tunn) = guard.as_mut() else { continue };
-            let last_initiation = *peer.last_initiation.lock();
-            if hold_retry(now, last_initiation, tunn.time_since_last_handshake()) {
+            let current_age = self.tick_session(peer, peer, now, buf, out);
+            let Some(previous) = peer.previous() else {
+                continue;
+            };
+            let held = now.saturating_duration_since(previous.since);
+            if drop_previous(held, previous.peer.has_session(), current_age) {
+                tracing::debug!(peer = %peer.public_key.to_base64(), held_ms = held.as_millis() as u64, "previous session retired");
+                peer.clear_previous();
                 continue;
             }
-            match tunn.update_timers(buf) {
-                TunnResult::WriteToNetwork(data) => self.send_to_peer(peer, data, out),
-                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
-                TunnResult::Err(e) => tracing::debug!(error = ?e, "timer update failed"),
-                _ => {}
-            }
+            self.tick_session(peer, &previous.peer, now, buf, out);
         }
     }
+
+    /// One session's timers; returns the age of its current session, if it has one.
+    fn tick_session(
+        &self,
+        peer: &Peer,
+        session: &Peer,
+        now: Instant,
+        buf: &mut [u8],
+        out: &dyn Transmit,
+    ) -> Option<Duration> {
+        let mut guard = session.tunn.lock();
+        let tunn = guard.as_mut()?;
+        let age = tunn.time_since_last_handshake();
+        let last_initiation = *session.last_initiation.lock();
+        if hold_retry(now, last_initiation, age) {
+            return age;
+        }
+        match tunn.update_timers(buf) {
+            TunnResult::WriteToNetwork(data) => self.send_via(peer, session, data, out),
+            TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+            TunnResult::Err(e) => tracing::debug!(error = ?e, "timer update failed"),
+            _ => {}
+        }
+        age
+    }
+}
+
+/// Which of a rotating peer's two sessions seals a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Current,
+    Previous,
+}
+
+/// The newest session that is up sends; with neither up, the current one (it queues the
+/// packet and initiates). So the switch to a new key happens exactly when its session is
+/// established, never before: a packet is never queued behind a handshake the other side
+/// cannot answer yet.
+pub(crate) fn sender(current_up: bool, previous_up: bool) -> Slot {
+    if !current_up && previous_up {
+        Slot::Previous
+    } else {
+        Slot::Current
+    }
+}
+
+/// How long a previous session stays after the new one is up, for datagrams sealed on it
+/// just before the switch that arrive after (reordering, queues on the path).
+pub(crate) const PREVIOUS_LINGER: Duration = Duration::from_secs(5);
+
+/// Whether the timer drops a peer's previous session, `held` after it became previous:
+/// once the new session has been up for [`PREVIOUS_LINGER`]; at once when the previous has
+/// no session to offer (after the same linger, for a handshake in flight); and at the
+/// latest after REJECT_AFTER_TIME, when its keys would be refused anyway.
+pub(crate) fn drop_previous(
+    held: Duration,
+    previous_up: bool,
+    current_age: Option<Duration>,
+) -> bool {
+    held >= REJECT_AFTER_TIME
+        || (!previous_up && held >= PREVIOUS_LINGER)
+        || current_age.is_some_and(|age| age >= PREVIOUS_LINGER)
 }
 
 /// A handshake initiation is retried REKEY_TIMEOUT after the previous one.

@@ -50,6 +50,8 @@ mod engine_tests;
 #[cfg(test)]
 mod protocol_tests;
 #[cfg(test)]
+mod rotation_tests;
+#[cfg(test)]
 mod timer_tests;
 
 pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, SetEffects};

@@ -1,7 +1,7 @@
 //! One peer's live state: its boringtun session, where it is now, and what it moved.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,6 +35,22 @@ pub struct Peer {
     /// When the latest handshake initiation left and the jitter drawn for its retry
     /// (see `engine::hold_retry`).
     pub last_initiation: Mutex<Option<(Instant, Duration)>>,
+    /// The session this peer had before a key rotation (ours or its own), kept beside the
+    /// new one until the new one carries traffic: see [`Previous`].
+    previous: Mutex<Option<Previous>>,
+    /// Whether `previous` is set: one load on the packet path instead of a lock.
+    retiring: AtomicBool,
+}
+
+/// The peer as it was before a key changed on either side: its own receiver index and
+/// [`Tunn`] (under the old key pair), so datagrams for the old session still open and
+/// packets still leave on it until the new session is up. Dropped by the engine's timer
+/// (`engine::drop_previous`) or when the rotation is retired.
+#[derive(Clone)]
+pub struct Previous {
+    pub peer: Arc<Peer>,
+    /// When it became the previous session (engine clock).
+    pub since: Instant,
 }
 
 impl Peer {
@@ -49,9 +65,73 @@ impl Peer {
             latest_handshake_ms: AtomicU64::new(0),
             path_mtu: AtomicU16::new(0),
             last_initiation: Mutex::new(None),
+            previous: Mutex::new(None),
+            retiring: AtomicBool::new(false),
         };
         peer.rebuild_session(config, private);
         peer
+    }
+
+    /// The peer after a key rotation: a fresh session under `private` with a fresh
+    /// `index`, and `old` (which keeps its own index and session) as the previous one.
+    /// What the operator sees carries over: endpoint (as roamed), counters, latest
+    /// handshake, path MTU. Only one previous generation is kept.
+    pub fn successor(
+        config: &PeerConfig,
+        index: u32,
+        private: Option<&StaticSecret>,
+        old: &Arc<Peer>,
+        now: Instant,
+    ) -> Peer {
+        let peer = Peer::new(config, index, private);
+        if let Some(ep) = old.endpoint() {
+            peer.set_endpoint(ep);
+        }
+        peer.rx_bytes.store(old.rx_bytes(), Ordering::Relaxed);
+        peer.tx_bytes.store(old.tx_bytes(), Ordering::Relaxed);
+        let ms = old.last_handshake().map_or(0, |t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        });
+        peer.latest_handshake_ms.store(ms, Ordering::Relaxed);
+        peer.set_path_mtu(old.path_mtu());
+        old.clear_previous();
+        peer.set_previous(Some(Previous {
+            peer: old.clone(),
+            since: now,
+        }));
+        peer
+    }
+
+    /// The previous session, if a rotation left one.
+    pub fn previous(&self) -> Option<Previous> {
+        if !self.retiring.load(Ordering::Acquire) {
+            return None;
+        }
+        self.previous.lock().clone()
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::Acquire)
+    }
+
+    fn set_previous(&self, previous: Option<Previous>) {
+        let mut slot = self.previous.lock();
+        self.retiring.store(previous.is_some(), Ordering::Release);
+        *slot = previous;
+    }
+
+    /// Forgets the previous session (its datagrams are dropped from now on).
+    pub fn clear_previous(&self) {
+        self.set_previous(None);
+    }
+
+    /// Whether this peer's session can seal a packet now.
+    pub fn has_session(&self) -> bool {
+        self.tunn
+            .lock()
+            .as_ref()
+            .is_some_and(|t| t.time_since_last_handshake().is_some())
     }
 
     /// Replaces the session state (after a key, preshared key or keepalive change). The

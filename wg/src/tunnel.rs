@@ -193,14 +193,45 @@ impl Tunnel {
     /// endpoints; peers that are new (or newly keep alive) handshake at once instead of at
     /// the first packet.
     pub fn sync(self: &Arc<Self>, private_key: Key, peers: &[PeerConfig]) -> Result<(), SetError> {
+        self.sync_with(private_key, peers, &[])
+    }
+
+    /// [`Tunnel::sync`], where each `(old, new)` of `successors` says the peer now known by
+    /// `new` is the one that had `old` (it rotated its key): its old session keeps carrying
+    /// traffic until the new one is up, so the peer's rotation loses nothing.
+    pub fn sync_with(
+        self: &Arc<Self>,
+        private_key: Key,
+        peers: &[PeerConfig],
+        successors: &[(Key, Key)],
+    ) -> Result<(), SetError> {
         let _serial = self.set_lock.lock();
         let current = self.engine.config();
-        self.commit(&current, &Change::sync(&current, private_key, peers))
+        let change = Change::sync(&current, private_key, peers);
+        self.commit_with(&current, &change, successors)
+    }
+
+    /// Moves to a new private key without cutting a session: see
+    /// [`Engine::rotate_private_key`].
+    pub fn rotate_key(&self, private_key: Key) {
+        let _serial = self.set_lock.lock();
+        self.engine
+            .rotate_private_key(private_key, self.net.as_ref());
     }
 
     /// Applies `req` to `current`; the caller holds `set_lock`.
     fn commit(self: &Arc<Self>, current: &DeviceConfig, req: &Change) -> Result<(), SetError> {
-        let (mut next, effects) = current.apply(req);
+        self.commit_with(current, req, &[])
+    }
+
+    fn commit_with(
+        self: &Arc<Self>,
+        current: &DeviceConfig,
+        req: &Change,
+        successors: &[(Key, Key)],
+    ) -> Result<(), SetError> {
+        let (mut next, mut effects) = current.apply(req);
+        effects.successors = successors.to_vec();
 
         // Everything that can fail happens before the new configuration is committed.
         let mut rebound = None;

@@ -4,6 +4,7 @@
 //! person (aligned columns, like `wg show` and `kubectl get`) or as stable JSON.
 
 pub mod peers;
+pub mod rotate;
 pub mod status;
 pub mod table;
 

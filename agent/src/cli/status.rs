@@ -62,6 +62,13 @@ pub fn render(s: &Status) -> String {
         ),
         ("public key", or_dash(s.public_key.clone())),
         (
+            "key rotation",
+            match &r.rotating_to {
+                Some(next) => format!("moving to {next} ({} done)", r.key_rotations),
+                None => format!("idle ({} done)", r.key_rotations),
+            },
+        ),
+        (
             "agent",
             if s.agent_running {
                 "running"

@@ -63,14 +63,59 @@ fn remote(peer: &WireGuardPeer, mesh_ip: IpAddr) -> Remote {
     }
 }
 
+/// Whether the coordinator admitted a peer, for the spec it has now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Admitted,
+    /// Admitted for an earlier spec; the coordinator has not looked at the current one yet
+    /// (a rotated key, a moved VTEP). The last admitted view of it stands meanwhile.
+    Pending,
+    Out,
+}
+
+fn verdict(peer: &WireGuardPeer) -> Verdict {
+    if peer.is_admitted() {
+        return Verdict::Admitted;
+    }
+    let generation = peer.metadata.generation;
+    let stale_true = peer
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == isthmus_api::ADMITTED)
+        })
+        .is_some_and(|c| {
+            c.status == "True"
+                && matches!((c.observed_generation, generation), (Some(o), Some(g)) if o < g)
+        });
+    if stale_true && peer.metadata.deletion_timestamp.is_none() {
+        Verdict::Pending
+    } else {
+        Verdict::Out
+    }
+}
+
 /// The mesh for node `own`, given every WireGuardPeer. A peer's allowed IPs are its mesh
 /// IP, plus its pod CIDRs when it is in another location (what routed mode sends it).
 pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
+    plan_after(own, peers, None)
+}
+
+/// [`plan`], where a peer whose new spec awaits the coordinator keeps what `applied` had for
+/// it (a node that changed its key stays reachable under the old one until re-admitted:
+/// the spec change is not yet vouched for, the old admission is), and this node stays
+/// in the mesh while its own new spec awaits the coordinator. Without that every spec
+/// change would take the node out of the mesh for a coordinator round trip.
+pub fn plan_after(own: &str, peers: &[WireGuardPeer], applied: Option<&MeshPlan>) -> MeshPlan {
     let Some(me) = peers.iter().find(|p| p.name_any() == own) else {
         return MeshPlan::default();
     };
-    if !me.is_admitted() {
-        return MeshPlan::default();
+    match verdict(me) {
+        Verdict::Admitted => {}
+        Verdict::Pending if applied.is_some_and(|a| a.admitted) => {}
+        _ => return MeshPlan::default(),
     }
     let topology = me
         .status
@@ -80,9 +125,18 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
     let own_keepalive = me.spec.persistent_keepalive.unwrap_or(0);
     let mut remotes = Vec::new();
     let mut names = BTreeMap::new();
+    let mut pending = Vec::new();
     let mut out: Vec<PeerConfig> = peers
         .iter()
-        .filter(|p| p.name_any() != own && p.is_admitted())
+        .filter(|p| p.name_any() != own)
+        .filter(|p| match verdict(p) {
+            Verdict::Admitted => true,
+            Verdict::Pending => {
+                pending.push(p.name_any());
+                false
+            }
+            Verdict::Out => false,
+        })
         .filter(|p| topology.wants_tunnel(&me.spec.location, &p.spec.location))
         .filter_map(|p| {
             let (mesh_ip, _) = mesh_address(p)?;
@@ -109,6 +163,20 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
             })
         })
         .collect();
+    if let Some(applied) = applied {
+        for name in &pending {
+            let Some((key, _)) = applied.names.iter().find(|(_, n)| *n == name) else {
+                continue;
+            };
+            if let Some(pc) = applied.peers.iter().find(|p| p.public_key == *key) {
+                out.push(pc.clone());
+                names.insert(*key, name.clone());
+            }
+            if let Some(r) = applied.remotes.iter().find(|r| r.name == *name) {
+                remotes.push(r.clone());
+            }
+        }
+    }
     out.sort_by_key(|p| p.public_key);
     remotes.sort_by(|a, b| a.name.cmp(&b.name));
     MeshPlan {
@@ -118,6 +186,26 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
         remotes,
         names,
     }
+}
+
+/// The peers whose key changed between two plans, as (old, new): the same node under a new
+/// key rotated it, and the tunnel keeps the old session until the new one is up.
+pub fn successors(before: Option<&MeshPlan>, next: &MeshPlan) -> Vec<(Key, Key)> {
+    let Some(before) = before else {
+        return Vec::new();
+    };
+    let old: BTreeMap<&str, Key> = before
+        .names
+        .iter()
+        .map(|(key, name)| (name.as_str(), *key))
+        .collect();
+    next.names
+        .iter()
+        .filter_map(|(key, name)| {
+            let was = *old.get(name.as_str())?;
+            (was != *key).then_some((was, *key))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -269,5 +357,64 @@ pub(crate) mod tests {
         // b1 changed its spec (generation 3) since it was admitted: not trusted yet.
         peers[1].metadata.generation = Some(3);
         assert!(plan("a1", &peers).peers.is_empty());
+    }
+
+    #[test]
+    fn a_node_under_a_new_key_succeeds_its_old_key() {
+        let me = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        let b = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let c = peer("c1", 4, "new", Some("100.96.0.4"), true);
+        let before = plan("a1", &[me.clone(), b.clone(), c.clone()]);
+        let mut b2 = b.clone();
+        b2.spec.public_key = Key([9; 32]).to_base64();
+        let d = peer("d1", 5, "new", Some("100.96.0.5"), true);
+        let next = plan("a1", &[me.clone(), b2, d]);
+        assert_eq!(
+            successors(Some(&before), &next),
+            vec![(Key([3; 32]), Key([9; 32]))],
+            "b1 rotated; c1 left and d1 came, which is no succession"
+        );
+        assert!(successors(None, &next).is_empty());
+        assert!(successors(Some(&before), &before).is_empty());
+    }
+
+    #[test]
+    fn a_peer_awaiting_re_admission_keeps_its_last_admitted_view() {
+        let me = peer("a1", 1, "old", Some("100.96.0.1"), true);
+        let b = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let before = plan("a1", &[me.clone(), b.clone()]);
+        // b1 publishes a new key: its generation moves past the admission's.
+        let mut b2 = b.clone();
+        b2.spec.public_key = Key([9; 32]).to_base64();
+        b2.metadata.generation = Some(3);
+        let pending = plan_after("a1", &[me.clone(), b2.clone()], Some(&before));
+        assert_eq!(
+            pending, before,
+            "the old key stays until the coordinator re-admits"
+        );
+        assert!(
+            plan("a1", &[me.clone(), b2.clone()]).peers.is_empty(),
+            "never admitted under our eyes: nothing to keep"
+        );
+        // And this node's own new spec awaiting re-admission keeps its mesh.
+        let mut me2 = me.clone();
+        me2.spec.public_key = Key([8; 32]).to_base64();
+        me2.metadata.generation = Some(3);
+        assert_eq!(
+            plan_after("a1", &[me2.clone(), b.clone()], Some(&before)),
+            before
+        );
+        assert_eq!(
+            plan_after("a1", &[me2, b.clone()], None),
+            MeshPlan::default()
+        );
+        // A refusal is not pending: the peer goes.
+        let mut refused = b2;
+        if let Some(s) = refused.status.as_mut() {
+            s.conditions[0].status = "False".into();
+        }
+        assert!(plan_after("a1", &[me, refused], Some(&before))
+            .peers
+            .is_empty());
     }
 }

@@ -13,5 +13,6 @@ pub mod pass;
 pub mod pmtu;
 pub mod probe;
 pub mod publish;
+pub mod rotate;
 pub mod run;
 pub mod runtime;

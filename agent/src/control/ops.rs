@@ -96,6 +96,8 @@ pub struct Sample {
 pub struct Counters {
     pub reconcile: Histogram,
     pub reassertions: Counter,
+    /// Node key rotations retired (see `control::rotate`).
+    pub key_rotations: Counter,
 }
 
 impl Default for Counters {
@@ -104,6 +106,7 @@ impl Default for Counters {
             // 1 ms .. ~4 s: a pass is a few netlink calls, slower means trouble.
             reconcile: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
             reassertions: Counter::default(),
+            key_rotations: Counter::default(),
         }
     }
 }
@@ -188,6 +191,11 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         Unit::Seconds,
         counters.reconcile.clone(),
     );
+    r.register(
+        "isthmus_key_rotations",
+        "Node key rotations completed (the old key retired) since the agent started",
+        counters.key_rotations.clone(),
+    );
     r.register("isthmus_ready", "1 while /readyz answers 200", ready);
     isthmus_ops::encode(&r)
 }
@@ -238,6 +246,11 @@ impl AgentOps {
     /// Marks the start of a mesh and routing pass (for `/healthz`).
     pub fn pass_started(&self) {
         self.watchdog.enter();
+    }
+
+    /// A key rotation retired its old key.
+    pub fn key_rotated(&self) {
+        self.counters.key_rotations.inc();
     }
 
     pub fn pass_finished(&self, took: Duration) {
@@ -360,6 +373,7 @@ mod tests {
     fn renders_prometheus_names() {
         let counters = Counters::default();
         counters.reassertions.inc_by(3);
+        counters.key_rotations.inc();
         counters.reconcile.observe(0.002);
         let sample = Sample {
             peers: vec![PeerSample {
@@ -385,6 +399,7 @@ mod tests {
             "isthmus_routing_reassertions_total 3",
             "isthmus_reconcile_duration_seconds_count 1",
             "isthmus_ready 1",
+            "isthmus_key_rotations_total 1",
             "# TYPE isthmus_peer_rx_bytes counter",
             "# EOF",
         ] {

@@ -36,6 +36,9 @@ pub struct RunOptions {
     /// The UDP port path MTU probes go to and come from, on the mesh IP (`None`: no
     /// probing; routes keep the tunnels' MTU).
     pub pmtu_port: Option<u16>,
+    /// Rotate the node key this often (`None`: only on `isthmus-agent rotate-key` or when
+    /// the key file is lost).
+    pub key_rotation_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +48,32 @@ pub struct RoutingOptions {
     pub vxlan_device: String,
     pub table: u32,
     pub rule_priority: u32,
+}
+
+/// A duration as the flags take it: plain seconds (`3600`) or a number with a unit
+/// (`90s`, `30m`, `12h`, `7d`). Zero means off (`None`).
+pub fn parse_interval(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 3600, 90s, 30m, 12h or 7d"))?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    Ok((n > 0).then(|| Duration::from_secs(n.saturating_mul(unit_secs))))
+}
+
+/// [`parse_interval`] for a flag: zero stays zero (the caller reads it as off).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_interval(text).map(Option::unwrap_or_default)
 }
 
 /// The tunnel MTU for an underlay MTU (none known: the 1500-byte default).
@@ -61,6 +90,26 @@ pub fn tunnel_mtu(underlay: Option<u32>) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intervals_in_seconds_or_with_a_unit() {
+        let s = Duration::from_secs;
+        let cases = [
+            ("3600", Ok(Some(s(3600)))),
+            ("90s", Ok(Some(s(90)))),
+            ("30m", Ok(Some(s(1800)))),
+            ("12h", Ok(Some(s(43_200)))),
+            ("7d", Ok(Some(s(604_800)))),
+            ("0", Ok(None)),
+            ("0h", Ok(None)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_interval(text), want, "{text}");
+        }
+        for bad in ["", "h", "1w", "-5", "1.5h", "10 m"] {
+            assert!(parse_interval(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn tunnel_mtu_follows_the_underlay() {

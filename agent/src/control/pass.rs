@@ -44,7 +44,7 @@ pub fn mesh(
     peers: &[WireGuardPeer],
     applied: Option<&MeshPlan>,
 ) -> Option<MeshStep> {
-    let plan = mesh::plan(&fixed.node_name, peers);
+    let plan = mesh::plan_after(&fixed.node_name, peers, applied);
     if applied == Some(&plan) {
         return None;
     }
@@ -152,17 +152,23 @@ pub fn key_proof(node_name: &str, peers: &[WireGuardPeer], private_key: &Key) ->
     )
 }
 
-/// Whether to publish our WireGuardPeer again: our VTEP changed, our peer is gone
-/// (deleted by hand, or a fresh API server), or it does not carry `proof`, our answer to
-/// its key challenge.
+/// Whether to publish our WireGuardPeer again: our VTEP changed, or our peer is gone
+/// (deleted by hand, or a fresh API server), or its published key is not the key in use
+/// (`public_key`, base64: a rotation whose publish failed is published again), or it does
+/// not carry `proof`, our answer to its key challenge.
 pub fn republish(
     node_name: &str,
     peers: &[WireGuardPeer],
     vtep_changed: bool,
+    public_key: &str,
     proof: Option<&str>,
 ) -> bool {
     let own = peers.iter().find(|p| p.name_any() == node_name);
-    vtep_changed || own.is_none_or(|p| proof.is_some() && p.spec.key_proof.as_deref() != proof)
+    vtep_changed
+        || own.is_none_or(|p| {
+            p.spec.public_key != public_key
+                || (proof.is_some() && p.spec.key_proof.as_deref() != proof)
+        })
 }
 
 #[cfg(test)]
@@ -373,21 +379,25 @@ mod tests {
     fn republish_when_our_peer_is_gone_our_vtep_moved_or_our_proof_is_due() {
         let a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
         let b1 = peer("b1", 3, "new", Some("100.96.0.3"), true);
+        let key = a1.spec.public_key.clone();
+        let rotated = Key([7; 32]).to_base64();
         let mut answered = a1.clone();
         answered.spec.key_proof = Some("proof".into());
-        // (peers, vtep changed, our answer to the challenge, republish?)
+        // (peers, vtep changed, key in use, our answer to the challenge, republish?)
         let cases = [
-            (vec![a1.clone(), b1.clone()], false, None, false),
-            (vec![a1.clone()], true, None, true),
-            (vec![b1.clone()], false, None, true),
-            (vec![], false, None, true),
-            (vec![a1.clone()], false, Some("proof"), true),
-            (vec![answered.clone()], false, Some("proof"), false),
-            (vec![answered], false, Some("another"), true),
+            (vec![a1.clone(), b1.clone()], false, &key, None, false),
+            (vec![a1.clone()], true, &key, None, true),
+            (vec![b1.clone()], false, &key, None, true),
+            (vec![], false, &key, None, true),
+            (vec![a1.clone()], false, &rotated, None, true),
+            (vec![a1.clone()], false, &key, Some("proof"), true),
+            (vec![answered.clone()], false, &key, Some("proof"), false),
+            (vec![answered.clone()], false, &rotated, Some("proof"), true),
+            (vec![answered], false, &key, Some("another"), true),
         ];
-        for (i, (peers, vtep_changed, proof, want)) in cases.into_iter().enumerate() {
+        for (i, (peers, vtep_changed, key, proof, want)) in cases.into_iter().enumerate() {
             assert_eq!(
-                republish("a1", &peers, vtep_changed, proof),
+                republish("a1", &peers, vtep_changed, key, proof),
                 want,
                 "case {i}"
             );

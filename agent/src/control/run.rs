@@ -33,6 +33,7 @@ use super::pass::{self, Fixed, MeshStep};
 use super::pmtu::Timing;
 use super::probe::{self, PathMtus, Targets};
 use super::publish::{self, PublishOptions};
+use super::rotate::{self, Rotation, Step};
 use super::runtime::{self, Runtime};
 use isthmus_routing::address::Netlink;
 use isthmus_routing::kernel::Kernel;
@@ -74,6 +75,9 @@ struct Agent {
     netlink: Netlink,
     router: Router,
     private_key: Key,
+    /// The key in use and any rotation under way ([`super::rotate`]).
+    rotation: Rotation,
+    key_rotations: u64,
     peers: Api<WireGuardPeer>,
     nodes: Api<Node>,
     applied: Option<MeshPlan>,
@@ -168,7 +172,14 @@ impl Agent {
                 return;
             }
         }
-        if let Err(e) = self.tunnel.sync(self.private_key, &plan.peers) {
+        let successors = super::mesh::successors(self.applied.as_ref(), &plan);
+        for (old, new) in &successors {
+            tracing::info!(peer = %plan.names.get(new).map_or("", String::as_str), old = %old.to_base64(), new = %new.to_base64(), "peer rotated its key; keeping its old session until the new one is up");
+        }
+        if let Err(e) = self
+            .tunnel
+            .sync_with(self.private_key, &plan.peers, &successors)
+        {
             // Only a listen port or fwmark change can fail, and a sync names neither.
             tracing::warn!(error = %e, "configuring the tunnel failed; will retry");
             return;
@@ -230,6 +241,11 @@ impl Agent {
             api_error,
             routing_ok: self.routing_ok,
             path_mtus: self.path_mtus.lock().clone(),
+            key_rotations: self.key_rotations,
+            rotating_to: self
+                .rotation
+                .retiring
+                .map(|_| self.rotation.key.public_from_private().to_base64()),
         };
         if self.reported.as_ref() == Some(&now) {
             return;
@@ -237,6 +253,73 @@ impl Agent {
         match runtime::write(&self.opts.state_dir, &now) {
             Ok(()) => self.reported = Some(now),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "writing runtime state failed"),
+        }
+    }
+
+    /// One step of key rotation: read the key files, decide (pure), apply. Cheap enough to
+    /// run every second: two small files and a count of the tunnel's peers.
+    async fn rotation_step(&mut self) {
+        let dir = self.opts.state_dir.clone();
+        let files = match keys::read_files(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "reading the key files failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let retiring = self.tunnel.engine().retiring_peers();
+        let interval = self.opts.key_rotation_interval;
+        match rotate::decide(&self.rotation, &files, retiring, now, interval) {
+            Step::Wait => {}
+            Step::Generate(why) => {
+                let key = Key::generate_private();
+                match keys::request_rotation(&dir, &key) {
+                    Ok(_) => tracing::info!(?why, "rotating the node key"),
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "writing the next key failed")
+                    }
+                }
+            }
+            Step::Begin(next) => {
+                let old = self.rotation.key;
+                self.tunnel.rotate_key(next);
+                self.private_key = next;
+                self.rotation = Rotation {
+                    key: next,
+                    since: now,
+                    retiring: Some((old, now)),
+                };
+                tracing::info!(old = %old.public_from_private().to_base64(), new = %next.public_from_private().to_base64(), "key rotation begun: answering both keys, publishing the new one");
+                if let Err(e) = self.publish().await {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "publishing the new key failed; the next pass retries"
+                    );
+                }
+            }
+            Step::Retire => {
+                if let Err(e) = keys::promote(&dir, &self.rotation.key) {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "retiring the old key failed; will retry"
+                    );
+                    return;
+                }
+                self.tunnel.engine().retire_previous_key();
+                if let Some((old, began)) = self.rotation.retiring.take() {
+                    self.key_rotations += 1;
+                    self.ops.key_rotated();
+                    tracing::info!(
+                        old = %old.public_from_private().to_base64(),
+                        new = %self.rotation.key.public_from_private().to_base64(),
+                        peers_still_moving = retiring,
+                        took_ms = now.saturating_duration_since(began).as_millis() as u64,
+                        "key rotation done: old key retired"
+                    );
+                }
+                self.rotation.since = now;
+            }
         }
     }
 
@@ -379,6 +462,12 @@ pub async fn run(
         netlink,
         router,
         private_key,
+        rotation: Rotation {
+            key: private_key,
+            since: Instant::now(),
+            retiring: None,
+        },
+        key_rotations: 0,
         applied: None,
         api_error: Arc::new(parking_lot::Mutex::new(None)),
         routing_ok: false,
@@ -480,33 +569,54 @@ async fn follow(
         ready = store.wait_until_ready() => ready.context("peer cache")?,
     };
     agent.ops.peers_synced();
+    // Key rotation is looked at every second (a request from `rotate-key`, a retirement
+    // due), apart from the passes, which it does not need.
+    let mut key_tick = tokio::time::interval(Duration::from_secs(1));
+    key_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut full_pass = true;
+    let mut last_pass = Instant::now();
     loop {
-        // Observe.
-        let vtep_changed = agent.refresh_vtep().await;
-        let started = Instant::now();
-        agent.ops.pass_started();
-        let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
-        // Decide and apply.
-        agent.pass(&peers).await;
-        agent.ops.pass_finished(started.elapsed());
-        let proof = pass::key_proof(&agent.opts.node_name, &peers, &agent.private_key);
-        if pass::republish(
-            &agent.opts.node_name,
-            &peers,
-            vtep_changed,
-            proof.as_deref(),
-        ) {
-            if let Err(e) = agent.publish().await {
-                tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
+        if full_pass {
+            // Observe.
+            let vtep_changed = agent.refresh_vtep().await;
+            let started = Instant::now();
+            last_pass = started;
+            agent.ops.pass_started();
+            let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
+            // Decide and apply.
+            agent.pass(&peers).await;
+            agent.ops.pass_finished(started.elapsed());
+            let key = agent.private_key.public_from_private().to_base64();
+            let proof = pass::key_proof(&agent.opts.node_name, &peers, &agent.private_key);
+            let due = pass::republish(
+                &agent.opts.node_name,
+                &peers,
+                vtep_changed,
+                &key,
+                proof.as_deref(),
+            );
+            if due {
+                if let Err(e) = agent.publish().await {
+                    tracing::warn!(error = format!("{e:#}"), "re-publishing failed; will retry");
+                }
             }
         }
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = peers_changed.notified() => {}
-            _ = kernel_changed.notified() => {}
-            _ = path_mtus_changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        let rotating = agent.rotation.retiring.is_some();
+        agent.rotation_step().await;
+        if rotating != agent.rotation.retiring.is_some() {
+            // Started or retired: `status` says so.
+            let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
+            agent.report(&peers);
         }
+        let idle = Duration::from_secs(10).saturating_sub(last_pass.elapsed());
+        full_pass = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = peers_changed.notified() => true,
+            _ = kernel_changed.notified() => true,
+            _ = path_mtus_changed.notified() => true,
+            _ = tokio::time::sleep(idle) => true,
+            _ = key_tick.tick() => false,
+        };
     }
 }
 

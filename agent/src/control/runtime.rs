@@ -28,6 +28,12 @@ pub struct Runtime {
     /// The path MTU found per remote node (by name), for `isthmus-agent peers`.
     #[serde(default, rename = "pathMTUs")]
     pub path_mtus: std::collections::BTreeMap<String, u16>,
+    /// Node key rotations retired since the agent started.
+    #[serde(default)]
+    pub key_rotations: u64,
+    /// During a rotation: the new public key (base64) being moved to.
+    #[serde(default)]
+    pub rotating_to: Option<String>,
 }
 
 pub fn write(state_dir: &Path, runtime: &Runtime) -> anyhow::Result<()> {
