@@ -18,7 +18,7 @@ use base64::Engine;
 use isthmus_api::{MeshCluster, WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER, REACHABLE};
 use isthmus_tests::daemon::{eventually, Daemon};
 use isthmus_tests::kube::{KubeRig, RigOptions, NAMESPACE};
-use isthmus_tests::seed;
+use isthmus_tests::{scrape, seed};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -188,6 +188,18 @@ fn start_coordinator(seed: &KubeRig, kubeconfig: &str, identity: &str, extra: &[
         .expect("coordinator")
 }
 
+/// `isthmus_coordinator_peers` for `cluster` and `admitted` as scraped at `addr`.
+fn peers_metric(addr: std::net::SocketAddr, cluster: &str, admitted: &str) -> Option<f64> {
+    let (status, body) = scrape::get(addr, "/metrics").ok()?;
+    assert_eq!(status, 200, "{body}");
+    let samples = scrape::parse(&body).expect("an exposition");
+    scrape::value(
+        &samples,
+        "isthmus_coordinator_peers",
+        &[("cluster", cluster), ("admitted", admitted)],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_seed_coordinator_serves_many_clusters() {
     isthmus_tests::require_root();
@@ -247,10 +259,17 @@ async fn one_seed_coordinator_serves_many_clusters() {
         .expect("seed kubeconfig")
         .display()
         .to_string();
+    let metrics = scrape::free_loopback().expect("a port");
+    let metrics_arg = metrics.to_string();
     let mut replicas = vec![
         (
             "c1",
-            Some(start_coordinator(&seed, &seed_kubeconfig, "c1", &[])),
+            Some(start_coordinator(
+                &seed,
+                &seed_kubeconfig,
+                "c1",
+                &["--metrics-addr", &metrics_arg],
+            )),
         ),
         (
             "c2",
@@ -303,6 +322,20 @@ async fn one_seed_coordinator_serves_many_clusters() {
         None,
         "c is not declared yet"
     );
+    // Metrics per cluster, from either replica (both keep every cluster's cache).
+    for name in ["a", "b"] {
+        let ok = eventually(SETTLE, || async {
+            peers_metric(metrics, name, "true") == Some(2.0)
+                && peers_metric(metrics, name, "false") == Some(0.0)
+        })
+        .await;
+        assert!(
+            ok,
+            "cluster {name}'s peers not in c1's metrics:\n{:?}",
+            scrape::get(metrics, "/metrics")
+        );
+    }
+    assert_eq!(peers_metric(metrics, "c", "true"), None, "c is not served");
 
     // 2. One replica acts: it holds the seed's Lease and is the only one writing.
     let leases: Api<Lease> = Api::namespaced(seed.admin().await.unwrap(), NAMESPACE);
@@ -373,6 +406,13 @@ async fn one_seed_coordinator_serves_many_clusters() {
     })
     .await;
     assert!(stopped, "{}", logs(&replicas));
+    assert_eq!(
+        peers_metric(metrics, "b", "true"),
+        None,
+        "b's series outlive its MeshCluster:\n{:?}",
+        scrape::get(metrics, "/metrics")
+    );
+    assert_eq!(peers_metric(metrics, "c", "true"), Some(2.0), "c's peers");
     join(&b, "b-new-2", "new", 3).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(admitted_ip(&b, "b-new-2").await, None, "b is still served");
