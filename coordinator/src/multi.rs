@@ -305,6 +305,8 @@ struct ClusterObserver {
     peers: Mutex<Option<Store<WireGuardPeer>>>,
     wake: Arc<Notify>,
     name: String,
+    /// Where the cluster's metrics go, labelled with its name.
+    ops: Arc<CoordinatorOps>,
 }
 
 impl ClusterObserver {
@@ -337,6 +339,7 @@ impl ClusterObserver {
 impl Observer for ClusterObserver {
     fn synced(&self, peers: &Store<WireGuardPeer>) {
         *self.peers.lock() = Some(peers.clone());
+        self.ops.cluster_synced(&self.name, peers.clone());
         self.seen.lock().synced = true;
         tracing::info!(cluster = %self.name, "serving");
         self.wake.notify_one();
@@ -344,6 +347,12 @@ impl Observer for ClusterObserver {
 
     fn watch(&self, error: Option<&watcher::Error>) {
         self.set_reachable(error.map_or(Ok(()), |e| Err(classify_watch(e))));
+    }
+
+    fn pass_finished(&self, took: Option<Duration>, _error: Option<&anyhow::Error>) {
+        if let Some(took) = took {
+            self.ops.cluster_pass(&self.name, took);
+        }
     }
 }
 
@@ -369,6 +378,7 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
+        self.observer.ops.cluster_stopped(&self.observer.name);
     }
 }
 
@@ -379,6 +389,7 @@ fn start(
     timeout: Duration,
     leading: watch::Receiver<bool>,
     wake: Arc<Notify>,
+    ops: Arc<CoordinatorOps>,
 ) -> Result<Running, Problem> {
     let cidr = target
         .mesh_cidr
@@ -394,6 +405,7 @@ fn start(
         peers: Mutex::new(None),
         wake,
         name: name.to_string(),
+        ops,
     });
     let task = {
         let observer = observer.clone();
@@ -483,7 +495,7 @@ pub async fn run(
         } => {
             ready?;
             ops.seed_synced();
-            supervise(&settings, &clusters, &secrets, &clusters_api, &mut leading, &changed, &mut shutdown).await;
+            supervise(&settings, (&clusters, &secrets), &clusters_api, &mut leading, &changed, &ops, &mut shutdown).await;
         }
     }
     drop(clusters_task);
@@ -499,11 +511,11 @@ pub async fn run(
 /// only) their statuses.
 async fn supervise(
     settings: &MultiSettings,
-    clusters: &Store<MeshCluster>,
-    secrets: &Store<Secret>,
+    (clusters, secrets): (&Store<MeshCluster>, &Store<Secret>),
     api: &Api<MeshCluster>,
     leading: &mut watch::Receiver<bool>,
     changed: &Arc<Notify>,
+    ops: &Arc<CoordinatorOps>,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
@@ -558,6 +570,7 @@ async fn supervise(
                 settings.cluster_timeout,
                 leading.clone(),
                 changed.clone(),
+                ops.clone(),
             ) {
                 Ok(r) => {
                     running.insert(name.clone(), r);

@@ -6,6 +6,7 @@
 //! Peer counts are read from the watch cache at scrape time; [`render`] and
 //! [`Readiness::check`] are pure.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use isthmus_api::WireGuardPeer;
@@ -70,17 +71,51 @@ fn reconcile_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 13))
 }
 
-pub fn render(sample: &Sample, reconcile: &Histogram) -> String {
+/// Metric labels: `cluster` in multi-cluster mode, then the metric's own.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// The labels of user cluster `name`'s metrics.
+pub fn cluster_labels(name: &str) -> Labels {
+    vec![("cluster", name.to_string())]
+}
+
+/// Reconcile pass durations per user cluster (multi-cluster mode).
+pub type ClusterReconciles = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Multi-cluster mode's figures: per served user cluster its peers, and its passes.
+pub struct Clusters<'a> {
+    pub samples: &'a [(String, Sample)],
+    pub reconciles: &'a ClusterReconciles,
+}
+
+/// The exposition: in single-cluster mode unlabelled; in multi-cluster mode (`clusters`)
+/// the peer gauges and the reconcile histogram per user cluster, labelled `cluster`.
+pub fn render(sample: &Sample, reconcile: &Histogram, clusters: Option<Clusters>) -> String {
     let mut r = Registry::default();
-    let peers = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
-    peers
-        .get_or_create(&vec![("admitted", "true")])
-        .set(sample.admitted as i64);
-    peers
-        .get_or_create(&vec![("admitted", "false")])
-        .set(sample.not_admitted as i64);
-    let allocated = Gauge::<i64>::default();
-    allocated.set(sample.mesh_ips_allocated as i64);
+    let peers = Family::<Labels, Gauge>::default();
+    let allocated = Family::<Labels, Gauge>::default();
+    let add = |labels: Labels, s: &Sample| {
+        let with = |v: &str| {
+            let mut l = labels.clone();
+            l.push(("admitted", v.to_string()));
+            l
+        };
+        peers.get_or_create(&with("true")).set(s.admitted as i64);
+        peers
+            .get_or_create(&with("false"))
+            .set(s.not_admitted as i64);
+        allocated
+            .get_or_create(&labels)
+            .set(s.mesh_ips_allocated as i64);
+    };
+    match &clusters {
+        None => add(Vec::new(), sample),
+        Some(c) => {
+            for (name, s) in c.samples {
+                add(cluster_labels(name), s);
+            }
+        }
+    }
     let leader = Gauge::<i64>::default();
     leader.set(i64::from(sample.leader));
     r.register(
@@ -98,12 +133,12 @@ pub fn render(sample: &Sample, reconcile: &Histogram) -> String {
         "1 while this replica holds the lease and acts",
         leader,
     );
-    r.register_with_unit(
-        "isthmus_coordinator_reconcile_duration",
-        "Time of one reconcile pass (leader only)",
-        Unit::Seconds,
-        reconcile.clone(),
-    );
+    let help = "Time of one reconcile pass (leader only)";
+    let name = "isthmus_coordinator_reconcile_duration";
+    match clusters {
+        None => r.register_with_unit(name, help, Unit::Seconds, reconcile.clone()),
+        Some(c) => r.register_with_unit(name, help, Unit::Seconds, c.reconciles.clone()),
+    }
     isthmus_ops::encode(&r)
 }
 
@@ -111,12 +146,15 @@ struct State {
     readiness: Readiness,
     leader: bool,
     peers: Option<Store<WireGuardPeer>>,
+    /// Multi-cluster mode: the served user clusters' peer caches, by MeshCluster name.
+    clusters: Option<BTreeMap<String, Store<WireGuardPeer>>>,
 }
 
 /// The coordinator's side of the ops endpoint, shared between the loop and the server.
 pub struct CoordinatorOps {
     watchdog: Watchdog,
     reconcile: Histogram,
+    reconciles: ClusterReconciles,
     state: Mutex<State>,
 }
 
@@ -125,10 +163,12 @@ impl Default for CoordinatorOps {
         CoordinatorOps {
             watchdog: Watchdog::default(),
             reconcile: reconcile_histogram(),
+            reconciles: ClusterReconciles::new_with_constructor(reconcile_histogram),
             state: Mutex::new(State {
                 readiness: Readiness::default(),
                 leader: false,
                 peers: None,
+                clusters: None,
             }),
         }
     }
@@ -144,7 +184,33 @@ impl CoordinatorOps {
     /// Multi-cluster mode: the seed's MeshCluster and Secret caches are synced (peer counts
     /// live in each MeshCluster's status, not here).
     pub fn seed_synced(&self) {
-        self.state.lock().readiness.caches_synced = true;
+        let mut s = self.state.lock();
+        s.readiness.caches_synced = true;
+        s.clusters.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Multi-cluster mode: user cluster `name` is served from `peers`.
+    pub fn cluster_synced(&self, name: &str, peers: Store<WireGuardPeer>) {
+        self.state
+            .lock()
+            .clusters
+            .get_or_insert_with(BTreeMap::new)
+            .insert(name.to_string(), peers);
+    }
+
+    /// Multi-cluster mode: a reconcile pass of user cluster `name` took `took`.
+    pub fn cluster_pass(&self, name: &str, took: Duration) {
+        self.reconciles
+            .get_or_create(&cluster_labels(name))
+            .observe(took.as_secs_f64());
+    }
+
+    /// Multi-cluster mode: user cluster `name` is served no more; its series go.
+    pub fn cluster_stopped(&self, name: &str) {
+        if let Some(c) = self.state.lock().clusters.as_mut() {
+            c.remove(name);
+        }
+        self.reconciles.remove(&cluster_labels(name));
     }
 
     /// The outcome of a lease check: whether the API answered, and whether we lead.
@@ -169,12 +235,27 @@ impl CoordinatorOps {
 
 impl isthmus_ops::Probes for CoordinatorOps {
     fn metrics(&self) -> String {
-        let (peers, leader) = {
+        let (peers, leader, clusters) = {
             let s = self.state.lock();
-            (s.peers.clone(), s.leader)
+            (s.peers.clone(), s.leader, s.clusters.clone())
         };
         let peers = peers.map(|p| p.state()).unwrap_or_default();
-        render(&Sample::of(&peers, leader), &self.reconcile)
+        let sample = Sample::of(&peers, leader);
+        let Some(clusters) = clusters else {
+            return render(&sample, &self.reconcile, None);
+        };
+        let samples: Vec<(String, Sample)> = clusters
+            .into_iter()
+            .map(|(name, store)| (name, Sample::of(&store.state(), leader)))
+            .collect();
+        render(
+            &sample,
+            &self.reconcile,
+            Some(Clusters {
+                samples: &samples,
+                reconciles: &self.reconciles,
+            }),
+        )
     }
 
     fn live(&self) -> Result<(), String> {
@@ -221,6 +302,7 @@ mod tests {
                 leader: true,
             },
             &h,
+            None,
         );
         for line in [
             "isthmus_coordinator_peers{admitted=\"true\"} 3",
@@ -232,5 +314,40 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn multi_cluster_mode_labels_by_cluster() {
+        let reconciles = ClusterReconciles::new_with_constructor(reconcile_histogram);
+        reconciles.get_or_create(&cluster_labels("a")).observe(0.01);
+        let sample = |admitted| Sample {
+            admitted,
+            not_admitted: 1,
+            mesh_ips_allocated: admitted,
+            leader: true,
+        };
+        let samples = [("a".to_string(), sample(2)), ("b".to_string(), sample(5))];
+        let text = render(
+            &sample(0),
+            &reconcile_histogram(),
+            Some(Clusters {
+                samples: &samples,
+                reconciles: &reconciles,
+            }),
+        );
+        for line in [
+            "isthmus_coordinator_peers{cluster=\"a\",admitted=\"true\"} 2",
+            "isthmus_coordinator_peers{cluster=\"b\",admitted=\"true\"} 5",
+            "isthmus_coordinator_peers{cluster=\"b\",admitted=\"false\"} 1",
+            "isthmus_coordinator_mesh_ips_allocated{cluster=\"b\"} 5",
+            "isthmus_coordinator_leader 1",
+            "isthmus_coordinator_reconcile_duration_seconds_count{cluster=\"a\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("isthmus_coordinator_peers{admitted"),
+            "an unlabelled series in multi-cluster mode:\n{text}"
+        );
     }
 }

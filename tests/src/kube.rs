@@ -73,6 +73,64 @@ pub struct RigOptions {
     pub client_certs: Vec<(String, String)>,
     /// Install the CRD, RBAC and admission policy from deploy/ before returning.
     pub install_isthmus: bool,
+    /// An etcd that is not the rig's own ([`SharedEtcd::url`]): the rig starts none and keeps
+    /// its objects under a prefix of its own, so many API servers fit on one machine (an
+    /// etcd each would double the processes for nothing the tests look at).
+    pub etcd_servers: Option<String>,
+}
+
+/// One etcd for many rigs (see [`RigOptions::etcd_servers`]), stopped on drop.
+pub struct SharedEtcd {
+    _etcd: Daemon,
+    port: u16,
+    pub dir: TempDir,
+}
+
+impl SharedEtcd {
+    pub fn start() -> anyhow::Result<SharedEtcd> {
+        let dir = tempfile::Builder::new().prefix("isthmus-etcd").tempdir()?;
+        let port = free_port()?;
+        let etcd = spawn_etcd(dir.path(), port, free_port()?)?;
+        Ok(SharedEtcd {
+            _etcd: etcd,
+            port,
+            dir,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// etcd with its data in `dir`/etcd on loopback ports, logging into `dir`.
+fn spawn_etcd(dir: &Path, port: u16, peer_port: u16) -> anyhow::Result<Daemon> {
+    let client_url = format!("http://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    Daemon::spawn_host(
+        &kube_bin("etcd", "ETCD_BIN"),
+        &[
+            "--name",
+            "rig",
+            "--data-dir",
+            &dir.join("etcd").display().to_string(),
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("rig={peer_url}"),
+            "--log-level",
+            "warn",
+        ],
+        &[],
+        // A log per start: a restart keeps what the previous run said.
+        dir.join(format!("etcd-{}.log", crate::unique_name())),
+    )
 }
 
 /// A key and certificate `<name>.key`/`.crt` in `dir` for `subject`, signed by the CA there
@@ -196,7 +254,9 @@ impl KubeRig {
             dir,
             options,
         };
-        rig.start_etcd()?;
+        if rig.options.etcd_servers.is_none() {
+            rig.start_etcd()?;
+        }
         rig.start_apiserver().await?;
         if rig.options.install_isthmus {
             rig.install().await?;
@@ -211,34 +271,14 @@ impl KubeRig {
     /// Starts (again) etcd on the same ports and data directory. Does not wait: the API
     /// server waits for it (and [`KubeRig::wait_ready`] for the API server).
     pub fn start_etcd(&mut self) -> anyhow::Result<()> {
-        let d = self.dir.path();
-        let client_url = format!("http://127.0.0.1:{}", self.etcd_port);
-        let peer_url = format!("http://127.0.0.1:{}", self.etcd_peer_port);
-        let etcd = Daemon::spawn_host(
-            &kube_bin("etcd", "ETCD_BIN"),
-            &[
-                "--name",
-                "rig",
-                "--data-dir",
-                &d.join("etcd").display().to_string(),
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("rig={peer_url}"),
-                "--log-level",
-                "warn",
-            ],
-            &[],
-            // A log per start: a restart keeps what the previous run said.
-            d.join(format!("etcd-{}.log", crate::unique_name())),
-        )?;
-        self.etcd = Some(etcd);
+        if self.options.etcd_servers.is_some() {
+            bail!("this rig's etcd is shared: it is not the rig's to start");
+        }
+        self.etcd = Some(spawn_etcd(
+            self.dir.path(),
+            self.etcd_port,
+            self.etcd_peer_port,
+        )?);
         Ok(())
     }
 
@@ -261,11 +301,16 @@ impl KubeRig {
     pub async fn start_apiserver(&mut self) -> anyhow::Result<()> {
         let d = self.dir.path();
         let p = |f: &str| d.join(f).display().to_string();
-        let mut args: Vec<String> = [
-            (
-                "--etcd-servers",
+        let (etcd_servers, etcd_prefix) = match &self.options.etcd_servers {
+            Some(url) => (url.clone(), format!("/rig-{}", self.port)),
+            None => (
                 format!("http://127.0.0.1:{}", self.etcd_port),
+                "/registry".to_string(),
             ),
+        };
+        let mut args: Vec<String> = [
+            ("--etcd-servers", etcd_servers),
+            ("--etcd-prefix", etcd_prefix),
             ("--bind-address", "127.0.0.1".into()),
             ("--advertise-address", "127.0.0.1".into()),
             ("--secure-port", self.port.to_string()),

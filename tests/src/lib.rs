@@ -6,7 +6,10 @@
 //! namespaces.
 //!
 //! It drives the binaries from outside, as an operator would: it must never import
-//! `isthmus-wg`, `isthmus-routing` or the agent, only the API types (`isthmus-api`).
+//! `isthmus-wg`, `isthmus-routing` or the agent, only the API types (`isthmus-api`). One
+//! exception: the scale test's emulated agents (`scale`) publish, report and answer the
+//! key challenge with the agent's own functions, so they speak to the API exactly as an
+//! agent does.
 
 pub mod capture;
 pub mod cluster;
@@ -18,7 +21,9 @@ pub mod overlay;
 pub mod pair;
 pub mod publisher;
 pub mod rig;
+pub mod scale;
 pub mod scrape;
+pub mod seed;
 pub mod snapshot;
 pub mod traffic;
 pub mod wg;

@@ -14,14 +14,13 @@
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use isthmus_api::{MeshCluster, WireGuardPeer, WireGuardPeerSpec, REACHABLE};
 use isthmus_tests::daemon::{eventually, Daemon};
-use isthmus_tests::kube::{workspace_root, KubeRig, RigOptions, NAMESPACE};
+use isthmus_tests::kube::{KubeRig, RigOptions, NAMESPACE};
 use isthmus_tests::publisher::{self, NodeKey};
+use isthmus_tests::{scrape, seed};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
-use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -29,60 +28,18 @@ const SETTLE: Duration = Duration::from_secs(60);
 /// How long a join in a healthy cluster may take while other clusters are broken.
 const PROMPT: Duration = Duration::from_secs(5);
 
-/// A kubeconfig for `server` with `token`, the CA inline: what a seed keeps in a Secret.
 fn kubeconfig(rig: &KubeRig, server: &str, token: &str) -> String {
-    let ca = std::fs::read(rig.dir.path().join("ca.crt")).expect("CA");
-    let ca = base64::engine::general_purpose::STANDARD.encode(ca);
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\n\
-         users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n"
-    )
+    seed::kubeconfig(rig, server, token).expect("kubeconfig")
 }
 
-/// Stores `kubeconfig` in the seed as Secret `name`/kubeconfig in namespace `name`.
 async fn store_kubeconfig(seed: &KubeRig, name: &str, kubeconfig: &str) {
-    let admin = seed.admin().await.expect("seed admin");
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &ns)
+    seed::store_kubeconfig(seed, name, kubeconfig)
         .await
-        .expect("namespace");
-    let secrets: Api<Secret> = Api::namespaced(admin, name);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("kubeconfig".into()),
-            ..Default::default()
-        },
-        data: Some(
-            [(
-                "kubeconfig".to_string(),
-                ByteString(kubeconfig.as_bytes().to_vec()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
+        .expect("kubeconfig Secret");
 }
 
 async fn declare(seed: &KubeRig, name: &str, mesh_cidr: &str, topology: &str) {
-    let api: Api<MeshCluster> = Api::all(seed.admin().await.expect("seed admin"));
-    let mc: MeshCluster = serde_json::from_value(json!({
-        "apiVersion": "isthmus.dev/v1alpha1",
-        "kind": "MeshCluster",
-        "metadata": {"name": name},
-        "spec": {
-            "kubeconfig": {"namespace": name, "name": "kubeconfig"},
-            "meshCIDR": mesh_cidr,
-            "topology": topology,
-        }
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &mc)
+    seed::declare(seed, name, mesh_cidr, topology)
         .await
         .expect("MeshCluster");
 }
@@ -218,58 +175,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Applies deploy/overlays/seed to the seed as an admin would, refusing any warning; returns
-/// the build.
-fn install_seed_overlay(seed: &KubeRig) -> String {
-    let dir = workspace_root().join("deploy/overlays/seed");
-    let built = seed
-        .kubectl(&["kustomize", &dir.display().to_string()])
-        .expect("kubectl kustomize deploy/overlays/seed");
-    let path = seed.dir.path().join("seed.yaml");
-    std::fs::write(&path, &built).expect("writing the build");
-    let (ok, out) = seed.kubectl_as(
-        &seed.admin_token,
-        &[
-            "apply",
-            "--server-side",
-            "--validate=strict",
-            "-f",
-            &path.display().to_string(),
-        ],
-    );
-    assert!(
-        ok && !out.to_lowercase().contains("warning"),
-        "the seed refused or warned:\n{out}"
-    );
-    seed.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "crd/meshclusters.isthmus.dev",
-    ])
-    .expect("MeshCluster CRD established");
-    built
+fn start_coordinator(seed: &KubeRig, kubeconfig: &str, identity: &str, extra: &[&str]) -> Daemon {
+    seed::start_coordinator(seed, std::path::Path::new(kubeconfig), identity, extra)
+        .expect("coordinator")
 }
 
-fn start_coordinator(seed: &KubeRig, kubeconfig: &str, identity: &str) -> Daemon {
-    Daemon::spawn_host(
-        &isthmus_tests::workspace_bin("isthmus-coordinator"),
-        &[
-            "run",
-            "--multi-cluster",
-            "--kubeconfig",
-            kubeconfig,
-            "--identity",
-            identity,
-            "--lease-seconds",
-            "4",
-            "--metrics-addr",
-            "off",
-        ],
-        &[("RUST_LOG", "info")],
-        seed.dir.path().join(format!("coordinator-{identity}.log")),
+/// `isthmus_coordinator_peers` for `cluster` and `admitted` as scraped at `addr`.
+fn peers_metric(addr: std::net::SocketAddr, cluster: &str, admitted: &str) -> Option<f64> {
+    let (status, body) = scrape::get(addr, "/metrics").ok()?;
+    assert_eq!(status, 200, "{body}");
+    let samples = scrape::parse(&body).expect("an exposition");
+    scrape::value(
+        &samples,
+        "isthmus_coordinator_peers",
+        &[("cluster", cluster), ("admitted", admitted)],
     )
-    .expect("coordinator")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -290,7 +210,7 @@ async fn one_seed_coordinator_serves_many_clusters() {
 
     // The seed's install: the MeshCluster CRD, the coordinator in multi-cluster mode with
     // RBAC for MeshClusters and Secrets, and no agent.
-    let built = install_seed_overlay(&seed);
+    let built = seed::install_overlay(&seed).expect("the seed overlay");
     assert!(built.contains("- --multi-cluster"), "{built}");
     for absent in [
         "kind: DaemonSet",
@@ -331,9 +251,22 @@ async fn one_seed_coordinator_serves_many_clusters() {
         .expect("seed kubeconfig")
         .display()
         .to_string();
+    let metrics = scrape::free_loopback().expect("a port");
+    let metrics_arg = metrics.to_string();
     let mut replicas = vec![
-        ("c1", Some(start_coordinator(&seed, &seed_kubeconfig, "c1"))),
-        ("c2", Some(start_coordinator(&seed, &seed_kubeconfig, "c2"))),
+        (
+            "c1",
+            Some(start_coordinator(
+                &seed,
+                &seed_kubeconfig,
+                "c1",
+                &["--metrics-addr", &metrics_arg],
+            )),
+        ),
+        (
+            "c2",
+            Some(start_coordinator(&seed, &seed_kubeconfig, "c2", &[])),
+        ),
     ];
     let logs = |replicas: &[(&str, Option<Daemon>)]| {
         replicas
@@ -381,6 +314,20 @@ async fn one_seed_coordinator_serves_many_clusters() {
         None,
         "c is not declared yet"
     );
+    // Metrics per cluster, from either replica (both keep every cluster's cache).
+    for name in ["a", "b"] {
+        let ok = eventually(SETTLE, || async {
+            peers_metric(metrics, name, "true") == Some(2.0)
+                && peers_metric(metrics, name, "false") == Some(0.0)
+        })
+        .await;
+        assert!(
+            ok,
+            "cluster {name}'s peers not in c1's metrics:\n{:?}",
+            scrape::get(metrics, "/metrics")
+        );
+    }
+    assert_eq!(peers_metric(metrics, "c", "true"), None, "c is not served");
 
     // 2. One replica acts: it holds the seed's Lease and is the only one writing.
     let leases: Api<Lease> = Api::namespaced(seed.admin().await.unwrap(), NAMESPACE);
@@ -451,6 +398,13 @@ async fn one_seed_coordinator_serves_many_clusters() {
     })
     .await;
     assert!(stopped, "{}", logs(&replicas));
+    assert_eq!(
+        peers_metric(metrics, "b", "true"),
+        None,
+        "b's series outlive its MeshCluster:\n{:?}",
+        scrape::get(metrics, "/metrics")
+    );
+    assert_eq!(peers_metric(metrics, "c", "true"), Some(2.0), "c's peers");
     join(&b, "b-new-2", "new", 3).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(admitted_ip(&b, "b-new-2").await, None, "b is still served");

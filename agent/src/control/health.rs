@@ -110,6 +110,27 @@ pub fn due(last: Option<&MeshHealth>, current: &MeshHealth, heartbeat: Duration)
     age >= i64::try_from(heartbeat.as_secs()).unwrap_or(i64::MAX)
 }
 
+/// Writes `health` into `node`'s WireGuardPeer status with the agent's field manager: the
+/// report's one wire format, also used by the scale test's emulated agents.
+pub async fn write(
+    api: &Api<WireGuardPeer>,
+    node: &str,
+    health: &MeshHealth,
+) -> kube::Result<WireGuardPeer> {
+    let body = serde_json::json!({
+        "apiVersion": "isthmus.dev/v1alpha1",
+        "kind": "WireGuardPeer",
+        "metadata": {"name": node},
+        "status": {"health": health},
+    });
+    api.patch_status(
+        node,
+        &PatchParams::apply(AGENT_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+}
+
 /// The report loop's settings.
 pub struct Settings {
     pub heartbeat: Duration,
@@ -129,7 +150,6 @@ pub async fn report_loop(
 ) {
     let mut tick = tokio::time::interval(CHECK_EVERY.min(settings.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ssa = PatchParams::apply(AGENT_MANAGER).force();
     let mut written: Option<MeshHealth> = None;
     loop {
         tick.tick().await;
@@ -169,13 +189,7 @@ pub async fn report_loop(
         if !due(written.as_ref(), &health, settings.heartbeat) {
             continue;
         }
-        let body = serde_json::json!({
-            "apiVersion": "isthmus.dev/v1alpha1",
-            "kind": "WireGuardPeer",
-            "metadata": {"name": node},
-            "status": {"health": health},
-        });
-        match api.patch_status(&node, &ssa, &Patch::Apply(body)).await {
+        match write(&api, &node, &health).await {
             Ok(_) => {
                 if written.as_ref().is_none_or(|w| !w.same_summary(&health)) {
                     tracing::info!(

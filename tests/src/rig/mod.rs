@@ -129,6 +129,7 @@ impl RealCluster {
                 "/O=system:masters/CN=kube-apiserver-kubelet-client".into(),
             )],
             install_isthmus: false,
+            etcd_servers: None,
         })
         .await?;
         let d = rig.dir.path().to_path_buf();
