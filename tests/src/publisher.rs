@@ -1,11 +1,11 @@
 //! Publishing a WireGuardPeer the way an agent does, without an agent: the spec with the
-//! agent's field manager, then the answer to the coordinator's key challenge
+//! agent's own `publish`, then the answer to the coordinator's key challenge
 //! (`isthmus_api::proof`), so tests with emulated nodes are admitted like real ones.
 
 use std::time::{Duration, Instant};
 
-use isthmus_api::{WireGuardPeer, WireGuardPeerSpec, AGENT_MANAGER};
-use kube::api::{Api, Patch, PatchParams};
+use isthmus_api::{WireGuardPeer, WireGuardPeerSpec};
+use kube::api::Api;
 
 /// An emulated node's key pair: the spec's public key comes from this private key.
 #[derive(Clone, Copy)]
@@ -30,19 +30,7 @@ pub async fn apply(
         key_proof: proof,
         ..spec.clone()
     };
-    let body = serde_json::json!({
-        "apiVersion": "isthmus.dev/v1alpha1",
-        "kind": "WireGuardPeer",
-        "metadata": {"name": name},
-        "spec": spec,
-    });
-    api.patch(
-        name,
-        &PatchParams::apply(AGENT_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(())
+    isthmus_agent::control::publish::publish(api, name, &spec).await
 }
 
 /// Our answer to the challenge `name`'s status carries, if it carries one.
