@@ -38,6 +38,18 @@ impl OutBatch {
         self.used == 0
     }
 
+    /// Where the next datagram starts in the buffer: the `start` of a
+    /// [`crate::workers::SealJobs`] job for a datagram about to be committed.
+    pub fn offset(&self) -> usize {
+        self.used
+    }
+
+    /// The committed datagrams, back to back, for the workers to seal in place before the
+    /// flush.
+    pub fn filled_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.used]
+    }
+
     /// The free space to seal the next datagram into, if at least `need` bytes and a run
     /// slot are left (otherwise flush first).
     pub fn space(&mut self, need: usize) -> Option<&mut [u8]> {

@@ -15,6 +15,8 @@
 //!   [`clock::IndexSource`]), so tests drive every timer;
 //! - [`key`]: WireGuard keys;
 //! - [`mss`]: TCP MSS clamping of SYNs to and from a peer, to what its path carries;
+//! - [`workers`]: the crypto worker pool: data messages sealed and opened on every core,
+//!   one peer's flow included, in order;
 //! - [`ratelimit`]: handshake load shedding (device-wide load, per-source token buckets);
 //! - `packet` (tests, and others with the `testing` feature): the one packet factory.
 //!
@@ -44,6 +46,7 @@ pub mod snat;
 pub mod sockets;
 pub mod tunnel;
 pub mod uapi;
+pub mod workers;
 
 #[cfg(test)]
 mod engine_tests;

@@ -274,6 +274,33 @@ impl Session {
     }
 }
 
+// isthmus patch 10: the data path seals and opens off the `Tunn` lock, on worker threads.
+// A session's keys never change, so workers get a copy of them; what must stay in order
+// (counter reservation, replay marking) stays here, called under the lock.
+impl Session {
+    /// Reserves `n` consecutive sending counters; returns the first, the peer's index for
+    /// the header and the key that seals under them.
+    pub(super) fn reserve_sending(&self, n: u64) -> (u64, u32, LessSafeKey) {
+        let first = self.sending_key_counter.fetch_add(n, Ordering::Relaxed);
+        (first, self.sending_index, self.sender.clone())
+    }
+
+    /// The key that opens what this session receives.
+    pub(super) fn receiving_key(&self) -> LessSafeKey {
+        self.receiver.clone()
+    }
+
+    /// The replay check before decryption ([`Session::receive_packet_data`]'s first step).
+    pub(super) fn receiving_check(&self, counter: u64) -> Result<(), WireGuardError> {
+        self.receiving_counter_quick_check(counter)
+    }
+
+    /// Marks `counter` received after decryption ([`Session::receive_packet_data`]'s last).
+    pub(super) fn receiving_mark(&self, counter: u64) -> Result<(), WireGuardError> {
+        self.receiving_counter_mark(counter)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

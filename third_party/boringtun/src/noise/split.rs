@@ -1,0 +1,172 @@
+// isthmus patch 10: data messages sealed and opened in steps, so the AEAD can run on other
+// threads while what must happen in order (counter reservation, replay marking, timers)
+// happens under the caller's lock on the `Tunn`. `encapsulate` and `decapsulate` are
+// unchanged; these are their data-message paths cut in three.
+//
+// Sealing: `Tunn::reserve_seal` (in order, `&mut Tunn`) -> `SealKey::seal_in_place` (any
+// thread). Opening: `Tunn::open_key` (in order, `&Tunn`) -> `OpenKey::open_in_place` (any
+// thread) -> `Tunn::open_commit` (in arrival order, `&mut Tunn`).
+
+use super::errors::WireGuardError;
+use super::timers::TimerName;
+use super::{PacketData, Tunn, TunnResult, DATA, N_SESSIONS};
+use ring::aead::{Aad, LessSafeKey, Nonce};
+
+/// Type, receiver index and counter before the ciphertext.
+const HEADER: usize = 16;
+const TAG: usize = 16;
+
+/// Whitepaper §6.1: no message is sent under a counter this high (2^64 - 2^13 - 1).
+const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+/// One session's sending key and the peer's index, for counters reserved with
+/// [`Tunn::reserve_seal`]. Sealing twice under one counter breaks the cipher: use each
+/// reserved counter once.
+#[derive(Clone)]
+pub struct SealKey {
+    key: LessSafeKey,
+    receiver_index: u32,
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "SealKey(->{})", self.receiver_index)
+    }
+}
+
+impl SealKey {
+    /// The peer's receiver index this key's messages carry (one per session).
+    pub fn receiver_index(&self) -> u32 {
+        self.receiver_index
+    }
+
+    /// Seals the `len` plaintext bytes at `buf[16..16 + len]` in place as the data message
+    /// with `counter`: writes the header before them and the tag after; returns the
+    /// message's length, `len + 32`. `None` if `buf` is shorter than that.
+    pub fn seal_in_place(&self, counter: u64, buf: &mut [u8], len: usize) -> Option<usize> {
+        let total = HEADER + len + TAG;
+        let buf = buf.get_mut(..total)?;
+        buf[..4].copy_from_slice(&DATA.to_le_bytes());
+        buf[4..8].copy_from_slice(&self.receiver_index.to_le_bytes());
+        buf[8..16].copy_from_slice(&counter.to_le_bytes());
+        let (data, tag_room) = buf[HEADER..].split_at_mut(len);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce(counter), Aad::empty(), data)
+            .ok()?;
+        tag_room.copy_from_slice(tag.as_ref());
+        Some(total)
+    }
+}
+
+/// One session's receiving key, for a data message that passed [`Tunn::open_key`].
+#[derive(Clone)]
+pub struct OpenKey {
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for OpenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("OpenKey")
+    }
+}
+
+impl OpenKey {
+    /// Decrypts the data message `datagram` (header included) in place: the plaintext
+    /// lands at `datagram[16..16 + n]`; returns `n`. Marks nothing: the message counts as
+    /// received only through [`Tunn::open_commit`].
+    pub fn open_in_place(&self, datagram: &mut [u8]) -> Result<usize, WireGuardError> {
+        if datagram.len() < HEADER + TAG {
+            return Err(WireGuardError::InvalidPacket);
+        }
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&datagram[8..16]);
+        let counter = u64::from_le_bytes(counter);
+        self.key
+            .open_in_place(nonce(counter), Aad::empty(), &mut datagram[HEADER..])
+            .map(|plain| plain.len())
+            .map_err(|_| WireGuardError::InvalidAeadTag)
+    }
+}
+
+impl Tunn {
+    /// What [`Tunn::encapsulate`] does for `n` data packets of `bytes` bytes in all, short of
+    /// encrypting them: reserves `n` consecutive counters on the current session (returns
+    /// the first) and runs the send timers. `None` with no usable session: then
+    /// `encapsulate` queues the packet and initiates, as before. `n = 0` reserves nothing.
+    pub fn reserve_seal(&mut self, n: u64, bytes: usize) -> Option<(SealKey, u64)> {
+        let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
+        let (first, receiver_index, key) = session.reserve_sending(n);
+        if first.checked_add(n)? >= REJECT_AFTER_MESSAGES {
+            return None;
+        }
+        self.timer_tick(TimerName::TimeLastPacketSent);
+        if bytes > 0 {
+            self.timer_tick(TimerName::TimeLastDataPacketSent);
+        }
+        self.tx_bytes += bytes;
+        Some((
+            SealKey {
+                key,
+                receiver_index,
+            },
+            first,
+        ))
+    }
+
+    /// The first step of opening the data message `p`: the key of the session its receiver
+    /// index names, once its counter passes the replay check (before any decryption, as in
+    /// [`Tunn::decapsulate`]).
+    pub fn open_key(&self, p: &PacketData) -> Result<OpenKey, WireGuardError> {
+        let session = self.sessions[p.receiver_idx as usize % N_SESSIONS]
+            .as_ref()
+            .ok_or(WireGuardError::NoCurrentSession)?;
+        if session.receiving_index != p.receiver_idx {
+            return Err(WireGuardError::WrongIndex);
+        }
+        session.receiving_check(p.counter)?;
+        Ok(OpenKey {
+            key: session.receiving_key(),
+        })
+    }
+
+    /// The last step, in arrival order, for a message that decrypted to `plaintext` with
+    /// the key [`Tunn::open_key`] gave for `receiver_idx`: marks `counter` received
+    /// (refusing a duplicate that raced through the first step), moves to that session
+    /// and runs the receive timers, then checks the packet as [`Tunn::decapsulate`] does:
+    /// `WriteToTunnelV4`/`V6` with the packet trimmed to its IP length, `Done` for a
+    /// keepalive. A session replaced between the steps refuses (`WrongIndex`).
+    pub fn open_commit<'a>(
+        &mut self,
+        receiver_idx: u32,
+        counter: u64,
+        plaintext: &'a mut [u8],
+    ) -> TunnResult<'a> {
+        let r_idx = receiver_idx as usize;
+        let Some(session) = self.sessions[r_idx % N_SESSIONS].as_ref() else {
+            return TunnResult::Err(WireGuardError::NoCurrentSession);
+        };
+        if session.receiving_index != receiver_idx {
+            return TunnResult::Err(WireGuardError::WrongIndex);
+        }
+        if let Err(e) = session.receiving_mark(counter) {
+            return TunnResult::Err(e);
+        }
+        self.set_current_session(r_idx);
+        self.timer_tick(TimerName::TimeLastPacketReceived);
+        self.validate_decapsulated_packet(plaintext)
+    }
+}
+
+impl PacketData<'_> {
+    /// The message's counter (its nonce).
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+}

@@ -1,0 +1,305 @@
+//! Crypto on every core: the AEAD of a batch of data messages spread over a worker pool,
+//! one peer's single flow included, with nothing reordered.
+//!
+//! The kernel's and wireguard-go's scheme, cut to a batch: what must happen in order runs
+//! on the thread that owns the batch, under the peer's lock, and is cheap — reserving the
+//! sending counters ([`Tunn::reserve_seal`]), the replay check ([`Tunn::open_key`]) and,
+//! after decryption, the replay mark and timers ([`Tunn::open_commit`]). Each message gets
+//! its slot in the batch buffer in that order; the workers seal or open the slots in place,
+//! in any order and on any core; the batch then leaves (GSO sends) or is committed (into
+//! GRO coalescing) slot by slot, in the order the slots were assigned. So the wire and the
+//! TUN see every peer's packets in the order they came, nonces are never reused (a counter
+//! is reserved once, under the lock), and the replay window sees arrivals in arrival order.
+//!
+//! Nothing is allocated per packet: job lists are reserved once per thread, the pool splits
+//! a batch by halving (fork-join on the stack), and the messages are sealed and opened in
+//! the batch buffer itself.
+//!
+//! [`Tunn::reserve_seal`]: boringtun::noise::Tunn::reserve_seal
+//! [`Tunn::open_key`]: boringtun::noise::Tunn::open_key
+//! [`Tunn::open_commit`]: boringtun::noise::Tunn::open_commit
+
+use std::ops::Range;
+
+use anyhow::Context;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::{OpenKey, SealKey};
+
+/// Below this many jobs a half is not split further: a ~1 µs AEAD per job is worth a
+/// hand-off, a fraction of one is not.
+const GRAIN: usize = 4;
+
+/// Where a job's bytes are in the batch buffer.
+pub trait Job: Send {
+    fn span(&self) -> Range<usize>;
+    /// Does the crypto on `part`, which is the buffer's `span()`.
+    fn run(&mut self, part: &mut [u8]);
+}
+
+/// The job spans are unusable: each job must have its own part of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SpanError {
+    #[error("job {0} overlaps the one before it or is out of order")]
+    Overlap(usize),
+    #[error("job {0} ends past the buffer")]
+    OutOfBounds(usize),
+}
+
+/// Whether `spans` (in job order) give every job its own part of a `len`-byte buffer, in
+/// ascending order — what lets the pool halve the buffer between jobs without a lock.
+pub fn check_spans(
+    spans: impl IntoIterator<Item = Range<usize>>,
+    len: usize,
+) -> Result<(), SpanError> {
+    let mut end = 0;
+    for (i, s) in spans.into_iter().enumerate() {
+        if s.start < end || s.end < s.start {
+            return Err(SpanError::Overlap(i));
+        }
+        if s.end > len {
+            return Err(SpanError::OutOfBounds(i));
+        }
+        end = s.end;
+    }
+    Ok(())
+}
+
+/// The crypto worker pool. One worker runs every job on the calling thread (no pool, no
+/// hand-off: the single-threaded data path as it was); more run them on that many pool
+/// threads, the caller waiting.
+pub struct Workers {
+    pool: Option<rayon_core::ThreadPool>,
+    size: usize,
+}
+
+impl Workers {
+    /// A pool of `size` workers; 0: one per available core.
+    pub fn new(size: usize) -> anyhow::Result<Workers> {
+        let size = match size {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let pool = if size > 1 {
+            Some(
+                rayon_core::ThreadPoolBuilder::new()
+                    .num_threads(size)
+                    .thread_name(|i| format!("crypto-{i}"))
+                    .build()
+                    .with_context(|| format!("starting {size} crypto workers"))?,
+            )
+        } else {
+            None
+        };
+        Ok(Workers { pool, size })
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Runs every job on its span of `buf`, spread over the workers; returns when all are
+    /// done. Refuses spans that are not [`check_spans`]-clean, running none.
+    pub fn run<J: Job>(&self, jobs: &mut [J], buf: &mut [u8]) -> Result<(), SpanError> {
+        check_spans(jobs.iter().map(Job::span), buf.len())?;
+        match &self.pool {
+            Some(pool) if jobs.len() > GRAIN => pool.install(|| fork(jobs, buf, 0)),
+            _ => run_all(jobs, buf, 0),
+        }
+        Ok(())
+    }
+}
+
+fn run_all<J: Job>(jobs: &mut [J], buf: &mut [u8], base: usize) {
+    for job in jobs {
+        let s = job.span();
+        job.run(&mut buf[s.start - base..s.end - base]);
+    }
+}
+
+/// Halves the jobs, and the buffer between the two halves' spans, until the halves are
+/// small; `buf` starts at offset `base` of the batch buffer.
+fn fork<J: Job>(jobs: &mut [J], buf: &mut [u8], base: usize) {
+    if jobs.len() <= GRAIN {
+        return run_all(jobs, buf, base);
+    }
+    let mid = jobs.len() / 2;
+    let cut = jobs[mid].span().start - base;
+    let (left, right) = buf.split_at_mut(cut);
+    let (first, second) = jobs.split_at_mut(mid);
+    rayon_core::join(
+        || fork(first, left, base),
+        || fork(second, right, base + cut),
+    );
+}
+
+/// A data message to seal in place: the header goes at `start`, the plaintext is already
+/// at `start + 16`, `len` bytes, and the tag goes after it.
+pub struct SealJob {
+    start: usize,
+    len: usize,
+    counter: u64,
+    key: SealKey,
+    sealed: bool,
+}
+
+impl Job for SealJob {
+    fn span(&self) -> Range<usize> {
+        self.start..self.start + self.len + crate::DATA_OVERHEAD
+    }
+
+    fn run(&mut self, part: &mut [u8]) {
+        self.sealed = self
+            .key
+            .seal_in_place(self.counter, part, self.len)
+            .is_some();
+    }
+}
+
+/// The messages of one outbound batch, in the order their counters were reserved.
+pub struct SealJobs {
+    jobs: Vec<SealJob>,
+}
+
+impl SealJobs {
+    /// Room for `capacity` messages per batch, allocated now.
+    pub fn with_capacity(capacity: usize) -> SealJobs {
+        SealJobs {
+            jobs: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Whether another job fits without allocating.
+    pub fn has_room(&self) -> bool {
+        self.jobs.len() < self.jobs.capacity()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Queues the message at `start` (plaintext at `start + 16`, `len` bytes) to be sealed
+    /// under `counter`, reserved with `key` by [`boringtun::noise::Tunn::reserve_seal`].
+    pub fn push(&mut self, start: usize, len: usize, key: SealKey, counter: u64) {
+        self.jobs.push(SealJob {
+            start,
+            len,
+            counter,
+            key,
+            sealed: false,
+        });
+    }
+
+    /// Seals every queued message in `buf` (the batch buffer) and empties the queue;
+    /// returns how many could not be sealed (none unless a span was cut short).
+    pub fn run(&mut self, workers: &Workers, buf: &mut [u8]) -> Result<usize, SpanError> {
+        let result = workers.run(&mut self.jobs, buf);
+        let failed = self.jobs.iter().filter(|j| !j.sealed).count();
+        self.jobs.clear();
+        result.map(|()| failed)
+    }
+}
+
+/// A data message to open in place: the datagram is `span` of the receive buffer and its
+/// plaintext lands at `span.start + 16`.
+pub struct OpenJob {
+    span: Range<usize>,
+    receiver_idx: u32,
+    counter: u64,
+    key: OpenKey,
+    result: Result<usize, WireGuardError>,
+}
+
+impl Job for OpenJob {
+    fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+
+    fn run(&mut self, part: &mut [u8]) {
+        self.result = self.key.open_in_place(part);
+    }
+}
+
+/// One opened (or refused) message, for [`boringtun::noise::Tunn::open_commit`] in order.
+#[derive(Debug)]
+pub struct Opened {
+    /// Where the datagram was; the plaintext is at `start + 16`.
+    pub start: usize,
+    pub receiver_idx: u32,
+    pub counter: u64,
+    /// The plaintext's length, or why the message did not authenticate.
+    pub result: Result<usize, WireGuardError>,
+}
+
+/// The data messages of one inbound batch, in arrival order.
+pub struct OpenJobs {
+    jobs: Vec<OpenJob>,
+}
+
+impl OpenJobs {
+    /// Room for `capacity` messages per batch (a GRO receive holds at most 64), allocated now.
+    pub fn with_capacity(capacity: usize) -> OpenJobs {
+        OpenJobs {
+            jobs: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.jobs.len() < self.jobs.capacity()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Queues the data message at `span` of the receive buffer, which passed
+    /// [`boringtun::noise::Tunn::open_key`] (that gave `key`).
+    pub fn push(&mut self, span: Range<usize>, receiver_idx: u32, counter: u64, key: OpenKey) {
+        self.jobs.push(OpenJob {
+            span,
+            receiver_idx,
+            counter,
+            key,
+            result: Err(WireGuardError::InvalidAeadTag),
+        });
+    }
+
+    /// Opens every queued message in `buf`, then hands each to `commit` in arrival order
+    /// and empties the queue.
+    pub fn run(
+        &mut self,
+        workers: &Workers,
+        buf: &mut [u8],
+        mut commit: impl FnMut(&mut [u8], Opened),
+    ) -> Result<(), SpanError> {
+        let result = workers.run(&mut self.jobs, buf);
+        if result.is_ok() {
+            for job in self.jobs.drain(..) {
+                let opened = Opened {
+                    start: job.span.start,
+                    receiver_idx: job.receiver_idx,
+                    counter: job.counter,
+                    result: job.result,
+                };
+                commit(buf, opened);
+            }
+        }
+        self.jobs.clear();
+        result
+    }
+}
+
+/// One peer's stream through the workers, in memory, both ways: the proof the benches and
+/// tests run (a connected pair, sealed batches, opened batches, order checked).
+#[cfg(any(test, feature = "testing"))]
+pub mod stream;
+
+#[cfg(test)]
+mod tests;
