@@ -3,7 +3,7 @@
 //!
 //! The kernel's and wireguard-go's scheme, cut to a batch: what must happen in order runs
 //! on the thread that owns the batch, under the peer's lock, and is cheap — reserving the
-//! sending counters ([`Tunn::reserve_seal`]), the replay check ([`Tunn::open_key`]) and,
+//! sending counters ([`Tunn::reserve_seal`]), the replay check ([`Tunn::open_check`]) and,
 //! after decryption, the replay mark and timers ([`Tunn::open_commit`]). Each message gets
 //! its slot in the batch buffer in that order; the workers seal or open the slots in place,
 //! in any order and on any core; the batch then leaves (GSO sends) or is committed (into
@@ -16,7 +16,7 @@
 //! the batch buffer itself.
 //!
 //! [`Tunn::reserve_seal`]: boringtun::noise::Tunn::reserve_seal
-//! [`Tunn::open_key`]: boringtun::noise::Tunn::open_key
+//! [`Tunn::open_check`]: boringtun::noise::Tunn::open_check
 //! [`Tunn::open_commit`]: boringtun::noise::Tunn::open_commit
 
 use std::ops::Range;
@@ -31,9 +31,11 @@ const GRAIN: usize = 4;
 
 /// Where a job's bytes are in the batch buffer.
 pub trait Job: Send {
+    /// What every job of a batch reads (the batch's keys).
+    type Shared: Sync + ?Sized;
     fn span(&self) -> Range<usize>;
     /// Does the crypto on `part`, which is the buffer's `span()`.
-    fn run(&mut self, part: &mut [u8]);
+    fn run(&mut self, shared: &Self::Shared, part: &mut [u8]);
 }
 
 /// The job spans are unusable: each job must have its own part of the buffer.
@@ -65,8 +67,8 @@ pub fn check_spans(
 }
 
 /// The crypto worker pool. One worker runs every job on the calling thread (no pool, no
-/// hand-off: the single-threaded data path as it was); more run them on that many pool
-/// threads, the caller waiting.
+/// hand-off: the single-threaded data path as it was); `n` run them on the calling thread
+/// and `n - 1` pool threads.
 pub struct Workers {
     pool: Option<rayon_core::ThreadPool>,
     size: usize,
@@ -82,7 +84,7 @@ impl Workers {
         let pool = if size > 1 {
             Some(
                 rayon_core::ThreadPoolBuilder::new()
-                    .num_threads(size)
+                    .num_threads(size - 1)
                     .thread_name(|i| format!("crypto-{i}"))
                     .build()
                     .with_context(|| format!("starting {size} crypto workers"))?,
@@ -99,65 +101,87 @@ impl Workers {
 
     /// Runs every job on its span of `buf`, spread over the workers; returns when all are
     /// done. Refuses spans that are not [`check_spans`]-clean, running none.
-    pub fn run<J: Job>(&self, jobs: &mut [J], buf: &mut [u8]) -> Result<(), SpanError> {
+    pub fn run<J: Job>(
+        &self,
+        jobs: &mut [J],
+        shared: &J::Shared,
+        buf: &mut [u8],
+    ) -> Result<(), SpanError> {
         check_spans(jobs.iter().map(Job::span), buf.len())?;
-        match &self.pool {
-            Some(pool) if jobs.len() > GRAIN => pool.install(|| fork(jobs, buf, 0)),
-            _ => run_all(jobs, buf, 0),
-        }
+        let Some(pool) = self.pool.as_ref().filter(|_| jobs.len() > GRAIN) else {
+            run_all(jobs, shared, buf, 0);
+            return Ok(());
+        };
+        // The caller is one of the workers: it keeps its share, the pool (one thread
+        // fewer) takes the rest, so a batch costs one hand-off, not two.
+        let mine = jobs.len() / self.size;
+        let cut = jobs[mine].span().start;
+        let (left, right) = buf.split_at_mut(cut);
+        let (first, second) = jobs.split_at_mut(mine);
+        pool.in_place_scope(|scope| {
+            scope.spawn(move |_| fork(second, shared, right, cut));
+            run_all(first, shared, left, 0);
+        });
         Ok(())
     }
 }
 
-fn run_all<J: Job>(jobs: &mut [J], buf: &mut [u8], base: usize) {
+fn run_all<J: Job>(jobs: &mut [J], shared: &J::Shared, buf: &mut [u8], base: usize) {
     for job in jobs {
         let s = job.span();
-        job.run(&mut buf[s.start - base..s.end - base]);
+        job.run(shared, &mut buf[s.start - base..s.end - base]);
     }
 }
 
 /// Halves the jobs, and the buffer between the two halves' spans, until the halves are
 /// small; `buf` starts at offset `base` of the batch buffer.
-fn fork<J: Job>(jobs: &mut [J], buf: &mut [u8], base: usize) {
+fn fork<J: Job>(jobs: &mut [J], shared: &J::Shared, buf: &mut [u8], base: usize) {
     if jobs.len() <= GRAIN {
-        return run_all(jobs, buf, base);
+        return run_all(jobs, shared, buf, base);
     }
     let mid = jobs.len() / 2;
     let cut = jobs[mid].span().start - base;
     let (left, right) = buf.split_at_mut(cut);
     let (first, second) = jobs.split_at_mut(mid);
     rayon_core::join(
-        || fork(first, left, base),
-        || fork(second, right, base + cut),
+        || fork(first, shared, left, base),
+        || fork(second, shared, right, base + cut),
     );
 }
 
 /// A data message to seal in place: the header goes at `start`, the plaintext is already
-/// at `start + 16`, `len` bytes, and the tag goes after it.
+/// at `start + 16`, `len` bytes, and the tag goes after it; `key` indexes the batch's keys.
 pub struct SealJob {
     start: usize,
     len: usize,
     counter: u64,
-    key: SealKey,
+    key: u16,
     sealed: bool,
 }
 
 impl Job for SealJob {
+    type Shared = [SealKey];
+
     fn span(&self) -> Range<usize> {
         self.start..self.start + self.len + crate::DATA_OVERHEAD
     }
 
-    fn run(&mut self, part: &mut [u8]) {
-        self.sealed = self
-            .key
-            .seal_in_place(self.counter, part, self.len)
+    fn run(&mut self, keys: &[SealKey], part: &mut [u8]) {
+        self.sealed = keys
+            .get(usize::from(self.key))
+            .and_then(|k| k.seal_in_place(self.counter, part, self.len))
             .is_some();
     }
 }
 
-/// The messages of one outbound batch, in the order their counters were reserved.
+/// The messages of one outbound batch, in the order their counters were reserved, and the
+/// keys they seal under: one copy per session and batch (a key is 560 bytes; copying it
+/// per packet costs a sizeable share of the packet's encryption).
 pub struct SealJobs {
     jobs: Vec<SealJob>,
+    keys: Vec<SealKey>,
+    /// Whose the last key is: the caller's session identity and the receiver index.
+    last: Option<(usize, u32)>,
 }
 
 impl SealJobs {
@@ -165,6 +189,8 @@ impl SealJobs {
     pub fn with_capacity(capacity: usize) -> SealJobs {
         SealJobs {
             jobs: Vec::with_capacity(capacity),
+            keys: Vec::with_capacity(capacity),
+            last: None,
         }
     }
 
@@ -182,8 +208,26 @@ impl SealJobs {
     }
 
     /// Queues the message at `start` (plaintext at `start + 16`, `len` bytes) to be sealed
-    /// under `counter`, reserved with `key` by [`boringtun::noise::Tunn::reserve_seal`].
-    pub fn push(&mut self, start: usize, len: usize, key: SealKey, counter: u64) {
+    /// under `counter`, which [`boringtun::noise::Tunn::reserve_seal`] reserved with
+    /// `receiver_index` on the session the caller names `session` (any value unique among
+    /// live sessions: receiver indices are the peers' choice and may collide). `key`
+    /// ([`boringtun::noise::Tunn::seal_key`]) is called only for a session the batch has
+    /// no key of yet. False (nothing queued) when it gives none.
+    pub fn push(
+        &mut self,
+        start: usize,
+        len: usize,
+        (session, receiver_index, counter): (usize, u32, u64),
+        key: impl FnOnce() -> Option<SealKey>,
+    ) -> bool {
+        if self.last != Some((session, receiver_index)) {
+            let Some(k) = key() else { return false };
+            self.keys.push(k);
+            self.last = Some((session, receiver_index));
+        }
+        let Ok(key) = u16::try_from(self.keys.len() - 1) else {
+            return false;
+        };
         self.jobs.push(SealJob {
             start,
             len,
@@ -191,14 +235,17 @@ impl SealJobs {
             key,
             sealed: false,
         });
+        true
     }
 
     /// Seals every queued message in `buf` (the batch buffer) and empties the queue;
     /// returns how many could not be sealed (none unless a span was cut short).
     pub fn run(&mut self, workers: &Workers, buf: &mut [u8]) -> Result<usize, SpanError> {
-        let result = workers.run(&mut self.jobs, buf);
+        let result = workers.run(&mut self.jobs, &self.keys, buf);
         let failed = self.jobs.iter().filter(|j| !j.sealed).count();
         self.jobs.clear();
+        self.keys.clear();
+        self.last = None;
         result.map(|()| failed)
     }
 }
@@ -209,17 +256,22 @@ pub struct OpenJob {
     span: Range<usize>,
     receiver_idx: u32,
     counter: u64,
-    key: OpenKey,
+    key: u16,
     result: Result<usize, WireGuardError>,
 }
 
 impl Job for OpenJob {
+    type Shared = [OpenKey];
+
     fn span(&self) -> Range<usize> {
         self.span.clone()
     }
 
-    fn run(&mut self, part: &mut [u8]) {
-        self.result = self.key.open_in_place(part);
+    fn run(&mut self, keys: &[OpenKey], part: &mut [u8]) {
+        self.result = keys
+            .get(usize::from(self.key))
+            .ok_or(WireGuardError::NoCurrentSession)
+            .and_then(|k| k.open_in_place(part));
     }
 }
 
@@ -234,9 +286,13 @@ pub struct Opened {
     pub result: Result<usize, WireGuardError>,
 }
 
-/// The data messages of one inbound batch, in arrival order.
+/// The data messages of one inbound batch, in arrival order, and their sessions' keys (one
+/// copy per session and batch).
 pub struct OpenJobs {
     jobs: Vec<OpenJob>,
+    keys: Vec<OpenKey>,
+    /// Our receiver index of the last key (ours, so unique on the device).
+    last: Option<u32>,
 }
 
 impl OpenJobs {
@@ -244,6 +300,8 @@ impl OpenJobs {
     pub fn with_capacity(capacity: usize) -> OpenJobs {
         OpenJobs {
             jobs: Vec::with_capacity(capacity),
+            keys: Vec::with_capacity(capacity),
+            last: None,
         }
     }
 
@@ -260,8 +318,24 @@ impl OpenJobs {
     }
 
     /// Queues the data message at `span` of the receive buffer, which passed
-    /// [`boringtun::noise::Tunn::open_key`] (that gave `key`).
-    pub fn push(&mut self, span: Range<usize>, receiver_idx: u32, counter: u64, key: OpenKey) {
+    /// [`boringtun::noise::Tunn::open_check`]; `key` ([`boringtun::noise::Tunn::open_key`])
+    /// is called only for a session the batch has no key of yet. False (nothing queued)
+    /// when it gives none.
+    pub fn push(
+        &mut self,
+        span: Range<usize>,
+        receiver_idx: u32,
+        counter: u64,
+        key: impl FnOnce() -> Option<OpenKey>,
+    ) -> bool {
+        if self.last != Some(receiver_idx) {
+            let Some(k) = key() else { return false };
+            self.keys.push(k);
+            self.last = Some(receiver_idx);
+        }
+        let Ok(key) = u16::try_from(self.keys.len() - 1) else {
+            return false;
+        };
         self.jobs.push(OpenJob {
             span,
             receiver_idx,
@@ -269,6 +343,7 @@ impl OpenJobs {
             key,
             result: Err(WireGuardError::InvalidAeadTag),
         });
+        true
     }
 
     /// Opens every queued message in `buf`, then hands each to `commit` in arrival order
@@ -279,7 +354,7 @@ impl OpenJobs {
         buf: &mut [u8],
         mut commit: impl FnMut(&mut [u8], Opened),
     ) -> Result<(), SpanError> {
-        let result = workers.run(&mut self.jobs, buf);
+        let result = workers.run(&mut self.jobs, &self.keys, buf);
         if result.is_ok() {
             for job in self.jobs.drain(..) {
                 let opened = Opened {
@@ -292,6 +367,8 @@ impl OpenJobs {
             }
         }
         self.jobs.clear();
+        self.keys.clear();
+        self.last = None;
         result
     }
 }

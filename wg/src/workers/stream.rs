@@ -16,6 +16,10 @@ use crate::packet;
 /// Where the packet's sequence number sits: the first payload bytes after IPv4 and UDP.
 const SEQ_AT: usize = 28;
 const HEADER: usize = 16;
+const TO: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(192, 0, 2, 2),
+    51820,
+));
 /// A GRO receive's worth of messages: the most one batch holds.
 pub const BATCH: usize = 64;
 
@@ -92,14 +96,14 @@ impl StreamPair {
         );
     }
 
-    /// `a` seals `n` (at most [`BATCH`]) numbered packets: counters reserved in order,
-    /// plaintexts copied into the batch, the AEAD on the workers; then the batch "leaves"
-    /// into [`StreamPair::wire`] run by run, in order, as the GSO sends would.
-    pub fn seal(&mut self, workers: &Workers, n: usize) {
-        let to = SocketAddr::from(([192, 0, 2, 2], 51820));
+    /// `a` seals `n` (at most [`BATCH`]) numbered packets into its batch: counters
+    /// reserved in order, plaintexts copied into the batch, the AEAD on the workers. The
+    /// datagrams' spans go to [`StreamPair::spans`].
+    fn seal_batch(&mut self, workers: &Workers, n: usize) {
         let len = self.template.len();
+        self.spans.clear();
         for _ in 0..n.min(BATCH) {
-            let Some((key, counter)) = self.a.reserve_seal(1, len) else {
+            let Some((receiver_index, counter)) = self.a.reserve_seal(1, len) else {
                 panic!("a has no session");
             };
             let start = self.batch.offset();
@@ -110,14 +114,25 @@ impl StreamPair {
             plain.copy_from_slice(&self.template);
             plain[SEQ_AT..SEQ_AT + 4].copy_from_slice(&self.next_seq.to_be_bytes());
             self.next_seq = self.next_seq.wrapping_add(1);
-            self.batch.commit(to, len + DATA_OVERHEAD);
-            self.seal.push(start, len, key, counter);
+            self.batch.commit(TO, len + DATA_OVERHEAD);
+            let a = &self.a;
+            let queued = self
+                .seal
+                .push(start, len, (0, receiver_index, counter), || a.seal_key());
+            assert!(queued, "a has a key for its session");
+            self.spans.push(start..start + len + DATA_OVERHEAD);
         }
         let failed = self
             .seal
             .run(workers, self.batch.filled_mut())
             .expect("spans from the batch are clean");
         assert_eq!(failed, 0, "every message sealed");
+    }
+
+    /// [`StreamPair::seal_batch`], then the batch "leaves" into [`StreamPair::wire`] run
+    /// by run, in order, as the GSO sends would.
+    pub fn seal(&mut self, workers: &Workers, n: usize) {
+        self.seal_batch(workers, n);
         self.wire.clear();
         self.spans.clear();
         let (wire, spans) = (&mut self.wire, &mut self.spans);
@@ -132,54 +147,30 @@ impl StreamPair {
     /// `b` opens what is in [`StreamPair::wire`] at [`StreamPair::spans`] (ascending):
     /// replay check in order, the AEAD on the workers, then mark and deliver in order.
     pub fn open(&mut self, workers: &Workers) -> Delivery {
-        let mut d = Delivery::default();
-        for span in &self.spans {
-            let (idx, counter, key) = match Tunn::parse_incoming_packet(&self.wire[span.clone()]) {
-                Ok(Packet::PacketData(p)) => match self.b.open_key(&p) {
-                    Ok(key) => (p.receiver_idx, p.counter(), key),
-                    Err(_) => {
-                        d.refused += 1;
-                        continue;
-                    }
-                },
-                _ => {
-                    d.refused += 1;
-                    continue;
-                }
-            };
-            self.open.push(span.clone(), idx, counter, key);
-        }
-        let (b, expect) = (&mut self.b, &mut self.expect_seq);
-        self.open
-            .run(workers, &mut self.wire, |buf, o| {
-                let Ok(n) = o.result else {
-                    d.refused += 1;
-                    return;
-                };
-                let plain = &mut buf[o.start + HEADER..o.start + HEADER + n];
-                match b.open_commit(o.receiver_idx, o.counter, plain) {
-                    TunnResult::WriteToTunnelV4(p, _) => {
-                        let mut seq = [0u8; 4];
-                        seq.copy_from_slice(&p[SEQ_AT..SEQ_AT + 4]);
-                        let seq = u32::from_be_bytes(seq);
-                        if seq == *expect {
-                            d.in_order += 1;
-                        } else {
-                            d.out_of_order += 1;
-                        }
-                        *expect = seq.wrapping_add(1);
-                    }
-                    _ => d.refused += 1,
-                }
-            })
-            .expect("spans from the wire are clean");
-        d
+        open(
+            &mut self.b,
+            &mut self.open,
+            &mut self.expect_seq,
+            workers,
+            &mut self.wire,
+            &self.spans,
+        )
     }
 
     /// One batch of `n` both ways; the bytes delivered in order.
+    /// `b` opens the datagrams where `a` sealed them, in its batch: the in-memory
+    /// stand-in for the kernel's copies is no copy at all.
     pub fn run(&mut self, workers: &Workers, n: usize) -> usize {
-        self.seal(workers, n);
-        let d = self.open(workers);
+        self.seal_batch(workers, n);
+        let d = open(
+            &mut self.b,
+            &mut self.open,
+            &mut self.expect_seq,
+            workers,
+            self.batch.filled_mut(),
+            &self.spans,
+        );
+        self.batch.flush(|_, _, _| {});
         assert_eq!(
             (d.in_order, d.out_of_order, d.refused),
             (n, 0, 0),
@@ -187,4 +178,52 @@ impl StreamPair {
         );
         d.in_order * self.template.len()
     }
+}
+
+/// `b`'s side of a batch: the datagrams at `spans` of `buf`, opened in place.
+fn open(
+    b: &mut Tunn,
+    jobs: &mut OpenJobs,
+    expect: &mut u32,
+    workers: &Workers,
+    buf: &mut [u8],
+    spans: &[Range<usize>],
+) -> Delivery {
+    let mut d = Delivery::default();
+    for span in spans {
+        let (idx, counter) = match Tunn::parse_incoming_packet(&buf[span.clone()]) {
+            Ok(Packet::PacketData(p)) if b.open_check(&p).is_ok() => (p.receiver_idx, p.counter()),
+            _ => {
+                d.refused += 1;
+                continue;
+            }
+        };
+        let b = &*b;
+        if !jobs.push(span.clone(), idx, counter, || b.open_key(idx)) {
+            d.refused += 1;
+        }
+    }
+    jobs.run(workers, buf, |buf, o| {
+        let Ok(n) = o.result else {
+            d.refused += 1;
+            return;
+        };
+        let plain = &mut buf[o.start + HEADER..o.start + HEADER + n];
+        match b.open_commit(o.receiver_idx, o.counter, plain) {
+            TunnResult::WriteToTunnelV4(p, _) => {
+                let mut seq = [0u8; 4];
+                seq.copy_from_slice(&p[SEQ_AT..SEQ_AT + 4]);
+                let seq = u32::from_be_bytes(seq);
+                if seq == *expect {
+                    d.in_order += 1;
+                } else {
+                    d.out_of_order += 1;
+                }
+                *expect = seq.wrapping_add(1);
+            }
+            _ => d.refused += 1,
+        }
+    })
+    .expect("spans of a batch are clean");
+    d
 }

@@ -34,10 +34,12 @@ struct Mark {
 }
 
 impl Job for Mark {
+    type Shared = ();
+
     fn span(&self) -> Range<usize> {
         self.span.clone()
     }
-    fn run(&mut self, part: &mut [u8]) {
+    fn run(&mut self, _: &(), part: &mut [u8]) {
         part.fill(self.id);
         self.runs += 1;
     }
@@ -62,7 +64,7 @@ fn every_job_runs_once_on_its_own_bytes_whatever_the_pool() {
                 at += len + 1;
             }
             let mut buf = vec![0u8; at];
-            workers.run(&mut jobs, &mut buf).expect("clean spans");
+            workers.run(&mut jobs, &(), &mut buf).expect("clean spans");
             for j in &jobs {
                 assert_eq!(
                     j.runs, 1,
@@ -87,7 +89,10 @@ fn overlapping_jobs_are_refused_before_any_runs() {
         })
         .collect();
     let mut buf = vec![0u8; 64];
-    assert_eq!(workers.run(&mut jobs, &mut buf), Err(SpanError::Overlap(1)));
+    assert_eq!(
+        workers.run(&mut jobs, &(), &mut buf),
+        Err(SpanError::Overlap(1))
+    );
     assert!(jobs.iter().all(|j| j.runs == 0) && buf.iter().all(|&b| b == 0));
 }
 

@@ -278,11 +278,20 @@ impl Session {
 // A session's keys never change, so workers get a copy of them; what must stay in order
 // (counter reservation, replay marking) stays here, called under the lock.
 impl Session {
-    /// Reserves `n` consecutive sending counters; returns the first, the peer's index for
-    /// the header and the key that seals under them.
-    pub(super) fn reserve_sending(&self, n: u64) -> (u64, u32, LessSafeKey) {
+    /// Reserves `n` consecutive sending counters; returns the first and the peer's index
+    /// for the header.
+    pub(super) fn reserve_sending(&self, n: u64) -> (u64, u32) {
         let first = self.sending_key_counter.fetch_add(n, Ordering::Relaxed);
-        (first, self.sending_index, self.sender.clone())
+        (first, self.sending_index)
+    }
+
+    pub(super) fn sending_index(&self) -> u32 {
+        self.sending_index
+    }
+
+    /// The key that seals what this session sends.
+    pub(super) fn sending_key(&self) -> LessSafeKey {
+        self.sender.clone()
     }
 
     /// The key that opens what this session receives.

@@ -3,9 +3,10 @@
 // happens under the caller's lock on the `Tunn`. `encapsulate` and `decapsulate` are
 // unchanged; these are their data-message paths cut in three.
 //
-// Sealing: `Tunn::reserve_seal` (in order, `&mut Tunn`) -> `SealKey::seal_in_place` (any
-// thread). Opening: `Tunn::open_key` (in order, `&Tunn`) -> `OpenKey::open_in_place` (any
-// thread) -> `Tunn::open_commit` (in arrival order, `&mut Tunn`).
+// Sealing: `Tunn::reserve_seal` (+ `Tunn::seal_key` once per session and batch; in order,
+// `&mut Tunn`) -> `SealKey::seal_in_place` (any thread). Opening: `Tunn::open_check` (+
+// `Tunn::open_key`; in order, `&Tunn`) -> `OpenKey::open_in_place` (any thread) ->
+// `Tunn::open_commit` (in arrival order, `&mut Tunn`).
 
 use super::errors::WireGuardError;
 use super::timers::TimerName;
@@ -65,7 +66,7 @@ impl SealKey {
     }
 }
 
-/// One session's receiving key, for a data message that passed [`Tunn::open_key`].
+/// One session's receiving key, for data messages that passed [`Tunn::open_check`].
 #[derive(Clone)]
 pub struct OpenKey {
     key: LessSafeKey,
@@ -97,12 +98,13 @@ impl OpenKey {
 
 impl Tunn {
     /// What [`Tunn::encapsulate`] does for `n` data packets of `bytes` bytes in all, short of
-    /// encrypting them: reserves `n` consecutive counters on the current session (returns
-    /// the first) and runs the send timers. `None` with no usable session: then
-    /// `encapsulate` queues the packet and initiates, as before. `n = 0` reserves nothing.
-    pub fn reserve_seal(&mut self, n: u64, bytes: usize) -> Option<(SealKey, u64)> {
+    /// encrypting them: reserves `n` consecutive counters on the current session and runs
+    /// the send timers; returns the peer's receiver index the messages carry (it names the
+    /// session: [`Tunn::seal_key`] gives its key) and the first counter. `None` with no
+    /// usable session: then `encapsulate` queues the packet and initiates, as before.
+    pub fn reserve_seal(&mut self, n: u64, bytes: usize) -> Option<(u32, u64)> {
         let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
-        let (first, receiver_index, key) = session.reserve_sending(n);
+        let (first, receiver_index) = session.reserve_sending(n);
         if first.checked_add(n)? >= REJECT_AFTER_MESSAGES {
             return None;
         }
@@ -111,27 +113,38 @@ impl Tunn {
             self.timer_tick(TimerName::TimeLastDataPacketSent);
         }
         self.tx_bytes += bytes;
-        Some((
-            SealKey {
-                key,
-                receiver_index,
-            },
-            first,
-        ))
+        Some((receiver_index, first))
     }
 
-    /// The first step of opening the data message `p`: the key of the session its receiver
-    /// index names, once its counter passes the replay check (before any decryption, as in
+    /// The current session's sending key, for the counters [`Tunn::reserve_seal`] gave
+    /// (call it under the same lock). A copy of the key: callers keep one per session and
+    /// batch, not one per packet.
+    pub fn seal_key(&self) -> Option<SealKey> {
+        let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
+        Some(SealKey {
+            key: session.sending_key(),
+            receiver_index: session.sending_index(),
+        })
+    }
+
+    /// The first step of opening the data message `p`: the replay check of its counter on
+    /// the session its receiver index names, before any decryption (as in
     /// [`Tunn::decapsulate`]).
-    pub fn open_key(&self, p: &PacketData) -> Result<OpenKey, WireGuardError> {
+    pub fn open_check(&self, p: &PacketData) -> Result<(), WireGuardError> {
         let session = self.sessions[p.receiver_idx as usize % N_SESSIONS]
             .as_ref()
             .ok_or(WireGuardError::NoCurrentSession)?;
         if session.receiving_index != p.receiver_idx {
             return Err(WireGuardError::WrongIndex);
         }
-        session.receiving_check(p.counter)?;
-        Ok(OpenKey {
+        session.receiving_check(p.counter)
+    }
+
+    /// The receiving key of the session with our index `receiver_idx`, for messages that
+    /// passed [`Tunn::open_check`]. A copy: callers keep one per session and batch.
+    pub fn open_key(&self, receiver_idx: u32) -> Option<OpenKey> {
+        let session = self.sessions[receiver_idx as usize % N_SESSIONS].as_ref()?;
+        (session.receiving_index == receiver_idx).then(|| OpenKey {
             key: session.receiving_key(),
         })
     }
