@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use ip_network_table::IpNetworkTable;
 use parking_lot::{Mutex, RwLock};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::batch::OutBatch;
 use crate::clock::{Clock, IndexSource, OsIndices, SystemClock};
 use crate::config::{DeviceConfig, SetEffects};
 use crate::cookie::{CookieChecker, Mac2, COOKIE_REPLY_LEN};
@@ -32,6 +34,7 @@ use crate::mss;
 use crate::peer::Peer;
 use crate::ratelimit::HandshakeLimiter;
 use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
+use crate::workers::{OpenJobs, Opened, SealJobs};
 
 /// A buffer this large holds any datagram or packet the engine produces.
 pub const MAX_PACKET: usize = 65_535 + 32;
@@ -118,6 +121,26 @@ impl Burst {
 pub struct Sealed {
     pub to: SocketAddr,
     pub len: usize,
+}
+
+/// How [`Engine::seal_plan`] says a packet is sealed.
+struct Plan<'b> {
+    peer: &'b Arc<Peer>,
+    /// The previous session, when it is the one that sends (a rotation).
+    via: Option<Arc<Peer>>,
+    padded: usize,
+    clamp: Option<u16>,
+}
+
+/// What [`Engine::open_queue`] did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// A data message, queued for the workers.
+    Queued,
+    /// Refused before decryption (unknown index, replay); counted.
+    Refused,
+    /// Not a data message: for [`Engine::open`].
+    NotData,
 }
 
 /// The device's key and what guards handshakes addressed to it.
@@ -549,6 +572,20 @@ impl Engine {
         dst: &mut [u8],
         out: &dyn Transmit,
     ) -> Option<Sealed> {
+        let plan = self.seal_plan(burst, packet, dst.len())?;
+        let session: &Peer = plan.via.as_deref().unwrap_or(plan.peer);
+        let mut guard = session.tunn.lock();
+        let Some(tunn) = guard.as_mut() else {
+            self.drops.record(DropReason::NoRoute);
+            return None;
+        };
+        let result = encapsulate_padded(tunn, packet, plan.padded, plan.clamp, dst);
+        self.sealed(plan.peer, session, result, guard, out)
+    }
+
+    /// Which peer and session seal `packet`, padded to what and clamped to what, into a
+    /// destination of `room` bytes: the in-order part of sealing both paths share.
+    fn seal_plan<'b>(&self, burst: &'b Burst, packet: &[u8], room: usize) -> Option<Plan<'b>> {
         let Some(dst_addr) = Tunn::dst_address(packet) else {
             self.drops.record(DropReason::Malformed);
             return None;
@@ -571,14 +608,8 @@ impl Engine {
         } else {
             None
         };
-        let session: &Peer = via.as_deref().unwrap_or(peer);
-        let mut guard = session.tunn.lock();
-        let Some(tunn) = guard.as_mut() else {
-            self.drops.record(DropReason::NoRoute);
-            return None;
-        };
         // boringtun panics on a destination too short for the sealed packet.
-        if packet.len() + DATA_OVERHEAD > dst.len() {
+        if packet.len() + DATA_OVERHEAD > room {
             self.drops.record(DropReason::TooBig);
             return None;
         }
@@ -588,10 +619,27 @@ impl Engine {
         let padded = padded_len(packet.len(), usize::from(self.clamp_mtu(peer)));
         // Never past `dst`: unpadded is still valid.
         let padded = padded
-            .min(dst.len().saturating_sub(DATA_OVERHEAD))
+            .min(room.saturating_sub(DATA_OVERHEAD))
             .max(packet.len());
         let clamp = Some(self.clamp_mtu(peer)).filter(|m| *m != 0 && mss::needs_clamp(packet, *m));
-        match encapsulate_padded(tunn, packet, padded, clamp, dst) {
+        Some(Plan {
+            peer,
+            via,
+            padded,
+            clamp,
+        })
+    }
+
+    /// What `encapsulate` gave, for `peer` through `session` (whose lock `guard` is).
+    fn sealed(
+        &self,
+        peer: &Peer,
+        session: &Peer,
+        result: TunnResult<'_>,
+        guard: parking_lot::MutexGuard<'_, Option<Tunn>>,
+        out: &dyn Transmit,
+    ) -> Option<Sealed> {
+        match result {
             TunnResult::WriteToNetwork(data) if data.first() == Some(&DATA_TYPE) => {
                 let len = data.len();
                 drop(guard);
@@ -612,6 +660,171 @@ impl Engine {
             }
             _ => None,
         }
+    }
+
+    /// [`Engine::seal`] into `batch` with the encryption left to the workers: the counter
+    /// is reserved and the padded (and clamped) plaintext placed in the batch now, in
+    /// order; `jobs` seals it in place before the batch is flushed (run it first). With no
+    /// session, or one at its message limit, the packet goes through [`Engine::seal`]'s
+    /// path (queued behind a handshake, or sealed here). The caller has made room for
+    /// [`Engine::sealed_len`] bytes in `batch`. True when a datagram joined the batch.
+    pub fn seal_deferred(
+        &self,
+        burst: &Burst,
+        packet: &[u8],
+        batch: &mut OutBatch,
+        jobs: &mut SealJobs,
+        out: &dyn Transmit,
+    ) -> bool {
+        let start = batch.offset();
+        let Some(room) = batch.space(0).map(|s| s.len()) else {
+            return false;
+        };
+        let Some(plan) = self.seal_plan(burst, packet, room) else {
+            return false;
+        };
+        let session: &Peer = plan.via.as_deref().unwrap_or(plan.peer);
+        let mut guard = session.tunn.lock();
+        let Some(tunn) = guard.as_mut() else {
+            self.drops.record(DropReason::NoRoute);
+            return false;
+        };
+        let Some(space) = batch.space(plan.padded + DATA_OVERHEAD) else {
+            return false;
+        };
+        let reserved = match (plan.peer.endpoint(), jobs.has_room()) {
+            (Some(to), true) => tunn
+                .reserve_seal(1, plan.padded)
+                .map(|(index, counter)| (to, index, counter)),
+            _ => None,
+        };
+        let Some((to, receiver_index, counter)) = reserved else {
+            let result = encapsulate_padded(tunn, packet, plan.padded, plan.clamp, space);
+            return match self.sealed(plan.peer, session, result, guard, out) {
+                Some(sealed) => {
+                    batch.commit(sealed.to, sealed.len);
+                    true
+                }
+                None => false,
+            };
+        };
+        let plain = &mut space[DATA_OVERHEAD / 2..DATA_OVERHEAD / 2 + plan.padded];
+        plain[..packet.len()].copy_from_slice(packet);
+        plain[packet.len()..].fill(0);
+        if let Some(path_mtu) = plan.clamp {
+            mss::clamp(&mut plain[..packet.len()], path_mtu);
+        }
+        let id = session as *const Peer as usize;
+        let tunn = &*tunn;
+        if !jobs.push(start, plan.padded, (id, receiver_index, counter), || {
+            tunn.seal_key()
+        }) {
+            // The counter is spent unused: a gap the receiver's window accepts.
+            self.drops.record(DropReason::NoRoute);
+            return false;
+        }
+        drop(guard);
+        let len = plan.padded + DATA_OVERHEAD;
+        batch.commit(to, len);
+        plan.peer.add_tx(len);
+        true
+    }
+
+    /// The in-order first step of opening a batch with the workers: a data message at
+    /// `span` of the receive buffer `buf` passes the replay check of its session and joins
+    /// `jobs`. Anything else (handshakes, cookies, malformed: [`Queued::NotData`]) goes
+    /// through [`Engine::open`] — after the jobs queued so far are opened and committed,
+    /// since a handshake can replace the sessions they are for.
+    pub fn open_queue(
+        &self,
+        burst: &Burst,
+        buf: &[u8],
+        span: Range<usize>,
+        jobs: &mut OpenJobs,
+    ) -> Queued {
+        let Some(datagram) = buf.get(span.clone()) else {
+            return Queued::NotData;
+        };
+        if datagram.first() != Some(&DATA_TYPE) || !jobs.has_room() {
+            return Queued::NotData;
+        }
+        let Ok(Packet::PacketData(p)) = Tunn::parse_incoming_packet(datagram) else {
+            return Queued::NotData;
+        };
+        let Some((peer, via)) = self.by_index(&burst.state, p.receiver_idx) else {
+            return Queued::Refused;
+        };
+        let session: &Peer = via.as_deref().unwrap_or(peer);
+        let guard = session.tunn.lock();
+        let Some(tunn) = guard.as_ref() else {
+            self.drops.record(DropReason::UnknownPeer);
+            return Queued::Refused;
+        };
+        if let Err(e) = tunn.open_check(&p) {
+            self.drops.record(reason_for(&e));
+            return Queued::Refused;
+        }
+        let (index, counter) = (p.receiver_idx, p.counter());
+        if jobs.push(span, index, counter, || tunn.open_key(index)) {
+            Queued::Queued
+        } else {
+            self.drops.record(DropReason::UnknownIndex);
+            Queued::Refused
+        }
+    }
+
+    /// The in-order last step for a message [`OpenJobs`] opened in `buf`, received from
+    /// `from`: its counter marked, timers run, then what [`Engine::open`] checks after
+    /// decryption (cryptokey routing, MSS clamping). The packet to write to the TUN, as a
+    /// range of `buf` (after its 16 bytes of header room), when it passes.
+    pub fn open_commit(
+        &self,
+        burst: &Burst,
+        from: SocketAddr,
+        opened: Opened,
+        buf: &mut [u8],
+    ) -> Option<Range<usize>> {
+        let n = match opened.result {
+            Ok(n) => n,
+            Err(e) => {
+                self.drops.record(reason_for(&e));
+                return None;
+            }
+        };
+        let (peer, via) = self.by_index(&burst.state, opened.receiver_idx)?;
+        let session: &Peer = via.as_deref().unwrap_or(peer);
+        let at = opened.start + DATA_OVERHEAD / 2;
+        let plain = buf.get_mut(at..at + n)?;
+        let mut guard = session.tunn.lock();
+        let Some(tunn) = guard.as_mut() else {
+            self.drops.record(DropReason::UnknownPeer);
+            return None;
+        };
+        let wire_len = n + DATA_OVERHEAD;
+        let (len, src) = match tunn.open_commit(opened.receiver_idx, opened.counter, plain) {
+            TunnResult::WriteToTunnelV4(p, src) => (p.len(), IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(p, src) => (p.len(), IpAddr::V6(src)),
+            TunnResult::Done => {
+                // A keepalive: it authenticated, so it counts and the peer may have roamed.
+                peer.add_rx(wire_len);
+                peer.set_endpoint(from);
+                return None;
+            }
+            TunnResult::Err(e) => {
+                self.drops.record(reason_for(&e));
+                return None;
+            }
+            TunnResult::WriteToNetwork(_) => return None,
+        };
+        drop(guard);
+        if !self.admit(burst, peer, src, from, wire_len) {
+            return None;
+        }
+        let path_mtu = self.clamp_mtu(peer);
+        if path_mtu != 0 {
+            mss::clamp(&mut buf[at..at + len], path_mtu);
+        }
+        Some(at..at + len)
     }
 
     /// A datagram received on the UDP socket from `from`: decrypt it and write the packet
