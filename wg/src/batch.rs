@@ -85,6 +85,12 @@ impl OutBatch {
         });
     }
 
+    /// Empties the batch without sending anything.
+    pub fn clear(&mut self) {
+        self.runs.clear();
+        self.used = 0;
+    }
+
     /// Hands every run to `send(to, datagrams, segment)` in order and empties the batch.
     pub fn flush(&mut self, mut send: impl FnMut(SocketAddr, &[u8], usize)) {
         for r in &self.runs {

@@ -171,6 +171,10 @@ impl Job for SealJob {
             .get(usize::from(self.key))
             .and_then(|k| k.seal_in_place(self.counter, part, self.len))
             .is_some();
+        if !self.sealed {
+            // Never plaintext on the wire: what leaves instead fails authentication.
+            part.fill(0);
+        }
     }
 }
 
