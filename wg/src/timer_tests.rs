@@ -353,7 +353,6 @@ fn no_keepalive_answers_a_keepalive() {
 /// the next tick because the last thing sent is older than 10 s (the kernel arms its
 /// keepalive timer on receipt, `wg_timers_data_received`).
 #[test]
-#[ignore = "boringtun defect (timers.rs:282-288), not fixable in the engine alone: see docs/protocol.md 10"]
 fn data_received_on_an_idle_tunnel_is_answered_10_s_later_not_at_once() {
     let mut rig = established(0);
     rig.run_until(secs(60.0));
@@ -375,7 +374,6 @@ fn data_received_on_an_idle_tunnel_is_answered_10_s_later_not_at_once() {
 /// data* (the kernel arms its timer on send, `wg_timers_data_sent`). b is alive and
 /// answers within 10 s, so no handshake is needed.
 #[test]
-#[ignore = "boringtun defect (timers.rs:271-277): see docs/protocol.md 10"]
 fn data_sent_on_an_idle_tunnel_starts_no_handshake_when_the_peer_answers() {
     let mut rig = established(0);
     rig.run_until(secs(60.0));
@@ -389,7 +387,6 @@ fn data_sent_on_an_idle_tunnel_starts_no_handshake_when_the_peer_answers() {
 /// REKEY_AFTER_TIME is checked when sending (whitepaper §6.2: "after sending a packet"):
 /// a tunnel idle since its first seconds is not rekeyed at 120 s.
 #[test]
-#[ignore = "boringtun defect (timers.rs:244-249): see docs/protocol.md 10"]
 fn an_idle_initiator_does_not_rekey() {
     let mut rig = established(0);
     rig.clear_log();
