@@ -526,7 +526,6 @@ fn late_handshake_responses_complete_the_handshake() {
 /// not the next value, not the same upper bits (the kernel and wireguard-go draw 32 random
 /// bits per handshake). And with a seeded source the indices are reproducible.
 #[test]
-#[ignore = "boringtun defect: Handshake::inc_index (handshake.rs:466) steps the low byte"]
 fn session_indices_are_random_per_handshake_and_seedable() {
     let indices = || {
         let mut rig = established(0);

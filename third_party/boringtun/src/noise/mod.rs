@@ -223,6 +223,12 @@ impl Tunn {
         }
     }
 
+    /// isthmus patch 4: every session index this tunnel hands out from now on goes through
+    /// `map` (see [`handshake::IndexMap`]).
+    pub fn set_index_map(&mut self, map: handshake::IndexMap) {
+        self.handshake.index_map = Some(map);
+    }
+
     /// Update the private key and clear existing sessions
     pub fn set_static_private(
         &mut self,
