@@ -285,6 +285,20 @@ impl Engine {
         &self.drops
     }
 
+    /// The peer's boringtun session, for tests that reach past the engine's API (message
+    /// counters near their limits).
+    #[cfg(test)]
+    pub(crate) fn with_tunn<R>(
+        &self,
+        peer: &Key,
+        f: impl FnOnce(&mut boringtun::noise::Tunn) -> R,
+    ) -> Option<R> {
+        let state = self.state();
+        let peer = state.by_key.get(peer)?;
+        let mut guard = peer.tunn.lock();
+        guard.as_mut().map(f)
+    }
+
     /// The inner MTU, which caps the padding of data messages.
     pub fn set_mtu(&self, mtu: u16) {
         self.mtu.store(usize::from(mtu), Ordering::Relaxed);

@@ -229,6 +229,21 @@ impl Tunn {
         self.handshake.index_map = Some(map);
     }
 
+    /// isthmus patch 8, for tests only: seals `src` on the current session with the
+    /// message counter `counter`, limits ignored (what a broken or hostile peer would
+    /// send), and leaves the session's counter at `counter + 1`. `None` without a session.
+    #[doc(hidden)]
+    pub fn __seal_at_counter<'a>(
+        &mut self,
+        counter: u64,
+        src: &[u8],
+        dst: &'a mut [u8],
+    ) -> Option<&'a mut [u8]> {
+        let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
+        session.set_sending_counter(counter);
+        Some(session.format_packet_data(src, dst))
+    }
+
     /// Update the private key and clear existing sessions
     pub fn set_static_private(
         &mut self,
@@ -255,7 +270,13 @@ impl Tunn {
     /// Size of dst should be at least src.len() + 32, and no less than 148 bytes.
     pub fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8]) -> TunnResult<'a> {
         let current = self.current;
-        if let Some(ref session) = self.sessions[current % N_SESSIONS] {
+        // isthmus patch 5: a session that sent REJECT_AFTER_MESSAGES messages sends no more;
+        // the packet waits for a new session, as if there were none (the kernel's
+        // `wg_packet_send_staged_packets`).
+        if let Some(session) = self.sessions[current % N_SESSIONS]
+            .as_ref()
+            .filter(|s| s.sending_counter() < session::REJECT_AFTER_MESSAGES)
+        {
             // Send the packet using an established session
             let packet = session.format_packet_data(src, dst);
             self.timer_tick(TimerName::TimeLastPacketSent);

@@ -275,6 +275,16 @@ impl Tunn {
                 // If we have sent a packet to a given peer but have not received a
                 // packet after from that peer for (KEEPALIVE + REKEY_TIMEOUT) ms,
                 // we initiate a new handshake.
+                // isthmus patch 5: REKEY_AFTER_MESSAGES, either side (the kernel's
+                // `keep_key_fresh`).
+                if self.sessions[self.current % super::N_SESSIONS]
+                    .as_ref()
+                    .is_some_and(|s| s.sending_counter() > super::session::REKEY_AFTER_MESSAGES)
+                {
+                    tracing::debug!("HANDSHAKE(REKEY_AFTER_MESSAGES)");
+                    handshake_initiation_required = true;
+                }
+
                 // isthmus patch 2: counted from that packet.
                 if self
                     .timers
