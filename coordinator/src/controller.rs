@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
+use isthmus_api::heartbeat::{self, Seen};
 use isthmus_api::{
     KeyChallenge, Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER, MESH_CONNECTED,
 };
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -39,6 +41,8 @@ pub struct ClusterSettings {
     /// How long after its first challenge a peer admitted before keeps its admission
     /// without an answer: an upgrade from agents without proofs drops no tunnel.
     pub key_proof_grace: Duration,
+    /// Where the agents' heartbeat Leases live ([`isthmus_api::heartbeat`]).
+    pub heartbeat_namespace: String,
 }
 
 /// Which Lease picks the one replica that acts, and how long a leader's claim lasts.
@@ -69,14 +73,18 @@ fn timestamp(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
     t.0.as_second()
 }
 
-/// What `health` needs of a peer: its location and its agent's last reading.
-pub fn member(p: &WireGuardPeer) -> Member {
+/// What `health` needs of a peer: its location and its agent's last reading. The reading is
+/// as fresh as the agent's heartbeat Lease, by the coordinator's clock, when it has one: the
+/// report itself is written only when it changes. An agent without a Lease (RBAC from before
+/// Leases, or an older agent) rewrites its report every heartbeat, so the report's own
+/// time stands in.
+pub fn member(p: &WireGuardPeer, heartbeat: Option<&Seen>) -> Member {
     let report = p
         .status
         .as_ref()
         .and_then(|s| s.health.as_ref())
         .map(|h| Report {
-            observed: timestamp(&h.observed_time),
+            observed: heartbeat.map_or_else(|| timestamp(&h.observed_time), |seen| seen.alive),
             down: h.down_peers.iter().cloned().collect(),
         });
     Member {
@@ -293,6 +301,49 @@ struct Controller {
     settings: ClusterSettings,
     /// The latest run of watch errors: (first, last), Unix seconds.
     outage: Arc<parking_lot::Mutex<Option<(i64, i64)>>>,
+    /// The agents' heartbeats as seen, by node.
+    heartbeats: Heartbeats,
+}
+
+/// The agents' heartbeats as the coordinator saw them, by node.
+type Heartbeats = Arc<parking_lot::Mutex<HashMap<String, Seen>>>;
+
+/// Watches the heartbeat Leases in `api`'s namespace into `heartbeats`. A renewal wakes a
+/// pass only when it brings a node back (first seen, or silent for over `stale` seconds):
+/// steady heartbeats cost no pass, and a node falling silent is found by the periodic pass.
+fn watch_heartbeats(
+    api: Api<Lease>,
+    heartbeats: Heartbeats,
+    changed: Arc<Notify>,
+    stale: i64,
+) -> AbortOnDrop {
+    let selector = format!("{}={}", heartbeat::LABEL, heartbeat::AGENT);
+    let stream = watcher(api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .applied_objects()
+        .for_each(move |lease| {
+            match lease {
+                Ok(lease) => {
+                    let (Some(node), Some(renewed)) =
+                        (heartbeat::node_of(&lease), heartbeat::renewed(&lease))
+                    else {
+                        return futures::future::ready(());
+                    };
+                    let now = Timestamp::now().as_second();
+                    let mut seen = heartbeats.lock();
+                    let before = seen.get(&node).copied();
+                    let after = heartbeat::observe(before, renewed, now);
+                    let back = before.is_none_or(|b| now - b.alive > stale);
+                    seen.insert(node, after);
+                    if back {
+                        changed.notify_one();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat Lease watch error; retrying"),
+            }
+            futures::future::ready(())
+        });
+    AbortOnDrop(tokio::spawn(stream))
 }
 
 /// Seconds to add to the report threshold after an outage: its length
@@ -392,6 +443,7 @@ impl Controller {
         by_name: &HashMap<String, &Arc<WireGuardPeer>>,
         now: &Timestamp,
     ) -> BTreeMap<String, MeshCondition> {
+        let heartbeats = self.heartbeats.lock();
         let members: Vec<Member> = by_name
             .values()
             .filter(|p| {
@@ -399,7 +451,10 @@ impl Controller {
                     .get(&p.name_any())
                     .is_some_and(|s| s.admission.admitted)
             })
-            .map(|p| member(p))
+            .map(|p| {
+                let name = p.name_any();
+                member(p, heartbeats.get(&name))
+            })
             .collect();
         // Agents could not report while the API server was unreachable: their summaries are
         // older by the outage, not stale.
@@ -652,12 +707,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Watches `K` into a store, waking `changed` on every event and telling `observer`.
+/// What the coordinator's caches keep of a Node: what [`node_view`] reads (name, labels,
+/// annotations, pod CIDRs, addresses). A kubelet's Node also lists its images, conditions
+/// and capacities, several KiB per node and rewritten every few minutes.
+pub(crate) fn trim_node(n: &mut Node) {
+    if let Some(status) = n.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// Watches `K` into a store, waking `changed` on every event and telling `observer`. The
+/// store keeps what `trim` leaves of each object, never server-side apply's bookkeeping
+/// (`managedFields`, about half of each object as served), which nothing here reads.
 pub(crate) fn watch_into<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,
     observer: Arc<dyn Observer>,
+    trim: fn(&mut K),
 ) -> AbortOnDrop
 where
     K: kube::Resource<DynamicType = ()>
@@ -671,6 +741,10 @@ where
     let kind = K::kind(&()).to_string();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(move |o| {
+            o.meta_mut().managed_fields = None;
+            trim(o);
+        })
         .reflect(writer)
         .for_each(move |event| {
             match &event {
@@ -696,7 +770,7 @@ pub async fn serve_cluster(
     observer: Arc<dyn Observer>,
 ) -> anyhow::Result<()> {
     let peers: Api<WireGuardPeer> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client);
+    let nodes: Api<Node> = Api::all(client.clone());
     let outage = Arc::new(parking_lot::Mutex::new(None));
     let observer: Arc<dyn Observer> = Arc::new(OutageObserver {
         inner: observer,
@@ -704,6 +778,13 @@ pub async fn serve_cluster(
         report: settings.health.report,
     });
     let changed = Arc::new(Notify::new());
+    let heartbeats = Heartbeats::default();
+    let _heartbeat_watch = watch_heartbeats(
+        Api::namespaced(client.clone(), &settings.heartbeat_namespace),
+        heartbeats.clone(),
+        changed.clone(),
+        settings.health.report,
+    );
     let (peer_store, peer_writer) = reflector::store();
     let (node_store, node_writer) = reflector::store();
     let _watches = [
@@ -712,12 +793,14 @@ pub async fn serve_cluster(
             peer_writer,
             changed.clone(),
             observer.clone(),
+            |_| {},
         ),
         watch_into(
             nodes.clone(),
             node_writer,
             changed.clone(),
             observer.clone(),
+            trim_node,
         ),
     ];
     let controller = Controller {
@@ -727,6 +810,7 @@ pub async fn serve_cluster(
         node_store,
         settings,
         outage,
+        heartbeats,
     };
     controller
         .peer_store
@@ -855,6 +939,42 @@ mod tests {
         ];
         for (outage, now, want) in cases {
             assert_eq!(outage_grace(outage, now, 60), want, "{outage:?} at {now}");
+        }
+    }
+
+    /// A report written on change only is as fresh as the heartbeat; without a Lease, as
+    /// its own time; and a report-less peer has no report whatever its Lease says.
+    #[test]
+    fn a_report_is_as_fresh_as_the_agents_heartbeat() {
+        let peer = |health: Option<serde_json::Value>| -> WireGuardPeer {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "isthmus.dev/v1alpha1", "kind": "WireGuardPeer",
+                "metadata": {"name": "aws-1"},
+                "spec": {"publicKey": "WQL+aNNIySrhb3blZyAOhC0i5K9VtYYVqSgp1AcVmhQ=",
+                         "endpoint": "192.0.2.1:51820", "location": "aws", "nodeIP": "192.0.2.1"},
+                "status": {"health": health},
+            }))
+            .unwrap()
+        };
+        let old = serde_json::json!({"observedTime": "2026-01-01T00:00:00Z",
+            "peersUp": 1, "peersExpected": 2, "downPeers": ["gcp-1"]});
+        let written = Timestamp::from_second(1_767_225_600).unwrap().as_second();
+        let seen = Seen {
+            renewed: 1_800_000_000,
+            alive: 1_800_000_005,
+        };
+        // (case, report, heartbeat) → (observed, down)
+        let rows: Vec<(&str, Option<serde_json::Value>, Option<Seen>, Option<(i64, Vec<&str>)>)> = vec![
+            ("Lease renewed: fresh as the Lease", Some(old.clone()), Some(seen), Some((seen.alive, vec!["gcp-1"]))),
+            ("no Lease: the report's own time", Some(old), None, Some((written, vec!["gcp-1"]))),
+            ("a Lease but no report", None, Some(seen), None),
+        ];
+        for (case, health, heartbeat, want) in rows {
+            let got = member(&peer(health), heartbeat.as_ref())
+                .report
+                .map(|r| (r.observed, r.down.into_iter().collect::<Vec<_>>()));
+            let want = want.map(|(o, d)| (o, d.into_iter().map(String::from).collect()));
+            assert_eq!(got, want, "{case}");
         }
     }
 

@@ -309,3 +309,90 @@ async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
     );
     assert!(!ok && out.contains("pod-bound"), "{out}");
 }
+
+/// The heartbeat: an agent renews its own Lease, and no other. Renewing another node's
+/// would keep a dead node `MeshConnected`; renewing the coordinator's would fight its
+/// leader election.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_renews_only_its_own_heartbeat_lease() {
+    use isthmus_api::heartbeat;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::jiff::Timestamp;
+
+    let rig = KubeRig::start().await.expect("rig");
+    let admin = rig.admin().await.unwrap();
+    for n in ["node-a", "node-b"] {
+        node(&admin, n).await;
+    }
+    let agent = |n: &'static str| {
+        let rig = &rig;
+        async move {
+            let token = rig.agent_token(n).await.unwrap();
+            rig.client(n, &token).await.unwrap()
+        }
+    };
+    let a: Api<Lease> = Api::namespaced(agent("node-a").await, "isthmus-system");
+    let b: Api<Lease> = Api::namespaced(agent("node-b").await, "isthmus-system");
+    let ssa = PatchParams::apply(isthmus_api::AGENT_MANAGER).force();
+    let body = |node: &str| heartbeat::renewal(node, "isthmus-system", 60, None, Timestamp::now());
+
+    for (api, n) in [(&a, "node-a"), (&b, "node-b")] {
+        let lease = api
+            .patch(
+                &heartbeat::lease_name(n).unwrap(),
+                &ssa,
+                &Patch::Apply(body(n).unwrap()),
+            )
+            .await
+            .expect("an agent renews its own Lease");
+        assert_eq!(heartbeat::node_of(&lease).as_deref(), Some(n));
+    }
+
+    let refused = |r: Result<Lease, kube::Error>, what: &str| match r {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403, "{what}: {s:?}");
+            s.message
+        }
+        Ok(_) => panic!("{what}: allowed"),
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let msg = refused(
+        a.patch(
+            "isthmus-agent-node-b",
+            &ssa,
+            &Patch::Apply(body("node-b").unwrap()),
+        )
+        .await,
+        "A renews B's heartbeat",
+    );
+    assert!(msg.contains("may renew only the Lease isthmus-agent-node-a"), "{msg}");
+    let mut held_by_b = body("node-a").unwrap();
+    held_by_b["spec"]["holderIdentity"] = json!("node-b");
+    let msg = refused(
+        a.patch("isthmus-agent-node-a", &ssa, &Patch::Apply(held_by_b))
+            .await,
+        "A's Lease held by B",
+    );
+    assert!(msg.contains("must be held by it"), "{msg}");
+    let mut coordinator = body("node-a").unwrap();
+    coordinator["metadata"]["name"] = json!("isthmus-coordinator");
+    let msg = refused(
+        a.patch("isthmus-coordinator", &ssa, &Patch::Apply(coordinator))
+            .await,
+        "A takes the coordinator's Lease",
+    );
+    assert!(msg.contains("may renew only"), "{msg}");
+    let deleted = a
+        .delete("isthmus-agent-node-b", &DeleteParams::default())
+        .await;
+    assert!(
+        matches!(&deleted, Err(kube::Error::Api(s)) if s.code == 403),
+        "A deletes B's heartbeat: {deleted:?}"
+    );
+    // B's Lease is still B's, renewed by B alone.
+    let still = Api::<Lease>::namespaced(admin, "isthmus-system")
+        .get("isthmus-agent-node-b")
+        .await
+        .unwrap();
+    assert_eq!(heartbeat::node_of(&still).as_deref(), Some("node-b"));
+}
