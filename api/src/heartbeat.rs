@@ -142,14 +142,24 @@ mod tests {
         const NOW: i64 = 1_800_000_000;
         // (case, before, renewTime seen) → alive
         let rows: Vec<(&str, Option<Seen>, i64, i64)> = vec![
-            ("first sight counts at its renewTime", None, NOW - 40, NOW - 40),
+            (
+                "first sight counts at its renewTime",
+                None,
+                NOW - 40,
+                NOW - 40,
+            ),
             (
                 "first sight of a long-dead node is old",
                 None,
                 NOW - 3600,
                 NOW - 3600,
             ),
-            ("first sight dated ahead counts as now", None, NOW + 3600, NOW),
+            (
+                "first sight dated ahead counts as now",
+                None,
+                NOW + 3600,
+                NOW,
+            ),
             (
                 "a renewal counts at the coordinator's clock",
                 Some(Seen {
@@ -198,13 +208,21 @@ mod tests {
         let body = renewal("aws-1", "isthmus-system", 60, Some("u-1"), now).unwrap();
         let lease: Lease = serde_json::from_value(body).unwrap();
         let owners = lease.metadata.owner_references.clone().unwrap();
-        assert_eq!((owners[0].kind.as_str(), owners[0].uid.as_str()), ("WireGuardPeer", "u-1"));
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str()),
+            ("WireGuardPeer", "u-1")
+        );
         assert_eq!(node_of(&lease).as_deref(), Some("aws-1"));
         assert_eq!(renewed(&lease), Some(1_800_000_000));
         let spec = lease.spec.unwrap();
         assert_eq!(spec.lease_duration_seconds, Some(180));
         assert_eq!(
-            lease.metadata.labels.unwrap().get(LABEL).map(String::as_str),
+            lease
+                .metadata
+                .labels
+                .unwrap()
+                .get(LABEL)
+                .map(String::as_str),
             Some(AGENT)
         );
         // No holder (written by hand): the name says whose it is.

@@ -964,9 +964,24 @@ mod tests {
             alive: 1_800_000_005,
         };
         // (case, report, heartbeat) → (observed, down)
-        let rows: Vec<(&str, Option<serde_json::Value>, Option<Seen>, Option<(i64, Vec<&str>)>)> = vec![
-            ("Lease renewed: fresh as the Lease", Some(old.clone()), Some(seen), Some((seen.alive, vec!["gcp-1"]))),
-            ("no Lease: the report's own time", Some(old), None, Some((written, vec!["gcp-1"]))),
+        let rows: Vec<(
+            &str,
+            Option<serde_json::Value>,
+            Option<Seen>,
+            Option<(i64, Vec<&str>)>,
+        )> = vec![
+            (
+                "Lease renewed: fresh as the Lease",
+                Some(old.clone()),
+                Some(seen),
+                Some((seen.alive, vec!["gcp-1"])),
+            ),
+            (
+                "no Lease: the report's own time",
+                Some(old),
+                None,
+                Some((written, vec!["gcp-1"])),
+            ),
             ("a Lease but no report", None, Some(seen), None),
         ];
         for (case, health, heartbeat, want) in rows {

@@ -428,8 +428,7 @@ async fn report_one(
         .await;
         match renewed {
             Ok(()) => {
-                *e.renewed.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Instant::now());
+                *e.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 lease_renewed = true;
                 writes += 1;
             }

@@ -365,7 +365,10 @@ async fn an_agent_renews_only_its_own_heartbeat_lease() {
         .await,
         "A renews B's heartbeat",
     );
-    assert!(msg.contains("may renew only the Lease isthmus-agent-node-a"), "{msg}");
+    assert!(
+        msg.contains("may renew only the Lease isthmus-agent-node-a"),
+        "{msg}"
+    );
     let mut held_by_b = body("node-a").unwrap();
     held_by_b["spec"]["holderIdentity"] = json!("node-b");
     let msg = refused(

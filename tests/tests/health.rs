@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use isthmus_api::{heartbeat, MeshHealth, WireGuardPeer, MESH_CONNECTED};
-use k8s_openapi::api::coordination::v1::Lease;
 use isthmus_tests::cluster::Cluster;
 use isthmus_tests::daemon::eventually;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
@@ -231,7 +231,9 @@ fn record_writes(api: Api<WireGuardPeer>) -> (Writes, tokio::task::JoinHandle<()
                 continue;
             }
             let health = p.status.and_then(|s| s.health);
-            out.lock().expect("writes").push((Instant::now(), name, health));
+            out.lock()
+                .expect("writes")
+                .push((Instant::now(), name, health));
         }
     });
     (seen, task)

@@ -153,8 +153,14 @@ pub async fn renew(
     heartbeat: Duration,
     owner: Option<&str>,
 ) -> anyhow::Result<()> {
-    let body = heartbeat::renewal(node, namespace, heartbeat.as_secs(), owner, Timestamp::now())
-        .map_err(anyhow::Error::msg)?;
+    let body = heartbeat::renewal(
+        node,
+        namespace,
+        heartbeat.as_secs(),
+        owner,
+        Timestamp::now(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let name = heartbeat::lease_name(node).map_err(anyhow::Error::msg)?;
     leases
         .patch(
@@ -200,7 +206,15 @@ pub async fn report_loop(
         if lease_tried.is_none_or(|t| t.elapsed() >= settings.heartbeat) {
             lease_tried = Some(tokio::time::Instant::now());
             let owner = me.and_then(|p| p.metadata.uid.as_deref());
-            match renew(&leases, &settings.namespace, &node, settings.heartbeat, owner).await {
+            match renew(
+                &leases,
+                &settings.namespace,
+                &node,
+                settings.heartbeat,
+                owner,
+            )
+            .await
+            {
                 Ok(()) if !lease_renewed => {
                     tracing::info!(namespace = %settings.namespace, "heartbeat Lease renewed");
                     lease_renewed = true;
@@ -250,12 +264,7 @@ pub async fn report_loop(
         ) else {
             continue;
         };
-        if !due(
-            written.as_ref(),
-            &health,
-            settings.heartbeat,
-            lease_renewed,
-        ) {
+        if !due(written.as_ref(), &health, settings.heartbeat, lease_renewed) {
             continue;
         }
         match write(&api, &node, &health).await {
@@ -416,7 +425,12 @@ mod tests {
         // (case, last written, current) → due (Lease renewed, Lease failing)
         type Row<'a> = (&'a str, Option<&'a MeshHealth>, MeshHealth, (bool, bool));
         let rows: Vec<Row> = vec![
-            ("nothing written yet", None, later(1, &healthy), (true, true)),
+            (
+                "nothing written yet",
+                None,
+                later(1, &healthy),
+                (true, true),
+            ),
             (
                 "same summary, 5 s later",
                 Some(&last),
@@ -451,8 +465,16 @@ mod tests {
             ),
         ];
         for (name, last, current, (with_lease, without)) in rows {
-            assert_eq!(due(last, &current, beat, true), with_lease, "{name}, Lease renewed");
-            assert_eq!(due(last, &current, beat, false), without, "{name}, no Lease");
+            assert_eq!(
+                due(last, &current, beat, true),
+                with_lease,
+                "{name}, Lease renewed"
+            );
+            assert_eq!(
+                due(last, &current, beat, false),
+                without,
+                "{name}, no Lease"
+            );
         }
         let mut smaller = later(5, &healthy);
         smaller.lowest_path_mtu = Some(1300);
