@@ -964,12 +964,13 @@ mod tests {
             alive: 1_800_000_005,
         };
         // (case, report, heartbeat) → (observed, down)
-        let rows: Vec<(
-            &str,
+        type Row<'a> = (
+            &'a str,
             Option<serde_json::Value>,
             Option<Seen>,
-            Option<(i64, Vec<&str>)>,
-        )> = vec![
+            Option<(i64, Vec<&'a str>)>,
+        );
+        let rows: Vec<Row> = vec![
             (
                 "Lease renewed: fresh as the Lease",
                 Some(old.clone()),

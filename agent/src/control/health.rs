@@ -200,11 +200,14 @@ pub async fn report_loop(
     let mut lease_tried: Option<tokio::time::Instant> = None;
     let mut lease_renewed = false;
     loop {
-        tick.tick().await;
+        // The tick's own deadline, not the time it ran: a renewal then falls every
+        // heartbeat, not a check period late whenever the last one ran a little after its
+        // tick.
+        let now = tick.tick().await;
         let state = store.state();
         let me = state.iter().find(|p| p.name_any() == node);
-        if lease_tried.is_none_or(|t| t.elapsed() >= settings.heartbeat) {
-            lease_tried = Some(tokio::time::Instant::now());
+        if lease_tried.is_none_or(|t| now.duration_since(t) >= settings.heartbeat) {
+            lease_tried = Some(now);
             let owner = me.and_then(|p| p.metadata.uid.as_deref());
             match renew(
                 &leases,
