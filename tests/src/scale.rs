@@ -382,6 +382,7 @@ async fn report_once(
     cluster: &UserCluster,
     store: &Store<WireGuardPeer>,
     heartbeat: Duration,
+    tick: Instant,
 ) -> usize {
     let peers: Arc<Vec<WireGuardPeer>> =
         Arc::new(store.state().iter().map(|p| (**p).clone()).collect());
@@ -389,7 +390,7 @@ async fn report_once(
     let passes: Vec<_> = cluster
         .emulated
         .iter()
-        .map(|e| report_one(e.clone(), peers.clone(), now, heartbeat))
+        .map(|e| report_one(e.clone(), peers.clone(), now, heartbeat, tick))
         .collect();
     let written: Vec<usize> = futures::stream::iter(passes)
         .buffer_unordered(32)
@@ -404,14 +405,16 @@ async fn report_one(
     peers: Arc<Vec<WireGuardPeer>>,
     now: SystemTime,
     heartbeat: Duration,
+    tick: Instant,
 ) -> usize {
-    // The heartbeat, as the agent's loop renews it: its Lease, once a heartbeat.
+    // The heartbeat, as the agent's loop renews it: its Lease, once a heartbeat, timed by
+    // the check tick's deadline.
     let mut writes = 0;
     let renew_due = e
         .renewed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .is_none_or(|t| t.elapsed() >= heartbeat);
+        .is_none_or(|t| tick.duration_since(t) >= heartbeat);
     let mut lease_renewed = !renew_due;
     if renew_due {
         let owner = peers
@@ -428,7 +431,7 @@ async fn report_one(
         .await;
         match renewed {
             Ok(()) => {
-                *e.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                *e.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(tick);
                 lease_renewed = true;
                 writes += 1;
             }
@@ -743,9 +746,9 @@ pub async fn run(opts: &ScaleOptions) -> anyhow::Result<Figures> {
             let mut tick = tokio::time::interval(health::CHECK_EVERY.min(heartbeat));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let at = tick.tick().await.into_std();
                 if let Some(store) = &cluster.store {
-                    report_once(&cluster, store, heartbeat).await;
+                    report_once(&cluster, store, heartbeat, at).await;
                 }
             }
         }));
