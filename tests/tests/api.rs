@@ -164,21 +164,25 @@ fn apply_spec(name: &str) -> serde_json::Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
+/// A rig with Nodes node-a and node-b, the admin's client, and each node's agent client
+/// (a pod-bound token, as the kubelet mints it).
+async fn two_nodes() -> (KubeRig, Client, Client, Client) {
     let rig = KubeRig::start().await.expect("rig");
     let admin = rig.admin().await.unwrap();
+    let mut agents = Vec::new();
     for n in ["node-a", "node-b"] {
         node(&admin, n).await;
+        let token = rig.agent_token(n).await.unwrap();
+        agents.push(rig.client(&format!("agent-{n}"), &token).await.unwrap());
     }
-    let agent_a = rig
-        .client("agent-a", &rig.agent_token("node-a").await.unwrap())
-        .await
-        .unwrap();
-    let agent_b = rig
-        .client("agent-b", &rig.agent_token("node-b").await.unwrap())
-        .await
-        .unwrap();
+    let agent_b = agents.pop().unwrap();
+    let agent_a = agents.pop().unwrap();
+    (rig, admin, agent_a, agent_b)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
+    let (rig, _admin, agent_a, agent_b) = two_nodes().await;
     let ssa = PatchParams::apply(isthmus_api::AGENT_MANAGER).force();
     let a_peers: Api<WireGuardPeer> = Api::all(agent_a.clone());
     let b_peers: Api<WireGuardPeer> = Api::all(agent_b.clone());
@@ -319,20 +323,9 @@ async fn an_agent_renews_only_its_own_heartbeat_lease() {
     use k8s_openapi::api::coordination::v1::Lease;
     use k8s_openapi::jiff::Timestamp;
 
-    let rig = KubeRig::start().await.expect("rig");
-    let admin = rig.admin().await.unwrap();
-    for n in ["node-a", "node-b"] {
-        node(&admin, n).await;
-    }
-    let agent = |n: &'static str| {
-        let rig = &rig;
-        async move {
-            let token = rig.agent_token(n).await.unwrap();
-            rig.client(n, &token).await.unwrap()
-        }
-    };
-    let a: Api<Lease> = Api::namespaced(agent("node-a").await, "isthmus-system");
-    let b: Api<Lease> = Api::namespaced(agent("node-b").await, "isthmus-system");
+    let (_rig, admin, agent_a, agent_b) = two_nodes().await;
+    let a: Api<Lease> = Api::namespaced(agent_a, "isthmus-system");
+    let b: Api<Lease> = Api::namespaced(agent_b, "isthmus-system");
     let ssa = PatchParams::apply(isthmus_api::AGENT_MANAGER).force();
     let body = |node: &str| heartbeat::renewal(node, "isthmus-system", 60, None, Timestamp::now());
 
