@@ -305,12 +305,59 @@ struct Controller {
     heartbeats: Heartbeats,
 }
 
-/// The agents' heartbeats as the coordinator saw them, by node.
-type Heartbeats = Arc<parking_lot::Mutex<HashMap<String, Seen>>>;
+/// The agents' heartbeats as the coordinator saw them.
+type Heartbeats = Arc<parking_lot::Mutex<HeartbeatMap>>;
 
-/// Watches the heartbeat Leases in `api`'s namespace into `heartbeats`. A renewal wakes a
-/// pass only when it brings a node back (first seen, or silent for over `stale` seconds):
-/// steady heartbeats cost no pass, and a node falling silent is found by the periodic pass.
+/// The heartbeats seen, by node, and the nodes seen so far in a re-list (after a watch
+/// restart) so those whose Lease went meanwhile are forgotten when it ends.
+#[derive(Default)]
+struct HeartbeatMap {
+    nodes: HashMap<String, Seen>,
+    relisted: Option<std::collections::HashSet<String>>,
+}
+
+impl HeartbeatMap {
+    /// Folds one watch event in; says whether a pass should run: a node came back (first
+    /// seen, or silent for over `stale` seconds) or its Lease went. Steady renewals return
+    /// false, and a node falling silent is found by the periodic pass.
+    fn fold(&mut self, event: watcher::Event<Lease>, now: i64, stale: i64) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisted = Some(Default::default());
+                false
+            }
+            watcher::Event::InitApply(lease) | watcher::Event::Apply(lease) => {
+                let (Some(node), Some(renewed)) =
+                    (heartbeat::node_of(&lease), heartbeat::renewed(&lease))
+                else {
+                    return false;
+                };
+                let before = self.nodes.get(&node).copied();
+                let back = before.is_none_or(|b| now - b.alive > stale);
+                if let Some(relisted) = &mut self.relisted {
+                    relisted.insert(node.clone());
+                }
+                self.nodes
+                    .insert(node, heartbeat::observe(before, renewed, now));
+                back
+            }
+            watcher::Event::InitDone => match self.relisted.take() {
+                Some(relisted) => {
+                    let before = self.nodes.len();
+                    self.nodes.retain(|node, _| relisted.contains(node));
+                    self.nodes.len() != before
+                }
+                None => false,
+            },
+            watcher::Event::Delete(lease) => {
+                heartbeat::node_of(&lease).is_some_and(|node| self.nodes.remove(&node).is_some())
+            }
+        }
+    }
+}
+
+/// Watches the heartbeat Leases in `api`'s namespace into `heartbeats`, waking a pass when
+/// [`HeartbeatMap::fold`] says so.
 fn watch_heartbeats(
     api: Api<Lease>,
     heartbeats: Heartbeats,
@@ -320,22 +367,11 @@ fn watch_heartbeats(
     let selector = format!("{}={}", heartbeat::LABEL, heartbeat::AGENT);
     let stream = watcher(api, watcher::Config::default().labels(&selector))
         .default_backoff()
-        .applied_objects()
-        .for_each(move |lease| {
-            match lease {
-                Ok(lease) => {
-                    let (Some(node), Some(renewed)) =
-                        (heartbeat::node_of(&lease), heartbeat::renewed(&lease))
-                    else {
-                        return futures::future::ready(());
-                    };
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
                     let now = Timestamp::now().as_second();
-                    let mut seen = heartbeats.lock();
-                    let before = seen.get(&node).copied();
-                    let after = heartbeat::observe(before, renewed, now);
-                    let back = before.is_none_or(|b| now - b.alive > stale);
-                    seen.insert(node, after);
-                    if back {
+                    if heartbeats.lock().fold(event, now, stale) {
                         changed.notify_one();
                     }
                 }
@@ -453,7 +489,7 @@ impl Controller {
             })
             .map(|p| {
                 let name = p.name_any();
-                member(p, heartbeats.get(&name))
+                member(p, heartbeats.nodes.get(&name))
             })
             .collect();
         // Agents could not report while the API server was unreachable: their summaries are
@@ -926,6 +962,42 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease(node: &str, renewed: i64) -> Lease {
+        let now = Timestamp::from_second(renewed).expect("a valid time");
+        let body = heartbeat::renewal(node, "isthmus-system", 60, None, now).expect("a body");
+        serde_json::from_value(body).expect("a Lease")
+    }
+
+    #[test]
+    fn the_heartbeat_map_wakes_a_pass_on_a_return_and_forgets_deleted_leases() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut map = HeartbeatMap::default();
+        // (event, now, wakes a pass, nodes known after it), stale after 180 s.
+        let steps = [
+            (InitApply(lease("a", 1000)), 1000, true, vec!["a"]),
+            (InitApply(lease("b", 1000)), 1000, true, vec!["a", "b"]),
+            (InitDone, 1000, false, vec!["a", "b"]),
+            // A steady renewal costs no pass.
+            (Apply(lease("a", 1060)), 1060, false, vec!["a", "b"]),
+            // Silent past the threshold, then back: a pass.
+            (Apply(lease("a", 1300)), 1300, true, vec!["a", "b"]),
+            (Delete(lease("b", 1060)), 1300, true, vec!["a"]),
+            (Delete(lease("b", 1060)), 1300, false, vec!["a"]),
+            // A watch restart whose re-list lacks a Lease deleted meanwhile forgets it.
+            (Apply(lease("c", 1300)), 1300, true, vec!["a", "c"]),
+            (Init, 1310, false, vec!["a", "c"]),
+            (InitApply(lease("a", 1310)), 1310, false, vec!["a", "c"]),
+            (InitDone, 1310, true, vec!["a"]),
+            (InitDone, 1310, false, vec!["a"]),
+        ];
+        for (i, (event, now, wakes, known)) in steps.into_iter().enumerate() {
+            assert_eq!(map.fold(event, now, 180), wakes, "step {i}");
+            let mut nodes: Vec<&str> = map.nodes.keys().map(String::as_str).collect();
+            nodes.sort_unstable();
+            assert_eq!(nodes, known, "step {i}");
+        }
+    }
 
     #[test]
     fn an_outage_extends_the_thresholds_by_its_length_for_one_report_period() {
