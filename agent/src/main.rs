@@ -127,11 +127,16 @@ struct RunArgs {
     /// Node IP override (default: the Node's first InternalIP).
     #[arg(long)]
     node_ip: Option<String>,
-    /// Heartbeat of the health report in this node's WireGuardPeer status, in seconds: the
-    /// report is written when it changes (checked every 5 s) and otherwise this often, so
-    /// the coordinator knows the agent is alive (0: no report).
+    /// The heartbeat, in seconds: the agent renews its Lease `isthmus-agent-<node>` this
+    /// often, so the coordinator knows it is alive, and writes the health report in its
+    /// WireGuardPeer status only when the report changes (checked every 5 s). Where the
+    /// Lease cannot be written (RBAC from before Leases) the report is rewritten this often
+    /// instead. 0: neither.
     #[arg(long, default_value_t = 60)]
     health_interval: u64,
+    /// The namespace of the heartbeat Lease: the one isthmus is installed in.
+    #[arg(long, env = "POD_NAMESPACE", default_value = isthmus_api::heartbeat::DEFAULT_NAMESPACE)]
+    heartbeat_namespace: String,
     /// A tunnel whose latest handshake is older than this many seconds is reported down
     /// (WireGuard rejects a session after 180 s; keep it above the 120 s rekey).
     #[arg(long, default_value_t = 180)]
@@ -190,6 +195,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         netns: args.netns,
         health_interval: (args.health_interval > 0)
             .then(|| std::time::Duration::from_secs(args.health_interval)),
+        heartbeat_namespace: args.heartbeat_namespace,
         handshake_stale: std::time::Duration::from_secs(args.handshake_stale_seconds),
         metrics_addr: isthmus_ops::parse_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?,
         pmtu_port: (args.pmtu_port != 0).then_some(args.pmtu_port),

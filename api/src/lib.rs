@@ -11,6 +11,7 @@
 //! rules are generated and tested without a cluster.
 
 pub mod cluster;
+pub mod heartbeat;
 pub mod node;
 pub mod peer;
 pub mod proof;

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
+use isthmus_api::heartbeat::{self, Seen};
 use isthmus_api::{
     KeyChallenge, Topology, WireGuardPeer, ADMITTED, COORDINATOR_MANAGER, MESH_CONNECTED,
 };
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -39,6 +41,8 @@ pub struct ClusterSettings {
     /// How long after its first challenge a peer admitted before keeps its admission
     /// without an answer: an upgrade from agents without proofs drops no tunnel.
     pub key_proof_grace: Duration,
+    /// Where the agents' heartbeat Leases live ([`isthmus_api::heartbeat`]).
+    pub heartbeat_namespace: String,
 }
 
 /// Which Lease picks the one replica that acts, and how long a leader's claim lasts.
@@ -69,14 +73,18 @@ fn timestamp(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
     t.0.as_second()
 }
 
-/// What `health` needs of a peer: its location and its agent's last reading.
-pub fn member(p: &WireGuardPeer) -> Member {
+/// What `health` needs of a peer: its location and its agent's last reading. The reading is
+/// as fresh as the agent's heartbeat Lease, by the coordinator's clock, when it has one: the
+/// report itself is written only when it changes. An agent without a Lease (RBAC from before
+/// Leases, or an older agent) rewrites its report every heartbeat, so the report's own
+/// time stands in.
+pub fn member(p: &WireGuardPeer, heartbeat: Option<&Seen>) -> Member {
     let report = p
         .status
         .as_ref()
         .and_then(|s| s.health.as_ref())
         .map(|h| Report {
-            observed: timestamp(&h.observed_time),
+            observed: heartbeat.map_or_else(|| timestamp(&h.observed_time), |seen| seen.alive),
             down: h.down_peers.iter().cloned().collect(),
         });
     Member {
@@ -293,6 +301,85 @@ struct Controller {
     settings: ClusterSettings,
     /// The latest run of watch errors: (first, last), Unix seconds.
     outage: Arc<parking_lot::Mutex<Option<(i64, i64)>>>,
+    /// The agents' heartbeats as seen, by node.
+    heartbeats: Heartbeats,
+}
+
+/// The agents' heartbeats as the coordinator saw them.
+type Heartbeats = Arc<parking_lot::Mutex<HeartbeatMap>>;
+
+/// The heartbeats seen, by node, and the nodes seen so far in a re-list (after a watch
+/// restart) so those whose Lease went meanwhile are forgotten when it ends.
+#[derive(Default)]
+struct HeartbeatMap {
+    nodes: HashMap<String, Seen>,
+    relisted: Option<std::collections::HashSet<String>>,
+}
+
+impl HeartbeatMap {
+    /// Folds one watch event in; says whether a pass should run: a node came back (first
+    /// seen, or silent for over `stale` seconds) or its Lease went. Steady renewals return
+    /// false, and a node falling silent is found by the periodic pass.
+    fn fold(&mut self, event: watcher::Event<Lease>, now: i64, stale: i64) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisted = Some(Default::default());
+                false
+            }
+            watcher::Event::InitApply(lease) | watcher::Event::Apply(lease) => {
+                let (Some(node), Some(renewed)) =
+                    (heartbeat::node_of(&lease), heartbeat::renewed(&lease))
+                else {
+                    return false;
+                };
+                let before = self.nodes.get(&node).copied();
+                let back = before.is_none_or(|b| now - b.alive > stale);
+                if let Some(relisted) = &mut self.relisted {
+                    relisted.insert(node.clone());
+                }
+                self.nodes
+                    .insert(node, heartbeat::observe(before, renewed, now));
+                back
+            }
+            watcher::Event::InitDone => match self.relisted.take() {
+                Some(relisted) => {
+                    let before = self.nodes.len();
+                    self.nodes.retain(|node, _| relisted.contains(node));
+                    self.nodes.len() != before
+                }
+                None => false,
+            },
+            watcher::Event::Delete(lease) => {
+                heartbeat::node_of(&lease).is_some_and(|node| self.nodes.remove(&node).is_some())
+            }
+        }
+    }
+}
+
+/// Watches the heartbeat Leases in `api`'s namespace into `heartbeats`, waking a pass when
+/// [`HeartbeatMap::fold`] says so.
+fn watch_heartbeats(
+    api: Api<Lease>,
+    heartbeats: Heartbeats,
+    changed: Arc<Notify>,
+    stale: i64,
+) -> AbortOnDrop {
+    let selector = format!("{}={}", heartbeat::LABEL, heartbeat::AGENT);
+    let stream = watcher(api, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
+                    let now = Timestamp::now().as_second();
+                    if heartbeats.lock().fold(event, now, stale) {
+                        changed.notify_one();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat Lease watch error; retrying"),
+            }
+            futures::future::ready(())
+        });
+    AbortOnDrop(tokio::spawn(stream))
 }
 
 /// Seconds to add to the report threshold after an outage: its length
@@ -392,6 +479,7 @@ impl Controller {
         by_name: &HashMap<String, &Arc<WireGuardPeer>>,
         now: &Timestamp,
     ) -> BTreeMap<String, MeshCondition> {
+        let heartbeats = self.heartbeats.lock();
         let members: Vec<Member> = by_name
             .values()
             .filter(|p| {
@@ -399,7 +487,10 @@ impl Controller {
                     .get(&p.name_any())
                     .is_some_and(|s| s.admission.admitted)
             })
-            .map(|p| member(p))
+            .map(|p| {
+                let name = p.name_any();
+                member(p, heartbeats.nodes.get(&name))
+            })
             .collect();
         // Agents could not report while the API server was unreachable: their summaries are
         // older by the outage, not stale.
@@ -652,12 +743,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Watches `K` into a store, waking `changed` on every event and telling `observer`.
+/// What the coordinator's caches keep of a Node: what [`node_view`] reads (name, labels,
+/// annotations, pod CIDRs, addresses). A kubelet's Node also lists its images, conditions
+/// and capacities, several KiB per node and rewritten every few minutes.
+pub(crate) fn trim_node(n: &mut Node) {
+    if let Some(status) = n.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// Watches `K` into a store, waking `changed` on every event and telling `observer`. The
+/// store keeps what `trim` leaves of each object, never server-side apply's bookkeeping
+/// (`managedFields`, about half of each object as served), which nothing here reads.
 pub(crate) fn watch_into<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,
     observer: Arc<dyn Observer>,
+    trim: fn(&mut K),
 ) -> AbortOnDrop
 where
     K: kube::Resource<DynamicType = ()>
@@ -671,6 +777,10 @@ where
     let kind = K::kind(&()).to_string();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(move |o| {
+            o.meta_mut().managed_fields = None;
+            trim(o);
+        })
         .reflect(writer)
         .for_each(move |event| {
             match &event {
@@ -696,7 +806,7 @@ pub async fn serve_cluster(
     observer: Arc<dyn Observer>,
 ) -> anyhow::Result<()> {
     let peers: Api<WireGuardPeer> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client);
+    let nodes: Api<Node> = Api::all(client.clone());
     let outage = Arc::new(parking_lot::Mutex::new(None));
     let observer: Arc<dyn Observer> = Arc::new(OutageObserver {
         inner: observer,
@@ -704,6 +814,13 @@ pub async fn serve_cluster(
         report: settings.health.report,
     });
     let changed = Arc::new(Notify::new());
+    let heartbeats = Heartbeats::default();
+    let _heartbeat_watch = watch_heartbeats(
+        Api::namespaced(client.clone(), &settings.heartbeat_namespace),
+        heartbeats.clone(),
+        changed.clone(),
+        settings.health.report,
+    );
     let (peer_store, peer_writer) = reflector::store();
     let (node_store, node_writer) = reflector::store();
     let _watches = [
@@ -712,12 +829,14 @@ pub async fn serve_cluster(
             peer_writer,
             changed.clone(),
             observer.clone(),
+            |_| {},
         ),
         watch_into(
             nodes.clone(),
             node_writer,
             changed.clone(),
             observer.clone(),
+            trim_node,
         ),
     ];
     let controller = Controller {
@@ -727,6 +846,7 @@ pub async fn serve_cluster(
         node_store,
         settings,
         outage,
+        heartbeats,
     };
     controller
         .peer_store
@@ -843,6 +963,42 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    fn lease(node: &str, renewed: i64) -> Lease {
+        let now = Timestamp::from_second(renewed).expect("a valid time");
+        let body = heartbeat::renewal(node, "isthmus-system", 60, None, now).expect("a body");
+        serde_json::from_value(body).expect("a Lease")
+    }
+
+    #[test]
+    fn the_heartbeat_map_wakes_a_pass_on_a_return_and_forgets_deleted_leases() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut map = HeartbeatMap::default();
+        // (event, now, wakes a pass, nodes known after it), stale after 180 s.
+        let steps = [
+            (InitApply(lease("a", 1000)), 1000, true, vec!["a"]),
+            (InitApply(lease("b", 1000)), 1000, true, vec!["a", "b"]),
+            (InitDone, 1000, false, vec!["a", "b"]),
+            // A steady renewal costs no pass.
+            (Apply(lease("a", 1060)), 1060, false, vec!["a", "b"]),
+            // Silent past the threshold, then back: a pass.
+            (Apply(lease("a", 1300)), 1300, true, vec!["a", "b"]),
+            (Delete(lease("b", 1060)), 1300, true, vec!["a"]),
+            (Delete(lease("b", 1060)), 1300, false, vec!["a"]),
+            // A watch restart whose re-list lacks a Lease deleted meanwhile forgets it.
+            (Apply(lease("c", 1300)), 1300, true, vec!["a", "c"]),
+            (Init, 1310, false, vec!["a", "c"]),
+            (InitApply(lease("a", 1310)), 1310, false, vec!["a", "c"]),
+            (InitDone, 1310, true, vec!["a"]),
+            (InitDone, 1310, false, vec!["a"]),
+        ];
+        for (i, (event, now, wakes, known)) in steps.into_iter().enumerate() {
+            assert_eq!(map.fold(event, now, 180), wakes, "step {i}");
+            let mut nodes: Vec<&str> = map.nodes.keys().map(String::as_str).collect();
+            nodes.sort_unstable();
+            assert_eq!(nodes, known, "step {i}");
+        }
+    }
+
     #[test]
     fn an_outage_extends_the_thresholds_by_its_length_for_one_report_period() {
         // (outage (first, last), now, grace), report period 60 s.
@@ -855,6 +1011,58 @@ mod tests {
         ];
         for (outage, now, want) in cases {
             assert_eq!(outage_grace(outage, now, 60), want, "{outage:?} at {now}");
+        }
+    }
+
+    /// A report written on change only is as fresh as the heartbeat; without a Lease, as
+    /// its own time; and a report-less peer has no report whatever its Lease says.
+    #[test]
+    fn a_report_is_as_fresh_as_the_agents_heartbeat() {
+        let peer = |health: Option<serde_json::Value>| -> WireGuardPeer {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "isthmus.dev/v1alpha1", "kind": "WireGuardPeer",
+                "metadata": {"name": "aws-1"},
+                "spec": {"publicKey": "WQL+aNNIySrhb3blZyAOhC0i5K9VtYYVqSgp1AcVmhQ=",
+                         "endpoint": "192.0.2.1:51820", "location": "aws", "nodeIP": "192.0.2.1"},
+                "status": {"health": health},
+            }))
+            .unwrap()
+        };
+        let old = serde_json::json!({"observedTime": "2026-01-01T00:00:00Z",
+            "peersUp": 1, "peersExpected": 2, "downPeers": ["gcp-1"]});
+        let written = Timestamp::from_second(1_767_225_600).unwrap().as_second();
+        let seen = Seen {
+            renewed: 1_800_000_000,
+            alive: 1_800_000_005,
+        };
+        // (case, report, heartbeat) → (observed, down)
+        type Row<'a> = (
+            &'a str,
+            Option<serde_json::Value>,
+            Option<Seen>,
+            Option<(i64, Vec<&'a str>)>,
+        );
+        let rows: Vec<Row> = vec![
+            (
+                "Lease renewed: fresh as the Lease",
+                Some(old.clone()),
+                Some(seen),
+                Some((seen.alive, vec!["gcp-1"])),
+            ),
+            (
+                "no Lease: the report's own time",
+                Some(old),
+                None,
+                Some((written, vec!["gcp-1"])),
+            ),
+            ("a Lease but no report", None, Some(seen), None),
+        ];
+        for (case, health, heartbeat, want) in rows {
+            let got = member(&peer(health), heartbeat.as_ref())
+                .report
+                .map(|r| (r.observed, r.down.into_iter().collect::<Vec<_>>()));
+            let want = want.map(|(o, d)| (o, d.into_iter().map(String::from).collect()));
+            assert_eq!(got, want, "{case}");
         }
     }
 

@@ -46,6 +46,10 @@ enum Command {
         lease_namespace: String,
         #[arg(long, default_value = "isthmus-coordinator")]
         lease_name: String,
+        /// Namespace of the agents' heartbeat Leases in every cluster served (where the
+        /// agents run; `isthmus-agent run --heartbeat-namespace`).
+        #[arg(long, default_value = isthmus_api::heartbeat::DEFAULT_NAMESPACE)]
+        heartbeat_namespace: String,
         /// This replica's name in the Lease (default: $POD_NAME, else host name and PID).
         #[arg(long)]
         identity: Option<String>,
@@ -94,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
             mesh_cidr,
             topology,
             lease_namespace,
+            heartbeat_namespace,
             lease_name,
             identity,
             lease_seconds,
@@ -150,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
             let cluster = ClusterSettings {
                 key,
                 key_proof_grace: Duration::from_secs(key_proof_grace_seconds),
+                heartbeat_namespace,
                 pool: Pool { cidr },
                 topology,
                 // Often enough that a silent agent turns MeshConnected false on time.

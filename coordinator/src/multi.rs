@@ -451,7 +451,7 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let task = crate::controller::watch_into(api, writer, changed, Arc::new(SeedWatch));
+    let task = crate::controller::watch_into(api, writer, changed, Arc::new(SeedWatch), |_| {});
     (store, task)
 }
 

@@ -90,37 +90,51 @@ impl Kernel {
         Ok(None)
     }
 
-    /// The MTU of the device the IPv4 default route leaves through: the underlay.
+    /// The underlay's MTU: the lowest MTU of the devices the IPv4 and IPv6 default routes
+    /// leave through (see [`underlay_mtu_of`]).
     pub async fn underlay_mtu(&self) -> anyhow::Result<Option<u32>> {
-        let mut routes = self
-            .handle
-            .route()
-            .get(rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-            .execute();
-        let mut oif = None;
-        while let Some(r) = routes.try_next().await.context("listing routes")? {
-            let default = r.header.destination_prefix_length == 0
-                && r.header.table == 254
-                && r.header.kind == RouteType::Unicast;
-            if default {
-                oif = r.attributes.iter().find_map(|a| match a {
+        let mut defaults = Vec::new();
+        for family in [IpVersion::V4, IpVersion::V6] {
+            let request = match family {
+                IpVersion::V4 => {
+                    rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+                }
+                IpVersion::V6 => {
+                    rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+                }
+            };
+            let mut routes = self.handle.route().get(request).execute();
+            while let Some(r) = routes.try_next().await.context("listing routes")? {
+                let default = r.header.destination_prefix_length == 0
+                    && r.header.table == 254
+                    && r.header.kind == RouteType::Unicast;
+                let oif = r.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Oif(i) => Some(*i),
                     _ => None,
                 });
+                if let (true, Some(oif)) = (default, oif) {
+                    defaults.push(oif);
+                }
             }
         }
-        let Some(oif) = oif else { return Ok(None) };
-        let mut links = self.handle.link().get().match_index(oif).execute();
-        let link = links
-            .try_next()
-            .await
-            .context("reading the underlay link")?;
-        Ok(link.and_then(|l| {
-            l.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Mtu(m) => Some(*m),
-                _ => None,
-            })
-        }))
+        let mut mtus = BTreeMap::new();
+        for oif in &defaults {
+            let mut links = self.handle.link().get().match_index(*oif).execute();
+            let link = links
+                .try_next()
+                .await
+                .with_context(|| format!("reading the underlay link {oif}"))?;
+            let mtu = link.and_then(|l| {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(m) => Some(*m),
+                    _ => None,
+                })
+            });
+            if let Some(mtu) = mtu {
+                mtus.insert(*oif, mtu);
+            }
+        }
+        Ok(underlay_mtu_of(&defaults, &mtus))
     }
 
     /// The kernel's value for each of `keys` that exists in a shape we recognise.
@@ -537,4 +551,39 @@ fn parse_route(msg: &RouteMessage) -> Option<(EntryKey, Value)> {
         },
         Value::Route(value),
     ))
+}
+
+/// The underlay MTU from the devices the default routes of both families leave through
+/// (`defaults`, by interface index) and the devices' MTUs: the lowest. A node does not know
+/// which family its peers' endpoints will use (dual-stack clusters publish both), so the
+/// tunnel must fit the narrower path; where both families share a device, as they usually
+/// do, this is that device's MTU. `None` when no default route names a device we know.
+pub fn underlay_mtu_of(defaults: &[u32], mtus: &BTreeMap<u32, u32>) -> Option<u32> {
+    defaults
+        .iter()
+        .filter_map(|oif| mtus.get(oif))
+        .copied()
+        .min()
+}
+
+#[cfg(test)]
+mod underlay_tests {
+    use super::*;
+
+    #[test]
+    fn the_lowest_mtu_of_the_default_routes_of_either_family() {
+        let mtus = BTreeMap::from([(2, 1500), (3, 9000), (4, 1420)]);
+        let table: [(&[u32], Option<u32>); 7] = [
+            (&[], None),
+            (&[2], Some(1500)),    // IPv4 only
+            (&[4], Some(1420)),    // IPv6 only
+            (&[2, 2], Some(1500)), // both families, one device
+            (&[3, 4], Some(1420)), // IPv6 through a narrower device
+            (&[4, 3], Some(1420)), // IPv4 through the narrower one
+            (&[9, 3], Some(9000)), // a device that vanished is ignored
+        ];
+        for (defaults, want) in table {
+            assert_eq!(underlay_mtu_of(defaults, &mtus), want, "{defaults:?}");
+        }
+    }
 }

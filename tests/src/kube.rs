@@ -446,13 +446,25 @@ impl KubeRig {
              \x20 location: probe\n  nodeIP: 192.0.2.1\n",
         )?;
         let probe = probe.display().to_string();
+        // The heartbeat Lease policy too: a Lease is the other thing an agent writes.
+        let lease_probe = self.dir.path().join("lease-policy-probe.yaml");
+        std::fs::write(
+            &lease_probe,
+            format!(
+                "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: policy-probe\n\
+                 \x20 namespace: {NAMESPACE}\nspec:\n  holderIdentity: probe\n"
+            ),
+        )?;
+        let lease_probe = lease_probe.display().to_string();
         let enforced = wait_until(Duration::from_secs(30), || {
-            let (ok, out) =
-                self.kubectl_as(token.trim(), &["create", "--dry-run=server", "-f", &probe]);
-            !ok && out.contains("pod-bound")
+            [&probe, &lease_probe].iter().all(|file| {
+                let (ok, out) =
+                    self.kubectl_as(token.trim(), &["create", "--dry-run=server", "-f", file]);
+                !ok && out.contains("pod-bound")
+            })
         });
         if !enforced {
-            bail!("the admission policy from deploy/ was never enforced");
+            bail!("the admission policies from deploy/ were never enforced");
         }
         Ok(())
     }

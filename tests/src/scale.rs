@@ -24,9 +24,10 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use futures::{StreamExt, TryStreamExt};
 use isthmus_agent::control::{health, mesh, pass, publish};
-use isthmus_api::{MeshHealth, WireGuardPeer, MESH_CONNECTED};
+use isthmus_api::{heartbeat, MeshHealth, WireGuardPeer, MESH_CONNECTED};
 use isthmus_wg::key::Key;
 use isthmus_wg::{DeviceSnapshot, PeerSnapshot};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -78,8 +79,10 @@ pub struct Figures {
     pub coordinator_cpu_startup: f64,
     pub coordinator_cpu_window: f64,
     /// Writes (create, update, patch, apply, delete) to WireGuardPeers in all user
-    /// clusters during the window, and to anything at all.
+    /// clusters during the window, to Leases (the agents' heartbeats, the coordinator's
+    /// election lives in the seed), and to anything at all.
     pub peer_writes_window: u64,
+    pub lease_writes_window: u64,
     pub all_writes_window: u64,
     /// Per real agent: (node, peers configured, RSS, bytes received from its API server
     /// in total and during the window).
@@ -103,12 +106,12 @@ pub struct AgentFigures {
 }
 
 impl Figures {
-    /// Steady-state writes per node per heartbeat to WireGuardPeers (at most one is the goal:
-    /// per minute with the production heartbeat).
+    /// Steady-state API writes per node per heartbeat, WireGuardPeers and heartbeat Leases
+    /// together (at most one is the goal: per minute with the production heartbeat).
     pub fn writes_per_node_per_heartbeat(&self) -> f64 {
         let nodes = (self.clusters * self.nodes).max(1) as f64;
         let heartbeats = self.window.as_secs_f64() / self.heartbeat.as_secs_f64();
-        self.peer_writes_window as f64 / nodes / heartbeats
+        (self.peer_writes_window + self.lease_writes_window) as f64 / nodes / heartbeats
     }
 }
 
@@ -179,11 +182,19 @@ pub fn bytes_from(pid: u32, port: u16) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// Write requests the API server behind `rig` has served so far: (to WireGuardPeers, all).
-pub fn writes(rig: &KubeRig) -> anyhow::Result<(u64, u64)> {
+/// Write requests an API server has served so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Writes {
+    pub peers: u64,
+    pub leases: u64,
+    pub all: u64,
+}
+
+/// Write requests the API server behind `rig` has served so far.
+pub fn writes(rig: &KubeRig) -> anyhow::Result<Writes> {
     let text = rig.kubectl(&["get", "--raw", "/metrics"])?;
     let samples = crate::scrape::parse(&text)?;
-    let (mut peers, mut all) = (0.0, 0.0);
+    let (mut peers, mut leases, mut all) = (0.0, 0.0, 0.0);
     for s in samples
         .iter()
         .filter(|s| s.name == "apiserver_request_total")
@@ -196,11 +207,17 @@ pub fn writes(rig: &KubeRig) -> anyhow::Result<(u64, u64)> {
             continue;
         }
         all += s.value;
-        if label("resource") == Some("wireguardpeers") {
-            peers += s.value;
+        match label("resource") {
+            Some("wireguardpeers") => peers += s.value,
+            Some("leases") => leases += s.value,
+            _ => {}
         }
     }
-    Ok((peers as u64, all as u64))
+    Ok(Writes {
+        peers: peers as u64,
+        leases: leases as u64,
+        all: all as u64,
+    })
 }
 
 /// An emulated agent: its node's name and the client its own token gives it.
@@ -211,8 +228,12 @@ struct Emulated {
     /// The last answer published, so a watch that lags does not publish it twice.
     answered: Mutex<Option<String>>,
     api: Api<WireGuardPeer>,
+    /// Its heartbeat Lease's namespace, with its own token.
+    leases: Api<Lease>,
     /// The last report written (what the agent's loop keeps).
     written: Mutex<Option<MeshHealth>>,
+    /// When its heartbeat Lease was last renewed.
+    renewed: Mutex<Option<Instant>>,
 }
 
 /// A user cluster: its API server (a rig of its own or the [`Cluster`]'s) and its nodes.
@@ -276,8 +297,10 @@ async fn join(rig: &KubeRig, spec: &NodeSpec) -> anyhow::Result<Emulated> {
         name: spec.name.clone(),
         key: spec.private_key,
         answered: Mutex::new(None),
-        api: Api::all(client),
+        api: Api::all(client.clone()),
+        leases: Api::namespaced(client, heartbeat::DEFAULT_NAMESPACE),
         written: Mutex::new(None),
+        renewed: Mutex::new(None),
     };
     let own = publish::own_spec(
         &node,
@@ -359,6 +382,7 @@ async fn report_once(
     cluster: &UserCluster,
     store: &Store<WireGuardPeer>,
     heartbeat: Duration,
+    tick: Instant,
 ) -> usize {
     let peers: Arc<Vec<WireGuardPeer>> =
         Arc::new(store.state().iter().map(|p| (**p).clone()).collect());
@@ -366,7 +390,7 @@ async fn report_once(
     let passes: Vec<_> = cluster
         .emulated
         .iter()
-        .map(|e| report_one(e.clone(), peers.clone(), now, heartbeat))
+        .map(|e| report_one(e.clone(), peers.clone(), now, heartbeat, tick))
         .collect();
     let written: Vec<usize> = futures::stream::iter(passes)
         .buffer_unordered(32)
@@ -381,10 +405,42 @@ async fn report_one(
     peers: Arc<Vec<WireGuardPeer>>,
     now: SystemTime,
     heartbeat: Duration,
+    tick: Instant,
 ) -> usize {
+    // The heartbeat, as the agent's loop renews it: its Lease, once a heartbeat, timed by
+    // the check tick's deadline.
+    let mut writes = 0;
+    let renew_due = e
+        .renewed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none_or(|t| tick.duration_since(t) >= heartbeat);
+    let mut lease_renewed = !renew_due;
+    if renew_due {
+        let owner = peers
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(e.name.as_str()))
+            .and_then(|p| p.metadata.uid.clone());
+        let renewed = health::renew(
+            &e.leases,
+            heartbeat::DEFAULT_NAMESPACE,
+            &e.name,
+            heartbeat,
+            owner.as_deref(),
+        )
+        .await;
+        match renewed {
+            Ok(()) => {
+                *e.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(tick);
+                lease_renewed = true;
+                writes += 1;
+            }
+            Err(err) => eprintln!("{}: heartbeat not renewed: {err:#}", e.name),
+        }
+    }
     let plan = mesh::plan(&e.name, &peers);
     if !plan.admitted {
-        return 0;
+        return writes;
     }
     let snapshot = DeviceSnapshot {
         private_key: None,
@@ -412,23 +468,23 @@ async fn report_one(
         handshake_stale: Duration::from_secs(180),
     };
     let Some(report) = health::summary(&snapshot, &want, now) else {
-        return 0;
+        return writes;
     };
     let due = {
         let last = e.written.lock().unwrap_or_else(|p| p.into_inner());
-        health::due(last.as_ref(), &report, heartbeat)
+        health::due(last.as_ref(), &report, heartbeat, lease_renewed)
     };
     if !due {
-        return 0;
+        return writes;
     }
     match health::write(&e.api, &e.name, &report).await {
         Ok(_) => {
             *e.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
-            1
+            writes + 1
         }
         Err(err) => {
             eprintln!("{}: report not written: {err}", e.name);
-            0
+            writes
         }
     }
 }
@@ -690,9 +746,9 @@ pub async fn run(opts: &ScaleOptions) -> anyhow::Result<Figures> {
             let mut tick = tokio::time::interval(health::CHECK_EVERY.min(heartbeat));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let at = tick.tick().await.into_std();
                 if let Some(store) = &cluster.store {
-                    report_once(&cluster, store, heartbeat).await;
+                    report_once(&cluster, store, heartbeat, at).await;
                 }
             }
         }));
@@ -789,8 +845,9 @@ pub async fn run(opts: &ScaleOptions) -> anyhow::Result<Figures> {
     tokio::time::sleep(opts.window).await;
     let writes_after = sum_writes(&rigs)?;
     figures.coordinator_cpu_window = cpu_seconds(pid)? - cpu_before;
-    figures.peer_writes_window = writes_after.0 - writes_before.0;
-    figures.all_writes_window = writes_after.1 - writes_before.1;
+    figures.peer_writes_window = writes_after.peers - writes_before.peers;
+    figures.lease_writes_window = writes_after.leases - writes_before.leases;
+    figures.all_writes_window = writes_after.all - writes_before.all;
     for ((name, p), before) in agent_pids.iter().zip(received_before) {
         let total = bytes_from(*p, port)?;
         let node = first.node(name);
@@ -865,10 +922,14 @@ pub async fn run(opts: &ScaleOptions) -> anyhow::Result<Figures> {
     Ok(figures)
 }
 
-fn sum_writes(rigs: &[&KubeRig]) -> anyhow::Result<(u64, u64)> {
-    rigs.iter().try_fold((0, 0), |(p, a), rig| {
-        let (wp, wa) = writes(rig)?;
-        Ok((p + wp, a + wa))
+fn sum_writes(rigs: &[&KubeRig]) -> anyhow::Result<Writes> {
+    rigs.iter().try_fold(Writes::default(), |sum, rig| {
+        let w = writes(rig)?;
+        Ok(Writes {
+            peers: sum.peers + w.peers,
+            leases: sum.leases + w.leases,
+            all: sum.all + w.all,
+        })
     })
 }
 
@@ -952,12 +1013,12 @@ impl std::fmt::Display for Figures {
         )?;
         writeln!(
             f,
-            "| steady WireGuardPeer writes (all writes) in the window | {} ({}) |",
-            self.peer_writes_window, self.all_writes_window
+            "| steady writes in the window: WireGuardPeers, heartbeat Leases (all writes) | {}, {} ({}) |",
+            self.peer_writes_window, self.lease_writes_window, self.all_writes_window
         )?;
         writeln!(
             f,
-            "| WireGuardPeer writes per node per heartbeat ({:.0} s) / per minute | {:.2} / {:.2} |",
+            "| writes per node per heartbeat ({:.0} s) / per minute | {:.2} / {:.2} |",
             self.heartbeat.as_secs_f64(),
             self.writes_per_node_per_heartbeat(),
             per_min

@@ -164,21 +164,25 @@ fn apply_spec(name: &str) -> serde_json::Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
+/// A rig with Nodes node-a and node-b, the admin's client, and each node's agent client
+/// (a pod-bound token, as the kubelet mints it).
+async fn two_nodes() -> (KubeRig, Client, Client, Client) {
     let rig = KubeRig::start().await.expect("rig");
     let admin = rig.admin().await.unwrap();
+    let mut agents = Vec::new();
     for n in ["node-a", "node-b"] {
         node(&admin, n).await;
+        let token = rig.agent_token(n).await.unwrap();
+        agents.push(rig.client(&format!("agent-{n}"), &token).await.unwrap());
     }
-    let agent_a = rig
-        .client("agent-a", &rig.agent_token("node-a").await.unwrap())
-        .await
-        .unwrap();
-    let agent_b = rig
-        .client("agent-b", &rig.agent_token("node-b").await.unwrap())
-        .await
-        .unwrap();
+    let agent_b = agents.pop().unwrap();
+    let agent_a = agents.pop().unwrap();
+    (rig, admin, agent_a, agent_b)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
+    let (rig, _admin, agent_a, agent_b) = two_nodes().await;
     let ssa = PatchParams::apply(isthmus_api::AGENT_MANAGER).force();
     let a_peers: Api<WireGuardPeer> = Api::all(agent_a.clone());
     let b_peers: Api<WireGuardPeer> = Api::all(agent_b.clone());
@@ -308,4 +312,83 @@ async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
         &["annotate", "wireguardpeer", "node-a", "x=y"],
     );
     assert!(!ok && out.contains("pod-bound"), "{out}");
+}
+
+/// The heartbeat: an agent renews its own Lease, and no other. Renewing another node's
+/// would keep a dead node `MeshConnected`; renewing the coordinator's would fight its
+/// leader election.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_renews_only_its_own_heartbeat_lease() {
+    use isthmus_api::heartbeat;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::jiff::Timestamp;
+
+    let (_rig, admin, agent_a, agent_b) = two_nodes().await;
+    let a: Api<Lease> = Api::namespaced(agent_a, "isthmus-system");
+    let b: Api<Lease> = Api::namespaced(agent_b, "isthmus-system");
+    let ssa = PatchParams::apply(isthmus_api::AGENT_MANAGER).force();
+    let body = |node: &str| heartbeat::renewal(node, "isthmus-system", 60, None, Timestamp::now());
+
+    for (api, n) in [(&a, "node-a"), (&b, "node-b")] {
+        let lease = api
+            .patch(
+                &heartbeat::lease_name(n).unwrap(),
+                &ssa,
+                &Patch::Apply(body(n).unwrap()),
+            )
+            .await
+            .expect("an agent renews its own Lease");
+        assert_eq!(heartbeat::node_of(&lease).as_deref(), Some(n));
+    }
+
+    let refused = |r: Result<Lease, kube::Error>, what: &str| match r {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403, "{what}: {s:?}");
+            s.message
+        }
+        Ok(_) => panic!("{what}: allowed"),
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let msg = refused(
+        a.patch(
+            "isthmus-agent-node-b",
+            &ssa,
+            &Patch::Apply(body("node-b").unwrap()),
+        )
+        .await,
+        "A renews B's heartbeat",
+    );
+    assert!(
+        msg.contains("may renew only the Lease isthmus-agent-node-a"),
+        "{msg}"
+    );
+    let mut held_by_b = body("node-a").unwrap();
+    held_by_b["spec"]["holderIdentity"] = json!("node-b");
+    let msg = refused(
+        a.patch("isthmus-agent-node-a", &ssa, &Patch::Apply(held_by_b))
+            .await,
+        "A's Lease held by B",
+    );
+    assert!(msg.contains("must be held by it"), "{msg}");
+    let mut coordinator = body("node-a").unwrap();
+    coordinator["metadata"]["name"] = json!("isthmus-coordinator");
+    let msg = refused(
+        a.patch("isthmus-coordinator", &ssa, &Patch::Apply(coordinator))
+            .await,
+        "A takes the coordinator's Lease",
+    );
+    assert!(msg.contains("may renew only"), "{msg}");
+    let deleted = a
+        .delete("isthmus-agent-node-b", &DeleteParams::default())
+        .await;
+    assert!(
+        matches!(&deleted, Err(kube::Error::Api(s)) if s.code == 403),
+        "A deletes B's heartbeat: {deleted:?}"
+    );
+    // B's Lease is still B's, renewed by B alone.
+    let still = Api::<Lease>::namespaced(admin, "isthmus-system")
+        .get("isthmus-agent-node-b")
+        .await
+        .unwrap();
+    assert_eq!(heartbeat::node_of(&still).as_deref(), Some("node-b"));
 }

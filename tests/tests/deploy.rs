@@ -214,6 +214,8 @@ async fn kustomize_base_passes_a_server_side_dry_run() {
         "poddisruptionbudget.policy/isthmus-coordinator",
         "customresourcedefinition.apiextensions.k8s.io/wireguardpeers.isthmus.dev",
         "validatingadmissionpolicy.admissionregistration.k8s.io/isthmus-agent-writes-own-peer",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/isthmus-agent-renews-own-lease",
+        "role.rbac.authorization.k8s.io/isthmus-agent-heartbeat",
     ] {
         assert!(out.contains(object), "{object} missing from:\n{out}");
     }

@@ -33,6 +33,7 @@ use crate::loopguard;
 use crate::mss;
 use crate::peer::Peer;
 use crate::ratelimit::HandshakeLimiter;
+use crate::session_index::IndexPermutation;
 use crate::snapshot::{DeviceSnapshot, PeerSnapshot};
 use crate::workers::{OpenJobs, Opened, SealJobs};
 
@@ -244,6 +245,8 @@ pub struct Engine {
     mtu: AtomicUsize,
     clock: Arc<dyn Clock>,
     indices: Arc<dyn IndexSource>,
+    /// The key that hides boringtun's session counter in the wire index.
+    session_indices: Arc<IndexPermutation>,
     /// Our key before a rotation ([`Engine::rotate_private_key`]), still answered while
     /// peers learn the new one; `None` once retired. Read only for initiations whose MAC1
     /// does not match the current key.
@@ -272,6 +275,7 @@ impl Engine {
             reconfigure_lock: Mutex::default(),
             drops: DropCounters::default(),
             mtu: AtomicUsize::default(),
+            session_indices: Arc::new(IndexPermutation::new(&*indices)),
             clock,
             indices,
             previous_identity: RwLock::default(),
@@ -302,6 +306,20 @@ impl Engine {
 
     pub fn drops(&self) -> &DropCounters {
         &self.drops
+    }
+
+    /// The peer's boringtun session, for tests that reach past the engine's API (message
+    /// counters near their limits).
+    #[cfg(test)]
+    pub(crate) fn with_tunn<R>(
+        &self,
+        peer: &Key,
+        f: impl FnOnce(&mut boringtun::noise::Tunn) -> R,
+    ) -> Option<R> {
+        let state = self.state();
+        let peer = state.by_key.get(peer)?;
+        let mut guard = peer.tunn.lock();
+        guard.as_mut().map(f)
     }
 
     /// The inner MTU, which caps the padding of data messages.
@@ -425,7 +443,14 @@ impl Engine {
             ) {
                 (Some(peer), Some(_)) if rotate => {
                     let index = fresh_index(&*self.indices, &old.by_index, &by_index);
-                    Arc::new(Peer::successor(pc, index, secret, peer, now))
+                    Arc::new(Peer::successor(
+                        pc,
+                        index,
+                        &self.session_indices,
+                        secret,
+                        peer,
+                        now,
+                    ))
                 }
                 (Some(peer), Some(before)) => {
                     if identity_changed || before.session_params_differ(pc) {
@@ -450,9 +475,16 @@ impl Engine {
                     match predecessor {
                         Some(old_peer) if !identity_changed => {
                             initiate.push(pc.public_key);
-                            Arc::new(Peer::successor(pc, index, secret, old_peer, now))
+                            Arc::new(Peer::successor(
+                                pc,
+                                index,
+                                &self.session_indices,
+                                secret,
+                                old_peer,
+                                now,
+                            ))
                         }
-                        _ => Arc::new(Peer::new(pc, index, secret)),
+                        _ => Arc::new(Peer::new(pc, index, &self.session_indices, secret)),
                     }
                 }
             };
@@ -1011,7 +1043,7 @@ impl Engine {
         state: &'s State,
         receiver_idx: u32,
     ) -> Option<(&'s Arc<Peer>, Option<Arc<Peer>>)> {
-        let index = receiver_idx >> 8;
+        let index = self.session_indices.open(receiver_idx) >> 8;
         let found = state.by_index.get(&index).and_then(|peer| {
             if peer.index == index {
                 return Some((peer, None));

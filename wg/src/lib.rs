@@ -41,6 +41,7 @@ pub mod offload;
 pub mod packet;
 pub mod peer;
 pub mod ratelimit;
+pub mod session_index;
 pub mod snapshot;
 pub mod snat;
 pub mod sockets;

@@ -353,7 +353,6 @@ fn no_keepalive_answers_a_keepalive() {
 /// the next tick because the last thing sent is older than 10 s (the kernel arms its
 /// keepalive timer on receipt, `wg_timers_data_received`).
 #[test]
-#[ignore = "boringtun defect (timers.rs:282-288), not fixable in the engine alone: see docs/protocol.md 10"]
 fn data_received_on_an_idle_tunnel_is_answered_10_s_later_not_at_once() {
     let mut rig = established(0);
     rig.run_until(secs(60.0));
@@ -375,7 +374,6 @@ fn data_received_on_an_idle_tunnel_is_answered_10_s_later_not_at_once() {
 /// data* (the kernel arms its timer on send, `wg_timers_data_sent`). b is alive and
 /// answers within 10 s, so no handshake is needed.
 #[test]
-#[ignore = "boringtun defect (timers.rs:271-277): see docs/protocol.md 10"]
 fn data_sent_on_an_idle_tunnel_starts_no_handshake_when_the_peer_answers() {
     let mut rig = established(0);
     rig.run_until(secs(60.0));
@@ -389,7 +387,6 @@ fn data_sent_on_an_idle_tunnel_starts_no_handshake_when_the_peer_answers() {
 /// REKEY_AFTER_TIME is checked when sending (whitepaper §6.2: "after sending a packet"):
 /// a tunnel idle since its first seconds is not rekeyed at 120 s.
 #[test]
-#[ignore = "boringtun defect (timers.rs:244-249): see docs/protocol.md 10"]
 fn an_idle_initiator_does_not_rekey() {
     let mut rig = established(0);
     rig.clear_log();
@@ -529,7 +526,6 @@ fn late_handshake_responses_complete_the_handshake() {
 /// not the next value, not the same upper bits (the kernel and wireguard-go draw 32 random
 /// bits per handshake). And with a seeded source the indices are reproducible.
 #[test]
-#[ignore = "boringtun defect: Handshake::inc_index (handshake.rs:466) steps the low byte"]
 fn session_indices_are_random_per_handshake_and_seedable() {
     let indices = || {
         let mut rig = established(0);
@@ -554,6 +550,111 @@ fn session_indices_are_random_per_handshake_and_seedable() {
         .filter(|w| w[1] >> 8 == w[0] >> 8 || w[1].wrapping_sub(w[0]) == 1)
         .count();
     assert_eq!(sequential, 0, "linkable indices: {first:x?}");
+}
+
+/// The whitepaper's message limits (§6.4), with the session's counter moved near them
+/// (boringtun's test hook `Tunn::__seal_at_counter` seals one message at a chosen counter):
+/// a session rekeys once it sent more than REKEY_AFTER_MESSAGES (either side, here the
+/// responder b), sends nothing past REJECT_AFTER_MESSAGES - 1, and a receiver refuses a
+/// message counted at or beyond REJECT_AFTER_MESSAGES even when it authenticates.
+#[test]
+fn message_counters_rekey_after_2_60_and_stop_at_the_reject_limit() {
+    const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
+    const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+    let key_a = Key([1; 32]).public_from_private();
+    let key_b = Key([2; 32]).public_from_private();
+    let packet = udp4([10, 0, 0, 2], [10, 0, 0, 1], 100);
+    let to_b = udp4([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    let counter = |d: &[u8]| u64::from_le_bytes(d[8..16].try_into().unwrap());
+
+    // Rekey: b (the responder) sends one message at counter 2^60; by the next tick it
+    // starts a handshake, and data keeps flowing across it.
+    let mut rig = established(0);
+    rig.clear_log();
+    let mut buf = vec![0u8; MAX_PACKET];
+    let sealed = rig
+        .b
+        .engine
+        .with_tunn(&key_a, |t| {
+            t.__seal_at_counter(REKEY_AFTER_MESSAGES, &packet, &mut buf)
+                .map(|d| d.to_vec())
+        })
+        .flatten()
+        .expect("b has a session");
+    assert_eq!(counter(&sealed), REKEY_AFTER_MESSAGES);
+    rig.run_until(rig.now + secs(1.0));
+    let inits = rig.sent(false, |s| s.kind() == INITIATION);
+    assert_eq!(
+        inits.len(),
+        1,
+        "b did not rekey after 2^60 messages: {:?}",
+        rig.log
+    );
+    rig.a_sends();
+    assert_eq!(rig.b_tun.len(), 1, "{:?}", rig.log);
+
+    // Reject, sending: after the message counted REJECT_AFTER_MESSAGES - 2, a sends one
+    // more data message on the session (the last counter allowed); the next packet waits
+    // for a new session (a starts a handshake) and crosses on it.
+    let mut rig = established(0);
+    rig.a
+        .engine
+        .with_tunn(&key_b, |t| {
+            t.__seal_at_counter(REJECT_AFTER_MESSAGES - 2, &to_b, &mut buf)
+                .is_some()
+        })
+        .filter(|sealed| *sealed)
+        .expect("a has a session");
+    rig.clear_log();
+    rig.a_sends();
+    rig.a_sends();
+    let data: Vec<(u32, u64)> = rig
+        .log
+        .iter()
+        .filter(|s| s.from_a && s.is_data())
+        .map(|s| {
+            let index = u32::from_le_bytes(s.bytes[4..8].try_into().unwrap());
+            (index, counter(&s.bytes))
+        })
+        .collect();
+    assert_eq!(data.len(), 2, "{data:x?}");
+    assert_eq!(data[0].1, REJECT_AFTER_MESSAGES - 1, "{data:x?}");
+    assert!(
+        data[1].0 != data[0].0 && data[1].1 < 2,
+        "the packet after the limit went on the old session: {data:x?}"
+    );
+    let inits = rig.sent(true, |s| s.kind() == INITIATION);
+    assert_eq!(inits.len(), 1, "{:?}", rig.log);
+    assert_eq!(rig.b_tun.len(), 2);
+
+    // Reject, receiving: b accepts a message counted REJECT_AFTER_MESSAGES - 1 and refuses
+    // ones counted REJECT_AFTER_MESSAGES and beyond, though they authenticate.
+    let rig = established(0);
+    let from_a = |c: u64| {
+        let mut buf = vec![0u8; MAX_PACKET];
+        rig.a
+            .engine
+            .with_tunn(&key_b, |t| {
+                t.__seal_at_counter(c, &to_b, &mut buf).map(|d| d.to_vec())
+            })
+            .flatten()
+            .expect("a has a session")
+    };
+    let delivered = |datagram: &[u8]| {
+        let mut buf = vec![0u8; MAX_PACKET];
+        rig.b
+            .engine
+            .handle_inbound(rig.a.addr, datagram, &mut buf, &rig.b.out);
+        rig.b
+            .out
+            .take()
+            .into_iter()
+            .filter(|o| matches!(o, Output::Tun(_)))
+            .count()
+    };
+    assert_eq!(delivered(&from_a(REJECT_AFTER_MESSAGES - 1)), 1);
+    assert_eq!(delivered(&from_a(REJECT_AFTER_MESSAGES)), 0);
+    assert_eq!(delivered(&from_a(u64::MAX - 1)), 0);
 }
 
 /// When the tick leaves a peer alone to jitter its retry (`engine::hold_retry`).

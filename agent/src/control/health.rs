@@ -4,17 +4,20 @@
 //! the admission policy keeps it off the coordinator's fields). The coordinator turns the
 //! reports into `MeshConnected`.
 //!
-//! Why a summary written on change: every agent watches every WireGuardPeer, so a per-peer
-//! report rewritten on a timer costs N² in watch traffic and agent memory. The summary does
+//! Why a summary written on change: every agent watches every WireGuardPeer, so anything
+//! rewritten there on a timer costs N² in watch traffic and agent memory. The summary does
 //! not grow while the mesh is healthy, and the agent writes it only when it changes (checked
-//! every few seconds, locally) or as a heartbeat (`--health-interval`, 60 s), which tells
-//! the coordinator the agent is still alive.
+//! every few seconds, locally). That the agent is alive goes elsewhere: it renews its own
+//! Lease every heartbeat (`--health-interval`, 60 s; [`isthmus_api::heartbeat`]), which only
+//! the coordinator watches.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use isthmus_api::{MeshHealth, PeerPathMtu, WireGuardPeer, AGENT_MANAGER};
+use anyhow::Context;
+use isthmus_api::{heartbeat, MeshHealth, PeerPathMtu, WireGuardPeer, AGENT_MANAGER};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -100,11 +103,21 @@ pub fn summary(snapshot: &DeviceSnapshot, want: &Want, now: SystemTime) -> Optio
 }
 
 /// Whether `current` is worth a write, given the last report written (`None`: none yet, or
-/// lost): when its summary changed, or the last one is a heartbeat old.
-pub fn due(last: Option<&MeshHealth>, current: &MeshHealth, heartbeat: Duration) -> bool {
+/// lost): when its summary changed. While the heartbeat Lease cannot be renewed (a cluster
+/// whose RBAC predates Leases), also when the last one is a heartbeat old: the report is
+/// then the only sign of life the coordinator gets.
+pub fn due(
+    last: Option<&MeshHealth>,
+    current: &MeshHealth,
+    heartbeat: Duration,
+    lease_renewed: bool,
+) -> bool {
     let Some(last) = last else { return true };
     if !last.same_summary(current) {
         return true;
+    }
+    if lease_renewed {
+        return false;
     }
     let age = current.observed_time.0.as_second() - last.observed_time.0.as_second();
     age >= i64::try_from(heartbeat.as_secs()).unwrap_or(i64::MAX)
@@ -131,9 +144,40 @@ pub async fn write(
     .await
 }
 
+/// Renews `node`'s heartbeat Lease in `leases`' namespace (creating it if need be), owned
+/// by its WireGuardPeer `owner` when known.
+pub async fn renew(
+    leases: &Api<Lease>,
+    namespace: &str,
+    node: &str,
+    heartbeat: Duration,
+    owner: Option<&str>,
+) -> anyhow::Result<()> {
+    let body = heartbeat::renewal(
+        node,
+        namespace,
+        heartbeat.as_secs(),
+        owner,
+        Timestamp::now(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let name = heartbeat::lease_name(node).map_err(anyhow::Error::msg)?;
+    leases
+        .patch(
+            &name,
+            &PatchParams::apply(AGENT_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .with_context(|| format!("renewing Lease {namespace}/{name}"))?;
+    Ok(())
+}
+
 /// The report loop's settings.
 pub struct Settings {
     pub heartbeat: Duration,
+    /// Where the heartbeat Lease lives.
+    pub namespace: String,
     pub handshake_stale: Duration,
     pub tunnel_mtu: u16,
 }
@@ -151,10 +195,47 @@ pub async fn report_loop(
     let mut tick = tokio::time::interval(CHECK_EVERY.min(settings.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written: Option<MeshHealth> = None;
+    let leases: Api<Lease> = Api::namespaced(api.clone().into_client(), &settings.namespace);
+    // When the Lease was last renewed or tried, and whether that worked.
+    let mut lease_tried: Option<tokio::time::Instant> = None;
+    let mut lease_renewed = false;
     loop {
-        tick.tick().await;
+        // The tick's own deadline, not the time it ran: a renewal then falls every
+        // heartbeat, not a check period late whenever the last one ran a little after its
+        // tick.
+        let now = tick.tick().await;
         let state = store.state();
-        let Some(me) = state.iter().find(|p| p.name_any() == node) else {
+        let me = state.iter().find(|p| p.name_any() == node);
+        if lease_tried.is_none_or(|t| now.duration_since(t) >= settings.heartbeat) {
+            lease_tried = Some(now);
+            let owner = me.and_then(|p| p.metadata.uid.as_deref());
+            match renew(
+                &leases,
+                &settings.namespace,
+                &node,
+                settings.heartbeat,
+                owner,
+            )
+            .await
+            {
+                Ok(()) if !lease_renewed => {
+                    tracing::info!(namespace = %settings.namespace, "heartbeat Lease renewed");
+                    lease_renewed = true;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    // Said once, not every heartbeat: the report carries the heartbeat then.
+                    if lease_renewed || written.is_none() {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "heartbeat Lease not renewed; the health report carries the heartbeat"
+                        );
+                    }
+                    lease_renewed = false;
+                }
+            }
+        }
+        let Some(me) = me else {
             continue;
         };
         // The object was recreated, or its report removed by hand: what was written is gone.
@@ -186,7 +267,7 @@ pub async fn report_loop(
         ) else {
             continue;
         };
-        if !due(written.as_ref(), &health, settings.heartbeat) {
+        if !due(written.as_ref(), &health, settings.heartbeat, lease_renewed) {
             continue;
         }
         match write(&api, &node, &health).await {
@@ -344,46 +425,63 @@ mod tests {
         let beat = Duration::from_secs(60);
         let later = |s: u64, d: &DeviceSnapshot| summary(d, &w, at(NOW + s)).unwrap();
         // (name, last written, current, due)
-        let rows: Vec<(&str, Option<&MeshHealth>, MeshHealth, bool)> = vec![
-            ("nothing written yet", None, later(1, &healthy), true),
+        // (case, last written, current) → due (Lease renewed, Lease failing)
+        type Row<'a> = (&'a str, Option<&'a MeshHealth>, MeshHealth, (bool, bool));
+        let rows: Vec<Row> = vec![
+            (
+                "nothing written yet",
+                None,
+                later(1, &healthy),
+                (true, true),
+            ),
             (
                 "same summary, 5 s later",
                 Some(&last),
                 later(5, &healthy),
-                false,
+                (false, false),
             ),
             (
                 "same summary, 59 s later",
                 Some(&last),
                 later(59, &healthy),
-                false,
+                (false, false),
             ),
+            // The Lease carries the heartbeat; without it, the report does.
             (
                 "same summary, a heartbeat later",
                 Some(&last),
                 later(60, &healthy),
-                true,
+                (false, true),
             ),
             // Handshakes renewing and counters moving change nothing written.
             (
                 "handshakes renewed",
                 Some(&last),
                 later(30, &device(&[Some(1), Some(2), Some(3)])),
-                false,
+                (false, false),
             ),
             (
                 "a tunnel went down",
                 Some(&last),
                 later(5, &device(&[Some(10), Some(400), Some(10)])),
-                true,
+                (true, true),
             ),
         ];
-        for (name, last, current, want_due) in rows {
-            assert_eq!(due(last, &current, beat), want_due, "{name}");
+        for (name, last, current, (with_lease, without)) in rows {
+            assert_eq!(
+                due(last, &current, beat, true),
+                with_lease,
+                "{name}, Lease renewed"
+            );
+            assert_eq!(
+                due(last, &current, beat, false),
+                without,
+                "{name}, no Lease"
+            );
         }
         let mut smaller = later(5, &healthy);
         smaller.lowest_path_mtu = Some(1300);
-        assert!(due(Some(&last), &smaller, beat), "a path MTU changed");
+        assert!(due(Some(&last), &smaller, beat, true), "a path MTU changed");
     }
 
     /// The report's size in bytes (the body the agent applies) for a healthy node with N

@@ -25,9 +25,11 @@ pub struct RunOptions {
     pub routing: RoutingOptions,
     pub kubeconfig: Option<PathBuf>,
     pub netns: Option<PathBuf>,
-    /// The health report's heartbeat: it is written when it changes, and at least this
-    /// often (`None`: never written).
+    /// The heartbeat: the agent renews its Lease ([`isthmus_api::heartbeat`]) this often
+    /// and writes the health report when it changes (`None`: neither).
     pub health_interval: Option<Duration>,
+    /// The namespace of the heartbeat Lease (where isthmus is installed).
+    pub heartbeat_namespace: String,
     /// A tunnel whose latest handshake is older than this is reported down.
     pub handshake_stale: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere), in the

@@ -528,8 +528,10 @@ async fn follow(
         watcher(agent.peers.clone(), watcher::Config::default())
             .default_backoff()
             // Other nodes' health reports are the coordinator's business: the cache keeps
-            // only this node's own (the report loop compares against it).
+            // only this node's own (the report loop compares against it). Server-side
+            // apply's bookkeeping (about half of each object as served) is nobody's here.
             .modify(move |p| {
+                p.metadata.managed_fields = None;
                 if p.metadata.name.as_deref() != Some(own.as_str()) {
                     if let Some(s) = p.status.as_mut() {
                         s.health = None;
@@ -558,6 +560,7 @@ async fn follow(
             store.clone(),
             super::health::Settings {
                 heartbeat: every,
+                namespace: agent.opts.heartbeat_namespace.clone(),
                 handshake_stale: agent.opts.handshake_stale,
                 tunnel_mtu: agent.fixed.tunnel_mtu,
             },

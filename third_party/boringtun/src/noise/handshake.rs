@@ -308,7 +308,16 @@ pub struct Handshake {
     // TODO: make TimeStamper a singleton
     stamper: TimeStamper,
     pub(super) last_rtt: Option<u32>,
+    // isthmus patch 4: the wire index of a session is `index_map(counter index)`, see
+    // `inc_index`.
+    pub(super) index_map: Option<IndexMap>,
 }
+
+/// isthmus patch 4: maps the session index boringtun counts (peer index << 8 | an 8-bit
+/// session counter) to the index that goes on the wire. Only its upper 29 bits are used;
+/// the low 3 stay the counter's, so that sessions still take turns in the
+/// `N_SESSIONS` (8) slots they are stored in.
+pub type IndexMap = std::sync::Arc<dyn Fn(u32) -> u32 + Send + Sync>;
 
 #[derive(Default)]
 struct Cookies {
@@ -431,6 +440,7 @@ impl Handshake {
             stamper: TimeStamper::new(),
             cookies: Default::default(),
             last_rtt: None,
+            index_map: None,
         }
     }
 
@@ -467,7 +477,13 @@ impl Handshake {
         let index = self.next_index;
         let idx8 = index as u8;
         self.next_index = (index & !0xff) | u32::from(idx8.wrapping_add(1));
-        self.next_index
+        // isthmus patch 4: a counter on the wire links a peer's successive sessions for any
+        // observer (the kernel draws 32 random bits per handshake); a caller-given keyed
+        // permutation hides it while the caller can still tell the peer from the index.
+        match &self.index_map {
+            Some(map) => (map(self.next_index) & !0x7) | (self.next_index & 0x7),
+            None => self.next_index,
+        }
     }
 
     pub(crate) fn set_static_private(

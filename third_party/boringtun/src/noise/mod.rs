@@ -63,8 +63,10 @@ impl<'a> From<WireGuardError> for TunnResult<'a> {
 pub struct Tunn {
     /// The handshake currently in progress
     handshake: handshake::Handshake,
-    /// The N_SESSIONS most recent sessions, index is session id modulo N_SESSIONS
-    sessions: [Option<session::Session>; N_SESSIONS],
+    /// The N_SESSIONS most recent sessions, index is session id modulo N_SESSIONS.
+    /// isthmus patch 9: boxed, so an idle peer does not carry eight sessions' keys and
+    /// replay windows inline (about 2 KiB each); a slot costs a pointer until it is used.
+    sessions: [Option<Box<session::Session>>; N_SESSIONS],
     /// Index of most recently used session
     current: usize,
     /// Queue to store blocked packets
@@ -226,6 +228,27 @@ impl Tunn {
         }
     }
 
+    /// isthmus patch 4: every session index this tunnel hands out from now on goes through
+    /// `map` (see [`handshake::IndexMap`]).
+    pub fn set_index_map(&mut self, map: handshake::IndexMap) {
+        self.handshake.index_map = Some(map);
+    }
+
+    /// isthmus patch 8, for tests only: seals `src` on the current session with the
+    /// message counter `counter`, limits ignored (what a broken or hostile peer would
+    /// send), and leaves the session's counter at `counter + 1`. `None` without a session.
+    #[doc(hidden)]
+    pub fn __seal_at_counter<'a>(
+        &mut self,
+        counter: u64,
+        src: &[u8],
+        dst: &'a mut [u8],
+    ) -> Option<&'a mut [u8]> {
+        let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
+        session.set_sending_counter(counter);
+        Some(session.format_packet_data(src, dst))
+    }
+
     /// Update the private key and clear existing sessions
     pub fn set_static_private(
         &mut self,
@@ -252,7 +275,13 @@ impl Tunn {
     /// Size of dst should be at least src.len() + 32, and no less than 148 bytes.
     pub fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8]) -> TunnResult<'a> {
         let current = self.current;
-        if let Some(ref session) = self.sessions[current % N_SESSIONS] {
+        // isthmus patch 5: a session that sent REJECT_AFTER_MESSAGES messages sends no more;
+        // the packet waits for a new session, as if there were none (the kernel's
+        // `wg_packet_send_staged_packets`).
+        if let Some(session) = self.sessions[current % N_SESSIONS]
+            .as_ref()
+            .filter(|s| s.sending_counter() < session::REJECT_AFTER_MESSAGES)
+        {
             // Send the packet using an established session
             let packet = session.format_packet_data(src, dst);
             self.timer_tick(TimerName::TimeLastPacketSent);
@@ -332,7 +361,7 @@ impl Tunn {
 
         // Store new session in ring buffer
         let index = session.local_index();
-        self.sessions[index % N_SESSIONS] = Some(session);
+        self.sessions[index % N_SESSIONS] = Some(Box::new(session));
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick(TimerName::TimeLastPacketSent);
@@ -360,7 +389,7 @@ impl Tunn {
         // Store new session in ring buffer
         let l_idx = session.local_index();
         let index = l_idx % N_SESSIONS;
-        self.sessions[index] = Some(session);
+        self.sessions[index] = Some(Box::new(session));
 
         self.timer_tick(TimerName::TimeLastPacketReceived);
         self.timer_tick_session_established(true, index); // New session established, we are the initiator

@@ -33,10 +33,22 @@ const AEAD_SIZE: usize = 16;
 
 // Receiving buffer constants
 const WORD_SIZE: u64 = 64;
-const N_WORDS: u64 = 16; // Suffice to reorder 64*16 = 1024 packets; can be increased at will
+// isthmus patch 7: the kernel's window, 8192 bits of which 8192 - 64 = 8128 counters behind
+// the newest are accepted (the word the newest falls in is being recycled); was 16 words,
+// about 1024 counters.
+const N_WORDS: u64 = 128;
 const N_BITS: u64 = WORD_SIZE * N_WORDS;
+/// isthmus patch 7: how far behind the newest counter a packet is still accepted.
+const WINDOW: u64 = N_BITS - WORD_SIZE;
 
-#[derive(Debug, Clone, Default)]
+// isthmus patches 5 and 6: the whitepaper's message limits (§6.4), which the kernel and
+// wireguard-go enforce: a rekey after 2^60 messages, and no message on a key past
+// 2^64 - 2^13 - 1 sent or received.
+pub(super) const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
+pub(super) const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
+// isthmus patch 7: `Default` by hand, arrays over 32 have none.
+#[derive(Debug, Clone)]
 struct ReceivingKeyCounterValidator {
     /// In order to avoid replays while allowing for some reordering of the packets, we keep a
     /// bitmap of received packets, and the value of the highest counter
@@ -44,6 +56,16 @@ struct ReceivingKeyCounterValidator {
     /// Used to estimate packet loss
     receive_cnt: u64,
     bitmap: [u64; N_WORDS as usize],
+}
+
+impl Default for ReceivingKeyCounterValidator {
+    fn default() -> Self {
+        ReceivingKeyCounterValidator {
+            next: 0,
+            receive_cnt: 0,
+            bitmap: [0; N_WORDS as usize],
+        }
+    }
 }
 
 impl ReceivingKeyCounterValidator {
@@ -83,11 +105,16 @@ impl ReceivingKeyCounterValidator {
     /// Returns true if the counter was not yet received, and is not too far back
     #[inline(always)]
     fn will_accept(&self, counter: u64) -> Result<(), WireGuardError> {
+        // isthmus patch 6
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Err(WireGuardError::InvalidCounter);
+        }
         if counter >= self.next {
             // As long as the counter is growing no replay took place for sure
             return Ok(());
         }
-        if counter + N_BITS < self.next {
+        // isthmus patch 7 (was `counter + N_BITS < self.next`)
+        if counter + WINDOW + 1 < self.next {
             // Drop if too far back
             return Err(WireGuardError::InvalidCounter);
         }
@@ -102,7 +129,8 @@ impl ReceivingKeyCounterValidator {
     /// decryption something changed)
     #[inline(always)]
     fn mark_did_receive(&mut self, counter: u64) -> Result<(), WireGuardError> {
-        if counter + N_BITS < self.next {
+        // isthmus patches 6 and 7
+        if counter >= REJECT_AFTER_MESSAGES || counter + WINDOW + 1 < self.next {
             // Drop if too far back
             return Err(WireGuardError::InvalidCounter);
         }
@@ -265,6 +293,16 @@ impl Session {
         // After decryption is done, check counter again, and mark as received
         self.receiving_counter_mark(packet.counter)?;
         Ok(ret)
+    }
+
+    /// isthmus patch 5: the counter the next message would be sent with.
+    pub(super) fn sending_counter(&self) -> u64 {
+        self.sending_key_counter.load(Ordering::Relaxed)
+    }
+
+    /// isthmus patch 8: for tests only, see `Tunn::__seal_at_counter`.
+    pub(super) fn set_sending_counter(&self, counter: u64) {
+        self.sending_key_counter.store(counter, Ordering::Relaxed);
     }
 
     /// Returns the estimated downstream packet loss for this session

@@ -9,6 +9,7 @@
 // `Tunn::open_commit` (in arrival order, `&mut Tunn`).
 
 use super::errors::WireGuardError;
+use super::session::REJECT_AFTER_MESSAGES;
 use super::timers::TimerName;
 use super::{PacketData, Tunn, TunnResult, DATA, N_SESSIONS};
 use ring::aead::{Aad, LessSafeKey, Nonce};
@@ -17,8 +18,6 @@ use ring::aead::{Aad, LessSafeKey, Nonce};
 const HEADER: usize = 16;
 const TAG: usize = 16;
 
-/// Whitepaper §6.1: no message is sent under a counter this high (2^64 - 2^13 - 1).
-const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
@@ -105,7 +104,8 @@ impl Tunn {
     pub fn reserve_seal(&mut self, n: u64, bytes: usize) -> Option<(u32, u64)> {
         let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
         let (first, receiver_index) = session.reserve_sending(n);
-        if first.checked_add(n)? >= REJECT_AFTER_MESSAGES {
+        // isthmus patch 5 on this path: no message at or past the reject limit.
+        if first.checked_add(n)? > REJECT_AFTER_MESSAGES {
             return None;
         }
         self.timer_tick(TimerName::TimeLastPacketSent);

@@ -3,7 +3,6 @@
 
 use super::errors::WireGuardError;
 use crate::noise::{Tunn, TunnResult};
-use std::mem;
 use std::ops::{Index, IndexMut};
 
 use std::time::Duration;
@@ -56,10 +55,16 @@ pub struct Timers {
     time_started: Instant,
     timers: [Duration; TimerName::Top as usize],
     pub(super) session_timers: [Duration; super::N_SESSIONS],
-    /// Did we receive data without sending anything back?
-    want_keepalive: bool,
-    /// Did we send data without hearing back?
-    want_handshake: bool,
+    // isthmus patch 1: the time of the first data received since we last sent anything, not
+    // a flag: the keepalive is due KEEPALIVE_TIMEOUT after *that data*, as the kernel's
+    // `wg_timers_data_received` arms it (was: 10 s after our last send, i.e. at once on a
+    // tunnel idle for longer).
+    /// When we received data without sending anything back since.
+    want_keepalive: Option<Duration>,
+    // isthmus patch 2: likewise the time of the first data sent since we last heard from the
+    // peer (the kernel's `wg_timers_data_sent`); was: 15 s after the last receive.
+    /// When we sent data without hearing back since.
+    want_handshake: Option<Duration>,
     persistent_keepalive: usize,
     /// Should this timer call reset rr function (if not a shared rr instance)
     pub(super) should_reset_rr: bool,
@@ -90,8 +95,8 @@ impl Timers {
         for t in &mut self.timers[..] {
             *t = now;
         }
-        self.want_handshake = false;
-        self.want_keepalive = false;
+        self.want_handshake = None;
+        self.want_keepalive = None;
     }
 }
 
@@ -110,19 +115,21 @@ impl IndexMut<TimerName> for Timers {
 
 impl Tunn {
     pub(super) fn timer_tick(&mut self, timer_name: TimerName) {
+        let time = self.timers[TimeCurrent];
+        // isthmus patches 1 and 2: arm on data, disarm on any authenticated packet the other
+        // way (keepalives and handshakes included), as the kernel's timers.c does.
         match timer_name {
-            TimeLastPacketReceived => {
-                self.timers.want_keepalive = true;
-                self.timers.want_handshake = false;
+            TimeLastPacketReceived => self.timers.want_handshake = None,
+            TimeLastPacketSent => self.timers.want_keepalive = None,
+            TimeLastDataPacketReceived => {
+                self.timers.want_keepalive.get_or_insert(time);
             }
-            TimeLastPacketSent => {
-                self.timers.want_handshake = true;
-                self.timers.want_keepalive = false;
+            TimeLastDataPacketSent => {
+                self.timers.want_handshake.get_or_insert(time);
             }
             _ => {}
         }
 
-        let time = self.timers[TimeCurrent];
         self.timers[timer_name] = time;
     }
 
@@ -185,8 +192,6 @@ impl Tunn {
         // Load timers only once:
         let session_established = self.timers[TimeSessionEstablished];
         let handshake_started = self.timers[TimeLastHandshakeStarted];
-        let aut_packet_received = self.timers[TimeLastPacketReceived];
-        let aut_packet_sent = self.timers[TimeLastPacketSent];
         let data_packet_received = self.timers[TimeLastDataPacketReceived];
         let data_packet_sent = self.timers[TimeLastDataPacketSent];
         let persistent_keepalive = self.timers.persistent_keepalive;
@@ -241,9 +246,10 @@ impl Tunn {
                     // ms old, we initiate a new handshake. If the sender was the original
                     // responder of the handshake, it does not re-initiate a new handshake
                     // after REKEY_AFTER_TIME ms like the original initiator does.
-                    if session_established < data_packet_sent
-                        && now - session_established >= REKEY_AFTER_TIME
-                    {
+                    // isthmus patch 3: REKEY_AFTER_TIME counts when data *is sent* on an old
+                    // session (the kernel's `keep_key_fresh` on send), not at any later tick
+                    // once some data was sent: an idle session is not rekeyed.
+                    if data_packet_sent >= session_established + REKEY_AFTER_TIME {
                         tracing::debug!("HANDSHAKE(REKEY_AFTER_TIME (on send))");
                         handshake_initiation_required = true;
                     }
@@ -252,9 +258,10 @@ impl Tunn {
                     // of the handshake and if the current session key is REJECT_AFTER_TIME
                     // - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT ms old, we initiate a new
                     // handshake.
-                    if session_established < data_packet_received
-                        && now - session_established
-                            >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+                    // isthmus patch 3: likewise on receive.
+                    if data_packet_received
+                        >= session_established
+                            + (REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT)
                     {
                         tracing::warn!(
                             "HANDSHAKE(REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - \
@@ -268,10 +275,23 @@ impl Tunn {
                 // If we have sent a packet to a given peer but have not received a
                 // packet after from that peer for (KEEPALIVE + REKEY_TIMEOUT) ms,
                 // we initiate a new handshake.
-                if data_packet_sent > aut_packet_received
-                    && now - aut_packet_received >= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
-                    && mem::replace(&mut self.timers.want_handshake, false)
+                // isthmus patch 5: REKEY_AFTER_MESSAGES, either side (the kernel's
+                // `keep_key_fresh`).
+                if self.sessions[self.current % super::N_SESSIONS]
+                    .as_ref()
+                    .is_some_and(|s| s.sending_counter() > super::session::REKEY_AFTER_MESSAGES)
                 {
+                    tracing::debug!("HANDSHAKE(REKEY_AFTER_MESSAGES)");
+                    handshake_initiation_required = true;
+                }
+
+                // isthmus patch 2: counted from that packet.
+                if self
+                    .timers
+                    .want_handshake
+                    .is_some_and(|sent| now - sent >= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
+                {
+                    self.timers.want_handshake = None;
                     tracing::warn!("HANDSHAKE(KEEPALIVE + REKEY_TIMEOUT)");
                     handshake_initiation_required = true;
                 }
@@ -279,10 +299,13 @@ impl Tunn {
                 if !handshake_initiation_required {
                     // If a packet has been received from a given peer, but we have not sent one back
                     // to the given peer in KEEPALIVE ms, we send an empty packet.
-                    if data_packet_received > aut_packet_sent
-                        && now - aut_packet_sent >= KEEPALIVE_TIMEOUT
-                        && mem::replace(&mut self.timers.want_keepalive, false)
+                    // isthmus patch 1: counted from that data.
+                    if self
+                        .timers
+                        .want_keepalive
+                        .is_some_and(|received| now - received >= KEEPALIVE_TIMEOUT)
                     {
+                        self.timers.want_keepalive = None;
                         tracing::debug!("KEEPALIVE(KEEPALIVE_TIMEOUT)");
                         keepalive_required = true;
                     }
