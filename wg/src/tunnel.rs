@@ -24,12 +24,13 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use crate::batch::OutBatch;
 use crate::config::{Change, DeviceConfig, PeerConfig};
 use crate::drops::DropReason;
-use crate::engine::{Burst, Engine, Transmit, DATA_OVERHEAD, MAX_PACKET};
+use crate::engine::{Burst, Engine, Queued, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use crate::key::Key;
 use crate::offload::gro::Coalescer;
 use crate::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
 use crate::snat::SourceRewrite;
 use crate::sockets::{Sockets, Udp, RECV_BUF};
+use crate::workers::{OpenJobs, SealJobs, Workers};
 
 /// How often session timers run; boringtun rounds its timers to this order anyway.
 const TICK: Duration = Duration::from_millis(100);
@@ -48,6 +49,23 @@ const MIN_SEAL_ROOM: usize = 256;
 /// Set to `0` to open the TUN without offloads (one packet per read and write), e.g. to
 /// measure what they bring or to work around a kernel that mishandles them.
 pub const OFFLOAD_ENV: &str = "ISTHMUS_TUN_OFFLOAD";
+
+/// How many threads seal and open data messages (0 or unset: one per core; 1: each packet
+/// thread does its own crypto, the data path without workers).
+pub const WORKERS_ENV: &str = "ISTHMUS_CRYPTO_WORKERS";
+
+/// Messages one batch hands to the workers; a batch with more seals the rest itself.
+const SEAL_JOBS: usize = 256;
+/// A GRO receive holds at most 64 datagrams.
+const OPEN_JOBS: usize = 64;
+
+/// The worker count [`WORKERS_ENV`] asks for: `None` when it is not a number.
+pub fn workers_wanted(value: Option<&str>) -> Option<usize> {
+    match value.map(str::trim) {
+        None | Some("") => Some(0),
+        Some(v) => v.parse().ok(),
+    }
+}
 
 /// Why a [`Change`] could not be applied; nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +138,8 @@ pub struct Tunnel {
     pub iface: String,
     engine: Arc<Engine>,
     net: Arc<Net>,
+    /// The crypto workers every packet thread shares ([`crate::workers`]).
+    workers: Workers,
     set_lock: Mutex<()>,
     /// VXLAN source rewrite (routing mode `vxlan`); read once per TUN read.
     source_rewrite: RwLock<Option<SourceRewrite>>,
@@ -137,6 +157,10 @@ struct Failure {
 impl Tunnel {
     /// Creates the TUN device `iface` and binds the UDP sockets; starts the packet threads.
     pub fn start(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<Arc<Tunnel>> {
+        let setting = std::env::var(WORKERS_ENV).ok();
+        let wanted = workers_wanted(setting.as_deref())
+            .with_context(|| format!("{WORKERS_ENV}={setting:?}: not a worker count"))?;
+        let workers = Workers::new(wanted)?;
         let (tun, vnet) = open_tun(iface, mtu)?;
         let sockets = Arc::new(
             Sockets::bind(listen_port, 0)
@@ -157,6 +181,7 @@ impl Tunnel {
             iface: iface.to_string(),
             engine,
             net,
+            workers,
             set_lock: Mutex::new(()),
             source_rewrite: RwLock::new(None),
             failure: Mutex::new(Failure::default()),
@@ -169,6 +194,7 @@ impl Tunnel {
             port = sockets.port,
             mtu,
             tun_offload = vnet,
+            crypto_workers = tunnel.workers.size(),
             udp_gso_segments = sockets.v4.max_segments(),
             "tunnel up"
         );
@@ -346,6 +372,16 @@ impl Tunnel {
             }
         };
         let mut burst = self.engine.burst();
+        let pooled = self.workers.size() > 1;
+        let mut jobs = OpenJobs::with_capacity(OPEN_JOBS);
+        // A packet with its headroom: into the coalescer, or straight to the TUN.
+        let deliver = |slot: &mut [u8], gro: &mut Coalescer, emit: &mut dyn FnMut(&[u8])| {
+            if net.vnet {
+                gro.push(slot, &mut |b| emit(b));
+            } else {
+                emit(&slot[VIRTIO_HDR_LEN..]);
+            }
+        };
         while !set.is_retired() {
             let got = match udp.recv(&mut rx) {
                 Ok(got) => got,
@@ -367,18 +403,55 @@ impl Tunnel {
             };
             self.engine.refresh(&mut burst);
             let len = got.len.min(rx.len());
-            for datagram in rx[..len].chunks(got.stride.max(1)) {
+            let stride = got.stride.max(1);
+            for start in (0..len).step_by(stride) {
+                let span = start..(start + stride).min(len);
+                if pooled {
+                    match self.engine.open_queue(&burst, &rx, span.clone(), &mut jobs) {
+                        Queued::Queued | Queued::Refused => continue,
+                        // A handshake may replace the sessions of what is queued: those first.
+                        Queued::NotData => {
+                            self.open_queued(&burst, got.from, &mut rx, &mut jobs, &mut |p| {
+                                deliver(p, &mut gro, &mut emit)
+                            })
+                        }
+                    }
+                }
+                let datagram = &rx[span];
                 let opened =
                     self.engine
                         .open(&burst, got.from, datagram, &mut slot[VIRTIO_HDR_LEN..], net);
                 let Some(n) = opened else { continue };
-                if net.vnet {
-                    gro.push(&mut slot[..VIRTIO_HDR_LEN + n], &mut emit);
-                } else {
-                    emit(&slot[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + n]);
-                }
+                deliver(&mut slot[..VIRTIO_HDR_LEN + n], &mut gro, &mut emit);
             }
+            self.open_queued(&burst, got.from, &mut rx, &mut jobs, &mut |p| {
+                deliver(p, &mut gro, &mut emit)
+            });
             gro.flush(&mut emit);
+        }
+    }
+
+    /// Opens what `jobs` holds on the workers, and hands each packet that passes to
+    /// `deliver` in arrival order, with its [`VIRTIO_HDR_LEN`] bytes of headroom.
+    fn open_queued(
+        &self,
+        burst: &Burst,
+        from: SocketAddr,
+        rx: &mut [u8],
+        jobs: &mut OpenJobs,
+        deliver: &mut dyn FnMut(&mut [u8]),
+    ) {
+        if jobs.is_empty() {
+            return;
+        }
+        let opened = jobs.run(&self.workers, rx, |buf, o| {
+            if let Some(r) = self.engine.open_commit(burst, from, o, buf) {
+                deliver(&mut buf[r.start - VIRTIO_HDR_LEN..r.end]);
+            }
+        });
+        if let Err(e) = opened {
+            tracing::warn!(error = %e, "receive batch not opened");
+            self.engine.drops().record(DropReason::Malformed);
         }
     }
 
@@ -387,6 +460,7 @@ impl Tunnel {
         let mut rx = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut segment = vec![0u8; MAX_PACKET];
         let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
+        let mut jobs = SealJobs::with_capacity(SEAL_JOBS);
         let mut burst = self.engine.burst();
         loop {
             let n = match self.net.tun.recv(&mut rx) {
@@ -403,7 +477,7 @@ impl Tunnel {
                 if let Some(r) = &rewrite {
                     r.apply(packet);
                 }
-                self.seal_into(&mut batch, &burst, packet)
+                self.seal_into(&mut batch, &mut jobs, &burst, packet)
             };
             if self.net.vnet {
                 let split = VirtioHdr::decode(&rx[..n])
@@ -418,14 +492,23 @@ impl Tunnel {
             } else {
                 seal(&mut rx[..n]);
             }
-            self.flush(&mut batch);
+            self.flush(&mut batch, &mut jobs);
         }
     }
 
-    fn seal_into(&self, batch: &mut OutBatch, burst: &Burst, packet: &[u8]) {
+    fn seal_into(&self, batch: &mut OutBatch, jobs: &mut SealJobs, burst: &Burst, packet: &[u8]) {
         let need = self.engine.sealed_len(packet.len()).max(MIN_SEAL_ROOM);
         if batch.space(need).is_none() {
-            self.flush(batch);
+            self.flush(batch, jobs);
+        }
+        if self.workers.size() > 1 {
+            if batch.space(need).is_none() {
+                self.engine.drops().record(DropReason::Malformed);
+            } else {
+                self.engine
+                    .seal_deferred(burst, packet, batch, jobs, self.net.as_ref());
+            }
+            return;
         }
         let Some(space) = batch.space(need) else {
             // Larger than an empty batch: cannot happen for packets read from the TUN.
@@ -437,7 +520,25 @@ impl Tunnel {
         }
     }
 
-    fn flush(&self, batch: &mut OutBatch) {
+    /// Seals what waits for the workers, then sends the batch, run by run, in order.
+    fn flush(&self, batch: &mut OutBatch, jobs: &mut SealJobs) {
+        if !jobs.is_empty() {
+            match jobs.run(&self.workers, batch.filled_mut()) {
+                Ok(0) => {}
+                Ok(failed) => {
+                    // Zeroed by the job, never sent as plaintext; dropped at the receiver.
+                    tracing::warn!(failed, "data messages not sealed");
+                    self.engine.drops().record(DropReason::Malformed);
+                }
+                Err(e) => {
+                    // Nothing was sealed: nothing of this batch may leave.
+                    tracing::warn!(error = %e, "send batch not sealed");
+                    self.engine.drops().record(DropReason::Malformed);
+                    batch.clear();
+                    return;
+                }
+            }
+        }
         if batch.is_empty() {
             return;
         }
@@ -460,6 +561,27 @@ impl Tunnel {
                 self.engine.set_mtu(mtu);
             }
             self.engine.tick(&mut scratch, self.net.as_ref());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_setting_is_a_count_or_the_default() {
+        let cases: [(Option<&str>, Option<usize>); 7] = [
+            (None, Some(0)),
+            (Some(""), Some(0)),
+            (Some("0"), Some(0)),
+            (Some("1"), Some(1)),
+            (Some(" 8 "), Some(8)),
+            (Some("all"), None),
+            (Some("-1"), None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(workers_wanted(value), want, "{value:?}");
         }
     }
 }
