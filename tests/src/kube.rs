@@ -545,10 +545,23 @@ impl KubeRig {
             }),
             ..Default::default()
         };
-        let resp = sas
-            .create_token_request(account, &PostParams::default(), &req)
-            .await
-            .with_context(|| format!("token for {account}"))?;
+        // An API server under load (ten of them on two cores) may drop a connection: try
+        // again a few times before failing the run.
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            match sas
+                .create_token_request(account, &PostParams::default(), &req)
+                .await
+            {
+                Ok(resp) => break resp,
+                Err(kube::Error::Service(e)) if attempt < 4 => {
+                    eprintln!("token for {account}: {e}; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("token for {account}")),
+            }
+        };
         resp.status
             .and_then(|s| s.token)
             .context("token request answered without a token")
