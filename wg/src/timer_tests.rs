@@ -657,6 +657,34 @@ fn message_counters_rekey_after_2_60_and_stop_at_the_reject_limit() {
     assert_eq!(delivered(&from_a(u64::MAX - 1)), 0);
 }
 
+/// The workers' sealing path (`Tunn::reserve_seal`, boringtun patch 10) keeps the same
+/// limit as `encapsulate`: counters up to `REJECT_AFTER_MESSAGES - 1` and none beyond; a
+/// batch that would cross it is refused whole and spends no counter.
+#[test]
+fn the_split_seal_path_stops_at_the_reject_limit_too() {
+    const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+    let key_b = Key([2; 32]).public_from_private();
+    let to_b = udp4([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    let rig = established(0);
+    let mut buf = vec![0u8; MAX_PACKET];
+    let reserved = rig
+        .a
+        .engine
+        .with_tunn(&key_b, |t| {
+            t.__seal_at_counter(REJECT_AFTER_MESSAGES - 3, &to_b, &mut buf)?;
+            // Three counters would cross the limit and reserve nothing; two are the last.
+            let batch = t.reserve_seal(3, 300);
+            let last = t.reserve_seal(2, 200).map(|(_, first)| first);
+            let after = t.reserve_seal(1, 100);
+            Some((batch, last, after))
+        })
+        .flatten()
+        .expect("a has a session");
+    assert_eq!(reserved.0, None, "a batch crossing the limit was reserved");
+    assert_eq!(reserved.2, None, "a counter past the limit was reserved");
+    assert_eq!(reserved.1, Some(REJECT_AFTER_MESSAGES - 2), "{reserved:?}");
+}
+
 /// When the tick leaves a peer alone to jitter its retry (`engine::hold_retry`).
 #[test]
 fn the_retry_is_held_for_its_jitter_but_never_past_session_expiry() {

@@ -103,11 +103,12 @@ impl Tunn {
     /// usable session: then `encapsulate` queues the packet and initiates, as before.
     pub fn reserve_seal(&mut self, n: u64, bytes: usize) -> Option<(u32, u64)> {
         let session = self.sessions[self.current % N_SESSIONS].as_ref()?;
-        let (first, receiver_index) = session.reserve_sending(n);
-        // isthmus patch 5 on this path: no message at or past the reject limit.
-        if first.checked_add(n)? > REJECT_AFTER_MESSAGES {
+        // isthmus patch 5 on this path: no message at or past the reject limit, and a batch
+        // that would cross it reserves nothing (under `&mut self`, nothing else reserves).
+        if session.sending_counter().checked_add(n)? > REJECT_AFTER_MESSAGES {
             return None;
         }
+        let (first, receiver_index) = session.reserve_sending(n);
         self.timer_tick(TimerName::TimeLastPacketSent);
         if bytes > 0 {
             self.timer_tick(TimerName::TimeLastDataPacketSent);
