@@ -10,7 +10,7 @@ use isthmus_api::WireGuardPeer;
 use isthmus_routing::model::{EntryKey, Value};
 use isthmus_routing::plan::{self as routing_plan, Devices, Remote, Settings};
 use isthmus_routing::Mode;
-use isthmus_wg::snat::SourceRewrite;
+use isthmus_wg::snat::{Rewrite4, SourceRewrite};
 use isthmus_wg::Key;
 use kube::ResourceExt;
 
@@ -64,8 +64,11 @@ fn source_rewrite(mode: Mode, address: Option<(IpAddr, u8)>) -> Option<SourceRew
         return None;
     };
     Some(SourceRewrite {
-        mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
-        to: ip,
+        v4: Some(Rewrite4 {
+            mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
+            to: ip,
+        }),
+        v6: None,
     })
 }
 
@@ -198,8 +201,11 @@ mod tests {
         let plan = |peers: &[WireGuardPeer]| mesh::plan("a1", peers);
         let admitted = plan(&[a1.clone(), b1.clone()]);
         let rewrite = Some(SourceRewrite {
-            mesh: "100.96.0.0/16".parse().unwrap(),
-            to: "100.96.0.1".parse().unwrap(),
+            v4: Some(Rewrite4 {
+                mesh: "100.96.0.0/16".parse().unwrap(),
+                to: "100.96.0.1".parse().unwrap(),
+            }),
+            v6: None,
         });
         // (case, mode, peers now, plan applied, expected: (set address, source rewrite))
         type Case<'a> = (
