@@ -136,22 +136,47 @@ write("gro_coalesce", "gap", recs((0, 200, 0, 0), (0x80, 200, 3, 0), (0, 200, 0,
 write("gro_coalesce", "flip", recs((0, 200, 0, 0), (0x40, 200, 1, 8), (0, 200, 0, 0), (0x41, 200, 0x10, 1)))
 write("gro_coalesce", "max", recs(*[(0, 255, 0, 0)] * 48))
 
-# snat: pool (4) + prefix (1) + new source (4) + packet
+# snat: IPv4 pool (4) + prefix (1) + new source (4) + IPv6 pool (16) + prefix (1) + new
+# source (16) + packet; a prefix of 0xff: no rewrite of that family
 def vxlan(src, dst, checksum):
     inner = bytes([8, 0, 0, 0, 0, 0, 1, 0]) + pattern(64)
     return ipv4(src, dst, 17, udp(src, dst, 34567, 8472, inner, checksum), frag=0)
 
 
+def vxlan6(src, dst, checksum=True):
+    inner = bytes([8, 0, 0, 0, 0, 0, 1, 0]) + pattern(64)
+    return ipv6(src, dst, 17, udp(src, dst, 34567, 8472, inner, checksum))
+
+
+def fragment6(src, dst, piece, offset, more, nxt=17):
+    frag = struct.pack("!BBHI", nxt, 0, (offset << 3) | more, 0x12345678)
+    return ipv6(src, dst, 44, frag + piece)
+
+
 pool = bytes([100, 96, 0, 0, 16])
 to = bytes([100, 96, 0, 1])
-write("snat", "vxlan-csum", pool + to + vxlan([192, 168, 1, 5], [100, 96, 0, 3], True))
-write("snat", "vxlan-nocsum", pool + to + vxlan([192, 168, 1, 5], [100, 96, 0, 3], False))
+under6 = bytes([0x20, 0x01, 0x0d, 0xb8] + [0] * 11 + [5])
+mesh6 = bytes([0xfd, 0x96] + [0] * 13 + [3])
+pool6 = bytes([0xfd, 0x96] + [0] * 14) + bytes([64]) + bytes([0xfd, 0x96] + [0] * 13 + [1])
+none6 = bytes(16) + bytes([0xff]) + bytes(16)
+conf = pool + to + pool6
+write("snat", "vxlan-csum", conf + vxlan([192, 168, 1, 5], [100, 96, 0, 3], True))
+write("snat", "vxlan-nocsum", conf + vxlan([192, 168, 1, 5], [100, 96, 0, 3], False))
 frag = ipv4([192, 168, 1, 5], [100, 96, 0, 3], 17, pattern(64), frag=0x2000)
-write("snat", "first-fragment", pool + to + frag)
-write("snat", "later-fragment", pool + to + ipv4([192, 168, 1, 5], [100, 96, 0, 3], 17, pattern(64), frag=0x0010))
-write("snat", "options", pool + to + ipv4([192, 168, 1, 5], [100, 96, 0, 3], 17, udp([192, 168, 1, 5], [100, 96, 0, 3], 1, 2, pattern(9)), ihl=7))
-write("snat", "outside-pool", pool + to + vxlan([192, 168, 1, 5], [10, 0, 0, 3], True))
-write("snat", "tcp", pool + to + ipv4([192, 168, 1, 5], [100, 96, 0, 3], 6, tcp([192, 168, 1, 5], [100, 96, 0, 3], 1, b"x")))
+write("snat", "first-fragment", conf + frag)
+write("snat", "later-fragment", conf + ipv4([192, 168, 1, 5], [100, 96, 0, 3], 17, pattern(64), frag=0x0010))
+write("snat", "options", conf + ipv4([192, 168, 1, 5], [100, 96, 0, 3], 17, udp([192, 168, 1, 5], [100, 96, 0, 3], 1, 2, pattern(9)), ihl=7))
+write("snat", "outside-pool", conf + vxlan([192, 168, 1, 5], [10, 0, 0, 3], True))
+write("snat", "tcp", conf + ipv4([192, 168, 1, 5], [100, 96, 0, 3], 6, tcp([192, 168, 1, 5], [100, 96, 0, 3], 1, b"x")))
+write("snat", "v4-only", pool + to + none6 + vxlan6(under6, mesh6))
+write("snat", "vxlan6", conf + vxlan6(under6, mesh6))
+write("snat", "vxlan6-nocsum", conf + vxlan6(under6, mesh6, False))
+udp6 = udp(under6, mesh6, 34567, 8472, pattern(40))
+write("snat", "fragment6-first", conf + fragment6(under6, mesh6, udp6[:24], 0, 1))
+write("snat", "fragment6-later", conf + fragment6(under6, mesh6, udp6[24:], 3, 0))
+write("snat", "fragment6-tcp", conf + fragment6(under6, mesh6, udp6[:24], 0, 1, nxt=6))
+write("snat", "hop-by-hop6", conf + ipv6(under6, mesh6, 0, bytes([17, 0, 1, 4, 0, 0, 0, 0]) + udp6))
+write("snat", "outside-pool6", conf + vxlan6(under6, bytes([0xfd, 0] + [0] * 14)))
 
 # journal
 def journal(entries, version=1):

@@ -131,6 +131,17 @@ pub struct WireGuardPeerStatus {
     /// The pool the mesh IP came from; the agent puts this prefix on its tunnel device.
     #[serde(default, rename = "meshCIDR", skip_serializing_if = "Option::is_none")]
     pub mesh_cidr: Option<String>,
+    /// This node's IPv6 mesh address, when the coordinator also has an IPv6 pool (dual-stack
+    /// mesh): what flannel's IPv6 VXLAN device (`flannel-v6.1`) is pointed at.
+    #[serde(default, rename = "meshIPv6", skip_serializing_if = "Option::is_none")]
+    pub mesh_ipv6: Option<String>,
+    /// The IPv6 pool `meshIPv6` came from; its prefix goes on the tunnel device too.
+    #[serde(
+        default,
+        rename = "meshCIDRv6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mesh_cidr_v6: Option<String>,
     /// The topology the coordinator admitted this peer under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<Topology>,

@@ -187,6 +187,7 @@ pub fn peer_view(p: &WireGuardPeer, key: KeyPossession) -> PeerView {
         location: p.spec.location.clone(),
         vtep: p.spec.vtep.as_ref().map(|v| (v.mac.clone(), v.ip.clone())),
         mesh_ip: status.and_then(|s| s.mesh_ip.clone()),
+        mesh_ipv6: status.and_then(|s| s.mesh_ipv6.clone()),
         admitted,
         endpoint: p.spec.endpoint.clone(),
         deleting: p.metadata.deletion_timestamp.is_some(),
@@ -235,6 +236,8 @@ fn admission_up_to_date(p: &WireGuardPeer, want: &DesiredStatus) -> bool {
     let cond = status.conditions.iter().find(|c| c.type_ == ADMITTED);
     status.mesh_ip == want.mesh_ip
         && status.mesh_cidr.as_deref() == Some(want.mesh_cidr.as_str())
+        && status.mesh_ipv6 == want.mesh_ipv6
+        && status.mesh_cidr_v6 == want.mesh_cidr_v6
         && status.topology == Some(want.topology)
         && cond.is_some_and(|c| {
             c.status
@@ -285,6 +288,8 @@ fn status_patch(
         "status": {
             "meshIP": want.mesh_ip,
             "meshCIDR": want.mesh_cidr,
+            "meshIPv6": want.mesh_ipv6,
+            "meshCIDRv6": want.mesh_cidr_v6,
             "topology": want.topology,
             "conditions": conditions,
             "keyChallenge": challenge,

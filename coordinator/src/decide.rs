@@ -24,6 +24,8 @@ pub struct PeerView {
     /// flannel's VTEP as the agent claims it: (MAC, address).
     pub vtep: Option<(String, String)>,
     pub mesh_ip: Option<String>,
+    /// The IPv6 mesh IP it holds, from a dual-stack mesh's IPv6 pool.
+    pub mesh_ipv6: Option<String>,
     /// The current Admitted condition, if any: (status, reason, lastTransitionTime).
     pub admitted: Option<(String, String, String)>,
     /// Where the other nodes send: `IPv4:port` or `[IPv6]:port`.
@@ -71,6 +73,9 @@ pub struct Admission {
 pub struct DesiredStatus {
     pub mesh_ip: Option<String>,
     pub mesh_cidr: String,
+    /// With an IPv6 pool as well ([`Pool::v6`]): the peer's IPv6 mesh IP and that pool.
+    pub mesh_ipv6: Option<String>,
+    pub mesh_cidr_v6: Option<String>,
     pub topology: Topology,
     pub admission: Admission,
     pub observed_generation: i64,
@@ -217,10 +222,12 @@ fn endpoint_inside_mesh(
     pod_networks: &[(IpNetwork, &str)],
 ) -> Option<String> {
     let ip = endpoint.parse::<std::net::SocketAddr>().ok()?.ip();
-    if pool.cidr.contains(ip) {
+    if let Some(cidr) = std::iter::once(pool.cidr)
+        .chain(pool.v6)
+        .find(|c| c.contains(ip))
+    {
         return Some(format!(
-            "endpoint {endpoint} is inside the mesh pool {}: its datagrams would loop into the tunnel",
-            pool.cidr
+            "endpoint {endpoint} is inside the mesh pool {cidr}: its datagrams would loop into the tunnel"
         ));
     }
     pod_networks
@@ -237,9 +244,22 @@ fn endpoint_inside_mesh(
 #[derive(Clone, Debug)]
 pub struct Pool {
     pub cidr: IpNetwork,
+    /// A dual-stack mesh: an IPv6 pool as well (`cidr` then IPv4), from which every admitted
+    /// peer also gets an IPv6 mesh IP, for flannel's IPv6 VXLAN to cross the mesh.
+    pub v6: Option<IpNetwork>,
 }
 
 impl Pool {
+    /// A single pool of either family.
+    pub fn single(cidr: IpNetwork) -> Pool {
+        Pool { cidr, v6: None }
+    }
+
+    /// The IPv6 pool of a dual-stack mesh, as a pool of its own.
+    fn second(&self) -> Option<Pool> {
+        self.v6.map(Pool::single)
+    }
+
     pub fn contains(&self, ip: &str) -> bool {
         match ip.parse::<IpAddr>() {
             Ok(addr) => {
@@ -396,6 +416,38 @@ pub fn decide(
         }
     }
 
+    // IPv6 mesh IPs of a dual-stack mesh, by the same rules; an admitted peer needs both.
+    let mut ips6: HashMap<&str, IpAddr> = HashMap::new();
+    if let Some(pool6) = pool.second() {
+        let mut taken6 = BTreeSet::new();
+        for (peer, _) in &admissions {
+            if let Some(ip) = peer.mesh_ipv6.as_deref().filter(|ip| pool6.contains(ip)) {
+                if let Ok(addr) = ip.parse::<IpAddr>() {
+                    if taken6.insert(addr) {
+                        ips6.insert(&peer.name, addr);
+                    }
+                }
+            }
+        }
+        for (peer, admission) in &mut admissions {
+            if admission.admitted && !ips6.contains_key(peer.name.as_str()) {
+                match pool6.allocate(&taken6) {
+                    Some(addr) => {
+                        taken6.insert(addr);
+                        ips6.insert(&peer.name, addr);
+                    }
+                    None => {
+                        *admission = Admission {
+                            admitted: false,
+                            reason: "MeshPoolExhausted",
+                            message: format!("no free address left in {}", pool6.cidr),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     for (peer, admission) in admissions {
         let status = if admission.admitted { "True" } else { "False" };
         let last_transition = match &peer.admitted {
@@ -407,6 +459,8 @@ pub fn decide(
             DesiredStatus {
                 mesh_ip: ips.get(peer.name.as_str()).map(IpAddr::to_string),
                 mesh_cidr: pool.cidr.to_string(),
+                mesh_ipv6: ips6.get(peer.name.as_str()).map(IpAddr::to_string),
+                mesh_cidr_v6: pool.v6.map(|c| c.to_string()),
                 topology,
                 admission,
                 observed_generation: peer.generation,
@@ -422,9 +476,7 @@ mod tests {
     use super::*;
 
     fn pool() -> Pool {
-        Pool {
-            cidr: "100.96.0.0/29".parse().unwrap(),
-        }
+        Pool::single("100.96.0.0/29".parse().unwrap())
     }
 
     fn node(name: &str, ip: &str, cidr: &str) -> NodeView {
@@ -471,6 +523,7 @@ mod tests {
             location: "aws".into(),
             vtep: None,
             mesh_ip: None,
+            mesh_ipv6: None,
             admitted: None,
             endpoint: "203.0.113.9:51820".into(),
             deleting: false,
@@ -616,6 +669,81 @@ mod tests {
         let plan = run(&peers, &nodes);
         assert_eq!(plan.statuses["b"].mesh_ip.as_deref(), Some("100.96.0.2"));
         assert_eq!(plan.statuses["c"].mesh_ip.as_deref(), Some("100.96.0.1"));
+    }
+
+    /// A dual-stack mesh (`--mesh-cidr-v6`): every admitted peer also gets an IPv6 mesh IP,
+    /// by the IPv4 rules (unique, kept, lowest free, oldest wins a clash, exhaustion is a
+    /// reason), and a single pool writes no IPv6 fields (old objects and coordinators).
+    #[test]
+    fn a_dual_stack_mesh_gives_admitted_peers_an_ipv6_mesh_ip_too() {
+        let dual = |v6: &str| Pool {
+            v6: Some(v6.parse().unwrap()),
+            ..pool()
+        };
+        let nodes: Vec<NodeView> = (0..4)
+            .map(|i| node(&format!("n{i}"), "10.0.0.1", &format!("10.244.{i}.0/24")))
+            .collect();
+        let peer_n = |i: usize| {
+            peer(
+                &format!("n{i}"),
+                &format!("{i}"),
+                "10.0.0.1",
+                &format!("10.244.{i}.0/24"),
+            )
+        };
+        let v6_of = |plan: &Plan, name: &str| plan.statuses[name].mesh_ipv6.clone();
+        let mut peers: Vec<PeerView> = (0..3).map(peer_n).collect();
+
+        let single = run(&peers, &nodes);
+        assert!(single
+            .statuses
+            .values()
+            .all(|s| s.mesh_ipv6.is_none() && s.mesh_cidr_v6.is_none()));
+
+        let pool6 = dual("fd96::/125");
+        let decide6 = |peers: &[PeerView], pool: &Pool| {
+            decide(peers, &nodes, pool, Topology::CrossLocation, NOW)
+        };
+        let plan = decide6(&peers, &pool6);
+        for (name, v4, v6) in [
+            ("n0", "100.96.0.1", "fd96::1"),
+            ("n1", "100.96.0.2", "fd96::2"),
+            ("n2", "100.96.0.3", "fd96::3"),
+        ] {
+            let s = &plan.statuses[name];
+            assert!(s.admission.admitted, "{name}");
+            assert_eq!(s.mesh_ip.as_deref(), Some(v4), "{name}");
+            assert_eq!(s.mesh_ipv6.as_deref(), Some(v6), "{name}");
+            assert_eq!(s.mesh_cidr_v6.as_deref(), Some("fd96::/125"), "{name}");
+        }
+
+        // Kept out of order; a claim outside the pool is replaced; the older of two
+        // claimants keeps the address.
+        peers[0].mesh_ipv6 = Some("fd96::5".into());
+        peers[1].mesh_ipv6 = Some("fd00::1".into());
+        peers[2].mesh_ipv6 = Some("fd96::5".into());
+        let plan = decide6(&peers, &pool6);
+        assert_eq!(v6_of(&plan, "n0").as_deref(), Some("fd96::5"));
+        assert_eq!(v6_of(&plan, "n1").as_deref(), Some("fd96::1"));
+        assert_eq!(v6_of(&plan, "n2").as_deref(), Some("fd96::2"));
+
+        // An IPv6 pool of three: the fourth peer is refused, keeping no address.
+        peers.push(peer_n(3));
+        let plan = decide6(&peers, &dual("fd96::/126"));
+        assert_eq!(plan.statuses["n3"].admission.reason, "MeshPoolExhausted");
+        assert_eq!(
+            plan.statuses["n3"].admission.message,
+            "no free address left in fd96::/126"
+        );
+        assert_eq!(v6_of(&plan, "n3"), None);
+        assert!(plan.statuses["n0"].admission.admitted);
+
+        // An endpoint inside the IPv6 pool would loop into the tunnel.
+        let mut looping = peer_n(0);
+        looping.endpoint = "[fd96::6]:51820".into();
+        let plan = decide6(&[looping], &pool6);
+        assert_eq!(plan.statuses["n0"].admission.reason, "EndpointInsideMesh");
+        assert_eq!(v6_of(&plan, "n0"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ip_network::IpNetwork;
 use isthmus_api::Topology;
 use isthmus_coordinator::controller::{self, ClusterSettings, LeaseSettings, Settings};
 use isthmus_coordinator::decide::Pool;
@@ -38,6 +39,11 @@ enum Command {
         /// Pool the mesh IPs come from.
         #[arg(long, default_value = "100.96.0.0/16")]
         mesh_cidr: String,
+        /// A dual-stack mesh: an IPv6 pool every admitted node also gets a mesh IP from
+        /// (status.meshIPv6), for flannel's IPv6 VXLAN (`flannel-v6.1`) to cross the mesh.
+        /// --mesh-cidr must then be IPv4. Not with --multi-cluster.
+        #[arg(long)]
+        mesh_cidr_v6: Option<String>,
         /// Which pairs of nodes tunnel: cross-location or full.
         #[arg(long, default_value = "cross-location")]
         topology: Topology,
@@ -96,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
             multi_cluster,
             cluster_timeout_seconds,
             mesh_cidr,
+            mesh_cidr_v6,
             topology,
             lease_namespace,
             heartbeat_namespace,
@@ -123,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
             let cidr = mesh_cidr
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--mesh-cidr {mesh_cidr:?}: {e:?}"))?;
+            let pool = mesh_pool(cidr, mesh_cidr_v6.as_deref(), multi_cluster)?;
             let identity = identity
                 .or_else(|| std::env::var("POD_NAME").ok())
                 .unwrap_or_else(|| {
@@ -156,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 key,
                 key_proof_grace: Duration::from_secs(key_proof_grace_seconds),
                 heartbeat_namespace,
-                pool: Pool { cidr },
+                pool,
                 topology,
                 // Often enough that a silent agent turns MeshConnected false on time.
                 resync: Duration::from_secs(
@@ -186,6 +194,54 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 controller::run(client, Settings { cluster, lease }, ops, shutdown).await
             }
+        }
+    }
+}
+
+/// The pool from `--mesh-cidr` and `--mesh-cidr-v6`: the second must be IPv6 and the first
+/// IPv4 (one address of each family per node), and multi-cluster mode takes one pool per
+/// MeshCluster, so no second.
+fn mesh_pool(cidr: IpNetwork, v6: Option<&str>, multi_cluster: bool) -> anyhow::Result<Pool> {
+    let Some(v6) = v6 else {
+        return Ok(Pool::single(cidr));
+    };
+    if multi_cluster {
+        anyhow::bail!("--mesh-cidr-v6 is not supported with --multi-cluster");
+    }
+    let v6: IpNetwork = v6
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--mesh-cidr-v6 {v6:?}: {e:?}"))?;
+    match (cidr, v6) {
+        (IpNetwork::V4(_), IpNetwork::V6(_)) => Ok(Pool { cidr, v6: Some(v6) }),
+        _ => anyhow::bail!(
+            "--mesh-cidr-v6 {v6} with --mesh-cidr {cidr}: the first must be IPv6, the second IPv4"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_second_pool_is_ipv6_beside_an_ipv4_one() {
+        let v4: IpNetwork = "100.96.0.0/16".parse().unwrap();
+        let v6: IpNetwork = "fd96::/64".parse().unwrap();
+        assert_eq!(mesh_pool(v4, None, false).unwrap().v6, None);
+        assert_eq!(
+            mesh_pool(v4, Some("fd96::/64"), false).unwrap().v6,
+            Some(v6)
+        );
+        for (cidr, second, multi) in [
+            (v4, "100.97.0.0/16", false),
+            (v6, "fd97::/64", false),
+            (v4, "fd96::/64", true),
+            (v4, "not a cidr", false),
+        ] {
+            assert!(
+                mesh_pool(cidr, Some(second), multi).is_err(),
+                "{cidr} {second} {multi}"
+            );
         }
     }
 }

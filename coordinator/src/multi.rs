@@ -396,7 +396,7 @@ fn start(
         .parse()
         .map_err(|e| Problem::new("InvalidMeshCIDR", format!("{e:?}")))?;
     let settings = ClusterSettings {
-        pool: Pool { cidr },
+        pool: Pool::single(cidr),
         topology: target.topology,
         ..defaults.clone()
     };

@@ -42,12 +42,9 @@ impl Netlink {
         }
     }
 
-    /// Makes `address` the device's only address (none: no address) and brings it up.
-    pub async fn set_address(
-        &self,
-        iface: &str,
-        address: Option<(IpAddr, u8)>,
-    ) -> anyhow::Result<()> {
+    /// Makes `addresses` the device's only addresses (none: no address; a dual-stack mesh
+    /// has one per family) and brings it up.
+    pub async fn set_address(&self, iface: &str, addresses: &[(IpAddr, u8)]) -> anyhow::Result<()> {
         let index = self.index(iface).await?;
         let mut existing = self
             .handle
@@ -55,19 +52,20 @@ impl Netlink {
             .get()
             .set_link_index_filter(index)
             .execute();
-        let mut present = false;
+        let mut present = vec![false; addresses.len()];
         while let Some(msg) = existing.try_next().await.context("listing addresses")? {
             let addr = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             });
-            let keep =
-                address.is_some_and(|(ip, len)| addr == Some(ip) && msg.header.prefix_len == len);
+            let keep = addresses
+                .iter()
+                .position(|&(ip, len)| addr == Some(ip) && msg.header.prefix_len == len);
             // IPv6 link-local addresses come with the device; leave them.
             let link_local =
                 matches!(addr, Some(IpAddr::V6(a)) if a.segments()[0] & 0xffc0 == 0xfe80);
-            if keep {
-                present = true;
+            if let Some(i) = keep {
+                present[i] = true;
             } else if !link_local {
                 self.handle
                     .address()
@@ -77,7 +75,7 @@ impl Netlink {
                     .context("removing a stale address")?;
             }
         }
-        if let (Some((ip, len)), false) = (address, present) {
+        for (&(ip, len), _) in addresses.iter().zip(&present).filter(|(_, p)| !**p) {
             self.handle
                 .address()
                 .add(index, ip, len)

@@ -439,3 +439,100 @@ pub fn mac_str(mac: &[u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// flannel's IPv6 VXLAN device for VNI 1, beside `flannel.1` in dual stack.
+pub const VXLAN6_DEV: &str = "flannel-v6.1";
+/// flannel's IPv6 `encapOverhead`: outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet
+/// (14).
+pub const ENCAP_OVERHEAD6: u32 = 70;
+
+/// `flannel-v6.1` as flannel's `vxlan` backend makes it in dual stack (`newVXLANDevice`
+/// with the IPv6 lease): VNI 1, UDP 8472, `nolearning`, `local` the node's IPv6 underlay
+/// address, `dev eth0`, MTU underlay − [`ENCAP_OVERHEAD6`], address `vtep6`/128, up.
+pub fn create_vtep6(
+    ns: &Netns,
+    local: Ipv6Addr,
+    vtep6: Ipv6Addr,
+    mac: &[u8; 6],
+    mtu: u32,
+) -> anyhow::Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        VXLAN6_DEV,
+        "address",
+        &mac_str(mac),
+        "mtu",
+        &mtu.to_string(),
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "local",
+        &local.to_string(),
+        "dev",
+        "eth0",
+        "dstport",
+        &VXLAN_PORT.to_string(),
+        "nolearning",
+    ])?;
+    ns.exec(
+        "sysctl",
+        &["-qw", &format!("net/ipv6/conf/{VXLAN6_DEV}/accept_ra=0")],
+    )?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{vtep6}/128"),
+        "dev",
+        VXLAN6_DEV,
+        "nodad",
+    ])?;
+    ns.ip(&["link", "set", VXLAN6_DEV, "up"])?;
+    Ok(())
+}
+
+/// flannel's entries on `ns` for a remote IPv6 lease, in its order: the neighbour entry for
+/// the remote VTEP, the FDB entry sending its MAC to `dst` (flannel: the remote's
+/// `public-ip-v6`; repointed: its IPv6 mesh IP), the onlink route to `cidr6`.
+pub fn flannel_add6(
+    ns: &Netns,
+    vtep6: Ipv6Addr,
+    mac: &[u8; 6],
+    dst: Ipv6Addr,
+    cidr6: &str,
+) -> anyhow::Result<()> {
+    let mac = mac_str(mac);
+    let vtep6 = vtep6.to_string();
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &vtep6,
+        "lladdr",
+        &mac,
+        "dev",
+        VXLAN6_DEV,
+        "nud",
+        "permanent",
+    ])?;
+    crate::netns::run(
+        "bridge",
+        &[
+            "-n",
+            &ns.name,
+            "fdb",
+            "replace",
+            &mac,
+            "dev",
+            VXLAN6_DEV,
+            "dst",
+            &dst.to_string(),
+            "self",
+            "permanent",
+        ],
+    )?;
+    ns.ip(&[
+        "-6", "route", "replace", cidr6, "via", &vtep6, "dev", VXLAN6_DEV, "onlink",
+    ])?;
+    Ok(())
+}

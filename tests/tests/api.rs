@@ -241,6 +241,18 @@ async fn an_agent_writes_only_its_own_peer_and_never_coordinator_fields() {
         "A sets its own mesh IP",
     );
     assert!(msg.contains("belong to the coordinator"), "{msg}");
+    for forged in [
+        json!({"meshIPv6": "fd96::66"}),
+        json!({"meshCIDRv6": "fd96::/64"}),
+    ] {
+        let msg = forbidden(
+            a_peers
+                .patch_status("node-a", &ssa, &Patch::Apply(status(forged.clone())))
+                .await,
+            &format!("A sets {forged}"),
+        );
+        assert!(msg.contains("meshIPv6, meshCIDRv6"), "{msg}");
+    }
     forbidden(
         a_peers
             .patch_status(

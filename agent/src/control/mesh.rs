@@ -18,6 +18,8 @@ pub struct MeshPlan {
     pub admitted: bool,
     /// This node's mesh address and the pool's prefix length, for the tunnel device.
     pub address: Option<(IpAddr, u8)>,
+    /// In a dual-stack mesh, this node's IPv6 mesh address and its pool's prefix length too.
+    pub address6: Option<(IpAddr, u8)>,
     /// Peers sorted by public key.
     pub peers: Vec<PeerConfig>,
     /// The peers in other locations, for routing, sorted by name.
@@ -35,6 +37,21 @@ fn mesh_address(peer: &WireGuardPeer) -> Option<(IpAddr, u8)> {
         .and_then(|c| c.parse::<IpNetwork>().ok())
         .map(|n| n.netmask())
         .unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+    Some((ip, prefix))
+}
+
+/// The IPv6 mesh address of a dual-stack mesh (`status.meshIPv6`), if any.
+fn mesh_address6(peer: &WireGuardPeer) -> Option<(IpAddr, u8)> {
+    let status = peer.status.as_ref()?;
+    let ip: IpAddr = status.mesh_ipv6.as_deref()?.parse().ok()?;
+    if !ip.is_ipv6() {
+        return None;
+    }
+    let prefix = status
+        .mesh_cidr_v6
+        .as_deref()
+        .and_then(|c| c.parse::<IpNetwork>().ok())
+        .map_or(128, |n| n.netmask());
     Some((ip, prefix))
 }
 
@@ -149,6 +166,9 @@ pub fn plan_after(own: &str, peers: &[WireGuardPeer], applied: Option<&MeshPlan>
             };
             let keepalive = own_keepalive.max(p.spec.persistent_keepalive.unwrap_or(0));
             let mut allowed_ips = vec![IpNetwork::new(mesh_ip, host).ok()?];
+            if let Some((ip6, _)) = mesh_address6(p) {
+                allowed_ips.extend(IpNetwork::new(ip6, 128).ok());
+            }
             if elsewhere {
                 allowed_ips.extend(pod_cidrs(p));
                 remotes.push(remote(p, mesh_ip));
@@ -182,6 +202,7 @@ pub fn plan_after(own: &str, peers: &[WireGuardPeer], applied: Option<&MeshPlan>
     MeshPlan {
         admitted: true,
         address: mesh_address(me),
+        address6: mesh_address6(me),
         peers: out,
         remotes,
         names,
@@ -243,6 +264,8 @@ pub(crate) mod tests {
         p.status = Some(WireGuardPeerStatus {
             mesh_ip: mesh.map(str::to_string),
             mesh_cidr: Some("100.96.0.0/16".into()),
+            mesh_ipv6: None,
+            mesh_cidr_v6: None,
             topology: Some(Topology::CrossLocation),
             conditions: vec![Condition {
                 type_: ADMITTED.into(),
@@ -304,6 +327,41 @@ pub(crate) mod tests {
                 path_mtu: None,
             }]
         );
+    }
+
+    /// In a dual-stack mesh, a node's IPv6 mesh IP goes on its tunnel with the IPv6 pool's
+    /// prefix, and is in its peers' allowed IPs (flannel-v6.1's VXLAN arrives from it).
+    #[test]
+    fn a_dual_stack_mesh_adds_the_ipv6_mesh_ip_to_address_and_allowed_ips() {
+        let dual = |mut p: WireGuardPeer, ip6: &str| {
+            let s = p.status.as_mut().unwrap();
+            s.mesh_ipv6 = Some(ip6.into());
+            s.mesh_cidr_v6 = Some("fd96::/64".into());
+            p
+        };
+        let peers = vec![
+            dual(peer("a1", 1, "old", Some("100.96.0.1"), true), "fd96::1"),
+            dual(peer("b1", 3, "new", Some("100.96.0.3"), true), "fd96::3"),
+            // An old coordinator (single pool): IPv4 only, as before.
+            peer("b2", 4, "new", Some("100.96.0.4"), true),
+        ];
+        let plan = plan("a1", &peers);
+        assert_eq!(plan.address, Some(("100.96.0.1".parse().unwrap(), 16)));
+        assert_eq!(plan.address6, Some(("fd96::1".parse().unwrap(), 64)));
+        let allowed: Vec<Vec<String>> = plan
+            .peers
+            .iter()
+            .map(|p| p.allowed_ips.iter().map(|n| n.to_string()).collect())
+            .collect();
+        assert_eq!(
+            allowed,
+            vec![
+                vec!["100.96.0.3/32", "fd96::3/128", "10.244.3.0/24"],
+                vec!["100.96.0.4/32", "10.244.4.0/24"],
+            ]
+        );
+        let single = plan_after("b2", &peers, None);
+        assert_eq!(single.address6, None);
     }
 
     #[test]

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ip_network::Ipv4Network;
+use ip_network::{Ipv4Network, Ipv6Network};
 use isthmus_api::WireGuardPeer;
 use isthmus_routing::model::{EntryKey, Value};
 use isthmus_routing::plan::{self as routing_plan, Devices, Remote, Settings};
 use isthmus_routing::Mode;
-use isthmus_wg::snat::SourceRewrite;
+use isthmus_wg::snat::{Rewrite4, Rewrite6, SourceRewrite};
 use isthmus_wg::Key;
 use kube::ResourceExt;
 
@@ -32,7 +32,8 @@ pub struct Fixed {
 #[derive(Debug, PartialEq)]
 pub struct MeshStep {
     pub plan: MeshPlan,
-    /// The tunnel's address differs from the one applied: set it (to `plan.address`) first.
+    /// The tunnel's addresses differ from the ones applied: set them (`plan.address` and
+    /// `plan.address6`) first.
     pub set_address: bool,
     pub source_rewrite: Option<SourceRewrite>,
 }
@@ -49,24 +50,41 @@ pub fn mesh(
         return None;
     }
     Some(MeshStep {
-        set_address: applied.map(|a| a.address) != Some(plan.address),
-        source_rewrite: source_rewrite(fixed.routing.mode, plan.address),
+        set_address: applied.map(|a| (a.address, a.address6))
+            != Some((plan.address, plan.address6)),
+        source_rewrite: source_rewrite(fixed.routing.mode, plan.address, plan.address6),
         plan,
     })
 }
 
-/// In `vxlan` mode, flannel's packets to mesh IPs leave with our mesh IP as source.
-fn source_rewrite(mode: Mode, address: Option<(IpAddr, u8)>) -> Option<SourceRewrite> {
+/// In `vxlan` mode, flannel's packets to mesh IPs leave with our mesh IP of their family as
+/// source: `flannel.1`'s to IPv4 mesh IPs, and in a dual-stack mesh `flannel-v6.1`'s to
+/// IPv6 ones.
+fn source_rewrite(
+    mode: Mode,
+    address: Option<(IpAddr, u8)>,
+    address6: Option<(IpAddr, u8)>,
+) -> Option<SourceRewrite> {
     if mode != Mode::Vxlan {
         return None;
     }
-    let (IpAddr::V4(ip), prefix) = address? else {
-        return None;
+    let v4 = match address {
+        Some((IpAddr::V4(ip), prefix)) => Some(Rewrite4 {
+            mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
+            to: ip,
+        }),
+        _ => None,
     };
-    Some(SourceRewrite {
-        mesh: Ipv4Network::new_truncate(ip, prefix).ok()?,
-        to: ip,
-    })
+    // A single IPv6 pool (`--mesh-cidr` IPv6) puts the IPv6 mesh IP in `address`.
+    let v6 = match address6.or(address) {
+        Some((IpAddr::V6(ip), prefix)) => Some(Rewrite6 {
+            mesh: Ipv6Network::new_truncate(ip, prefix).ok()?,
+            to: ip,
+        }),
+        _ => None,
+    };
+    let rewrite = SourceRewrite { v4, v6 };
+    (!rewrite.is_empty()).then_some(rewrite)
 }
 
 /// What routing should hold for the mesh applied (`vxlan_index` 0: flannel's device is not
@@ -189,6 +207,38 @@ mod tests {
         }
     }
 
+    /// Which families the VXLAN source rewrite covers: `vxlan` mode only, each family with
+    /// a mesh IP of its own.
+    #[test]
+    fn the_source_rewrite_covers_each_family_with_a_mesh_ip() {
+        let v4 = Some(("100.96.0.1".parse().unwrap(), 16));
+        let v6 = Some(("fd96::1".parse().unwrap(), 64));
+        let r4 = Some(Rewrite4 {
+            mesh: "100.96.0.0/16".parse().unwrap(),
+            to: "100.96.0.1".parse().unwrap(),
+        });
+        let r6 = Some(Rewrite6 {
+            mesh: "fd96::/64".parse().unwrap(),
+            to: "fd96::1".parse().unwrap(),
+        });
+        // (mode, address, address6, expected)
+        let cases = [
+            (Mode::Vxlan, v4, None, Some((r4, None))),
+            (Mode::Vxlan, v4, v6, Some((r4, r6))),
+            (Mode::Vxlan, v6, None, Some((None, r6))),
+            (Mode::Vxlan, None, None, None),
+            (Mode::Routed, v4, v6, None),
+        ];
+        for (mode, address, address6, want) in cases {
+            let want = want.map(|(v4, v6)| SourceRewrite { v4, v6 });
+            assert_eq!(
+                source_rewrite(mode, address, address6),
+                want,
+                "{mode:?} {address:?} {address6:?}"
+            );
+        }
+    }
+
     #[test]
     fn only_a_changed_plan_touches_the_tunnel() {
         let a1 = peer("a1", 1, "old", Some("100.96.0.1"), true);
@@ -198,8 +248,11 @@ mod tests {
         let plan = |peers: &[WireGuardPeer]| mesh::plan("a1", peers);
         let admitted = plan(&[a1.clone(), b1.clone()]);
         let rewrite = Some(SourceRewrite {
-            mesh: "100.96.0.0/16".parse().unwrap(),
-            to: "100.96.0.1".parse().unwrap(),
+            v4: Some(Rewrite4 {
+                mesh: "100.96.0.0/16".parse().unwrap(),
+                to: "100.96.0.1".parse().unwrap(),
+            }),
+            v6: None,
         });
         // (case, mode, peers now, plan applied, expected: (set address, source rewrite))
         type Case<'a> = (

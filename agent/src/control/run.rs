@@ -162,7 +162,14 @@ impl Agent {
         if set_address {
             if let Err(e) = self
                 .netlink
-                .set_address(&self.opts.iface, plan.address)
+                .set_address(
+                    &self.opts.iface,
+                    &plan
+                        .address
+                        .into_iter()
+                        .chain(plan.address6)
+                        .collect::<Vec<_>>(),
+                )
                 .await
             {
                 tracing::warn!(
@@ -476,7 +483,7 @@ pub async fn run(
         probe_targets,
         path_mtus,
     };
-    agent.netlink.set_address(&agent.opts.iface, None).await?;
+    agent.netlink.set_address(&agent.opts.iface, &[]).await?;
     agent.refresh_vtep().await;
     tokio::pin!(shutdown);
     // Publishing retries for as long as the API server is unreachable, but a SIGTERM (or a
