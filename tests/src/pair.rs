@@ -18,6 +18,9 @@ pub enum Impl {
     /// isthmus with `ISTHMUS_TUN_OFFLOAD=0`: one packet per TUN read and write, no GSO
     /// split or GRO coalescing (the fallback for kernels that refuse offloads).
     IsthmusNoOffload,
+    /// isthmus with `ISTHMUS_CRYPTO_WORKERS=3`: sealing and opening on the worker pool
+    /// (the calling thread and two pool threads), which the default leaves off on two cores.
+    IsthmusWorkers,
     /// The current wireguard-go (see `wireguard_go_binary`).
     WireguardGo,
     /// Debian's packaged wireguard-go.
@@ -95,7 +98,7 @@ impl Host {
         let log = dir.join(format!("daemon-{n}.log"));
         let port = 51819 + u16::from(n);
         let daemon = match kind {
-            Impl::Isthmus | Impl::IsthmusNoOffload => Daemon::spawn(
+            Impl::Isthmus | Impl::IsthmusNoOffload | Impl::IsthmusWorkers => Daemon::spawn(
                 &ns.name,
                 &crate::agent_binary(),
                 &[
@@ -113,6 +116,14 @@ impl Host {
                             "0"
                         } else {
                             "1"
+                        },
+                    ),
+                    (
+                        "ISTHMUS_CRYPTO_WORKERS",
+                        if kind == Impl::IsthmusWorkers {
+                            "3"
+                        } else {
+                            "0"
                         },
                     ),
                 ],

@@ -73,6 +73,16 @@ fn exercise(a: Impl, b: Impl, underlay: Underlay) {
             .unwrap_or_else(|e| panic!("{ctx}: TCP over inner v6: {e:#}\n{}", pair.logs()));
         check_show(first, second, underlay);
         check_show(second, first, underlay);
+        // The workers ran: the agent says how many it started.
+        for (kind, host) in [(a, &pair.a), (b, &pair.b)] {
+            if kind == Impl::IsthmusWorkers {
+                assert!(
+                    host.daemon.log().contains("crypto_workers=3"),
+                    "{ctx}: not on 3 crypto workers\n{}",
+                    pair.logs()
+                );
+            }
+        }
     }
 }
 
@@ -101,6 +111,18 @@ fn isthmus_with_wireguard_go_over_ipv6() {
 #[test]
 fn isthmus_without_tun_offloads_with_isthmus_with_them() {
     exercise(Impl::IsthmusNoOffload, Impl::Isthmus, Underlay::V4);
+}
+
+/// Sealing and opening on the crypto workers (off by default on this 2-core machine), with
+/// wireguard-go and with an isthmus doing its crypto inline, over both underlays.
+#[test]
+fn isthmus_on_crypto_workers_with_wireguard_go_over_ipv4() {
+    exercise(Impl::IsthmusWorkers, Impl::WireguardGo, Underlay::V4);
+}
+
+#[test]
+fn isthmus_on_crypto_workers_with_isthmus_inline_over_ipv6() {
+    exercise(Impl::IsthmusWorkers, Impl::Isthmus, Underlay::V6);
 }
 
 #[test]

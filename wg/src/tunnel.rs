@@ -50,8 +50,8 @@ const MIN_SEAL_ROOM: usize = 256;
 /// measure what they bring or to work around a kernel that mishandles them.
 pub const OFFLOAD_ENV: &str = "ISTHMUS_TUN_OFFLOAD";
 
-/// How many threads seal and open data messages (0 or unset: one per core; 1: each packet
-/// thread does its own crypto, the data path without workers).
+/// How many threads seal and open data messages (0 or unset: `workers::default_size`, one
+/// per core beyond two cores; 1: each packet thread does its own crypto, no pool).
 pub const WORKERS_ENV: &str = "ISTHMUS_CRYPTO_WORKERS";
 
 /// Messages one batch hands to the workers; a batch with more seals the rest itself.

@@ -66,6 +66,19 @@ pub fn check_spans(
     Ok(())
 }
 
+/// How many workers a node with `cores` cores gets by default: one per core, except on two
+/// cores or fewer, where none is added. There the TUN reader and the UDP receivers already
+/// keep every core busy, and handing packets to more threads only adds hand-offs: on this
+/// 2-core machine two workers moved 0.78x (1 stream) and 0.68x (4 streams) of the inline
+/// data path's rate (`make bench`, 2026-11-30, `docs/benchmarks.md`).
+pub fn default_size(cores: usize) -> usize {
+    if cores <= 2 {
+        1
+    } else {
+        cores
+    }
+}
+
 /// The crypto worker pool. One worker runs every job on the calling thread (no pool, no
 /// hand-off: the single-threaded data path as it was); `n` run them on the calling thread
 /// and `n - 1` pool threads.
@@ -75,10 +88,10 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// A pool of `size` workers; 0: one per available core.
+    /// A pool of `size` workers; 0: [`default_size`] for the cores available.
     pub fn new(size: usize) -> anyhow::Result<Workers> {
         let size = match size {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => default_size(std::thread::available_parallelism().map_or(1, |n| n.get())),
             n => n,
         };
         let pool = if size > 1 {

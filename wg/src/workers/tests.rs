@@ -225,3 +225,12 @@ fn sealing_never_reuses_a_counter_across_workers() {
     assert_eq!(counters, want);
     assert_eq!(seen.load(Ordering::Relaxed), 4 * BATCH);
 }
+
+#[test]
+fn the_default_adds_workers_only_beyond_two_cores() {
+    // (cores, workers): 1 = the packet threads do their own crypto.
+    let cases = [(1, 1), (2, 1), (3, 3), (8, 8), (32, 32)];
+    for (cores, want) in cases {
+        assert_eq!(default_size(cores), want, "{cores} cores");
+    }
+}
