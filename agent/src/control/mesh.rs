@@ -1,6 +1,7 @@
 //! From the WireGuardPeers the agent watches to the mesh it should run: a pure function, so
 //! the rule "configure only admitted peers the topology pairs us with" is tested in a table.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
@@ -116,7 +117,7 @@ fn verdict(peer: &WireGuardPeer) -> Verdict {
 
 /// The mesh for node `own`, given every WireGuardPeer. A peer's allowed IPs are its mesh
 /// IP, plus its pod CIDRs when it is in another location (what routed mode sends it).
-pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
+pub fn plan<P: Borrow<WireGuardPeer>>(own: &str, peers: &[P]) -> MeshPlan {
     plan_after(own, peers, None)
 }
 
@@ -125,7 +126,12 @@ pub fn plan(own: &str, peers: &[WireGuardPeer]) -> MeshPlan {
 /// the spec change is not yet vouched for, the old admission is), and this node stays
 /// in the mesh while its own new spec awaits the coordinator. Without that every spec
 /// change would take the node out of the mesh for a coordinator round trip.
-pub fn plan_after(own: &str, peers: &[WireGuardPeer], applied: Option<&MeshPlan>) -> MeshPlan {
+pub fn plan_after<P: Borrow<WireGuardPeer>>(
+    own: &str,
+    peers: &[P],
+    applied: Option<&MeshPlan>,
+) -> MeshPlan {
+    let peers: Vec<&WireGuardPeer> = peers.iter().map(Borrow::borrow).collect();
     let Some(me) = peers.iter().find(|p| p.name_any() == own) else {
         return MeshPlan::default();
     };

@@ -2,6 +2,7 @@
 //! flannel's device) and what the agent last applied, to what it should do. Pure, so the
 //! rules are tested in a table; `run` observes before and applies after.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -40,9 +41,9 @@ pub struct MeshStep {
 
 /// The mesh to apply, or `None` while the one applied is still right: only a changed plan
 /// touches the tunnel.
-pub fn mesh(
+pub fn mesh<P: Borrow<WireGuardPeer>>(
     fixed: &Fixed,
-    peers: &[WireGuardPeer],
+    peers: &[P],
     applied: Option<&MeshPlan>,
 ) -> Option<MeshStep> {
     let plan = mesh::plan_after(&fixed.node_name, peers, applied);
@@ -157,10 +158,25 @@ pub fn clamp_mtus(targets: &Targets, path_mtus: &BTreeMap<String, u16>) -> Vec<(
         .collect()
 }
 
+/// This node's own WireGuardPeer among `peers`.
+pub fn own_peer<'a, P: Borrow<WireGuardPeer>>(
+    node_name: &str,
+    peers: &'a [P],
+) -> Option<&'a WireGuardPeer> {
+    peers
+        .iter()
+        .map(Borrow::borrow)
+        .find(|p| p.name_any() == node_name)
+}
+
 /// Our answer to the key challenge our peer's status carries (`None`: not challenged yet,
 /// or the coordinator's key is unusable), proving we hold `private_key`.
-pub fn key_proof(node_name: &str, peers: &[WireGuardPeer], private_key: &Key) -> Option<String> {
-    let own = peers.iter().find(|p| p.name_any() == node_name)?;
+pub fn key_proof<P: Borrow<WireGuardPeer>>(
+    node_name: &str,
+    peers: &[P],
+    private_key: &Key,
+) -> Option<String> {
+    let own = own_peer(node_name, peers)?;
     let challenge = own.status.as_ref()?.key_challenge.as_ref()?;
     isthmus_api::proof::answer(
         &private_key.0,
@@ -174,14 +190,14 @@ pub fn key_proof(node_name: &str, peers: &[WireGuardPeer], private_key: &Key) ->
 /// (deleted by hand, or a fresh API server), or its published key is not the key in use
 /// (`public_key`, base64: a rotation whose publish failed is published again), or it does
 /// not carry `proof`, our answer to its key challenge.
-pub fn republish(
+pub fn republish<P: Borrow<WireGuardPeer>>(
     node_name: &str,
-    peers: &[WireGuardPeer],
+    peers: &[P],
     vtep_changed: bool,
     public_key: &str,
     proof: Option<&str>,
 ) -> bool {
-    let own = peers.iter().find(|p| p.name_any() == node_name);
+    let own = own_peer(node_name, peers);
     vtep_changed
         || own.is_none_or(|p| {
             p.spec.public_key != public_key

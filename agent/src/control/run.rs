@@ -21,7 +21,6 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::ResourceExt;
 use tokio::sync::Notify;
 
 use super::keys;
@@ -226,8 +225,8 @@ impl Agent {
     }
 
     /// Writes `runtime.json` for `isthmus-agent status` when anything in it changed.
-    fn report(&mut self, peers: &[WireGuardPeer]) {
-        let me = peers.iter().find(|p| p.name_any() == self.opts.node_name);
+    fn report(&mut self, peers: &[Arc<WireGuardPeer>]) {
+        let me = pass::own_peer(&self.opts.node_name, peers);
         let api_error = self.api_error.lock().clone();
         let now = Runtime {
             node: self.opts.node_name.clone(),
@@ -331,7 +330,7 @@ impl Agent {
     }
 
     /// One pass over what was observed: decide (pure), apply.
-    async fn pass(&mut self, peers: &[WireGuardPeer]) {
+    async fn pass(&mut self, peers: &[Arc<WireGuardPeer>]) {
         if let Some(step) = pass::mesh(&self.fixed, peers, self.applied.as_ref()) {
             self.apply_mesh(step).await;
         }
@@ -592,7 +591,8 @@ async fn follow(
             let started = Instant::now();
             last_pass = started;
             agent.ops.pass_started();
-            let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
+            // Shared with the cache, not copied: a pass reads them and keeps nothing.
+            let peers = store.state();
             // Decide and apply.
             agent.pass(&peers).await;
             agent.ops.pass_finished(started.elapsed());
@@ -615,8 +615,7 @@ async fn follow(
         agent.rotation_step().await;
         if rotating != agent.rotation.retiring.is_some() {
             // Started or retired: `status` says so.
-            let peers: Vec<WireGuardPeer> = store.state().iter().map(|p| (**p).clone()).collect();
-            agent.report(&peers);
+            agent.report(&store.state());
         }
         let idle = Duration::from_secs(10).saturating_sub(last_pass.elapsed());
         full_pass = tokio::select! {
