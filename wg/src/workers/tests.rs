@@ -100,7 +100,11 @@ fn overlapping_jobs_are_refused_before_any_runs() {
 fn the_default_pool_follows_the_cores_of_this_machine() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(Workers::new(0).expect("pool").size(), default_size(cores));
-    assert_eq!(Workers::new(3).expect("pool").size(), 3, "an asked size is kept");
+    assert_eq!(
+        Workers::new(3).expect("pool").size(),
+        3,
+        "an asked size is kept"
+    );
 }
 
 #[test]
