@@ -240,19 +240,13 @@ fn annotate(cluster: &Cluster, node: &OverlayNode) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `flannel.1` as flannel's `newVXLANDevice` + `Configure` make it (learning off, address
-/// /32, up). flannel also turns off IPv6 router advertisements on it.
-fn create_vtep(
-    ns: &Netns,
-    local: Ipv4Addr,
-    vtep_ip: Ipv4Addr,
-    mac: &[u8; 6],
-    mtu: u32,
-) -> anyhow::Result<()> {
+/// A VXLAN device as flannel's `newVXLANDevice` makes one: VNI 1, UDP 8472, learning off,
+/// sending from `local` over eth0, IPv6 router advertisements off.
+fn add_vxlan(ns: &Netns, dev: &str, local: &str, mac: &[u8; 6], mtu: u32) -> anyhow::Result<()> {
     ns.ip(&[
         "link",
         "add",
-        VXLAN_DEV,
+        dev,
         "address",
         &mac_str(mac),
         "mtu",
@@ -262,7 +256,7 @@ fn create_vtep(
         "id",
         &VNI.to_string(),
         "local",
-        &local.to_string(),
+        local,
         "dev",
         "eth0",
         "dstport",
@@ -271,8 +265,21 @@ fn create_vtep(
     ])?;
     ns.exec(
         "sysctl",
-        &["-qw", &format!("net/ipv6/conf/{VXLAN_DEV}/accept_ra=0")],
+        &["-qw", &format!("net/ipv6/conf/{dev}/accept_ra=0")],
     )?;
+    Ok(())
+}
+
+/// `flannel.1` as flannel's `newVXLANDevice` + `Configure` make it (learning off, address
+/// /32, up). flannel also turns off IPv6 router advertisements on it.
+fn create_vtep(
+    ns: &Netns,
+    local: Ipv4Addr,
+    vtep_ip: Ipv4Addr,
+    mac: &[u8; 6],
+    mtu: u32,
+) -> anyhow::Result<()> {
+    add_vxlan(ns, VXLAN_DEV, &local.to_string(), mac, mtu)?;
     ns.ip(&["addr", "add", &format!("{vtep_ip}/32"), "dev", VXLAN_DEV])?;
     ns.ip(&["link", "set", VXLAN_DEV, "up"])?;
     Ok(())
@@ -456,30 +463,7 @@ pub fn create_vtep6(
     mac: &[u8; 6],
     mtu: u32,
 ) -> anyhow::Result<()> {
-    ns.ip(&[
-        "link",
-        "add",
-        VXLAN6_DEV,
-        "address",
-        &mac_str(mac),
-        "mtu",
-        &mtu.to_string(),
-        "type",
-        "vxlan",
-        "id",
-        &VNI.to_string(),
-        "local",
-        &local.to_string(),
-        "dev",
-        "eth0",
-        "dstport",
-        &VXLAN_PORT.to_string(),
-        "nolearning",
-    ])?;
-    ns.exec(
-        "sysctl",
-        &["-qw", &format!("net/ipv6/conf/{VXLAN6_DEV}/accept_ra=0")],
-    )?;
+    add_vxlan(ns, VXLAN6_DEV, &local.to_string(), mac, mtu)?;
     ns.ip(&[
         "addr",
         "add",

@@ -224,13 +224,16 @@ impl Coalescer {
                 && head[8..10] == packet[8..10]
                 && head[12..20] == packet[12..20]
         };
-        // Ports; acknowledgement; data offset; window; options (timestamps included) —
-        // everything but the sequence number, the flags checked above, and the checksum.
+        // Ports; acknowledgement; data offset; window; urgent pointer; options (timestamps
+        // included) — everything but the sequence number, the flags checked above, and the
+        // checksum. The urgent pointer means nothing without URG, but a merge would copy the
+        // first segment's into every later one, so a segment that carries another one is
+        // delivered as it came (found by the gro_coalesce fuzz target).
         same_ip
             && head[l4..l4 + 4] == packet[l4..l4 + 4]
             && head[l4 + 8..l4 + 13] == packet[l4 + 8..l4 + 13]
             && head[l4 + 14..l4 + 16] == packet[l4 + 14..l4 + 16]
-            && head[l4 + 20..f.hlen] == packet[l4 + 20..f.hlen]
+            && head[l4 + 18..f.hlen] == packet[l4 + 18..f.hlen]
     }
 
     fn merge(&mut self, packet: &[u8], seg: &Segment) {
@@ -476,6 +479,57 @@ mod tests {
             Tcp::new(false, 501, 1000).build(),
         ]);
         assert_eq!(out.len(), 2, "larger than the first");
+    }
+
+    /// Sets the TCP urgent pointer of `p` (TCP at `l4`) and fixes the checksum (RFC 1624),
+    /// so only the pointer differs and the segment stays valid.
+    fn set_urgent_pointer(p: &mut [u8], l4: usize, urg: u16) {
+        let old = u16::from_be_bytes([p[l4 + 18], p[l4 + 19]]);
+        let check = u16::from_be_bytes([p[l4 + 16], p[l4 + 17]]);
+        let mut acc = u32::from(!check) + u32::from(!old) + u32::from(urg);
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        put16(p, l4 + 16, !(acc as u16));
+        put16(p, l4 + 18, urg);
+    }
+
+    /// Found by the gro_coalesce fuzz target: a valid segment whose urgent pointer was not
+    /// zero (URG unset) joined a run, and re-segmenting gave every later segment the
+    /// first one's pointer. Segments whose urgent pointers differ are not merged.
+    #[test]
+    fn a_different_urgent_pointer_stops_a_merge() {
+        for v6 in [false, true] {
+            let base = run(v6, 1, 3000, 1000, false);
+            let l4 = l4_offset(&base[0]);
+            for at in 0..2 {
+                let mut packets = base.clone();
+                set_urgent_pointer(&mut packets[at], l4, 0x2600);
+                assert_valid(&packets[at]);
+                let out = coalesce(&packets);
+                let writes: Vec<usize> = out
+                    .iter()
+                    .map(|(h, p)| {
+                        if h.gso_type == GSO_NONE {
+                            1
+                        } else {
+                            (p.len() - l4 - 32).div_ceil(1000)
+                        }
+                    })
+                    .collect();
+                assert_eq!(writes.iter().sum::<usize>(), 3, "v6={v6} at={at}");
+                let with_pointer: Vec<&Vec<u8>> = out
+                    .iter()
+                    .map(|(_, p)| p)
+                    .filter(|p| p[l4 + 18..l4 + 20] != [0, 0])
+                    .collect();
+                assert!(
+                    with_pointer == vec![&packets[at]],
+                    "v6={v6} at={at}: {} packets carry the urgent pointer",
+                    with_pointer.len()
+                );
+            }
+        }
     }
 
     /// Found by the gro_coalesce fuzz target: a segment with a bad TCP or IPv4 header
