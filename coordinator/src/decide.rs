@@ -305,6 +305,44 @@ impl Pool {
     }
 }
 
+/// Mesh IPs from `pool` for the admitted peers: each valid claim (`claim`, in admission
+/// order, so the oldest wins a clash) is kept, the rest get the lowest free addresses; a
+/// peer left without one is no longer admitted (`MeshPoolExhausted`).
+fn assign_mesh_ips<'a>(
+    pool: &Pool,
+    admissions: &mut [(&'a PeerView, Admission)],
+    claim: impl Fn(&PeerView) -> Option<&str>,
+) -> HashMap<&'a str, IpAddr> {
+    let mut taken = BTreeSet::new();
+    let mut ips: HashMap<&str, IpAddr> = HashMap::new();
+    for (peer, _) in admissions.iter() {
+        let claimed = claim(peer).filter(|ip| pool.contains(ip));
+        if let Some(addr) = claimed.and_then(|ip| ip.parse::<IpAddr>().ok()) {
+            if taken.insert(addr) {
+                ips.insert(peer.name.as_str(), addr);
+            }
+        }
+    }
+    for (peer, admission) in admissions.iter_mut() {
+        if admission.admitted && !ips.contains_key(peer.name.as_str()) {
+            match pool.allocate(&taken) {
+                Some(addr) => {
+                    taken.insert(addr);
+                    ips.insert(peer.name.as_str(), addr);
+                }
+                None => {
+                    *admission = Admission {
+                        admitted: false,
+                        reason: "MeshPoolExhausted",
+                        message: format!("no free address left in {}", pool.cidr),
+                    }
+                }
+            }
+        }
+    }
+    ips
+}
+
 /// Decides every peer's status and which peers to delete.
 pub fn decide(
     peers: &[PeerView],
@@ -386,67 +424,13 @@ pub fn decide(
         admissions.push((peer, admission));
     }
 
-    // Mesh IPs: existing valid claims first (oldest wins a clash), then new allocations.
-    let mut taken = BTreeSet::new();
-    let mut ips: HashMap<&str, IpAddr> = HashMap::new();
-    for (peer, _) in &admissions {
-        if let Some(ip) = peer.mesh_ip.as_deref().filter(|ip| pool.contains(ip)) {
-            if let Ok(addr) = ip.parse::<IpAddr>() {
-                if taken.insert(addr) {
-                    ips.insert(&peer.name, addr);
-                }
-            }
-        }
-    }
-    for (peer, admission) in &mut admissions {
-        if admission.admitted && !ips.contains_key(peer.name.as_str()) {
-            match pool.allocate(&taken) {
-                Some(addr) => {
-                    taken.insert(addr);
-                    ips.insert(&peer.name, addr);
-                }
-                None => {
-                    *admission = Admission {
-                        admitted: false,
-                        reason: "MeshPoolExhausted",
-                        message: format!("no free address left in {}", pool.cidr),
-                    }
-                }
-            }
-        }
-    }
-
-    // IPv6 mesh IPs of a dual-stack mesh, by the same rules; an admitted peer needs both.
-    let mut ips6: HashMap<&str, IpAddr> = HashMap::new();
-    if let Some(pool6) = pool.second() {
-        let mut taken6 = BTreeSet::new();
-        for (peer, _) in &admissions {
-            if let Some(ip) = peer.mesh_ipv6.as_deref().filter(|ip| pool6.contains(ip)) {
-                if let Ok(addr) = ip.parse::<IpAddr>() {
-                    if taken6.insert(addr) {
-                        ips6.insert(&peer.name, addr);
-                    }
-                }
-            }
-        }
-        for (peer, admission) in &mut admissions {
-            if admission.admitted && !ips6.contains_key(peer.name.as_str()) {
-                match pool6.allocate(&taken6) {
-                    Some(addr) => {
-                        taken6.insert(addr);
-                        ips6.insert(&peer.name, addr);
-                    }
-                    None => {
-                        *admission = Admission {
-                            admitted: false,
-                            reason: "MeshPoolExhausted",
-                            message: format!("no free address left in {}", pool6.cidr),
-                        }
-                    }
-                }
-            }
-        }
-    }
+    // Mesh IPs: existing valid claims first (oldest wins a clash), then new allocations;
+    // in a dual-stack mesh the IPv6 ones by the same rules, and an admitted peer needs both.
+    let ips = assign_mesh_ips(pool, &mut admissions, |p| p.mesh_ip.as_deref());
+    let ips6 = match pool.second() {
+        Some(pool6) => assign_mesh_ips(&pool6, &mut admissions, |p| p.mesh_ipv6.as_deref()),
+        None => HashMap::new(),
+    };
 
     for (peer, admission) in admissions {
         let status = if admission.admitted { "True" } else { "False" };
