@@ -48,6 +48,18 @@ pub struct MeshClusterSpec {
     #[x_kube(validation = Rule::new("isCIDR(self)").message("meshCIDR must be a CIDR prefix like 100.96.0.0/16"))]
     pub mesh_cidr: Option<String>,
 
+    /// An IPv6 pool beside an IPv4 `meshCIDR`, for a dual-stack mesh: every admitted peer
+    /// also gets an IPv6 mesh IP, which flannel's IPv6 VXLAN is pointed at (default: the
+    /// coordinator's `--mesh-cidr-v6`, if any, when the cluster's pool is IPv4).
+    #[serde(
+        default,
+        rename = "meshCIDRv6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 49))]
+    #[x_kube(validation = Rule::new("isCIDR(self) && cidr(self).ip().family() == 6").message("meshCIDRv6 must be an IPv6 CIDR prefix like fd96::/64"))]
+    pub mesh_cidr_v6: Option<String>,
+
     /// Which pairs of this cluster's nodes tunnel (default: the coordinator's `--topology`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<Topology>,
@@ -85,6 +97,13 @@ pub struct MeshClusterStatus {
     /// The pool and topology the cluster is served with (the spec's, else the defaults).
     #[serde(default, rename = "meshCIDR", skip_serializing_if = "Option::is_none")]
     pub mesh_cidr: Option<String>,
+    /// The IPv6 pool of a dual-stack mesh, when the cluster is served with one.
+    #[serde(
+        default,
+        rename = "meshCIDRv6",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mesh_cidr_v6: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<Topology>,
 }

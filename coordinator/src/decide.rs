@@ -257,7 +257,7 @@ fn endpoint_inside_mesh(
 }
 
 /// The mesh IP pool: hosts of one prefix, minus its network and broadcast addresses.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
     pub cidr: IpNetwork,
     /// A dual-stack mesh: an IPv6 pool as well (`cidr` then IPv4), from which every admitted
@@ -269,6 +269,18 @@ impl Pool {
     /// A single pool of either family.
     pub fn single(cidr: IpNetwork) -> Pool {
         Pool { cidr, v6: None }
+    }
+
+    /// A pool, dual-stack when `v6` is given: then `cidr` must be IPv4 and `v6` IPv6 (one
+    /// mesh IP of each family per node).
+    pub fn dual_stack(cidr: IpNetwork, v6: Option<IpNetwork>) -> Result<Pool, String> {
+        match (cidr, v6) {
+            (_, None) => Ok(Pool::single(cidr)),
+            (IpNetwork::V4(_), Some(IpNetwork::V6(_))) => Ok(Pool { cidr, v6 }),
+            (_, Some(v6)) => Err(format!(
+                "IPv6 pool {v6} beside pool {cidr}: the first must be IPv4, the second IPv6"
+            )),
+        }
     }
 
     /// The IPv6 pool of a dual-stack mesh, as a pool of its own.

@@ -41,7 +41,8 @@ enum Command {
         mesh_cidr: String,
         /// A dual-stack mesh: an IPv6 pool every admitted node also gets a mesh IP from
         /// (status.meshIPv6), for flannel's IPv6 VXLAN (`flannel-v6.1`) to cross the mesh.
-        /// --mesh-cidr must then be IPv4. Not with --multi-cluster.
+        /// --mesh-cidr must then be IPv4. With --multi-cluster: the default of the clusters
+        /// whose MeshCluster has an IPv4 pool and no `meshCIDRv6`.
         #[arg(long)]
         mesh_cidr_v6: Option<String>,
         /// Which pairs of nodes tunnel: cross-location or full.
@@ -130,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
             let cidr = mesh_cidr
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--mesh-cidr {mesh_cidr:?}: {e:?}"))?;
-            let pool = mesh_pool(cidr, mesh_cidr_v6.as_deref(), multi_cluster)?;
+            let pool = mesh_pool(cidr, mesh_cidr_v6.as_deref())?;
             let identity = identity
                 .or_else(|| std::env::var("POD_NAME").ok())
                 .unwrap_or_else(|| {
@@ -198,25 +199,17 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The pool from `--mesh-cidr` and `--mesh-cidr-v6`: the second must be IPv6 and the first
-/// IPv4 (one address of each family per node), and multi-cluster mode takes one pool per
-/// MeshCluster, so no second.
-fn mesh_pool(cidr: IpNetwork, v6: Option<&str>, multi_cluster: bool) -> anyhow::Result<Pool> {
-    let Some(v6) = v6 else {
-        return Ok(Pool::single(cidr));
-    };
-    if multi_cluster {
-        anyhow::bail!("--mesh-cidr-v6 is not supported with --multi-cluster");
-    }
-    let v6: IpNetwork = v6
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--mesh-cidr-v6 {v6:?}: {e:?}"))?;
-    match (cidr, v6) {
-        (IpNetwork::V4(_), IpNetwork::V6(_)) => Ok(Pool { cidr, v6: Some(v6) }),
-        _ => anyhow::bail!(
-            "--mesh-cidr-v6 {v6} with --mesh-cidr {cidr}: the first must be IPv6, the second IPv4"
-        ),
-    }
+/// The pool from `--mesh-cidr` and `--mesh-cidr-v6` (the first IPv4, the second IPv6: one
+/// address of each family per node). In multi-cluster mode it is the default of the
+/// clusters whose MeshCluster names no pool of its own.
+fn mesh_pool(cidr: IpNetwork, v6: Option<&str>) -> anyhow::Result<Pool> {
+    let v6 = v6
+        .map(|v6| {
+            v6.parse::<IpNetwork>()
+                .map_err(|e| anyhow::anyhow!("--mesh-cidr-v6 {v6:?}: {e:?}"))
+        })
+        .transpose()?;
+    Pool::dual_stack(cidr, v6).map_err(|e| anyhow::anyhow!("--mesh-cidr-v6 with --mesh-cidr: {e}"))
 }
 
 #[cfg(test)]
@@ -227,21 +220,10 @@ mod tests {
     fn the_second_pool_is_ipv6_beside_an_ipv4_one() {
         let v4: IpNetwork = "100.96.0.0/16".parse().unwrap();
         let v6: IpNetwork = "fd96::/64".parse().unwrap();
-        assert_eq!(mesh_pool(v4, None, false).unwrap().v6, None);
-        assert_eq!(
-            mesh_pool(v4, Some("fd96::/64"), false).unwrap().v6,
-            Some(v6)
-        );
-        for (cidr, second, multi) in [
-            (v4, "100.97.0.0/16", false),
-            (v6, "fd97::/64", false),
-            (v4, "fd96::/64", true),
-            (v4, "not a cidr", false),
-        ] {
-            assert!(
-                mesh_pool(cidr, Some(second), multi).is_err(),
-                "{cidr} {second} {multi}"
-            );
+        assert_eq!(mesh_pool(v4, None).unwrap().v6, None);
+        assert_eq!(mesh_pool(v4, Some("fd96::/64")).unwrap().v6, Some(v6));
+        for (cidr, second) in [(v4, "100.97.0.0/16"), (v6, "fd97::/64"), (v4, "not a cidr")] {
+            assert!(mesh_pool(cidr, Some(second)).is_err(), "{cidr} {second}");
         }
     }
 }

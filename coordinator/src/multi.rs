@@ -54,7 +54,8 @@ pub struct MultiSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub kubeconfig: String,
-    pub mesh_cidr: String,
+    /// The cluster's pool: its MeshCluster's, else the coordinator's.
+    pub pool: Pool,
     pub topology: Topology,
 }
 
@@ -79,7 +80,7 @@ impl Problem {
 pub fn resolve(
     spec: &MeshClusterSpec,
     secret: Option<&Secret>,
-    default_cidr: &str,
+    default_pool: &Pool,
     default_topology: Topology,
 ) -> Result<Target, Problem> {
     let r = &spec.kubeconfig;
@@ -117,16 +118,34 @@ pub fn resolve(
             ),
         )
     })?;
-    let cidr = spec.mesh_cidr.as_deref().unwrap_or(default_cidr);
-    let mesh_cidr = cidr
-        .parse::<IpNetwork>()
-        .map_err(|e| Problem::new("InvalidMeshCIDR", format!("meshCIDR {cidr:?}: {e:?}")))?
-        .to_string();
     Ok(Target {
         kubeconfig,
-        mesh_cidr,
+        pool: pool(spec, default_pool)?,
         topology: spec.topology.unwrap_or(default_topology),
     })
+}
+
+/// The pool a MeshCluster names, with the coordinator's for what it leaves out: its own
+/// `meshCIDR` else the default one; its own `meshCIDRv6`, else the default IPv6 pool when
+/// the cluster's pool is IPv4 (an IPv6 pool cannot have an IPv6 second).
+fn pool(spec: &MeshClusterSpec, default: &Pool) -> Result<Pool, Problem> {
+    let invalid = |what: &str, text: &str, e: ip_network::IpNetworkParseError| {
+        Problem::new("InvalidMeshCIDR", format!("{what} {text:?}: {e:?}"))
+    };
+    let cidr = match &spec.mesh_cidr {
+        Some(c) => c
+            .parse::<IpNetwork>()
+            .map_err(|e| invalid("meshCIDR", c, e))?,
+        None => default.cidr,
+    };
+    let v6 = match &spec.mesh_cidr_v6 {
+        Some(c) => Some(
+            c.parse::<IpNetwork>()
+                .map_err(|e| invalid("meshCIDRv6", c, e))?,
+        ),
+        None => default.v6.filter(|_| cidr.is_ipv4()),
+    };
+    Pool::dual_stack(cidr, v6).map_err(|e| Problem::new("InvalidMeshCIDR", e))
 }
 
 /// What to do with the cluster tasks.
@@ -178,6 +197,7 @@ pub struct DesiredStatus {
     pub peers: Option<i64>,
     pub admitted: Option<i64>,
     pub mesh_cidr: Option<String>,
+    pub mesh_cidr_v6: Option<String>,
     pub topology: Option<Topology>,
 }
 
@@ -209,7 +229,11 @@ pub fn desired_status(resolved: &Result<Target, Problem>, seen: Option<&Seen>) -
         message,
         peers: counts.map(|s| s.peers as i64),
         admitted: counts.map(|s| s.admitted as i64),
-        mesh_cidr: resolved.as_ref().ok().map(|t| t.mesh_cidr.clone()),
+        mesh_cidr: resolved.as_ref().ok().map(|t| t.pool.cidr.to_string()),
+        mesh_cidr_v6: resolved
+            .as_ref()
+            .ok()
+            .and_then(|t| Some(t.pool.v6?.to_string())),
         topology: resolved.as_ref().ok().map(|t| t.topology),
     }
 }
@@ -222,6 +246,7 @@ fn up_to_date(mc: &MeshCluster, want: &DesiredStatus) -> bool {
     s.peers == want.peers
         && s.admitted == want.admitted
         && s.mesh_cidr == want.mesh_cidr
+        && s.mesh_cidr_v6 == want.mesh_cidr_v6
         && s.topology == want.topology
         && cond.is_some_and(|c| {
             c.status == want.status
@@ -256,6 +281,7 @@ fn status_patch(mc: &MeshCluster, want: &DesiredStatus) -> serde_json::Value {
             "peers": want.peers,
             "admitted": want.admitted,
             "meshCIDR": want.mesh_cidr,
+            "meshCIDRv6": want.mesh_cidr_v6,
             "topology": want.topology,
         }
     })
@@ -390,13 +416,9 @@ fn start(
     leading: watch::Receiver<bool>,
     wake: Arc<Notify>,
     ops: Arc<CoordinatorOps>,
-) -> Result<Running, Problem> {
-    let cidr = target
-        .mesh_cidr
-        .parse()
-        .map_err(|e| Problem::new("InvalidMeshCIDR", format!("{e:?}")))?;
+) -> Running {
     let settings = ClusterSettings {
-        pool: Pool::single(cidr),
+        pool: target.pool.clone(),
         topology: target.topology,
         ..defaults.clone()
     };
@@ -427,12 +449,12 @@ fn start(
             span,
         ))
     };
-    tracing::info!(cluster = %name, mesh_cidr = %target.mesh_cidr, topology = target.topology.as_str(), "cluster controller started");
-    Ok(Running {
+    tracing::info!(cluster = %name, mesh_cidr = %target.pool.cidr, mesh_cidr_v6 = ?target.pool.v6, topology = target.topology.as_str(), "cluster controller started");
+    Running {
         target,
         observer,
         task,
-    })
+    }
 }
 
 /// The seed's own watches: errors are logged by [`watch_into`]; nobody else observes them.
@@ -519,7 +541,6 @@ async fn supervise(
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    let default_cidr = settings.defaults.pool.cidr.to_string();
     loop {
         let objects = clusters.state();
         let resolved: BTreeMap<String, Result<Target, Problem>> = objects
@@ -532,7 +553,7 @@ async fn supervise(
                     resolve(
                         &mc.spec,
                         secret.as_deref(),
-                        &default_cidr,
+                        &settings.defaults.pool,
                         settings.defaults.topology,
                     ),
                 )
@@ -554,7 +575,6 @@ async fn supervise(
             .map(|(n, r)| (n.clone(), r.target.clone()))
             .collect();
         let plan = changes(&desired, &now);
-        let mut start_failed: BTreeMap<String, Problem> = BTreeMap::new();
         for name in plan.stop.iter().chain(&plan.restart) {
             running.remove(name);
             tracing::info!(cluster = %name, "cluster controller stopped");
@@ -563,7 +583,7 @@ async fn supervise(
             let Some(target) = desired.get(name) else {
                 continue;
             };
-            match start(
+            let r = start(
                 name,
                 target.clone(),
                 &settings.defaults,
@@ -571,26 +591,17 @@ async fn supervise(
                 leading.clone(),
                 changed.clone(),
                 ops.clone(),
-            ) {
-                Ok(r) => {
-                    running.insert(name.clone(), r);
-                }
-                Err(p) => {
-                    start_failed.insert(name.clone(), p);
-                }
-            }
+            );
+            running.insert(name.clone(), r);
         }
 
         if *leading.borrow_and_update() {
             for mc in &objects {
                 let name = mc.name_any();
-                let resolved = match start_failed.get(&name) {
-                    Some(p) => Err(p.clone()),
-                    None => resolved
-                        .get(&name)
-                        .cloned()
-                        .unwrap_or_else(|| Err(Problem::new("Pending", "not resolved yet"))),
-                };
+                let resolved = resolved
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| Err(Problem::new("Pending", "not resolved yet")));
                 let seen = running.get(&name).map(|r| r.observer.seen());
                 let want = desired_status(&resolved, seen.as_ref());
                 if up_to_date(mc, &want) {
@@ -640,7 +651,7 @@ mod tests {
     fn target(kubeconfig: &str, cidr: &str) -> Target {
         Target {
             kubeconfig: kubeconfig.into(),
-            mesh_cidr: cidr.into(),
+            pool: Pool::single(cidr.parse().unwrap()),
             topology: Topology::CrossLocation,
         }
     }
@@ -749,6 +760,7 @@ mod tests {
                 key: "kubeconfig".into(),
             },
             mesh_cidr: cidr.map(str::to_string),
+            mesh_cidr_v6: None,
             topology,
         }
     }
@@ -757,6 +769,88 @@ mod tests {
         Secret {
             data: Some([(key.to_string(), ByteString(value.to_vec()))].into()),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_meshcluster_pool_takes_from_the_defaults_what_it_leaves_out() {
+        let net = |c: &str| c.parse::<IpNetwork>().unwrap();
+        let dual = Pool::dual_stack(net("100.96.0.0/16"), Some(net("fd96::/64"))).unwrap();
+        let single = Pool::single(net("100.96.0.0/16"));
+        // (case, meshCIDR, meshCIDRv6, default, Ok((pool, IPv6 pool)) or Err)
+        type Row<'a> = (
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a Pool,
+            Option<(&'a str, Option<&'a str>)>,
+        );
+        let rows: Vec<Row> = vec![
+            (
+                "the defaults",
+                None,
+                None,
+                &dual,
+                Some(("100.96.0.0/16", Some("fd96::/64"))),
+            ),
+            (
+                "single-stack defaults",
+                None,
+                None,
+                &single,
+                Some(("100.96.0.0/16", None)),
+            ),
+            (
+                "own IPv4 pool, the default IPv6 one",
+                Some("100.64.1.0/24"),
+                None,
+                &dual,
+                Some(("100.64.1.0/24", Some("fd96::/64"))),
+            ),
+            (
+                "own IPv6 pool: no default IPv6 second",
+                Some("fd97::/64"),
+                None,
+                &dual,
+                Some(("fd97::/64", None)),
+            ),
+            (
+                "own IPv6 second beside the default pool",
+                None,
+                Some("fd98::/64"),
+                &single,
+                Some(("100.96.0.0/16", Some("fd98::/64"))),
+            ),
+            (
+                "both its own",
+                Some("100.64.1.0/24"),
+                Some("fd98::/64"),
+                &dual,
+                Some(("100.64.1.0/24", Some("fd98::/64"))),
+            ),
+            (
+                "an IPv6 second beside an IPv6 pool",
+                Some("fd97::/64"),
+                Some("fd98::/64"),
+                &dual,
+                None,
+            ),
+            ("an IPv4 second", None, Some("100.65.0.0/16"), &single, None),
+            ("host bits", None, Some("fd98::1/64"), &single, None),
+        ];
+        for (case, cidr, v6, default, want) in rows {
+            let spec = MeshClusterSpec {
+                mesh_cidr_v6: v6.map(str::to_string),
+                ..spec(cidr, None)
+            };
+            match (pool(&spec, default), want) {
+                (Ok(p), Some((cidr, v6))) => {
+                    assert_eq!(p.cidr.to_string(), cidr, "{case}");
+                    assert_eq!(p.v6.map(|n| n.to_string()).as_deref(), v6, "{case}");
+                }
+                (Err(p), None) => assert_eq!(p.reason, "InvalidMeshCIDR", "{case}: {}", p.message),
+                (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
+            }
         }
     }
 
@@ -813,13 +907,13 @@ mod tests {
             let got = resolve(
                 &spec,
                 secret.as_ref(),
-                "100.96.0.0/16",
+                &Pool::single("100.96.0.0/16".parse().unwrap()),
                 Topology::CrossLocation,
             );
             match (got, want) {
                 (Ok(t), Ok((cidr, topology))) => {
                     assert_eq!(
-                        (t.mesh_cidr.as_str(), t.topology),
+                        (t.pool.cidr.to_string().as_str(), t.topology),
                         (cidr, topology),
                         "{case}"
                     );

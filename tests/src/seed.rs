@@ -63,16 +63,31 @@ pub async fn declare(
     mesh_cidr: &str,
     topology: &str,
 ) -> anyhow::Result<()> {
+    declare_dual_stack(seed, name, mesh_cidr, None, topology).await
+}
+
+/// [`declare`], with the IPv6 pool of a dual-stack mesh (`meshCIDRv6`) when given.
+pub async fn declare_dual_stack(
+    seed: &KubeRig,
+    name: &str,
+    mesh_cidr: &str,
+    mesh_cidr_v6: Option<&str>,
+    topology: &str,
+) -> anyhow::Result<()> {
     let api: Api<MeshCluster> = Api::all(seed.admin().await?);
+    let mut spec = json!({
+        "kubeconfig": {"namespace": name, "name": "kubeconfig"},
+        "meshCIDR": mesh_cidr,
+        "topology": topology,
+    });
+    if let Some(v6) = mesh_cidr_v6 {
+        spec["meshCIDRv6"] = v6.into();
+    }
     let mc: MeshCluster = serde_json::from_value(json!({
         "apiVersion": "isthmus.dev/v1alpha1",
         "kind": "MeshCluster",
         "metadata": {"name": name},
-        "spec": {
-            "kubeconfig": {"namespace": name, "name": "kubeconfig"},
-            "meshCIDR": mesh_cidr,
-            "topology": topology,
-        }
+        "spec": spec,
     }))?;
     api.create(&PostParams::default(), &mc)
         .await

@@ -93,6 +93,10 @@ async fn join(rig: &KubeRig, name: &str, location: &str, n: u8) {
 }
 
 /// The mesh IP of `name` if admitted for its current generation.
+/// The coordinators' default IPv6 pool, and the one MeshCluster b names.
+const DEFAULT_POOL6: &str = "fd96::/64";
+const B_POOL6: &str = "fd64:2::/120";
+
 async fn admitted_ip(rig: &KubeRig, name: &str) -> Option<Ipv4Addr> {
     let api: Api<WireGuardPeer> = Api::all(rig.admin().await.ok()?);
     let p = api.get_opt(name).await.ok()??;
@@ -234,8 +238,11 @@ async fn one_seed_coordinator_serves_many_clusters() {
     let nowhere = format!("https://127.0.0.1:{}", free_port());
     store_kubeconfig(&seed, "unreachable", &kubeconfig(&a, &nowhere, "t")).await;
 
+    // a takes the coordinators' default IPv6 pool (`--mesh-cidr-v6`), b names its own.
     declare(&seed, "a", "100.64.1.0/24", "cross-location").await;
-    declare(&seed, "b", "100.64.2.0/24", "full").await;
+    seed::declare_dual_stack(&seed, "b", "100.64.2.0/24", Some(B_POOL6), "full")
+        .await
+        .expect("MeshCluster b");
     tokio::join!(
         join(&a, "a-old-1", "old", 1),
         join(&a, "a-new-1", "new", 2),
@@ -261,12 +268,22 @@ async fn one_seed_coordinator_serves_many_clusters() {
                 &seed,
                 &seed_kubeconfig,
                 "c1",
-                &["--metrics-addr", &metrics_arg],
+                &[
+                    "--metrics-addr",
+                    &metrics_arg,
+                    "--mesh-cidr-v6",
+                    DEFAULT_POOL6,
+                ],
             )),
         ),
         (
             "c2",
-            Some(start_coordinator(&seed, &seed_kubeconfig, "c2", &[])),
+            Some(start_coordinator(
+                &seed,
+                &seed_kubeconfig,
+                "c2",
+                &["--mesh-cidr-v6", DEFAULT_POOL6],
+            )),
         ),
     ];
     let logs = |replicas: &[(&str, Option<Daemon>)]| {
@@ -315,6 +332,34 @@ async fn one_seed_coordinator_serves_many_clusters() {
         None,
         "c is not declared yet"
     );
+    // Dual-stack meshes: every peer also has an IPv6 mesh IP from its cluster's IPv6 pool,
+    // and the MeshCluster says which pool it is served with.
+    for (rig, cluster, peers, pool6) in [
+        (&a, "a", ["a-old-1", "a-new-1"], DEFAULT_POOL6),
+        (&b, "b", ["b-old-1", "b-new-1"], B_POOL6),
+    ] {
+        let (base, len) = pool6.split_once('/').expect("a CIDR");
+        let base: std::net::Ipv6Addr = base.parse().expect("pool");
+        let mask = u128::MAX << (128 - len.parse::<u32>().expect("length"));
+        let in_pool = |ip: std::net::Ipv6Addr| u128::from(ip) & mask == u128::from(base);
+        let api: Api<WireGuardPeer> = Api::all(rig.admin().await.unwrap());
+        let mut ips = Vec::new();
+        for name in peers {
+            let s = api.get(name).await.unwrap().status.expect("status");
+            assert_eq!(s.mesh_cidr_v6.as_deref(), Some(pool6), "{name}");
+            let ip: std::net::Ipv6Addr = s.mesh_ipv6.expect("meshIPv6").parse().unwrap();
+            assert!(in_pool(ip), "{name}: {ip} outside {pool6}");
+            ips.push(ip);
+        }
+        assert_ne!(ips[0], ips[1], "{cluster}: one IPv6 mesh IP each");
+        let status = Api::<MeshCluster>::all(seed.admin().await.unwrap())
+            .get(cluster)
+            .await
+            .unwrap()
+            .status
+            .expect("status");
+        assert_eq!(status.mesh_cidr_v6.as_deref(), Some(pool6), "{cluster}");
+    }
     // Metrics per cluster, from either replica (both keep every cluster's cache).
     for name in ["a", "b"] {
         let ok = eventually(SETTLE, || async {
