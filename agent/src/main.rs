@@ -111,6 +111,10 @@ struct RunArgs {
     /// flannel's VXLAN device (mode `vxlan`).
     #[arg(long, default_value = "flannel.1")]
     vxlan_device: String,
+    /// flannel's IPv6 VXLAN device on dual-stack nodes (mode `vxlan`); in a dual-stack mesh
+    /// (the coordinator's `--mesh-cidr-v6`) its FDB entries are pointed at the IPv6 mesh IPs.
+    #[arg(long, default_value = "flannel-v6.1")]
+    vxlan_device_v6: String,
     /// Routing table for remote pod CIDRs (mode `routed`).
     #[arg(long, default_value_t = 51820)]
     table: u32,
@@ -183,11 +187,13 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             listen_port: args.listen_port,
             keepalive: args.keepalive,
             vtep: None,
+            vtep6: None,
             mtu: None,
         },
         routing: RoutingOptions {
             mode: args.routing,
             vxlan_device: args.vxlan_device,
+            vxlan_device_v6: args.vxlan_device_v6,
             table: args.table,
             rule_priority: args.rule_priority,
         },

@@ -226,6 +226,7 @@ fn remote(n: u8, mesh: u8, mtu: Option<u16>) -> Remote {
     Remote {
         name: format!("aws-{n}"),
         mesh_ip: format!("100.96.0.{mesh}").parse().unwrap(),
+        mesh_ip6: None,
         pod_cidrs: vec![format!("10.244.2{n}.0/24").parse().unwrap()],
         vtep: Some(Vtep {
             mac: [REMOTE_MAC, REMOTE2_MAC][usize::from(n - 1)]
@@ -233,6 +234,7 @@ fn remote(n: u8, mesh: u8, mtu: Option<u16>) -> Remote {
                 .unwrap(),
             ip: format!("10.244.2{n}.0").parse().unwrap(),
         }),
+        vtep6: None,
         mtu,
         path_mtu: None,
     }
@@ -310,6 +312,7 @@ impl Driver {
         self.runtime.block_on(async {
             Devices {
                 vxlan: kernel.link("flannel.1").await.unwrap().map(|l| l.0),
+                vxlan6: None,
                 tun: kernel.link("isthtun").await.unwrap().unwrap().0,
             }
         })

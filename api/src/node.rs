@@ -1,7 +1,7 @@
 //! What isthmus reads from a Node. Agent (to publish) and coordinator (to admit) must read it
 //! the same way, or an honest peer would be refused.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -12,14 +12,18 @@ pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 /// flannel's annotation with its backend's data; for `vxlan`, `{"VNI":1,"VtepMAC":"…"}`.
 pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
 
+/// flannel's annotation with its IPv6 backend's data on a dual-stack node (`flannel-v6.1`),
+/// of the same shape as [`FLANNEL_BACKEND_DATA`].
+pub const FLANNEL_BACKEND_V6_DATA: &str = "flannel.alpha.coreos.com/backend-v6-data";
+
 /// flannel's VXLAN endpoint on a node, as flannel itself recorded it on the Node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlannelVtep {
     /// `VtepMAC` of the backend data, lower case.
     pub mac: String,
-    /// The network address of the Node's IPv4 pod CIDR: flannel's vxlan backend puts
-    /// exactly that on `flannel.1` (as a /32).
-    pub ip: Ipv4Addr,
+    /// The network address of the Node's pod CIDR of the VTEP's family: flannel's vxlan
+    /// backend puts exactly that on `flannel.1` (as a /32) and `flannel-v6.1` (as a /128).
+    pub ip: IpAddr,
 }
 
 /// The `topology.kubernetes.io/region` label, if any.
@@ -27,10 +31,20 @@ pub fn region(node: &Node) -> Option<String> {
     node.metadata.labels.as_ref()?.get(REGION_LABEL).cloned()
 }
 
-/// flannel's VTEP for this node, only from what flannel wrote (its `vxlan` backend
-/// annotations) and the Node's pod CIDR; `None` when flannel did not run its vxlan backend
-/// here or wrote something unreadable. Never from what an agent says.
+/// flannel's IPv4 VTEP (`flannel.1`) for this node, only from what flannel wrote (its
+/// `vxlan` backend annotations) and the Node's pod CIDR; `None` when flannel did not run its
+/// vxlan backend here or wrote something unreadable. Never from what an agent says.
 pub fn flannel_vtep(node: &Node) -> Option<FlannelVtep> {
+    vtep_of_family(node, FLANNEL_BACKEND_DATA, false)
+}
+
+/// flannel's IPv6 VTEP (`flannel-v6.1`) on a dual-stack node, read as [`flannel_vtep`]
+/// reads the IPv4 one: from `backend-v6-data` and the Node's IPv6 pod CIDR.
+pub fn flannel_vtep6(node: &Node) -> Option<FlannelVtep> {
+    vtep_of_family(node, FLANNEL_BACKEND_V6_DATA, true)
+}
+
+fn vtep_of_family(node: &Node, data_annotation: &str, v6: bool) -> Option<FlannelVtep> {
     #[derive(serde::Deserialize)]
     struct BackendData {
         #[serde(rename = "VtepMAC")]
@@ -40,7 +54,7 @@ pub fn flannel_vtep(node: &Node) -> Option<FlannelVtep> {
     if annotations.get(FLANNEL_BACKEND_TYPE).map(String::as_str) != Some("vxlan") {
         return None;
     }
-    let data: BackendData = serde_json::from_str(annotations.get(FLANNEL_BACKEND_DATA)?).ok()?;
+    let data: BackendData = serde_json::from_str(annotations.get(data_annotation)?).ok()?;
     let mac = data.vtep_mac.to_ascii_lowercase();
     let octets: Vec<&str> = mac.split(':').collect();
     let well_formed = octets.len() == 6
@@ -50,17 +64,29 @@ pub fn flannel_vtep(node: &Node) -> Option<FlannelVtep> {
     if !well_formed {
         return None;
     }
-    let ip = pod_cidrs(node).iter().find_map(|c| ipv4_network(c))?;
+    let ip = pod_cidrs(node)
+        .iter()
+        .filter_map(|c| network_address(c))
+        .find(|ip| ip.is_ipv6() == v6)?;
     Some(FlannelVtep { mac, ip })
 }
 
-/// The network address of an IPv4 prefix (`10.244.1.7/24` → `10.244.1.0`).
-fn ipv4_network(cidr: &str) -> Option<Ipv4Addr> {
+/// The network address of a prefix (`10.244.1.7/24` → `10.244.1.0`, `fd00:1::5/64` →
+/// `fd00:1::`).
+fn network_address(cidr: &str) -> Option<IpAddr> {
     let (addr, len) = cidr.split_once('/')?;
-    let addr: Ipv4Addr = addr.parse().ok()?;
+    let addr: IpAddr = addr.parse().ok()?;
     let len: u32 = len.parse().ok()?;
-    let mask = u32::MAX.checked_shl(32u32.checked_sub(len)?).unwrap_or(0);
-    Some(Ipv4Addr::from(u32::from(addr) & mask))
+    Some(match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32u32.checked_sub(len)?).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128u32.checked_sub(len)?).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    })
 }
 
 /// The Node's pod CIDRs (`spec.podCIDRs`, else the older single `spec.podCIDR`).
@@ -126,7 +152,7 @@ mod tests {
         let good = r#"{"VNI":1,"VtepMAC":"0A:58:0a:f4:0b:00"}"#;
         let want = Some(FlannelVtep {
             mac: "0a:58:0a:f4:0b:00".into(),
-            ip: Ipv4Addr::new(10, 244, 11, 0),
+            ip: Ipv4Addr::new(10, 244, 11, 0).into(),
         });
         let cases = [
             (
@@ -147,7 +173,7 @@ mod tests {
                 serde_json::json!(["10.244.11.9/24"]),
                 Some(FlannelVtep {
                     mac: "0a:58:0a:f4:0b:00".into(),
-                    ip: Ipv4Addr::new(10, 244, 11, 0),
+                    ip: Ipv4Addr::new(10, 244, 11, 0).into(),
                 }),
             ),
             ("no pod CIDR", vxlan(good), serde_json::json!([]), None),
@@ -190,5 +216,76 @@ mod tests {
             Some("aws")
         );
         assert_eq!(region(&Node::default()), None);
+    }
+
+    #[test]
+    fn flannel_vtep6_from_the_v6_backend_data_and_the_ipv6_pod_cidr() {
+        let v4 = r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:0b:00"}"#;
+        let v6 = r#"{"VNI":1,"VtepMAC":"8E:1C:22:33:44:55"}"#;
+        let dual = |data6: Option<&str>| {
+            let mut a =
+                serde_json::json!({FLANNEL_BACKEND_TYPE: "vxlan", FLANNEL_BACKEND_DATA: v4});
+            if let Some(d) = data6 {
+                a[FLANNEL_BACKEND_V6_DATA] = d.into();
+            }
+            a
+        };
+        let want6 = Some(FlannelVtep {
+            mac: "8e:1c:22:33:44:55".into(),
+            ip: "fd00:244:11::".parse().unwrap(),
+        });
+        // (what, annotations, pod CIDRs, IPv4 VTEP wanted, IPv6 VTEP wanted)
+        let cases = [
+            (
+                "dual stack as flannel writes it",
+                dual(Some(v6)),
+                serde_json::json!(["10.244.11.0/24", "fd00:244:11::/64"]),
+                true,
+                want6.clone(),
+            ),
+            (
+                "host bits are not the VTEP",
+                dual(Some(v6)),
+                serde_json::json!(["fd00:244:11::9/64", "10.244.11.0/24"]),
+                true,
+                want6,
+            ),
+            (
+                "no IPv6 backend data: IPv4 only",
+                dual(None),
+                serde_json::json!(["10.244.11.0/24", "fd00:244:11::/64"]),
+                true,
+                None,
+            ),
+            (
+                "IPv6 backend data but no IPv6 pod CIDR",
+                dual(Some(v6)),
+                serde_json::json!(["10.244.11.0/24"]),
+                true,
+                None,
+            ),
+            (
+                "IPv6 only",
+                serde_json::json!({FLANNEL_BACKEND_TYPE: "vxlan", FLANNEL_BACKEND_V6_DATA: v6}),
+                serde_json::json!(["fd00:244:11::/64"]),
+                false,
+                Some(FlannelVtep {
+                    mac: "8e:1c:22:33:44:55".into(),
+                    ip: "fd00:244:11::".parse().unwrap(),
+                }),
+            ),
+            (
+                "not a MAC",
+                dual(Some(r#"{"VNI":1,"VtepMAC":"8e:1c:22:33:44"}"#)),
+                serde_json::json!(["10.244.11.0/24", "fd00:244:11::/64"]),
+                true,
+                None,
+            ),
+        ];
+        for (what, annotations, cidrs, v4_wanted, want) in cases {
+            let node = annotated(annotations, cidrs);
+            assert_eq!(flannel_vtep6(&node), want, "{what}");
+            assert_eq!(flannel_vtep(&node).is_some(), v4_wanted, "{what}: IPv4");
+        }
     }
 }

@@ -70,9 +70,15 @@ pub struct WireGuardPeerSpec {
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("podCIDRs must be CIDR prefixes like 10.244.1.0/24"))]
     pub pod_cidrs: Vec<String>,
 
-    /// flannel's VXLAN endpoint on this node, when flannel runs there.
+    /// flannel's VXLAN endpoint on this node, when flannel runs there (`flannel.1`, IPv4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep: Option<Vtep>,
+
+    /// flannel's IPv6 VXLAN endpoint (`flannel-v6.1`) on a dual-stack node: the peers of a
+    /// dual-stack mesh point its FDB entry at this node's `status.meshIPv6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isIP(self.ip) && ip(self.ip).family() == 6").message("vtep6.ip must be an IPv6 address"))]
+    pub vtep6: Option<Vtep>,
 
     /// Seconds between keepalives the others send to this node (0: off), for nodes behind NAT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,7 +112,7 @@ pub struct KeyChallenge {
     pub issued: Time,
 }
 
-/// flannel's VXLAN tunnel endpoint (the `flannel.1` device).
+/// flannel's VXLAN tunnel endpoint (the `flannel.1` or `flannel-v6.1` device).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Vtep {
@@ -114,7 +120,8 @@ pub struct Vtep {
     #[schemars(length(max = 17))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$')").message("vtep.mac must be a MAC address like 0a:58:0a:f4:01:00"))]
     pub mac: String,
-    /// Address of the VXLAN device (flannel's `x.y.z.0` of the node's pod CIDR).
+    /// Address of the VXLAN device: the network address of the node's pod CIDR of its
+    /// family (flannel's `x.y.z.0`, or the IPv6 prefix's `::`).
     #[serde(rename = "ip")]
     #[schemars(length(max = 45))]
     #[x_kube(validation = Rule::new("isIP(self)").message("vtep.ip must be an IP address"))]

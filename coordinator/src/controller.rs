@@ -186,6 +186,7 @@ pub fn peer_view(p: &WireGuardPeer, key: KeyPossession) -> PeerView {
         pod_cidrs: p.spec.pod_cidrs.clone(),
         location: p.spec.location.clone(),
         vtep: p.spec.vtep.as_ref().map(|v| (v.mac.clone(), v.ip.clone())),
+        vtep6: p.spec.vtep6.as_ref().map(|v| (v.mac.clone(), v.ip.clone())),
         mesh_ip: status.and_then(|s| s.mesh_ip.clone()),
         mesh_ipv6: status.and_then(|s| s.mesh_ipv6.clone()),
         admitted,
@@ -205,6 +206,7 @@ pub fn node_view(n: &Node) -> NodeView {
         pod_cidrs: isthmus_api::node::pod_cidrs(n),
         region: isthmus_api::node::region(n),
         vtep: isthmus_api::node::flannel_vtep(n),
+        vtep6: isthmus_api::node::flannel_vtep6(n),
     }
 }
 

@@ -23,6 +23,8 @@ pub struct PeerView {
     pub location: String,
     /// flannel's VTEP as the agent claims it: (MAC, address).
     pub vtep: Option<(String, String)>,
+    /// flannel's IPv6 VTEP (`flannel-v6.1`) as the agent claims it: (MAC, address).
+    pub vtep6: Option<(String, String)>,
     pub mesh_ip: Option<String>,
     /// The IPv6 mesh IP it holds, from a dual-stack mesh's IPv6 pool.
     pub mesh_ipv6: Option<String>,
@@ -59,6 +61,8 @@ pub struct NodeView {
     pub region: Option<String>,
     /// flannel's VTEP as flannel recorded it on the Node (`isthmus_api::node::flannel_vtep`).
     pub vtep: Option<FlannelVtep>,
+    /// The same for its IPv6 VTEP (`isthmus_api::node::flannel_vtep6`).
+    pub vtep6: Option<FlannelVtep>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,23 +149,12 @@ pub fn admit(peer: &PeerView, node: Option<&NodeView>) -> Admission {
             ),
         );
     }
-    if let Some((mac, ip)) = &peer.vtep {
-        let matches = node
-            .vtep
-            .as_ref()
-            .is_some_and(|v| v.mac.eq_ignore_ascii_case(mac) && same_ip(&v.ip.to_string(), ip));
-        if !matches {
-            let says = match &node.vtep {
-                Some(v) => format!("MAC {} address {}", v.mac, v.ip),
-                None => "none (no flannel vxlan backend-data on it)".into(),
-            };
-            return deny(
-                "VtepMismatch",
-                format!(
-                    "vtep MAC {mac} address {ip} is not Node {}'s: flannel says {says}",
-                    node.name
-                ),
-            );
+    for (field, claim, recorded) in [
+        ("vtep", &peer.vtep, &node.vtep),
+        ("vtep6", &peer.vtep6, &node.vtep6),
+    ] {
+        if let Some(message) = vtep_mismatch(field, claim.as_ref(), recorded.as_ref(), &node.name) {
+            return deny("VtepMismatch", message);
         }
     }
     if let Some(region) = node.region.as_deref().filter(|r| *r != peer.location) {
@@ -178,6 +171,29 @@ pub fn admit(peer: &PeerView, node: Option<&NodeView>) -> Admission {
         reason: "NodeVerified",
         message: format!("matches Node {}", node.name),
     }
+}
+
+/// Why a claimed VTEP is not the one flannel recorded on the Node, if it is not (a peer that
+/// claims none, in routed mode or without that family, is fine).
+fn vtep_mismatch(
+    field: &str,
+    claim: Option<&(String, String)>,
+    recorded: Option<&FlannelVtep>,
+    node: &str,
+) -> Option<String> {
+    let (mac, ip) = claim?;
+    let matches =
+        recorded.is_some_and(|v| v.mac.eq_ignore_ascii_case(mac) && same_ip(&v.ip.to_string(), ip));
+    if matches {
+        return None;
+    }
+    let says = match recorded {
+        Some(v) => format!("MAC {} address {}", v.mac, v.ip),
+        None => "none (no flannel vxlan backend data for that family on it)".into(),
+    };
+    Some(format!(
+        "{field} MAC {mac} address {ip} is not Node {node}'s: flannel says {says}"
+    ))
 }
 
 /// The admission `checked` (which the Node vouched for) once the key is accounted for: a
@@ -365,7 +381,7 @@ pub fn decide(
 
     let mut plan = Plan::default();
     let mut keys_seen: HashMap<&str, &str> = HashMap::new();
-    let mut macs_seen: HashMap<String, &str> = HashMap::new();
+    let mut macs_seen: HashMap<(bool, String), &str> = HashMap::new();
     let mut admissions: Vec<(&PeerView, Admission)> = Vec::new();
     let pod_networks: Vec<(IpNetwork, &str)> = nodes
         .values()
@@ -398,16 +414,19 @@ pub fn decide(
         // A second claimant of a key or of a VTEP MAC (which would repoint the first's FDB
         // entries) is refused; the older keeps it.
         if admission.admitted {
-            let mac = peer.vtep.as_ref().map(|(m, _)| m.to_ascii_lowercase());
+            // A MAC is claimed per device: the IPv4 and the IPv6 VTEP are told apart.
+            let macs: Vec<(bool, String)> = [(false, &peer.vtep), (true, &peer.vtep6)]
+                .into_iter()
+                .filter_map(|(v6, v)| Some((v6, v.as_ref()?.0.to_ascii_lowercase())))
+                .collect();
             if let Some(owner) = keys_seen.get(peer.public_key.as_str()) {
                 admission = Admission {
                     admitted: false,
                     reason: "DuplicatePublicKey",
                     message: format!("public key already used by {owner}"),
                 };
-            } else if let Some((mac, owner)) = mac
-                .as_ref()
-                .and_then(|m| Some((m, macs_seen.get(m.as_str())?)))
+            } else if let Some(((_, mac), owner)) =
+                macs.iter().find_map(|m| Some((m, *macs_seen.get(m)?)))
             {
                 admission = Admission {
                     admitted: false,
@@ -416,8 +435,8 @@ pub fn decide(
                 };
             } else {
                 keys_seen.insert(&peer.public_key, &peer.name);
-                if let Some(mac) = mac {
-                    macs_seen.insert(mac, &peer.name);
+                for m in macs {
+                    macs_seen.insert(m, &peer.name);
                 }
             }
         }
@@ -470,6 +489,7 @@ mod tests {
             pod_cidrs: vec![cidr.into()],
             region: None,
             vtep: None,
+            vtep6: None,
         }
     }
 
@@ -491,6 +511,24 @@ mod tests {
         p
     }
 
+    fn with_vtep6(mut p: PeerView, mac: &str, ip: &str) -> PeerView {
+        p.vtep6 = Some((mac.into(), ip.into()));
+        p
+    }
+
+    /// [`flannel_node`] in dual stack: flannel's `flannel-v6.1` on the IPv6 pod CIDR too.
+    fn dual_flannel_node(name: &str, ip: &str, cidrs: [&str; 2], macs: [&str; 2]) -> NodeView {
+        let (net6, _) = cidrs[1].split_once('/').unwrap();
+        NodeView {
+            pod_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            vtep6: Some(FlannelVtep {
+                mac: macs[1].into(),
+                ip: net6.parse().unwrap(),
+            }),
+            ..flannel_node(name, ip, cidrs[0], macs[0])
+        }
+    }
+
     fn at(mut p: PeerView, location: &str) -> PeerView {
         p.location = location.into();
         p
@@ -506,6 +544,7 @@ mod tests {
             pod_cidrs: vec![cidr.into()],
             location: "aws".into(),
             vtep: None,
+            vtep6: None,
             mesh_ip: None,
             mesh_ipv6: None,
             admitted: None,
@@ -526,7 +565,53 @@ mod tests {
         let n = node("a", "10.0.0.5", "10.244.1.0/24");
         let f = flannel_node("a", "10.0.0.5", "10.244.1.0/24", "0a:58:0a:f4:01:00");
         let honest = || peer("a", "1", "10.0.0.5", "10.244.1.0/24");
+        let d = dual_flannel_node(
+            "a",
+            "10.0.0.5",
+            ["10.244.1.0/24", "fd00:244:1::/64"],
+            ["0a:58:0a:f4:01:00", "8e:00:00:00:01:06"],
+        );
+        let dual = || {
+            let mut p = with_vtep(honest(), "0a:58:0a:f4:01:00", "10.244.1.0");
+            p.pod_cidrs.push("fd00:244:1::/64".into());
+            p
+        };
         let cases: &[(&str, PeerView, Option<&NodeView>, bool, &str)] = &[
+            (
+                "dual stack: both VTEPs as flannel wrote them",
+                with_vtep6(dual(), "8E:00:00:00:01:06", "fd00:244:1:0::"),
+                Some(&d),
+                true,
+                "NodeVerified",
+            ),
+            (
+                "dual stack: no vtep6 claimed (flannel-v6.1 not found yet)",
+                dual(),
+                Some(&d),
+                true,
+                "NodeVerified",
+            ),
+            (
+                "vtep6 with the IPv4 VTEP's MAC",
+                with_vtep6(dual(), "0a:58:0a:f4:01:00", "fd00:244:1::"),
+                Some(&d),
+                false,
+                "VtepMismatch",
+            ),
+            (
+                "vtep6 address not the IPv6 pod subnet's",
+                with_vtep6(dual(), "8e:00:00:00:01:06", "fd00:244:2::"),
+                Some(&d),
+                false,
+                "VtepMismatch",
+            ),
+            (
+                "vtep6 on a Node flannel wrote no IPv6 backend data on",
+                with_vtep6(honest(), "8e:00:00:00:01:06", "fd00:244:1::"),
+                Some(&f),
+                false,
+                "VtepMismatch",
+            ),
             (
                 "matching",
                 peer("a", "1", "10.0.0.5", "10.244.1.0/24"),
@@ -916,6 +1001,51 @@ mod tests {
         assert_eq!(plan.statuses["b"].admission.reason, "DuplicateVtep");
         assert_eq!(plan.statuses["b"].mesh_ip, None);
         assert!(plan.statuses["c"].admission.admitted, "no vtep, no clash");
+    }
+
+    #[test]
+    fn a_duplicate_vtep6_mac_is_refused_but_a_mac_shared_across_families_is_not() {
+        let (v4a, v4b, shared6) = (
+            "0a:58:0a:f4:01:00",
+            "0a:58:0a:f4:02:00",
+            "8e:00:00:00:00:06",
+        );
+        let cidrs = |n: u8| [format!("10.244.{n}.0/24"), format!("fd00:244:{n}::/64")];
+        let dual_peer = |name: &str, created: &str, n: u8, mac4: &str, mac6: &str| {
+            let [c4, c6] = cidrs(n);
+            let mut p = peer(name, created, &format!("10.0.0.{n}"), &c4);
+            p.pod_cidrs.push(c6.clone());
+            let p = with_vtep(p, mac4, &format!("10.244.{n}.0"));
+            with_vtep6(p, mac6, &format!("fd00:244:{n}::"))
+        };
+        let dual_node = |name: &str, n: u8, mac4: &str, mac6: &str| {
+            let [c4, c6] = cidrs(n);
+            dual_flannel_node(name, &format!("10.0.0.{n}"), [&c4, &c6], [mac4, mac6])
+        };
+        // b's IPv6 VTEP has a's IPv6 MAC; c's IPv6 VTEP has a's IPv4 MAC (another device).
+        let nodes = [
+            dual_node("a", 1, v4a, shared6),
+            dual_node("b", 2, v4b, shared6),
+            dual_node("c", 3, "0a:58:0a:f4:03:00", v4a),
+        ];
+        let peers = [
+            dual_peer("b", "2", 2, v4b, shared6),
+            dual_peer("a", "1", 1, v4a, shared6),
+            dual_peer("c", "3", 3, "0a:58:0a:f4:03:00", v4a),
+        ];
+        let plan = run(&peers, &nodes);
+        assert!(plan.statuses["a"].admission.admitted, "the older claimant");
+        assert_eq!(plan.statuses["b"].admission.reason, "DuplicateVtep");
+        assert!(
+            plan.statuses["b"].admission.message.contains(shared6),
+            "{}",
+            plan.statuses["b"].admission.message
+        );
+        assert!(
+            plan.statuses["c"].admission.admitted,
+            "{:?}",
+            plan.statuses["c"].admission
+        );
     }
 
     #[test]

@@ -66,9 +66,10 @@ impl Kernel {
         }
     }
 
-    /// This node's VTEP: the VXLAN device's MAC and its IPv4 address (flannel puts the pod
-    /// subnet's network address there).
-    pub async fn vtep(&self, device: &str) -> anyhow::Result<Option<Vtep>> {
+    /// This node's VTEP: the VXLAN device's MAC and its address of the family `v6` names
+    /// (flannel puts the pod subnet's network address there; an IPv6 device's link-local
+    /// address is not it).
+    pub async fn vtep(&self, device: &str, v6: bool) -> anyhow::Result<Option<Vtep>> {
         let Some((index, Some(mac), _)) = self.link(device).await? else {
             return Ok(None);
         };
@@ -78,16 +79,24 @@ impl Kernel {
             .get()
             .set_link_index_filter(index)
             .execute();
+        // Read to the end: a dump left half-read makes the connection log every message
+        // it could no longer deliver.
+        let mut found = None;
         while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
             let ip = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             });
-            if let Some(ip @ IpAddr::V4(_)) = ip {
-                return Ok(Some(Vtep { mac, ip }));
+            let wanted = match ip {
+                Some(IpAddr::V4(_)) => !v6,
+                Some(IpAddr::V6(a)) => v6 && !a.is_unicast_link_local(),
+                None => false,
+            };
+            if wanted && found.is_none() {
+                found = ip;
             }
         }
-        Ok(None)
+        Ok(found.map(|ip| Vtep { mac, ip }))
     }
 
     /// The underlay's MTU: the lowest MTU of the devices the IPv4 and IPv6 default routes
@@ -509,10 +518,14 @@ fn route_address(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 /// A dumped route as one of ours, when it is a plain unicast route with metric 0.
+/// The kernel's metric for an IPv6 route added without one.
+const IP6_RT_PRIO_USER: u32 = 1024;
+
 fn parse_route(msg: &RouteMessage) -> Option<(EntryKey, Value)> {
     if msg.header.kind != RouteType::Unicast || msg.header.tos != 0 {
         return None;
     }
+    let v6 = msg.header.address_family == AddressFamily::Inet6;
     let mut table = u32::from(msg.header.table);
     let mut dst = None;
     let mut value = Route {
@@ -531,7 +544,11 @@ fn parse_route(msg: &RouteMessage) -> Option<(EntryKey, Value)> {
             RouteAttribute::Gateway(g) => value.gateway = route_address(g),
             RouteAttribute::PrefSource(p) => value.prefsrc = route_address(p),
             RouteAttribute::Oif(o) => value.oif = *o,
-            RouteAttribute::Priority(p) if *p != 0 => return None,
+            // A metric of our own choosing is none, the kernel's default: 0 for IPv4, 1024
+            // (`IP6_RT_PRIO_USER`) for IPv6, where every route has one.
+            RouteAttribute::Priority(p) if *p != 0 && !(v6 && *p == IP6_RT_PRIO_USER) => {
+                return None
+            }
             RouteAttribute::Metrics(ms) => {
                 for m in ms {
                     if let RouteMetric::Mtu(v) = m {

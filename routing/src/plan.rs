@@ -26,6 +26,8 @@ use crate::Mode;
 /// What VXLAN adds around an inner Ethernet frame: outer IPv4 (20), UDP (8), VXLAN (8) and
 /// the inner Ethernet header (14). flannel sizes `flannel.1` as underlay MTU − 50 likewise.
 pub const VXLAN_OVERHEAD: u16 = 50;
+/// The same over an IPv6 outer header (40): flannel sizes `flannel-v6.1` as underlay − 70.
+pub const VXLAN_OVERHEAD6: u16 = 70;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -37,10 +39,12 @@ pub struct Settings {
 }
 
 /// The devices the entries hang off, by index.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Devices {
-    /// flannel's VXLAN device, when it exists.
+    /// flannel's VXLAN device (`flannel.1`, IPv4), when it exists.
     pub vxlan: Option<u32>,
+    /// flannel's IPv6 VXLAN device (`flannel-v6.1`), when it exists (dual stack).
+    pub vxlan6: Option<u32>,
     pub tun: u32,
 }
 
@@ -55,8 +59,13 @@ pub struct Vtep {
 pub struct Remote {
     pub name: String,
     pub mesh_ip: IpAddr,
+    /// Its IPv6 mesh IP in a dual-stack mesh: where its `flannel-v6.1` VTEP is reached.
+    pub mesh_ip6: Option<IpAddr>,
     pub pod_cidrs: Vec<IpNetwork>,
+    /// Its `flannel.1` VTEP.
     pub vtep: Option<Vtep>,
+    /// Its `flannel-v6.1` VTEP.
+    pub vtep6: Option<Vtep>,
     /// The remote tunnel's MTU, when it published one.
     pub mtu: Option<u16>,
     /// The largest packet the path to the remote carries through the tunnel, when measured
@@ -74,6 +83,41 @@ impl Remote {
             .min()
             .unwrap_or(tunnel_mtu)
     }
+
+    /// Its mesh IPs: the one every mesh has, then the IPv6 one of a dual-stack mesh.
+    fn mesh_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.mesh_ip).chain(self.mesh_ip6)
+    }
+}
+
+/// One family's VXLAN path to a remote: flannel's device here, the remote's VTEP on it and
+/// the remote's mesh IP of the device's family (a VXLAN device sends over one family).
+#[derive(Clone, Copy)]
+struct VxlanPath {
+    device: u32,
+    vtep: Vtep,
+    dst: IpAddr,
+    v6: bool,
+}
+
+/// The VXLAN paths this node can repoint at `remote`'s mesh IPs, per family (IPv4 first).
+fn vxlan_paths(devices: Devices, remote: &Remote) -> Vec<VxlanPath> {
+    [
+        (false, devices.vxlan, remote.vtep),
+        (true, devices.vxlan6, remote.vtep6),
+    ]
+    .into_iter()
+    .filter_map(|(v6, device, vtep)| {
+        let vtep = vtep.filter(|v| v.ip.is_ipv6() == v6)?;
+        let dst = remote.mesh_ips().find(|ip| ip.is_ipv6() == v6)?;
+        Some(VxlanPath {
+            device: device?,
+            vtep,
+            dst,
+            v6,
+        })
+    })
+    .collect()
 }
 
 /// The entries routing wants for `remotes`, given this node's tunnel MTU.
@@ -90,41 +134,39 @@ pub fn desired(
             Mode::Vxlan => MAIN_TABLE,
             Mode::Routed => settings.table,
         };
-        out.insert(
-            host_key(table, remote.mesh_ip),
-            Value::Route(Route {
-                oif: devices.tun,
-                gateway: None,
-                onlink: false,
-                protocol: PROTO_STATIC,
-                scope: SCOPE_LINK,
-                prefsrc: None,
-                mtu: Some(u32::from(path_mtu)),
-            }),
-        );
-        if settings.mode == Mode::Routed {
+        for mesh_ip in remote.mesh_ips() {
             out.insert(
-                EntryKey::Rule {
-                    v6: !remote.mesh_ip.is_ipv4(),
-                    priority: settings.rule_priority,
-                },
-                Value::Rule {
-                    table: settings.table,
-                },
+                host_key(table, mesh_ip),
+                into_tun(devices.tun, path_mtu, mesh_ip.is_ipv6()),
             );
+            if settings.mode == Mode::Routed {
+                out.insert(
+                    EntryKey::Rule {
+                        v6: mesh_ip.is_ipv6(),
+                        priority: settings.rule_priority,
+                    },
+                    Value::Rule {
+                        table: settings.table,
+                    },
+                );
+            }
         }
         match settings.mode {
             Mode::Vxlan => {
-                vxlan_entries(&mut out, devices, path_mtu, remote);
-                // flannel's VTEP carries one family: the other family's pod CIDRs (IPv6
-                // beside an IPv4 `flannel.1`) are routed straight into the tunnel, as in
-                // `routed`, so a dual-stack pod reaches the other cloud over both.
-                if let (Some(_), Some(vtep)) = (devices.vxlan, remote.vtep) {
-                    let other_family = remote
-                        .pod_cidrs
-                        .iter()
-                        .filter(|c| c.network_address().is_ipv4() != vtep.ip.is_ipv4());
-                    routed_entries(&mut out, settings, devices, path_mtu, other_family);
+                let paths = vxlan_paths(devices, remote);
+                for path in &paths {
+                    vxlan_entries(&mut out, path, path_mtu, remote);
+                }
+                // A family flannel's VXLAN cannot carry to this remote (no device or VTEP
+                // of that family, or no mesh IP to point it at) is routed straight into the
+                // tunnel, as in `routed`, so a dual-stack pod reaches the other cloud over
+                // both; until some VTEP is known, pods wait for it in both families.
+                if !paths.is_empty() {
+                    let unserved = remote.pod_cidrs.iter().filter(|c| {
+                        let v6 = c.network_address().is_ipv6();
+                        !paths.iter().any(|p| p.v6 == v6)
+                    });
+                    routed_entries(&mut out, settings, devices, path_mtu, unserved);
                 }
             }
             Mode::Routed => {
@@ -135,41 +177,44 @@ pub fn desired(
     out
 }
 
+/// flannel's entries for one family of `remote`, its FDB entry pointed at the mesh.
 fn vxlan_entries(
     out: &mut BTreeMap<EntryKey, Value>,
-    devices: Devices,
+    path: &VxlanPath,
     path_mtu: u16,
     remote: &Remote,
 ) {
-    let (Some(vxlan), Some(vtep)) = (devices.vxlan, remote.vtep) else {
-        return;
-    };
+    let VxlanPath {
+        device,
+        vtep,
+        dst,
+        v6,
+    } = *path;
     out.insert(
         EntryKey::Fdb {
-            ifindex: vxlan,
+            ifindex: device,
             mac: vtep.mac,
         },
-        Value::Fdb {
-            dst: remote.mesh_ip,
-        },
+        Value::Fdb { dst },
     );
     out.insert(
         EntryKey::Neigh {
-            ifindex: vxlan,
+            ifindex: device,
             ip: vtep.ip,
         },
         Value::Neigh { mac: vtep.mac },
     );
-    let inner_mtu = path_mtu.saturating_sub(VXLAN_OVERHEAD);
+    let overhead = if v6 { VXLAN_OVERHEAD6 } else { VXLAN_OVERHEAD };
+    let inner_mtu = path_mtu.saturating_sub(overhead);
     for cidr in remote
         .pod_cidrs
         .iter()
-        .filter(|c| c.network_address().is_ipv4() == vtep.ip.is_ipv4())
+        .filter(|c| c.network_address().is_ipv6() == v6)
     {
         out.insert(
             route_key(MAIN_TABLE, cidr),
             Value::Route(Route {
-                oif: vxlan,
+                oif: device,
                 gateway: Some(vtep.ip),
                 onlink: true,
                 protocol: PROTO_BOOT,
@@ -201,17 +246,24 @@ fn routed_entries<'a>(
         );
         out.insert(
             route_key(settings.table, cidr),
-            Value::Route(Route {
-                oif: devices.tun,
-                gateway: None,
-                onlink: false,
-                protocol: PROTO_STATIC,
-                scope: SCOPE_LINK,
-                prefsrc: None,
-                mtu: Some(u32::from(path_mtu)),
-            }),
+            into_tun(devices.tun, path_mtu, v6),
         );
     }
+}
+
+/// A route straight into the TUN. Link scope for IPv4; IPv6 has no route scopes and the
+/// kernel reports every IPv6 route as universe, so that is what we want there (asking for
+/// link would read back as someone else's route, and be re-asserted forever).
+fn into_tun(tun: u32, path_mtu: u16, v6: bool) -> Value {
+    Value::Route(Route {
+        oif: tun,
+        gateway: None,
+        onlink: false,
+        protocol: PROTO_STATIC,
+        scope: if v6 { SCOPE_UNIVERSE } else { SCOPE_LINK },
+        prefsrc: None,
+        mtu: Some(u32::from(path_mtu)),
+    })
 }
 
 /// The host route's key for `ip`.
@@ -236,6 +288,7 @@ mod tests {
     use super::*;
 
     const VXLAN: u32 = 5;
+    const VXLAN6: u32 = 6;
     const TUN: u32 = 9;
 
     fn settings(mode: Mode) -> Settings {
@@ -249,6 +302,7 @@ mod tests {
     fn devices() -> Devices {
         Devices {
             vxlan: Some(VXLAN),
+            vxlan6: None,
             tun: TUN,
         }
     }
@@ -257,11 +311,13 @@ mod tests {
         Remote {
             name: format!("aws-{n}"),
             mesh_ip: format!("100.96.0.{n}").parse().unwrap(),
+            mesh_ip6: None,
             pod_cidrs: vec![format!("10.244.2{n}.0/24").parse().unwrap()],
             vtep: Some(Vtep {
                 mac: Mac([0x0a, 0x58, 10, 244, 20 + n, 0]),
                 ip: format!("10.244.2{n}.0").parse().unwrap(),
             }),
+            vtep6: None,
             mtu,
             path_mtu: None,
         }
@@ -273,6 +329,25 @@ mod tests {
         r.pod_cidrs
             .push(format!("fd00:244:2{n}::/64").parse().unwrap());
         r
+    }
+
+    /// [`dual`] in a dual-stack mesh: an IPv6 mesh IP and flannel's `flannel-v6.1` VTEP.
+    fn dual_mesh(n: u8) -> Remote {
+        Remote {
+            mesh_ip6: Some(format!("fd96::{n}").parse().unwrap()),
+            vtep6: Some(Vtep {
+                mac: Mac([0x8e, 0, 0, 0, n, 6]),
+                ip: format!("fd00:244:2{n}::").parse().unwrap(),
+            }),
+            ..dual(n)
+        }
+    }
+
+    fn both_vxlan() -> Devices {
+        Devices {
+            vxlan6: Some(VXLAN6),
+            ..devices()
+        }
     }
 
     fn render(map: &BTreeMap<EntryKey, Value>) -> Vec<String> {
@@ -342,7 +417,7 @@ mod tests {
             (
                 "vxlan: no VXLAN device yet, nothing to repoint; the host's route to the mesh IP",
                 settings(Mode::Vxlan),
-                Devices { vxlan: None, tun: TUN },
+                Devices { vxlan: None, vxlan6: None, tun: TUN },
                 vec![remote(1, None)],
                 vec!["route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420"],
             ),
@@ -395,7 +470,7 @@ mod tests {
             (
                 "vxlan, dual stack, no VXLAN device yet: nothing for pods in either family",
                 settings(Mode::Vxlan),
-                Devices { vxlan: None, tun: TUN },
+                Devices { vxlan: None, vxlan6: None, tun: TUN },
                 vec![dual(1)],
                 vec!["route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420"],
             ),
@@ -408,6 +483,80 @@ mod tests {
                     "route 10.244.21.0/24 table 51820: dev #9 proto 4 mtu 1420",
                     "route 100.96.0.1/32 table 51820: dev #9 proto 4 mtu 1420",
                     "route fd00:244:21::/64 table 51820: dev #9 proto 4 mtu 1420",
+                    "rule -4 pref 5210: lookup 51820",
+                    "rule -6 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "vxlan, dual-stack mesh: each family through its flannel device to the mesh IP of that family",
+                settings(Mode::Vxlan),
+                both_vxlan(),
+                vec![dual_mesh(1)],
+                vec![
+                    "fdb 0a:58:0a:f4:15:00 dev #5: dst 100.96.0.1",
+                    "fdb 8e:00:00:00:01:06 dev #6: dst fd96::1",
+                    "neigh 10.244.21.0 dev #5: lladdr 0a:58:0a:f4:15:00",
+                    "neigh fd00:244:21:: dev #6: lladdr 8e:00:00:00:01:06",
+                    "route 10.244.21.0/24 table 254: via 10.244.21.0 dev #5 proto 3 onlink mtu 1370",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420",
+                    "route fd00:244:21::/64 table 254: via fd00:244:21:: dev #6 proto 3 onlink mtu 1350",
+                    "route fd96::1/128 table 254: dev #9 proto 4 mtu 1420",
+                ],
+            ),
+            (
+                "vxlan, dual-stack mesh, no flannel-v6.1 here: IPv6 pods routed into the TUN",
+                settings(Mode::Vxlan),
+                devices(),
+                vec![dual_mesh(1)],
+                vec![
+                    "fdb 0a:58:0a:f4:15:00 dev #5: dst 100.96.0.1",
+                    "neigh 10.244.21.0 dev #5: lladdr 0a:58:0a:f4:15:00",
+                    "route 10.244.21.0/24 table 254: via 10.244.21.0 dev #5 proto 3 onlink mtu 1370",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420",
+                    "route fd96::1/128 table 254: dev #9 proto 4 mtu 1420",
+                    "route fd00:244:21::/64 table 51820: dev #9 proto 4 mtu 1420",
+                    "rule -6 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "vxlan, flannel-v6.1 but no IPv6 mesh IP to point it at: IPv6 pods routed into the TUN",
+                settings(Mode::Vxlan),
+                both_vxlan(),
+                vec![Remote { mesh_ip6: None, ..dual_mesh(1) }],
+                vec![
+                    "fdb 0a:58:0a:f4:15:00 dev #5: dst 100.96.0.1",
+                    "neigh 10.244.21.0 dev #5: lladdr 0a:58:0a:f4:15:00",
+                    "route 10.244.21.0/24 table 254: via 10.244.21.0 dev #5 proto 3 onlink mtu 1370",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1420",
+                    "route fd00:244:21::/64 table 51820: dev #9 proto 4 mtu 1420",
+                    "rule -6 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "vxlan, dual-stack mesh, only flannel-v6.1 known: IPv4 pods routed into the TUN",
+                settings(Mode::Vxlan),
+                Devices { vxlan: None, ..both_vxlan() },
+                vec![Remote { path_mtu: Some(1300), ..dual_mesh(1) }],
+                vec![
+                    "fdb 8e:00:00:00:01:06 dev #6: dst fd96::1",
+                    "neigh fd00:244:21:: dev #6: lladdr 8e:00:00:00:01:06",
+                    "route 100.96.0.1/32 table 254: dev #9 proto 4 mtu 1300",
+                    "route fd00:244:21::/64 table 254: via fd00:244:21:: dev #6 proto 3 onlink mtu 1230",
+                    "route fd96::1/128 table 254: dev #9 proto 4 mtu 1300",
+                    "route 10.244.21.0/24 table 51820: dev #9 proto 4 mtu 1300",
+                    "rule -4 pref 5210: lookup 51820",
+                ],
+            ),
+            (
+                "routed, dual-stack mesh: flannel left alone, both mesh IPs into the TUN",
+                settings(Mode::Routed),
+                both_vxlan(),
+                vec![dual_mesh(1)],
+                vec![
+                    "route 10.244.21.0/24 table 51820: dev #9 proto 4 mtu 1420",
+                    "route 100.96.0.1/32 table 51820: dev #9 proto 4 mtu 1420",
+                    "route fd00:244:21::/64 table 51820: dev #9 proto 4 mtu 1420",
+                    "route fd96::1/128 table 51820: dev #9 proto 4 mtu 1420",
                     "rule -4 pref 5210: lookup 51820",
                     "rule -6 pref 5210: lookup 51820",
                 ],

@@ -118,16 +118,17 @@ pub fn decide(
 /// would bring back an entry to a node that no longer exists. flannel's neighbour entry for
 /// the same VTEP tells: when it was absent the last time we wrote it (`prior: None`, as after
 /// a re-assertion of a deleted entry) or is absent now, flannel does not want the node, and
-/// the FDB entry is deleted instead of restored.
+/// the FDB entry is deleted instead of restored. VTEPs are told apart by device and MAC:
+/// `flannel.1` and `flannel-v6.1` each have their own.
 pub fn vteps_flannel_dropped<'a>(
     journal: impl IntoIterator<Item = &'a Entry>,
     current: impl Fn(&EntryKey) -> Option<&'a Value>,
-) -> std::collections::BTreeSet<Mac> {
+) -> std::collections::BTreeSet<(u32, Mac)> {
     journal
         .into_iter()
         .filter_map(|e| match (&e.key, &e.applied) {
-            (EntryKey::Neigh { .. }, Value::Neigh { mac }) => {
-                (e.prior.is_none() || current(&e.key).is_none()).then_some(*mac)
+            (EntryKey::Neigh { ifindex, .. }, Value::Neigh { mac }) => {
+                (e.prior.is_none() || current(&e.key).is_none()).then_some((*ifindex, *mac))
             }
             _ => None,
         })
@@ -139,11 +140,11 @@ pub fn vteps_flannel_dropped<'a>(
 pub fn without_stale_prior(
     key: &EntryKey,
     journaled: Option<&Entry>,
-    dropped: &std::collections::BTreeSet<Mac>,
+    dropped: &std::collections::BTreeSet<(u32, Mac)>,
 ) -> Option<Entry> {
     let e = journaled?;
     match key {
-        EntryKey::Fdb { mac, .. } if dropped.contains(mac) => Some(Entry {
+        EntryKey::Fdb { ifindex, mac } if dropped.contains(&(*ifindex, *mac)) => Some(Entry {
             prior: None,
             ..e.clone()
         }),
@@ -565,20 +566,27 @@ mod tests {
     fn an_fdb_entry_whose_node_flannel_dropped_is_deleted_not_restored() {
         let mac = Mac([10, 88, 10, 244, 21, 0]);
         let other = Mac([10, 88, 10, 244, 22, 0]);
-        let neigh = |ip: &str| EntryKey::Neigh {
-            ifindex: 5,
+        let neigh_on = |ifindex: u32, ip: &str| EntryKey::Neigh {
+            ifindex,
             ip: ip.parse().unwrap(),
         };
-        let neigh_entry = |ip: &str, prior: bool, m: Mac| Entry {
-            key: neigh(ip),
+        let neigh = |ip: &str| neigh_on(5, ip);
+        let neigh_entry_on = |ifindex: u32, ip: &str, prior: bool, m: Mac| Entry {
+            key: neigh_on(ifindex, ip),
             prior: prior.then_some(Value::Neigh { mac: m }),
             applied: Value::Neigh { mac: m },
             pending: None,
         };
+        let neigh_entry = |ip: &str, prior: bool, m: Mac| neigh_entry_on(5, ip, prior, m);
         let there = Value::Neigh { mac };
         let there_other = Value::Neigh { mac: other };
         // (name, journal, neighbours in the kernel now, dropped VTEPs)
-        type Row<'a> = (&'a str, Vec<Entry>, Vec<(EntryKey, &'a Value)>, Vec<Mac>);
+        type Row<'a> = (
+            &'a str,
+            Vec<Entry>,
+            Vec<(EntryKey, &'a Value)>,
+            Vec<(u32, Mac)>,
+        );
         let rows: Vec<Row> = vec![
             (
                 "flannel's neighbour there before and now: restore the FDB prior",
@@ -590,13 +598,13 @@ mod tests {
                 "flannel deleted the neighbour, we re-asserted it (prior none)",
                 vec![neigh_entry("10.244.21.0", false, mac)],
                 vec![(neigh("10.244.21.0"), &there)],
-                vec![mac],
+                vec![(5, mac)],
             ),
             (
                 "flannel deleted the neighbour while no agent watched",
                 vec![neigh_entry("10.244.21.0", true, mac)],
                 vec![],
-                vec![mac],
+                vec![(5, mac)],
             ),
             (
                 "only the node whose neighbour went",
@@ -605,7 +613,16 @@ mod tests {
                     neigh_entry("10.244.22.0", true, other),
                 ],
                 vec![(neigh("10.244.22.0"), &there_other)],
-                vec![mac],
+                vec![(5, mac)],
+            ),
+            (
+                "the same MAC on flannel-v6.1: only the device whose neighbour went",
+                vec![
+                    neigh_entry("10.244.21.0", true, mac),
+                    neigh_entry_on(6, "fd00:244:21::", true, mac),
+                ],
+                vec![(neigh("10.244.21.0"), &there)],
+                vec![(6, mac)],
             ),
             ("nothing journaled", vec![], vec![], vec![]),
         ];
@@ -626,7 +643,7 @@ mod tests {
             },
             pending: None,
         };
-        let dropped = [mac].into_iter().collect();
+        let dropped = [(5, mac)].into_iter().collect();
         let seen = without_stale_prior(&fdb, Some(&e), &dropped).unwrap();
         assert_eq!(seen.prior, None);
         assert_eq!(
@@ -636,5 +653,11 @@ mod tests {
         );
         let kept = without_stale_prior(&fdb, Some(&e), &Default::default()).unwrap();
         assert_eq!(kept, e);
+        let other_device = [(6, mac)].into_iter().collect();
+        let kept = without_stale_prior(&fdb, Some(&e), &other_device).unwrap();
+        assert_eq!(
+            kept, e,
+            "the VTEP dropped on flannel-v6.1 is not flannel.1's"
+        );
     }
 }

@@ -57,8 +57,9 @@ impl Ns {
             .map(str::to_string)
             .collect();
         format!(
-            "{}\n{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}\n{}",
             self.bridge("fdb show dev flannel.1"),
+            self.bridge("fdb show"),
             neigh.join("\n"),
             self.ip("route show table all"),
             self.ip("-6 route show table all"),
@@ -67,9 +68,13 @@ impl Ns {
     }
 
     fn fdb_dst(&self) -> String {
-        let out = self.bridge("fdb show dev flannel.1");
+        self.fdb_dst_on("flannel.1", REMOTE_MAC)
+    }
+
+    fn fdb_dst_on(&self, dev: &str, mac: &str) -> String {
+        let out = self.bridge(&format!("fdb show dev {dev}"));
         out.lines()
-            .find(|l| l.starts_with(REMOTE_MAC))
+            .find(|l| l.starts_with(mac))
             .and_then(|l| l.split_whitespace().skip_while(|w| *w != "dst").nth(1))
             .unwrap_or("")
             .to_string()
@@ -121,15 +126,58 @@ fn node() -> Ns {
     ns
 }
 
+/// [`node`] on a dual-stack node: eth0's IPv6 underlay address, flannel's `flannel-v6.1`
+/// (`local` that address, MTU 1430, address fd00:244:b::/128) with flannel's entries for
+/// aws-1's IPv6 half (VTEP fd00:244:15::, FDB to its underlay 2001:db8::15), and an IPv6
+/// mesh address on the TUN.
+fn dual_node() -> Ns {
+    let ns = node();
+    ns.ip("addr add 2001:db8::11/64 dev eth0 nodad");
+    ns.ip(
+        "link add flannel-v6.1 type vxlan id 1 local 2001:db8::11 dev eth0 dstport 8472 nolearning",
+    );
+    ns.ip(&format!(
+        "link set flannel-v6.1 mtu 1430 address {LOCAL_MAC6}"
+    ));
+    ns.ip("addr add fd00:244:b::/128 dev flannel-v6.1 nodad");
+    ns.ip("link set flannel-v6.1 up");
+    ns.ip(&format!(
+        "neigh add fd00:244:15:: lladdr {REMOTE_MAC6} dev flannel-v6.1 nud permanent"
+    ));
+    ns.bridge(&format!(
+        "fdb add {REMOTE_MAC6} dev flannel-v6.1 dst 2001:db8::15 self permanent"
+    ));
+    ns.ip("-6 route add fd00:244:15::/64 via fd00:244:15:: dev flannel-v6.1 onlink");
+    ns.ip("addr add fd96::1/120 dev isthtun nodad");
+    ns
+}
+
+const LOCAL_MAC6: &str = "0a:58:fd:00:00:0b";
+const REMOTE_MAC6: &str = "0a:58:fd:00:00:15";
+
+/// [`remote`] in a dual-stack mesh: its IPv6 pod CIDR, IPv6 mesh IP and `flannel-v6.1` VTEP.
+fn dual_remote() -> Remote {
+    let mut r = remote();
+    r.pod_cidrs.push("fd00:244:15::/64".parse().unwrap());
+    r.mesh_ip6 = Some("fd96::3".parse().unwrap());
+    r.vtep6 = Some(Vtep {
+        mac: REMOTE_MAC6.parse().unwrap(),
+        ip: "fd00:244:15::".parse().unwrap(),
+    });
+    r
+}
+
 fn remote() -> Remote {
     Remote {
         name: "aws-1".into(),
         mesh_ip: "100.96.0.3".parse().unwrap(),
+        mesh_ip6: None,
         pod_cidrs: vec!["10.244.21.0/24".parse().unwrap()],
         vtep: Some(Vtep {
             mac: REMOTE_MAC.parse().unwrap(),
             ip: "10.244.21.0".parse().unwrap(),
         }),
+        vtep6: None,
         mtu: None,
         path_mtu: None,
     }
@@ -170,18 +218,23 @@ impl Rig {
         self.runtime.block_on(async {
             Devices {
                 vxlan: self.kernel.link("flannel.1").await.unwrap().map(|l| l.0),
+                vxlan6: self.kernel.link("flannel-v6.1").await.unwrap().map(|l| l.0),
                 tun: self.kernel.link("isthtun").await.unwrap().unwrap().0,
             }
         })
     }
 
     fn plan(&self, mode: Mode) -> BTreeMap<EntryKey, Value> {
+        self.plan_for(mode, remote())
+    }
+
+    fn plan_for(&self, mode: Mode, remote: Remote) -> BTreeMap<EntryKey, Value> {
         let settings = Settings {
             mode,
             table: 51820,
             rule_priority: 5210,
         };
-        desired(&settings, self.devices(), 1420, &[remote()])
+        desired(&settings, self.devices(), 1420, &[remote])
     }
 }
 
@@ -284,4 +337,57 @@ fn routed_mode_adds_a_rule_and_table_and_removes_them() {
     let o = rig.runtime.block_on(router.restore()).unwrap();
     assert_eq!(o.changed, 3, "rule and routes removed: {o:?}");
     assert_eq!(ns.dump(), before);
+}
+
+/// Dual stack in both modes against the real kernel: what was written reads back as
+/// written (a second pass changes nothing: IPv6 routes carry the kernel's metric 1024 and
+/// universe scope, and a plan that did not expect them re-asserted them forever), and
+/// restoring leaves the node exactly as before.
+#[test]
+fn dual_stack_entries_read_back_as_written_and_restore_exactly() {
+    for mode in [Mode::Vxlan, Mode::Routed] {
+        let ns = dual_node();
+        let rig = Rig::new(&ns);
+        let before = ns.dump();
+        let mut router = rig.router();
+        router.set_desired(rig.plan_for(mode, dual_remote()));
+        let o = rig.runtime.block_on(router.reconcile()).unwrap();
+        assert_eq!(o.failed, 0, "{mode:?}: {o:?}");
+        assert!(o.changed > 0, "{mode:?}: {o:?}");
+        let again = rig.runtime.block_on(router.reconcile()).unwrap();
+        assert_eq!(
+            (again.changed, again.reasserted.len()),
+            (0, 0),
+            "{mode:?}: the second pass found its own entries changed: {again:?}"
+        );
+        let host6 = ns.ip("-6 route show table all fd96::3/128");
+        assert!(
+            host6.contains("dev isthtun") && host6.contains("mtu 1420"),
+            "{mode:?}: {host6}"
+        );
+        match mode {
+            Mode::Vxlan => {
+                assert_eq!(ns.fdb_dst_on("flannel-v6.1", REMOTE_MAC6), "fd96::3");
+                assert_eq!(ns.fdb_dst(), "100.96.0.3");
+                let route = ns.ip("-6 route show fd00:244:15::/64");
+                assert!(
+                    route.contains("via fd00:244:15:: dev flannel-v6.1")
+                        && route.contains("mtu 1350"),
+                    "{route}"
+                );
+            }
+            Mode::Routed => {
+                assert_eq!(ns.fdb_dst_on("flannel-v6.1", REMOTE_MAC6), "2001:db8::15");
+                let got = ns.ip("-6 route get fd00:244:15::5");
+                assert!(got.contains("dev isthtun"), "{got}");
+            }
+        }
+        let o = rig.runtime.block_on(router.restore()).unwrap();
+        assert_eq!(o.failed, 0, "{mode:?}: {o:?}");
+        assert_eq!(
+            ns.dump(),
+            before,
+            "{mode:?}: restore leaves the node as before"
+        );
+    }
 }

@@ -526,11 +526,20 @@ pub fn wire_lan(
 
 /// The clouds' IPv6: each gateway's `lan` gets 2001:db8:<n>::1/64, the public link
 /// 2001:db8:ff::<n>/64, and a route to the other cloud's prefix over it. Routed, no NAT:
-/// every node address is unique and reachable from the other cloud.
+/// every node address is unique and reachable from the other cloud. Each gateway's
+/// firewall drops VXLAN (UDP 8472) between the clouds, as a cloud's security group passes
+/// the tunnel's port and not the overlay's: flannel's IPv6 VXLAN, pointed at the other
+/// cloud's node addresses, does not cross by itself.
 fn route_ipv6_between(tag: &str, clouds: &[Cloud]) -> anyhow::Result<()> {
     for c in clouds {
         let g = &c.gateway;
         g.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        g.exec(
+            "ip6tables",
+            &[
+                "-w", "-A", "FORWARD", "-p", "udp", "--dport", "8472", "-j", "DROP",
+            ],
+        )?;
         g.ip(&[
             "addr",
             "add",

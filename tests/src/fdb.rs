@@ -15,7 +15,7 @@
 //!   that of reading a socket (microseconds).
 
 use std::ffi::{CStr, CString};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,7 @@ fn measure_here(
 ) -> anyhow::Result<Duration> {
     let ifindex = ifindex(dev)?;
     let socket = route_socket(true)?;
-    send_fdb_set(&socket, ifindex, mac, rewrite_to)?;
+    send_fdb_set(&socket, ifindex, mac, rewrite_to.into())?;
 
     let mut acked: Option<Instant> = None;
     let mut rewritten = false;
@@ -189,7 +189,7 @@ fn send_request(socket: &Socket, body: RouteNetlinkMessage, flags: u16) -> anyho
 
 /// `RTM_NEWNEIGH` for the bridge family with `NLM_F_CREATE | NLM_F_REPLACE`, `NTF_SELF`,
 /// `NUD_PERMANENT`: what flannel's `AddFDB` (vishvananda/netlink `NeighSet`) sends.
-fn send_fdb_set(socket: &Socket, ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> anyhow::Result<()> {
+fn send_fdb_set(socket: &Socket, ifindex: u32, mac: [u8; 6], dst: IpAddr) -> anyhow::Result<()> {
     let mut neigh = NeighbourMessage::default();
     neigh.header.family = AddressFamily::Bridge;
     neigh.header.ifindex = ifindex;
@@ -197,7 +197,10 @@ fn send_fdb_set(socket: &Socket, ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> a
     neigh.header.flags = NeighbourFlags::Own;
     neigh.attributes = vec![
         NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)),
+        NeighbourAttribute::Destination(match dst {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }),
     ];
     send_request(
         socket,
@@ -297,7 +300,12 @@ fn fdb_fields(n: &NeighbourMessage) -> Option<(u32, [u8; 6], Option<Ipv4Addr>)> 
     for attr in &n.attributes {
         match attr {
             NeighbourAttribute::LinkLayerAddress(a) => mac = <[u8; 6]>::try_from(&a[..]).ok(),
-            NeighbourAttribute::Destination(d) => dst = ipv4(d),
+            NeighbourAttribute::Destination(d) => {
+                dst = match ip_of(d) {
+                    Some(IpAddr::V4(a)) => Some(a),
+                    _ => None,
+                }
+            }
             _ => {}
         }
     }
@@ -305,17 +313,24 @@ fn fdb_fields(n: &NeighbourMessage) -> Option<(u32, [u8; 6], Option<Ipv4Addr>)> 
 }
 
 /// A bridge-family `NDA_DST` is parsed as raw bytes (the family says nothing about it).
-fn ipv4(d: &NeighbourAddress) -> Option<Ipv4Addr> {
+fn ip_of(d: &NeighbourAddress) -> Option<IpAddr> {
     match d {
-        NeighbourAddress::Inet(a) => Some(*a),
-        NeighbourAddress::Other(b) => <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from),
+        NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        // In AF_BRIDGE messages the parser cannot tell the address family.
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     }
 }
 
 /// Points the FDB entry for `mac` on `dev` (in `ns`) at `dst`, exactly as flannel's
-/// `AddFDB` does, and returns once the kernel acknowledged it.
-pub fn fdb_set(ns: &Netns, dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> anyhow::Result<()> {
+/// `AddFDB` (or `AddV6FDB`) does, and returns once the kernel acknowledged it.
+pub fn fdb_set(ns: &Netns, dev: &str, mac: [u8; 6], dst: impl Into<IpAddr>) -> anyhow::Result<()> {
+    let dst = dst.into();
     let dev = dev.to_string();
     let name = ns.name.clone();
     ns.enter(move || -> anyhow::Result<()> {
@@ -390,7 +405,7 @@ fn fdb_line(n: &NeighbourMessage) -> String {
     for attr in &n.attributes {
         match attr {
             NeighbourAttribute::LinkLayerAddress(a) => out.push(mac_text(a)),
-            NeighbourAttribute::Destination(d) => match ipv4(d) {
+            NeighbourAttribute::Destination(d) => match ip_of(d) {
                 Some(ip) => rest.push(format!("dst {ip}")),
                 None => rest.push(format!("dst {d:?}")),
             },

@@ -10,7 +10,12 @@
 //!   an FDB entry sending its VTEP MAC to its node IP, and the onlink route to its pod CIDR;
 //! - on the Node object, flannel's annotations (`backend-type: vxlan`, `backend-data` with
 //!   the VTEP MAC, `public-ip`, `kube-subnet-manager`), which the coordinator checks a
-//!   peer's VTEP against.
+//!   peer's VTEP against;
+//! - on a dual-stack node (the cluster's `ipv6`), flannel's IPv6 half beside it, as its
+//!   `vxlan` backend builds it with `EnableIPv6`: `flannel-v6.1` (`local` the node's IPv6
+//!   underlay address, MTU underlay − 70, address the IPv6 pod subnet's network address
+//!   /128), the same three entries per other node (the FDB entry to its `public-ipv6`), and
+//!   `backend-v6-data` and `public-ipv6` on the Node.
 //!
 //! flannel only knows the node IPs of the Node objects (10.0.0.x), and those overlap across
 //! the clouds: an FDB entry for a node in the other cloud points at a node of this cloud (or
@@ -59,6 +64,26 @@ pub struct OverlayNode {
     /// MTU of `flannel.1`, `cni0` and the pod's eth0: underlay − [`ENCAP_OVERHEAD`].
     pub mtu: u32,
     pub pod: Netns,
+    /// On a dual-stack node: flannel's `flannel-v6.1`.
+    pub vtep6: Option<Vtep6>,
+}
+
+/// flannel's IPv6 VTEP on a dual-stack node.
+#[derive(Clone, Copy, Debug)]
+pub struct Vtep6 {
+    /// `flannel-v6.1`'s address: the network address of the node's IPv6 pod CIDR (a /64).
+    pub ip: Ipv6Addr,
+    pub mac: [u8; 6],
+    /// The address flannel knows for the node (`public-ipv6`), the FDB destination: its
+    /// IPv6 underlay address.
+    pub public_ip: Ipv6Addr,
+}
+
+impl Vtep6 {
+    /// The IPv6 pod CIDR, e.g. `fd00:244:11::/64`.
+    pub fn pod_cidr(&self) -> String {
+        format!("{}/64", self.ip)
+    }
 }
 
 impl OverlayNode {
@@ -203,6 +228,19 @@ impl Overlay {
             Some((_, subnet)) => Some(add_pod_ipv6(ns, &pod, subnet)?),
             None => None,
         };
+        let vtep6 = match node.ipv6 {
+            Some((public_ip, subnet)) => {
+                let vtep = Vtep6 {
+                    ip: subnet,
+                    mac: mac6_for(subnet),
+                    public_ip,
+                };
+                let mtu6 = mtu + ENCAP_OVERHEAD - ENCAP_OVERHEAD6;
+                create_vtep6(ns, public_ip, vtep.ip, &vtep.mac, mtu6)?;
+                Some(vtep)
+            }
+            None => None,
+        };
         Ok(OverlayNode {
             node: i,
             name: node.name.clone(),
@@ -215,6 +253,7 @@ impl Overlay {
             pod_ip6,
             mtu,
             pod,
+            vtep6,
         })
     }
 }
@@ -227,16 +266,28 @@ fn annotate(cluster: &Cluster, node: &OverlayNode) -> anyhow::Result<()> {
         node.vtep_mac_str()
     );
     let public_ip = format!("flannel.alpha.coreos.com/public-ip={}", node.node_ip);
-    cluster.rig.kubectl(&[
-        "annotate",
-        "--overwrite",
-        "node",
-        &node.name,
-        &data,
-        "flannel.alpha.coreos.com/backend-type=vxlan",
-        "flannel.alpha.coreos.com/kube-subnet-manager=true",
-        &public_ip,
-    ])?;
+    let mut args = vec![
+        "annotate".to_string(),
+        "--overwrite".into(),
+        "node".into(),
+        node.name.clone(),
+        data,
+        "flannel.alpha.coreos.com/backend-type=vxlan".into(),
+        "flannel.alpha.coreos.com/kube-subnet-manager=true".into(),
+        public_ip,
+    ];
+    if let Some(v) = &node.vtep6 {
+        args.push(format!(
+            "flannel.alpha.coreos.com/backend-v6-data={{\"VNI\":{VNI},\"VtepMAC\":\"{}\"}}",
+            mac_str(&v.mac)
+        ));
+        args.push(format!(
+            "flannel.alpha.coreos.com/public-ipv6={}",
+            v.public_ip
+        ));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cluster.rig.kubectl(&args)?;
     Ok(())
 }
 
@@ -411,6 +462,9 @@ pub fn flannel_add(ns: &Netns, remote: &OverlayNode) -> anyhow::Result<()> {
         VXLAN_DEV,
         "onlink",
     ])?;
+    if let Some(v) = &remote.vtep6 {
+        flannel_add6(ns, v.ip, &v.mac, v.public_ip, &v.pod_cidr())?;
+    }
     Ok(())
 }
 
@@ -429,6 +483,24 @@ fn flannel_del(ns: &Netns, remote: &OverlayNode) -> anyhow::Result<()> {
         &["-n", &ns.name, "fdb", "del", &mac, "dev", VXLAN_DEV, "self"],
     )?;
     ns.ip(&["route", "del", &remote.pod_cidr(), "dev", VXLAN_DEV])?;
+    if let Some(v) = &remote.vtep6 {
+        let ip = v.ip.to_string();
+        ns.ip(&["-6", "neigh", "del", &ip, "dev", VXLAN6_DEV])?;
+        crate::netns::run(
+            "bridge",
+            &[
+                "-n",
+                &ns.name,
+                "fdb",
+                "del",
+                &mac_str(&v.mac),
+                "dev",
+                VXLAN6_DEV,
+                "self",
+            ],
+        )?;
+        ns.ip(&["-6", "route", "del", &v.pod_cidr(), "dev", VXLAN6_DEV])?;
+    }
     Ok(())
 }
 
@@ -437,6 +509,13 @@ fn flannel_del(ns: &Netns, remote: &OverlayNode) -> anyhow::Result<()> {
 pub fn mac_for(addr: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = addr.octets();
     [0x0a, 0x58, a, b, c, d]
+}
+
+/// The MAC of a node's `flannel-v6.1`, from its IPv6 pod subnet (`fd00:244:<s>::` →
+/// `0a:58:fd:00:<s>`): stable, and apart from every [`mac_for`] of a 10.x address.
+pub fn mac6_for(subnet: Ipv6Addr) -> [u8; 6] {
+    let [hi, lo] = subnet.segments()[2].to_be_bytes();
+    [0x0a, 0x58, 0xfd, 0x00, hi, lo]
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case, as `ip` and `bridge` print MACs.
@@ -486,35 +565,20 @@ pub fn flannel_add6(
     dst: Ipv6Addr,
     cidr6: &str,
 ) -> anyhow::Result<()> {
-    let mac = mac_str(mac);
+    let lladdr = mac_str(mac);
     let vtep6 = vtep6.to_string();
     ns.ip(&[
         "neigh",
         "replace",
         &vtep6,
         "lladdr",
-        &mac,
+        &lladdr,
         "dev",
         VXLAN6_DEV,
         "nud",
         "permanent",
     ])?;
-    crate::netns::run(
-        "bridge",
-        &[
-            "-n",
-            &ns.name,
-            "fdb",
-            "replace",
-            &mac,
-            "dev",
-            VXLAN6_DEV,
-            "dst",
-            &dst.to_string(),
-            "self",
-            "permanent",
-        ],
-    )?;
+    crate::fdb::fdb_set(ns, VXLAN6_DEV, *mac, dst)?;
     ns.ip(&[
         "-6", "route", "replace", cidr6, "via", &vtep6, "dev", VXLAN6_DEV, "onlink",
     ])?;

@@ -18,6 +18,7 @@ fn spec() -> WireGuardPeerSpec {
         node_ip: "10.0.0.5".into(),
         pod_cidrs: vec!["10.244.1.0/24".into()],
         vtep: None,
+        vtep6: None,
         persistent_keepalive: Some(25),
         mtu: None,
         key_proof: None,
@@ -127,6 +128,16 @@ async fn crd_accepts_valid_peers_and_rejects_each_malformed_field() {
                 })
             },
             "vtep.mac must be",
+        ),
+        (
+            "vtep6-ipv4",
+            |s| {
+                s.vtep6 = Some(isthmus_api::Vtep {
+                    mac: "0a:58:fd:00:00:0b".into(),
+                    ip: "10.244.1.0".into(),
+                })
+            },
+            "vtep6.ip must be an IPv6 address",
         ),
         (
             "keepalive",

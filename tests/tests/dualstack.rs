@@ -7,9 +7,11 @@
 //!
 //! What an operator checks: the tunnels run over the IPv6 underlay; pods reach the other
 //! cloud over IPv6 and IPv4 (ping and TCP) in both routing modes, and not before the agents
-//! run; after the agents stop every node is as it was. With a dual-stack mesh
-//! (`--mesh-cidr-v6`), flannel's IPv6 VXLAN device (`flannel-v6.1`) pointed at the other
-//! node's IPv6 mesh IP crosses the mesh, its source rewritten to this node's IPv6 mesh IP.
+//! run; after the agents stop every node is as it was. Each node also runs flannel's IPv6
+//! VXLAN device (`flannel-v6.1`), whose VXLAN the clouds' firewalls stop: without a
+//! dual-stack mesh IPv6 pods are routed into the tunnel beside it; with one
+//! (`--mesh-cidr-v6`) the agents point it at each other's IPv6 mesh IPs and it crosses the
+//! mesh, its source rewritten to the sender's IPv6 mesh IP.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -18,7 +20,7 @@ use isthmus_tests::cluster::{Cluster, ClusterOptions};
 use isthmus_tests::netns::Netns;
 use isthmus_tests::overlay::{self, Overlay};
 use isthmus_tests::snapshot::{diff_text, snapshot};
-use isthmus_tests::traffic::{ping, ping_from, ping_within, tcp_transfer};
+use isthmus_tests::traffic::{ping, ping_within, tcp_transfer};
 
 const VSPHERE: &str = "vsphere-1";
 const AWS: &str = "aws-1";
@@ -167,19 +169,25 @@ fn counted_from(ns: &Netns, src: Ipv6Addr) -> u64 {
         .unwrap_or_else(|| panic!("no rule for {src} in:\n{listing}"))
 }
 
-/// A dual-stack mesh (`--mesh-cidr-v6`) in `vxlan` mode: each node gets an IPv6 mesh IP on
-/// its tunnel, and flannel's IPv6 VXLAN device (`flannel-v6.1`, `local` the node's IPv6
-/// underlay address) with its FDB entry pointed at the other node's IPv6 mesh IP carries
-/// traffic across the clouds through the tunnel. The other agent only accepts the sender's
-/// mesh IP, so this works only because the engine rewrites the outer IPv6 source; the
-/// receiver counts the VXLAN datagrams by source in `ip6tables` to show it.
-///
-/// The agent does not manage `flannel-v6.1` yet: the test writes the FDB entry the agent
-/// would (MAC to the IPv6 mesh IP), and the addresses behind the VTEPs are in fd77:<n>::/64,
-/// outside the Nodes' IPv6 pod CIDRs, which `vxlan` mode routes into the tunnel itself.
+/// A dual-stack mesh (`--mesh-cidr-v6`) in `vxlan` mode over flannel's dual-stack overlay
+/// (`flannel.1` and `flannel-v6.1`, as the rig builds them): each agent publishes both of
+/// its VTEPs, the coordinator admits them against flannel's annotations, and each agent
+/// points `flannel-v6.1`'s FDB entry for the other node at that node's IPv6 mesh IP
+/// (flannel's points at its IPv6 underlay address, where the clouds' firewalls stop VXLAN).
+/// IPv6 pods then talk through `flannel-v6.1` and the tunnel. The other agent only accepts
+/// the sender's mesh IP, so this works only because the engine rewrites the outer IPv6
+/// source; the receiver counts the VXLAN datagrams by source in `ip6tables` to show it.
+/// After the agents stop, flannel's entries are back as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten() {
-    let (mut cluster, _overlay) = two_dual_stack_nodes_with(&["--mesh-cidr-v6", MESH6]).await;
+    let (mut cluster, overlay) = two_dual_stack_nodes_with(&["--mesh-cidr-v6", MESH6]).await;
+    let (v_pod, _, v_ip6) = pod(&overlay, VSPHERE);
+    let (a_pod, _, a_ip6) = pod(&overlay, AWS);
+    assert!(
+        !ping(v_pod, a_ip6, 1),
+        "flannel-v6.1 must not cross the clouds before the mesh"
+    );
+    let before = snapshots(&cluster);
     for i in 0..cluster.nodes.len() {
         cluster
             .start_node_agent(i, &["--routing", "vxlan"])
@@ -191,7 +199,8 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
         cluster.logs()
     );
 
-    // Each node's IPv6 mesh IP, from its status, and on its tunnel.
+    // Each node's IPv6 mesh IP, from its status, and on its tunnel; its published IPv6 VTEP
+    // is flannel's.
     let peers = cluster.peers().await.expect("peers");
     let in_pool =
         |ip: Ipv6Addr| ip.segments()[..7] == [0xfd96, 0, 0, 0, 0, 0, 0] && ip.segments()[7] < 0x100;
@@ -200,6 +209,15 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
             .iter()
             .find(|p| kube::ResourceExt::name_any(*p) == name)
             .expect("peer");
+        let flannel = overlay.named(name).expect("overlay").vtep6.expect("vtep6");
+        assert_eq!(
+            p.spec.vtep6,
+            Some(isthmus_api::Vtep {
+                mac: overlay::mac_str(&flannel.mac),
+                ip: flannel.ip.to_string(),
+            }),
+            "{name}'s published IPv6 VTEP"
+        );
         let s = p.status.as_ref().expect("status");
         assert_eq!(s.mesh_cidr_v6.as_deref(), Some(MESH6), "{name}");
         s.mesh_ipv6
@@ -220,35 +238,33 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
             "{name}'s tunnel: {addrs}"
         );
     }
-    // The IPv6 mesh IPs reach each other through the tunnel.
-    assert!(
-        ping_within(
-            &cluster.node(VSPHERE).ns,
-            IpAddr::V6(a_mesh6),
-            Duration::from_secs(30)
-        ),
-        "IPv6 mesh IP unreachable:\n{}",
-        cluster.logs()
-    );
 
-    // flannel-v6.1 on both nodes, each pointing the other's VTEP at its IPv6 mesh IP.
-    let mtu = cluster.options.underlay_mtu - overlay::ENCAP_OVERHEAD6;
-    let vtep = |i: usize| -> (Ipv6Addr, [u8; 6], String) {
-        let ip = Ipv6Addr::new(0xfd77, i as u16, 0, 0, 0, 0, 0, 0);
-        (ip, [0x0a, 0x58, 0xfd, 0x77, 0, i as u8], format!("{ip}/64"))
-    };
-    let names = [VSPHERE, AWS];
-    let mesh_of = [v_mesh6, a_mesh6];
-    for (i, name) in names.iter().enumerate() {
+    // flannel-v6.1's FDB entry for the other node points at its IPv6 mesh IP, and the route
+    // to the other node's IPv6 pods leads through flannel-v6.1, not straight into the tunnel.
+    for (name, other, other_mesh6, other_pod6) in [
+        (VSPHERE, AWS, a_mesh6, a_ip6),
+        (AWS, VSPHERE, v_mesh6, v_ip6),
+    ] {
         let n = cluster.node(name);
-        let (local, _) = n.ipv6.expect("a dual-stack node");
-        let (ip, mac, _) = vtep(i);
-        overlay::create_vtep6(&n.ns, local, ip, &mac, mtu).expect("flannel-v6.1");
-        let other = 1 - i;
-        let (oip, omac, ocidr) = vtep(other);
-        overlay::flannel_add6(&n.ns, oip, &omac, mesh_of[other], &ocidr).expect("entries");
+        let mac = overlay::mac_str(&overlay.named(other).unwrap().vtep6.unwrap().mac);
+        let want = format!("{mac} dev {} dst {other_mesh6} ", overlay::VXLAN6_DEV);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut fdb = Vec::new();
+        while Instant::now() < deadline {
+            fdb = isthmus_tests::fdb::fdb_entries(&n.ns).expect("fdb");
+            if fdb.iter().any(|l| l.starts_with(&want)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            fdb.iter().any(|l| l.starts_with(&want)),
+            "{name}: no {want:?} in\n{}\n{}",
+            fdb.join("\n"),
+            cluster.logs()
+        );
         let route =
-            n.ns.ip(&["-6", "route", "get", &oip.to_string()])
+            n.ns.ip(&["-6", "route", "get", &other_pod6.to_string()])
                 .expect("route get");
         assert!(route.contains(overlay::VXLAN6_DEV), "{name}: {route}");
     }
@@ -278,23 +294,15 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
         }
     }
 
-    let (v_vtep, a_vtep) = (vtep(0).0, vtep(1).0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut crossed = false;
-    while !crossed && Instant::now() < deadline {
-        crossed = ping_from(&v.ns, IpAddr::V6(a_vtep), 3, Some(IpAddr::V6(v_vtep)));
+    for (from, to, to_ip6) in [(v_pod, a_pod, a_ip6), (a_pod, v_pod, v_ip6)] {
+        assert!(
+            ping_within(from, to_ip6, Duration::from_secs(30)),
+            "pod never reached {to_ip6} over flannel-v6.1:\n{}",
+            cluster.logs()
+        );
+        tcp_transfer(from, to, to_ip6, 20 << 20)
+            .unwrap_or_else(|e| panic!("TCP to {to_ip6}: {e:#}"));
     }
-    assert!(
-        crossed,
-        "flannel-v6.1 never reached {a_vtep} over the mesh:\n{}",
-        cluster.logs()
-    );
-    assert!(ping_from(
-        &a.ns,
-        IpAddr::V6(v_vtep),
-        5,
-        Some(IpAddr::V6(a_vtep))
-    ));
     for (n, mesh, under) in [(a, v_mesh6, v_under), (v, a_mesh6, a_under)] {
         let (from_mesh, from_underlay) = (counted_from(&n.ns, mesh), counted_from(&n.ns, under));
         eprintln!(
@@ -306,6 +314,24 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
             from_underlay, 0,
             "{}: VXLAN arrived with the underlay source",
             n.name
+        );
+    }
+
+    let mut logs = String::new();
+    for node in &mut cluster.nodes {
+        let mut agent = node.agent.take().expect("agent");
+        assert!(agent
+            .stop_with(libc::SIGTERM, Duration::from_secs(10))
+            .is_some_and(|s| s.success()));
+        logs.push_str(&format!("--- agent {} ---\n{}\n", node.name, agent.log()));
+    }
+    for (n, before) in cluster.nodes.iter().zip(&before) {
+        let after = snapshot(&n.ns).expect("snapshot");
+        assert!(
+            &after == before,
+            "{} is not as it was before the agent:\n{}\n{logs}",
+            n.name,
+            diff_text(before, &after),
         );
     }
 }

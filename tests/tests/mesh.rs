@@ -94,6 +94,7 @@ async fn mesh_forms_admits_joins_and_collects() {
         node_ip: ip.into(),
         pod_cidrs: vec![],
         vtep: None,
+        vtep6: None,
         persistent_keepalive: None,
         mtu: None,
         key_proof: None,

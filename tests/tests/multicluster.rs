@@ -80,6 +80,7 @@ async fn join(rig: &KubeRig, name: &str, location: &str, n: u8) {
         node_ip,
         pod_cidrs: vec![pod_cidr],
         vtep: None,
+        vtep6: None,
         persistent_keepalive: None,
         mtu: None,
         key_proof: None,

@@ -162,6 +162,7 @@ mod tests {
                 node_ip: "10.0.0.11".into(),
                 pod_cidrs: vec![],
                 vtep: None,
+                vtep6: None,
                 persistent_keepalive: None,
                 mtu: None,
                 key_proof: None,

@@ -64,18 +64,22 @@ fn pod_cidrs(peer: &WireGuardPeer) -> Vec<IpNetwork> {
         .collect()
 }
 
+fn vtep(published: Option<&isthmus_api::Vtep>) -> Option<Vtep> {
+    let v = published?;
+    Some(Vtep {
+        mac: v.mac.parse().ok()?,
+        ip: v.ip.parse().ok()?,
+    })
+}
+
 fn remote(peer: &WireGuardPeer, mesh_ip: IpAddr) -> Remote {
-    let vtep = peer.spec.vtep.as_ref().and_then(|v| {
-        Some(Vtep {
-            mac: v.mac.parse().ok()?,
-            ip: v.ip.parse().ok()?,
-        })
-    });
     Remote {
         name: peer.name_any(),
         mesh_ip,
+        mesh_ip6: mesh_address6(peer).map(|(ip, _)| ip),
         pod_cidrs: pod_cidrs(peer),
-        vtep,
+        vtep: vtep(peer.spec.vtep.as_ref()),
+        vtep6: vtep(peer.spec.vtep6.as_ref()),
         mtu: peer.spec.mtu.and_then(|m| u16::try_from(m).ok()),
         path_mtu: None,
     }
@@ -261,6 +265,7 @@ pub(crate) mod tests {
                     mac: format!("0a:58:0a:f4:{key:02x}:00"),
                     ip: format!("10.244.{key}.0"),
                 }),
+                vtep6: None,
                 persistent_keepalive: Some(25),
                 mtu: Some(1420),
                 key_proof: None,
@@ -324,11 +329,13 @@ pub(crate) mod tests {
             vec![Remote {
                 name: "b1".into(),
                 mesh_ip: "100.96.0.3".parse().unwrap(),
+                mesh_ip6: None,
                 pod_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
                 vtep: Some(Vtep {
                     mac: "0a:58:0a:f4:03:00".parse().unwrap(),
                     ip: "10.244.3.0".parse().unwrap(),
                 }),
+                vtep6: None,
                 mtu: Some(1420),
                 path_mtu: None,
             }]
@@ -368,6 +375,33 @@ pub(crate) mod tests {
         );
         let single = plan_after("b2", &peers, None);
         assert_eq!(single.address6, None);
+
+        // Routing learns each remote's IPv6 mesh IP and the flannel-v6.1 VTEP it published
+        // (b1), so its FDB entry can point there; b2 has neither.
+        let mut with_vtep6 = peers.clone();
+        with_vtep6[1].spec.vtep6 = Some(isthmus_api::Vtep {
+            mac: "8e:00:00:00:03:06".into(),
+            ip: "fd00:244:3::".into(),
+        });
+        let remotes = super::plan("a1", &with_vtep6).remotes;
+        let got: Vec<_> = remotes
+            .iter()
+            .map(|r| (r.name.as_str(), r.mesh_ip6, r.vtep6))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "b1",
+                    Some("fd96::3".parse().unwrap()),
+                    Some(Vtep {
+                        mac: "8e:00:00:00:03:06".parse().unwrap(),
+                        ip: "fd00:244:3::".parse().unwrap(),
+                    })
+                ),
+                ("b2", None, None),
+            ]
+        );
     }
 
     #[test]

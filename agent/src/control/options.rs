@@ -48,6 +48,8 @@ pub struct RoutingOptions {
     pub mode: Mode,
     /// flannel's VXLAN device.
     pub vxlan_device: String,
+    /// flannel's IPv6 VXLAN device on dual-stack nodes.
+    pub vxlan_device_v6: String,
     pub table: u32,
     pub rule_priority: u32,
 }

@@ -88,11 +88,12 @@ fn source_rewrite(
     (!rewrite.is_empty()).then_some(rewrite)
 }
 
-/// What routing should hold for the mesh applied (`vxlan_index` 0: flannel's device is not
-/// there), with the path MTUs measured so far (by node name).
+/// What routing should hold for the mesh applied, given flannel's IPv4 and IPv6 VXLAN
+/// devices (each `None` when it is not there), with the path MTUs measured so far (by node
+/// name).
 pub fn routing(
     fixed: &Fixed,
-    vxlan_index: u32,
+    (vxlan, vxlan6): (Option<u32>, Option<u32>),
     applied: Option<&MeshPlan>,
     path_mtus: &BTreeMap<String, u16>,
 ) -> BTreeMap<EntryKey, Value> {
@@ -106,7 +107,8 @@ pub fn routing(
         })
         .collect();
     let devices = Devices {
-        vxlan: (vxlan_index != 0).then_some(vxlan_index),
+        vxlan,
+        vxlan6,
         tun: fixed.tun_index,
     };
     routing_plan::desired(&fixed.routing, devices, fixed.tunnel_mtu, &remotes)
@@ -379,38 +381,39 @@ mod tests {
         let routed = fixed(Mode::Routed);
         let none = BTreeMap::new();
         assert!(
-            routing(&routed, 0, None, &none).is_empty(),
+            routing(&routed, (None, None), None, &none).is_empty(),
             "nothing applied, nothing routed"
         );
         assert_eq!(
-            routing(&routed, 0, Some(&applied), &none),
+            routing(&routed, (None, None), Some(&applied), &none),
             routing_plan::desired(
                 &routed.routing,
                 Devices {
                     vxlan: None,
+                    vxlan6: None,
                     tun: 7
                 },
                 1420,
                 &applied.remotes
             )
         );
-        assert!(!routing(&routed, 0, Some(&applied), &none).is_empty());
+        assert!(!routing(&routed, (None, None), Some(&applied), &none).is_empty());
         let vxlan = fixed(Mode::Vxlan);
         let render = |m: BTreeMap<EntryKey, Value>| -> Vec<String> {
             m.iter().map(|(k, v)| format!("{k}: {v}")).collect()
         };
         assert_eq!(
-            render(routing(&vxlan, 0, Some(&applied), &none)),
+            render(routing(&vxlan, (None, None), Some(&applied), &none)),
             vec!["route 100.96.0.3/32 table 254: dev #7 proto 4 mtu 1420"],
             "no flannel device yet: only the host route to the remote's mesh IP"
         );
         assert!(
-            routing(&vxlan, 9, Some(&applied), &none).len() > 1,
+            routing(&vxlan, (Some(9), None), Some(&applied), &none).len() > 1,
             "flannel's device, once found, carries the entries"
         );
         // A measured path clamps both the pods' route and the host route.
         let measured = BTreeMap::from([("b1".to_string(), 1240u16)]);
-        let got = render(routing(&vxlan, 9, Some(&applied), &measured));
+        let got = render(routing(&vxlan, (Some(9), None), Some(&applied), &measured));
         assert!(
             got.iter()
                 .any(|l| l.starts_with("route 10.244.3.0/24") && l.ends_with("mtu 1190")),

@@ -28,6 +28,8 @@ pub struct PublishOptions {
     pub keepalive: u16,
     /// flannel's VTEP on this node, as the agent found it (routing mode `vxlan`).
     pub vtep: Option<isthmus_api::Vtep>,
+    /// flannel's IPv6 VTEP (`flannel-v6.1`) on a dual-stack node, likewise.
+    pub vtep6: Option<isthmus_api::Vtep>,
     /// This node's tunnel MTU.
     pub mtu: Option<u16>,
 }
@@ -88,6 +90,7 @@ pub fn own_spec(
         node_ip,
         pod_cidrs,
         vtep: opts.vtep.clone(),
+        vtep6: opts.vtep6.clone(),
         persistent_keepalive: Some(i32::from(opts.keepalive)),
         mtu: opts.mtu.map(i32::from),
         key_proof,

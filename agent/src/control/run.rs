@@ -10,7 +10,6 @@
 //! before the process exits.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +38,8 @@ use isthmus_routing::kernel::Kernel;
 use isthmus_routing::model::{EntryKey, Value as RouteValue};
 use isthmus_routing::netns;
 use isthmus_routing::plan::Settings;
-use isthmus_routing::{watch, Mode, Router};
+use isthmus_routing::watch::{self, VxlanIndexes};
+use isthmus_routing::{Mode, Router};
 use isthmus_wg::key::Key;
 use isthmus_wg::tunnel::Tunnel;
 use isthmus_wg::uapi::server;
@@ -68,8 +68,10 @@ struct Agent {
     fixed: Fixed,
     /// flannel's VTEP as last read (discovered, published with our spec).
     vtep: Option<isthmus_api::Vtep>,
-    /// flannel's VXLAN device's index (0: none), shared with the netlink watch.
-    vxlan_index: Arc<AtomicU32>,
+    /// flannel's IPv6 VTEP as last read, likewise.
+    vtep6: Option<isthmus_api::Vtep>,
+    /// flannel's VXLAN devices' indexes, shared with the netlink watch.
+    vxlan: Arc<VxlanIndexes>,
     tunnel: Arc<Tunnel>,
     netlink: Netlink,
     router: Router,
@@ -108,6 +110,7 @@ impl Agent {
             .with_context(|| format!("reading Node {}", self.opts.node_name))?;
         let opts = PublishOptions {
             vtep: self.vtep.clone(),
+            vtep6: self.vtep6.clone(),
             mtu: Some(self.fixed.tunnel_mtu),
             ..self.opts.publish.clone()
         };
@@ -120,34 +123,48 @@ impl Agent {
         publish::publish(&self.peers, &self.opts.node_name, &spec).await
     }
 
-    /// Observes flannel's VTEP; says whether it changed since the last publish.
-    async fn refresh_vtep(&mut self) -> bool {
+    /// Observes flannel's VTEPs (`flannel.1` and, on dual-stack nodes, `flannel-v6.1`);
+    /// says whether either changed since the last publish.
+    async fn refresh_vteps(&mut self) -> bool {
         if self.opts.routing.mode != Mode::Vxlan {
             return false;
         }
-        let kernel = self.router.kernel();
-        let device = &self.opts.routing.vxlan_device;
-        let (index, vtep) = match (kernel.link(device).await, kernel.vtep(device).await) {
-            (Ok(link), Ok(vtep)) => (link.map_or(0, |l| l.0), vtep),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = format!("{e:#}"), "reading {device} failed");
-                return false;
+        let mut changed = false;
+        for v6 in [false, true] {
+            let routing = &self.opts.routing;
+            let device = if v6 {
+                &routing.vxlan_device_v6
+            } else {
+                &routing.vxlan_device
+            };
+            let kernel = self.router.kernel();
+            let (index, found) = match (kernel.link(device).await, kernel.vtep(device, v6).await) {
+                (Ok(link), Ok(vtep)) => (link.map_or(0, |l| l.0), vtep),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = format!("{e:#}"), "reading {device} failed");
+                    continue;
+                }
+            };
+            self.vxlan.set(v6, index);
+            let found = found.map(|v| isthmus_api::Vtep {
+                mac: v.mac.to_string(),
+                ip: v.ip.to_string(),
+            });
+            let known = if v6 { &mut self.vtep6 } else { &mut self.vtep };
+            if found == *known {
+                continue;
             }
-        };
-        self.vxlan_index.store(index, Ordering::Relaxed);
-        let vtep = vtep.map(|v| isthmus_api::Vtep {
-            mac: v.mac.to_string(),
-            ip: v.ip.to_string(),
-        });
-        if vtep == self.vtep {
-            return false;
+            match (&found, v6) {
+                (Some(v), _) => {
+                    tracing::info!(device, mac = %v.mac, ip = %v.ip, "found flannel's VTEP")
+                }
+                (None, false) => tracing::warn!(device, "no VXLAN device with an IPv4 address yet; cross-location overlay traffic waits for it"),
+                (None, true) => tracing::info!(device, "flannel's IPv6 VTEP is gone; IPv6 pod traffic is routed into the tunnel"),
+            }
+            *known = found;
+            changed = true;
         }
-        match &vtep {
-            Some(v) => tracing::info!(device, mac = %v.mac, ip = %v.ip, "found flannel's VTEP"),
-            None => tracing::warn!(device, "no VXLAN device with an IPv4 address yet; cross-location overlay traffic waits for it"),
-        }
-        self.vtep = vtep;
-        true
+        changed
     }
 
     /// Applies a new mesh: the address first, then the tunnel; a failure leaves the plan
@@ -344,8 +361,12 @@ impl Agent {
             *t = targets;
             changed
         });
-        let vxlan_index = self.vxlan_index.load(Ordering::Relaxed);
-        let desired = pass::routing(&self.fixed, vxlan_index, self.applied.as_ref(), &path_mtus);
+        let desired = pass::routing(
+            &self.fixed,
+            self.vxlan.get(),
+            self.applied.as_ref(),
+            &path_mtus,
+        );
         self.apply_routing(desired).await;
         self.report(peers);
     }
@@ -422,12 +443,12 @@ pub async fn run(
         .with_context(|| format!("{} vanished", opts.iface))?;
 
     let kernel_changed = Arc::new(Notify::new());
-    let vxlan_index = Arc::new(AtomicU32::new(0));
+    let vxlan = Arc::new(VxlanIndexes::default());
     {
-        let (changed, index) = (kernel_changed.clone(), vxlan_index.clone());
+        let (changed, vxlan) = (kernel_changed.clone(), vxlan.clone());
         netns::run_in(opts.netns.as_deref(), move || {
             let _entered = runtime.enter();
-            watch::subscribe(index, changed)
+            watch::subscribe(vxlan, changed)
         })?;
     }
 
@@ -461,9 +482,10 @@ pub async fn run(
         peers: Api::all(client.clone()),
         nodes: Api::all(client),
         vtep: opts.publish.vtep.clone(),
+        vtep6: opts.publish.vtep6.clone(),
         opts,
         fixed,
-        vxlan_index,
+        vxlan,
         tunnel,
         netlink,
         router,
@@ -483,7 +505,7 @@ pub async fn run(
         path_mtus,
     };
     agent.netlink.set_address(&agent.opts.iface, &[]).await?;
-    agent.refresh_vtep().await;
+    agent.refresh_vteps().await;
     tokio::pin!(shutdown);
     // Publishing retries for as long as the API server is unreachable, but a SIGTERM (or a
     // dead tunnel) meanwhile still stops the agent the normal way, routing restored.
@@ -587,7 +609,7 @@ async fn follow(
     loop {
         if full_pass {
             // Observe.
-            let vtep_changed = agent.refresh_vtep().await;
+            let vtep_changed = agent.refresh_vteps().await;
             let started = Instant::now();
             last_pass = started;
             agent.ops.pass_started();
