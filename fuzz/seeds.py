@@ -135,6 +135,13 @@ write("gro_coalesce", "bad-ip-csum", recs((0, 200, 0, 0), (0x20, 200, 0, 0), (0,
 write("gro_coalesce", "gap", recs((0, 200, 0, 0), (0x80, 200, 3, 0), (0, 200, 0, 0)))
 write("gro_coalesce", "flip", recs((0, 200, 0, 0), (0x40, 200, 1, 8), (0, 200, 0, 0), (0x41, 200, 0x10, 1)))
 write("gro_coalesce", "max", recs(*[(0, 255, 0, 0)] * 48))
+# UDP (flow 3: kind bits 1-2 set): byte 3 bit 7 DF; kind bit 3 the UDP flow, bit 4 bad UDP
+# checksum, bit 7 an IPv4 ID jump of x/2+1 (x odd: no checksum)
+write("gro_coalesce", "udp4-df", recs(*[(6, 199, 0, 0x80)] * 40, (6, 50, 0, 0x80)))
+write("gro_coalesce", "udp4-ids", recs(*[(6, 199, 0, 0)] * 20, (0x86, 199, 4, 0), (6, 199, 0, 0)))
+write("gro_coalesce", "udp6", recs(*[(7, 229, 0, 0)] * 30, (7, 1, 0, 0)))
+write("gro_coalesce", "udp-mixed", recs((6, 100, 0, 0), (14, 100, 0, 0), (6, 100, 0, 0), (0, 100, 0, 0), (6, 100, 0, 0), (0x16, 100, 0, 0), (6, 100, 0, 0)))
+write("gro_coalesce", "udp4-no-csum", recs((6, 100, 0, 0x80), (0x86, 100, 1, 0x80), (6, 100, 0, 0x80), (6, 100, 0, 0x80)))
 
 # snat: IPv4 pool (4) + prefix (1) + new source (4) + IPv6 pool (16) + prefix (1) + new
 # source (16) + packet; a prefix of 0xff: no rewrite of that family

@@ -318,7 +318,15 @@ fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
     tunnel.on_failure(move || signals_handle.close());
     let uapi = server::serve(iface, Arc::new(tunnel.clone()))?;
     if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "shutting down");
+        let gro = tunnel.gro_stats();
+        tracing::info!(
+            signal = sig,
+            gro_tcp_merged = gro.tcp_merged,
+            gro_tcp_writes = gro.tcp_writes,
+            gro_udp_merged = gro.udp_merged,
+            gro_udp_writes = gro.udp_writes,
+            "shutting down"
+        );
     }
     // Removing the socket file is the only cleanup that outlives us: the kernel deletes the
     // TUN device and closes the sockets when the process exits.

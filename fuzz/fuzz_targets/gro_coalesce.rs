@@ -1,15 +1,21 @@
-//! GRO coalescing: a stream of decrypted packets — TCP segments of four flows over IPv4 and
-//! IPv6, in and out of order, some with bad IP or TCP checksums or a flipped header byte —
-//! through `Coalescer`. Each 4-byte record of the input describes one packet:
-//! byte 0: bit 0 IPv6, bits 1-2 flow, bit 3 PSH, bit 4 bad TCP checksum, bit 5 bad IPv4
-//! header checksum, bit 6 flip header byte (byte 3) by byte 2, bit 7 sequence gap;
-//! byte 1: payload length / 8 ... times 6.
+//! GRO coalescing: a stream of decrypted packets — TCP segments of three flows and UDP
+//! datagrams of two, over IPv4 and IPv6, in and out of order, some with bad IP or
+//! transport checksums or a flipped header byte — through `Coalescer` with UDP on. Each
+//! 4-byte record of the input describes one packet:
+//! byte 0: bit 0 IPv6, bits 1-2 flow (3: UDP), then for TCP bit 3 PSH, bit 4 bad TCP
+//! checksum, bit 5 bad IPv4 header checksum, bit 6 flip header byte (byte 3) by byte 2,
+//! bit 7 sequence gap; for UDP bit 3 the flow (source port), bit 4 bad UDP checksum, bit 5
+//! bad IPv4 header checksum, bit 6 flip header byte, bit 7 an IPv4 ID jump of byte 2 / 2
+//! + 1 and, when byte 2 is odd, no UDP checksum (zero);
+//! byte 1: payload length / 6 (UDP: plus 1);
+//! byte 3: the header byte to flip, and (bit 7) DF on a UDP datagram.
 //!
 //! The oracle is what the kernel would see: every TUN write, re-segmented by our GSO (as
 //! the kernel's own segmentation would), must give back exactly the packets that went in,
-//! in order — only IPv4 IDs and, with them, header checksums may be regenerated. A packet
-//! whose checksum is bad must therefore reach the kernel as it came, never "repaired" by a
-//! merge (the kernel would have dropped it).
+//! in order — only IPv4 IDs and, with them, header checksums may be regenerated, and for
+//! UDP only with DF (without DF a merge needs consecutive IDs, so they come back exact).
+//! A packet whose checksum is bad must therefore reach the kernel as it came, never
+//! "repaired" by a merge (the kernel would have dropped it).
 #![no_main]
 
 use std::cell::RefCell;
@@ -19,34 +25,55 @@ use isthmus_wg::offload::gro::Coalescer;
 use isthmus_wg::offload::gso::split;
 use isthmus_wg::offload::virtio::{F_NEEDS_CSUM, GSO_NONE};
 use isthmus_wg::offload::{VirtioHdr, VIRTIO_HDR_LEN};
-use isthmus_wg::packet::{Tcp, TCP_PSH};
+use isthmus_wg::packet::{Tcp, Udp, TCP_PSH};
 use libfuzzer_sys::fuzz_target;
 
-fn build(rec: &[u8], seqs: &mut [u32; 8]) -> Vec<u8> {
+fn build(rec: &[u8], seqs: &mut [u32; 8], ids: &mut [u16; 4]) -> Vec<u8> {
     let (kind, len, x, at) = (rec[0], rec[1], rec[2], rec[3]);
     let v6 = kind & 1 != 0;
     let flow = usize::from((kind >> 1) & 3);
-    let slot = flow + if v6 { 4 } else { 0 };
-    if kind & 0x80 != 0 {
-        seqs[slot] = seqs[slot].wrapping_add(u32::from(x) + 1);
-    }
-    let payload = usize::from(len) * 6;
-    let mut t = Tcp::new(v6, seqs[slot], payload);
-    seqs[slot] = seqs[slot].wrapping_add(payload as u32);
-    t.sport = 40000 + flow as u16;
-    if kind & 0x08 != 0 {
-        t.flags |= TCP_PSH;
-    }
-    let mut p = t.build();
     let l4 = if v6 { 40 } else { 20 };
-    if kind & 0x10 != 0 {
-        p[l4 + 16] ^= 0x5a;
-    }
+    let mut p = if flow == 3 {
+        let uflow = usize::from((kind >> 3) & 1);
+        let slot = uflow + if v6 { 2 } else { 0 };
+        let mut u = Udp::new(v6, usize::from(len) * 6 + 1);
+        u.sport = 5000 + uflow as u16;
+        u.df = at & 0x80 != 0;
+        if kind & 0x80 != 0 {
+            ids[slot] = ids[slot].wrapping_add(u16::from(x >> 1) + 1);
+            u.checksum = x & 1 == 0;
+        }
+        u.ip_id = ids[slot];
+        ids[slot] = ids[slot].wrapping_add(1);
+        let mut p = u.build();
+        if kind & 0x10 != 0 {
+            p[l4 + 6] ^= 0x5a;
+        }
+        p
+    } else {
+        let slot = flow + if v6 { 4 } else { 0 };
+        if kind & 0x80 != 0 {
+            seqs[slot] = seqs[slot].wrapping_add(u32::from(x) + 1);
+        }
+        let payload = usize::from(len) * 6;
+        let mut t = Tcp::new(v6, seqs[slot], payload);
+        seqs[slot] = seqs[slot].wrapping_add(payload as u32);
+        t.sport = 40000 + flow as u16;
+        if kind & 0x08 != 0 {
+            t.flags |= TCP_PSH;
+        }
+        let mut p = t.build();
+        if kind & 0x10 != 0 {
+            p[l4 + 16] ^= 0x5a;
+        }
+        p
+    };
     if kind & 0x20 != 0 && !v6 {
         p[10] ^= 0xa5;
     }
     if kind & 0x40 != 0 {
-        let at = usize::from(at) % (l4 + 32).min(p.len());
+        let hlen = if flow == 3 { l4 + 8 } else { l4 + 32 };
+        let at = usize::from(at) % hlen.min(p.len());
         p[at] ^= x;
     }
     p
@@ -57,9 +84,11 @@ fn ip_csum_ok(p: &[u8]) -> bool {
 }
 
 /// Clears what a merge may legitimately regenerate: an IPv4 packet's ID and header checksum,
-/// when that checksum was valid to begin with.
+/// when that checksum was valid to begin with (for UDP only with DF: without, the IDs of a
+/// merged run are consecutive and come back exact).
 fn normalise(p: &mut [u8], csum_was_valid: bool) {
-    if p.first().map(|b| b >> 4) == Some(4) && p.len() >= 20 && csum_was_valid {
+    let ids_free = p.get(9) != Some(&17) || p[6] & 0x40 != 0;
+    if p.first().map(|b| b >> 4) == Some(4) && p.len() >= 20 && csum_was_valid && ids_free {
         p[4..6].fill(0);
         p[10..12].fill(0);
     }
@@ -68,7 +97,7 @@ fn normalise(p: &mut [u8], csum_was_valid: bool) {
 thread_local! {
     /// Reused across runs (each run ends with a flush, so it holds nothing): a fresh one
     /// zeroes 64 KiB, which would cost more than the run.
-    static STATE: RefCell<(Coalescer, Vec<u8>)> = RefCell::new((Coalescer::new(), vec![0u8; 65_600]));
+    static STATE: RefCell<(Coalescer, Vec<u8>)> = RefCell::new((Coalescer::with_udp(true), vec![0u8; 65_600]));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -80,10 +109,11 @@ fuzz_target!(|data: &[u8]| {
 
 fn run(data: &[u8], c: &mut Coalescer, scratch: &mut [u8]) {
     let mut seqs = [0x1000_0000u32; 8];
+    let mut ids = [0xfff0u16; 4]; // IDs wrap inside
     let inputs: Vec<Vec<u8>> = data
         .chunks_exact(4)
         .take(512)
-        .map(|r| build(r, &mut seqs))
+        .map(|r| build(r, &mut seqs, &mut ids))
         .collect();
 
     let mut writes: Vec<Vec<u8>> = Vec::new();

@@ -115,6 +115,9 @@ pub struct Udp {
     pub payload: Vec<u8>,
     /// Fill in the UDP checksum; without, it is zero ("none", allowed over IPv4 only).
     pub checksum: bool,
+    /// IPv4 identification and don't-fragment bit (unused over IPv6).
+    pub ip_id: u16,
+    pub df: bool,
 }
 
 impl Udp {
@@ -128,6 +131,8 @@ impl Udp {
             dport: 5001,
             payload: pattern(0, payload_len),
             checksum: true,
+            ip_id: 0,
+            df: false,
         }
     }
 
@@ -142,7 +147,14 @@ impl Udp {
     }
 
     pub fn build(&self) -> Vec<u8> {
-        let mut p = ip_header(self.src, self.dst, UDP, 0, false, 8 + self.payload.len());
+        let mut p = ip_header(
+            self.src,
+            self.dst,
+            UDP,
+            self.ip_id,
+            self.df,
+            8 + self.payload.len(),
+        );
         let l4 = p.len();
         p.extend_from_slice(&self.sport.to_be_bytes());
         p.extend_from_slice(&self.dport.to_be_bytes());

@@ -282,6 +282,8 @@ mod tests {
             dport: 8472,
             payload: payload.to_vec(),
             checksum: true,
+            ip_id: 0,
+            df: false,
         }
         .build()
     }

@@ -13,6 +13,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use crate::config::{Change, DeviceConfig, PeerConfig};
 use crate::drops::DropReason;
 use crate::engine::{Burst, Engine, Queued, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use crate::key::Key;
-use crate::offload::gro::Coalescer;
+use crate::offload::gro::{Coalescer, GroStats};
 use crate::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
 use crate::snat::SourceRewrite;
 use crate::sockets::{Sockets, Udp, RECV_BUF};
@@ -50,6 +51,10 @@ const MIN_SEAL_ROOM: usize = 256;
 /// measure what they bring or to work around a kernel that mishandles them.
 pub const OFFLOAD_ENV: &str = "ISTHMUS_TUN_OFFLOAD";
 
+/// Set to `0` to keep UDP datagrams out of GRO (one TUN write each) even when the TUN
+/// accepted UDP segmentation offload, e.g. to measure what coalescing them brings.
+pub const UDP_GRO_ENV: &str = "ISTHMUS_TUN_UDP_GRO";
+
 /// How many threads seal and open data messages (0 or unset: `workers::default_size`, one
 /// per core beyond two cores; 1: each packet thread does its own crypto, no pool).
 pub const WORKERS_ENV: &str = "ISTHMUS_CRYPTO_WORKERS";
@@ -65,6 +70,14 @@ pub fn workers_wanted(value: Option<&str>) -> Option<usize> {
         None | Some("") => Some(0),
         Some(v) => v.parse().ok(),
     }
+}
+
+/// Whether decrypted UDP datagrams are coalesced into `GSO_UDP_L4` TUN writes: only on a
+/// TUN with virtio-net headers (`vnet`) that also accepted `TUN_F_USO4|TUN_F_USO6`
+/// (`uso`, kernel ≥ 6.2; an older kernel rejects such a write, which would drop the whole
+/// run), and unless [`UDP_GRO_ENV`] is `0`.
+pub fn udp_gro_wanted(vnet: bool, uso: bool, setting: Option<&str>) -> bool {
+    vnet && uso && setting.map(str::trim) != Some("0")
 }
 
 /// Why a [`Change`] could not be applied; nothing changed.
@@ -83,6 +96,10 @@ pub struct Net {
     tun: SyncDevice,
     /// The TUN speaks virtio-net headers (offloads on): every read and write has one.
     vnet: bool,
+    /// UDP datagrams are coalesced too ([`udp_gro_wanted`]).
+    udp_gro: bool,
+    /// What the coalescers wrote, summed over the UDP readers.
+    gro: GroCounters,
     sockets: RwLock<Arc<Sockets>>,
 }
 
@@ -104,8 +121,44 @@ impl Transmit for Net {
     }
 }
 
-/// Opens the TUN device, with offloads unless they are switched off or refused.
-fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool)> {
+/// [`GroStats`] summed over the threads that write to the TUN.
+#[derive(Default)]
+struct GroCounters {
+    tcp_merged: AtomicU64,
+    tcp_writes: AtomicU64,
+    udp_merged: AtomicU64,
+    udp_writes: AtomicU64,
+}
+
+impl GroCounters {
+    fn add(&self, s: GroStats) {
+        for (c, n) in [
+            (&self.tcp_merged, s.tcp_merged),
+            (&self.tcp_writes, s.tcp_writes),
+            (&self.udp_merged, s.udp_merged),
+            (&self.udp_writes, s.udp_writes),
+        ] {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn get(&self) -> GroStats {
+        GroStats {
+            tcp_merged: self.tcp_merged.load(Ordering::Relaxed),
+            tcp_writes: self.tcp_writes.load(Ordering::Relaxed),
+            udp_merged: self.udp_merged.load(Ordering::Relaxed),
+            udp_writes: self.udp_writes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Opens the TUN device, with offloads unless they are switched off or refused. Returns
+/// the device, whether it speaks virtio-net headers, and whether it also accepted UDP
+/// segmentation offload (tun-rs asks for `TUN_F_USO4|TUN_F_USO6` and falls back to TCP
+/// offloads alone when the kernel refuses them).
+fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool, bool)> {
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(iface)
@@ -118,7 +171,15 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool)> {
         match build(true) {
             Ok(tun) => {
                 let vnet = tun.tcp_gso();
-                return Ok((tun, vnet));
+                let uso = vnet && tun.udp_gso();
+                if vnet && !uso {
+                    tracing::warn!(
+                        iface,
+                        "TUN refused UDP segmentation offload (TUN_F_USO4/6, kernel < 6.2?); \
+                         UDP datagrams are written one by one"
+                    );
+                }
+                return Ok((tun, vnet, uso));
             }
             Err(e) => {
                 tracing::warn!(iface, error = %e, "TUN offloads refused; one packet per read")
@@ -128,7 +189,7 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool)> {
     let tun = build(false).with_context(|| {
         format!("creating TUN device {iface} (needs CAP_NET_ADMIN and /dev/net/tun)")
     })?;
-    Ok((tun, false))
+    Ok((tun, false, false))
 }
 
 /// One running WireGuard interface: the TUN device, the UDP sockets, the [`Engine`] and the
@@ -161,7 +222,8 @@ impl Tunnel {
         let wanted = workers_wanted(setting.as_deref())
             .with_context(|| format!("{WORKERS_ENV}={setting:?}: not a worker count"))?;
         let workers = Workers::new(wanted)?;
-        let (tun, vnet) = open_tun(iface, mtu)?;
+        let (tun, vnet, uso) = open_tun(iface, mtu)?;
+        let udp_gro = udp_gro_wanted(vnet, uso, std::env::var(UDP_GRO_ENV).ok().as_deref());
         let sockets = Arc::new(
             Sockets::bind(listen_port, 0)
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
@@ -173,6 +235,8 @@ impl Tunnel {
         let net = Arc::new(Net {
             tun,
             vnet,
+            udp_gro,
+            gro: GroCounters::default(),
             sockets: RwLock::new(sockets.clone()),
         });
         engine.reconfigure(config, &Default::default(), net.as_ref());
@@ -194,6 +258,7 @@ impl Tunnel {
             port = sockets.port,
             mtu,
             tun_offload = vnet,
+            udp_gro,
             crypto_workers = tunnel.workers.size(),
             udp_gso_segments = sockets.v4.max_segments(),
             "tunnel up"
@@ -203,6 +268,12 @@ impl Tunnel {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// What GRO wrote to the TUN so far: packets merged into super-segments, and those
+    /// writes, for TCP and UDP.
+    pub fn gro_stats(&self) -> GroStats {
+        self.net.gro.get()
     }
 
     /// Applies `change` (a parsed `wg set`, or what [`Tunnel::sync`] makes) through the one
@@ -363,7 +434,7 @@ impl Tunnel {
         let mut rx = vec![0u8; RECV_BUF];
         // Decrypted packets land after room for the virtio-net header.
         let mut slot = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
-        let mut gro = Coalescer::new();
+        let mut gro = Coalescer::with_udp(self.net.udp_gro);
         let net = self.net.as_ref();
         let drops = self.engine.drops();
         let mut emit = |b: &[u8]| {
@@ -428,6 +499,7 @@ impl Tunnel {
                 deliver(p, &mut gro, &mut emit)
             });
             gro.flush(&mut emit);
+            net.gro.add(gro.take_stats());
         }
     }
 
@@ -568,6 +640,29 @@ impl Tunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_is_coalesced_only_on_a_tun_that_took_uso() {
+        // (virtio-net headers, USO accepted, ISTHMUS_TUN_UDP_GRO, coalesce UDP)
+        let cases = [
+            (true, true, None, true),
+            (true, true, Some("1"), true),
+            (true, true, Some(""), true),
+            (true, true, Some("0"), false),
+            (true, true, Some(" 0 "), false),
+            (true, false, None, false),
+            (true, false, Some("1"), false),
+            (false, true, None, false),
+            (false, false, Some("1"), false),
+        ];
+        for (vnet, uso, setting, want) in cases {
+            assert_eq!(
+                udp_gro_wanted(vnet, uso, setting),
+                want,
+                "vnet={vnet} uso={uso} {setting:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_worker_setting_is_a_count_or_the_default() {

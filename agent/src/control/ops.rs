@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use super::mesh::MeshPlan;
 use isthmus_wg::drops::DropReason;
 use isthmus_wg::key::Key;
+use isthmus_wg::offload::gro::GroStats;
 use isthmus_wg::tunnel::Tunnel;
 
 /// A mesh or routing pass only touches the tunnel and netlink; one that runs this long is
@@ -88,6 +89,8 @@ pub struct Sample {
     pub peers: Vec<PeerSample>,
     /// Drops so far, by [`DropReason`].
     pub drops: Vec<(DropReason, u64)>,
+    /// Decrypted packets coalesced into super-segments on the way to the TUN, so far.
+    pub gro: GroStats,
     pub ready: bool,
 }
 
@@ -145,6 +148,15 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
             handshake_failures.get_or_create(&labels).inc_by(*n);
         }
     }
+    let (gro_merged, gro_writes) = (family::<Counter>(), family::<Counter>());
+    for (proto, merged, writes) in [
+        ("tcp", sample.gro.tcp_merged, sample.gro.tcp_writes),
+        ("udp", sample.gro.udp_merged, sample.gro.udp_writes),
+    ] {
+        let labels = vec![("proto", proto.to_string())];
+        gro_merged.get_or_create(&labels).inc_by(merged);
+        gro_writes.get_or_create(&labels).inc_by(writes);
+    }
     let peers = Gauge::<i64>::default();
     peers.set(sample.peers.len() as i64);
     let ready = Gauge::<i64>::default();
@@ -179,6 +191,16 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         "isthmus_dropped_packets",
         "Packets the data plane dropped, by reason",
         drops,
+    );
+    r.register(
+        "isthmus_gro_merged_packets",
+        "Decrypted packets written to the TUN inside coalesced super-segments, by protocol",
+        gro_merged,
+    );
+    r.register(
+        "isthmus_gro_writes",
+        "Coalesced super-segments written to the TUN, by protocol",
+        gro_writes,
     );
     r.register(
         "isthmus_routing_reassertions",
@@ -300,6 +322,7 @@ impl AgentOps {
                 .iter()
                 .map(|r| (*r, engine.drops().get(*r)))
                 .collect(),
+            gro: tunnel.gro_stats(),
             ready: readiness.check().is_ok(),
         }
     }
@@ -384,6 +407,12 @@ mod tests {
                 path_mtu: Some(1240),
             }],
             drops: DropReason::ALL.iter().map(|r| (*r, 1)).collect(),
+            gro: GroStats {
+                tcp_merged: 44,
+                tcp_writes: 1,
+                udp_merged: 130,
+                udp_writes: 3,
+            },
             ready: true,
         };
         let text = render(&sample, &counters);
@@ -397,6 +426,9 @@ mod tests {
             "isthmus_dropped_packets_total{reason=\"io_error\"} 1",
             "isthmus_handshake_failures_total{reason=\"handshake_rejected\"} 1",
             "isthmus_routing_reassertions_total 3",
+            "isthmus_gro_merged_packets_total{proto=\"tcp\"} 44",
+            "isthmus_gro_merged_packets_total{proto=\"udp\"} 130",
+            "isthmus_gro_writes_total{proto=\"udp\"} 3",
             "isthmus_reconcile_duration_seconds_count 1",
             "isthmus_ready 1",
             "isthmus_key_rotations_total 1",

@@ -1,34 +1,53 @@
-//! Coalescing: consecutive decrypted TCP segments of one flow become one super-segment
-//! (with a virtio-net header asking the kernel to treat it as GSO), so the receiving TCP
-//! stack and the TUN write path run once per ~64 KiB rather than once per packet.
+//! Coalescing: consecutive decrypted TCP segments of one flow, or UDP datagrams of one flow,
+//! become one super-segment (with a virtio-net header asking the kernel to treat it as
+//! GSO), so the receiving stack and the TUN write path run once per ~64 KiB rather than
+//! once per packet.
 //!
 //! It is a streaming coalescer with one pending flow: the packets of a bulk transfer
-//! arrive in order and back to back (one UDP GRO batch from a peer is one sender's TSO
-//! burst), so merging only neighbours catches nearly all of it with one buffer and no
-//! flow table. Anything that is not a plain in-order TCP data segment passes through
-//! unchanged, after whatever was pending.
+//! arrive in order and back to back (one UDP GRO batch from a peer is one sender's TSO or
+//! UDP GSO burst), so merging only neighbours catches nearly all of it with one buffer and
+//! no flow table. Anything that is not a plain in-order TCP data segment (or, with UDP on,
+//! a plain UDP datagram) passes through unchanged, after whatever was pending.
 //!
-//! Only segments whose IPv4 header and TCP checksums verify are merged, as the kernel's GRO
-//! and wireguard-go's do: the merged packet's checksum is recomputed (CHECKSUM_PARTIAL), so
-//! merging a bad segment would hand the receiving TCP corrupt data it would otherwise drop.
-//! A bad one passes through as it came. The check runs only when a merge is about to
-//! happen (the head of a run once, then each joining segment), so lone packets pay nothing.
+//! Only packets whose IPv4 header and transport checksums verify are merged, as the
+//! kernel's GRO and wireguard-go's do: the merged packet's checksum is recomputed
+//! (CHECKSUM_PARTIAL), so merging a bad one would hand the receiver corrupt data it would
+//! otherwise drop. A bad one passes through as it came. The check runs only when a merge
+//! is about to happen (the head of a run once, then each joining packet), so lone packets
+//! pay nothing.
+//!
+//! UDP (`GSO_UDP_L4`) is off unless the TUN accepted `TUN_F_USO4|6` (kernel ≥ 6.2; see
+//! [`Coalescer::with_udp`]). The rules are the kernel's `udp_gro_receive_segment` and
+//! wireguard-go's `udpGRO`: same addresses, ports and IP header fields; every datagram
+//! the size of the first but a shorter last one; at most [`MAX_UDP_SEGMENTS`]. Two more of
+//! ours keep a re-segmented run byte-identical to what came in: an IPv4 datagram without
+//! a checksum (zero) is never merged (the merged one would get checksums it never had),
+//! and without DF the IPv4 IDs must be consecutive, as the kernel's GRO requires, because
+//! segmentation numbers them from the first (with DF the ID means nothing, RFC 6864).
 
 use super::checksum::{finish, fold, pseudo_header, sum};
-use super::virtio::{VirtioHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VIRTIO_HDR_LEN};
+use super::virtio::{VirtioHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VIRTIO_HDR_LEN};
 use super::*;
 
 /// The largest IP packet the coalescer builds (the IPv4 total-length limit).
 pub const MAX_COALESCED: usize = 65_535;
 
-/// A TCP data segment the coalescer could merge.
+/// The most UDP datagrams in one super-packet: the kernel's own GRO stops there
+/// (`UDP_GRO_CNT_MAX`).
+pub const MAX_UDP_SEGMENTS: usize = 64;
+
+const UDP_HLEN: usize = 8;
+
+/// A TCP data segment or UDP datagram the coalescer could merge.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     v6: bool,
+    udp: bool,
     /// IP header length = transport offset.
     l4: usize,
-    /// IP + TCP header length.
+    /// IP + transport header length.
     hlen: usize,
+    /// TCP sequence number (0 for UDP).
     seq: u32,
     payload: usize,
     psh: bool,
@@ -36,24 +55,41 @@ struct Segment {
 
 impl Segment {
     /// Plain IPv4 (no options, not a fragment) or IPv6 (no extension headers) carrying TCP
-    /// with payload and no flags but ACK and PSH; lengths consistent with the slice.
+    /// with payload and no flags but ACK and PSH, or UDP with payload and (over IPv4) a
+    /// checksum; lengths consistent with the slice.
     fn parse(p: &[u8]) -> Option<Segment> {
-        let (v6, l4) = match p.first()? >> 4 {
+        let (v6, l4, proto) = match p.first()? >> 4 {
             4 => {
-                let ok = p.len() >= 40
+                let ok = p.len() >= 28
                     && p[0] == 0x45
                     && usize::from(be16(p, 2)) == p.len()
-                    && be16(p, 6) & 0x3fff == 0
-                    && p[9] == IPPROTO_TCP;
-                (false, if ok { 20 } else { return None })
+                    && be16(p, 6) & 0x3fff == 0;
+                (false, if ok { 20 } else { return None }, p[9])
             }
             6 => {
-                let ok =
-                    p.len() >= 60 && usize::from(be16(p, 4)) + 40 == p.len() && p[6] == IPPROTO_TCP;
-                (true, if ok { 40 } else { return None })
+                let ok = p.len() >= 48 && usize::from(be16(p, 4)) + 40 == p.len();
+                (true, if ok { 40 } else { return None }, p[6])
             }
             _ => return None,
         };
+        if proto == IPPROTO_UDP {
+            let hlen = l4 + UDP_HLEN;
+            let ok = hlen < p.len()
+                && usize::from(be16(p, l4 + 4)) == p.len() - l4
+                && (v6 || be16(p, l4 + UDP_CSUM) != 0);
+            return ok.then_some(Segment {
+                v6,
+                udp: true,
+                l4,
+                hlen,
+                seq: 0,
+                payload: p.len() - hlen,
+                psh: false,
+            });
+        }
+        if proto != IPPROTO_TCP || p.len() < l4 + 20 {
+            return None;
+        }
         let thlen = usize::from(p[l4 + 12] >> 4) * 4;
         let hlen = l4 + thlen;
         let flags = p[l4 + TCP_FLAGS];
@@ -66,12 +102,29 @@ impl Segment {
         }
         Some(Segment {
             v6,
+            udp: false,
             l4,
             hlen,
             seq: be32(p, l4 + 4),
             payload: p.len() - hlen,
             psh: flags & TCP_PSH != 0,
         })
+    }
+
+    fn proto(&self) -> u8 {
+        if self.udp {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_TCP
+        }
+    }
+
+    fn csum_offset(&self) -> usize {
+        if self.udp {
+            UDP_CSUM
+        } else {
+            TCP_CSUM
+        }
     }
 }
 
@@ -89,12 +142,25 @@ struct Pending {
     verified: bool,
 }
 
+/// What a coalescer wrote since [`Coalescer::take_stats`] last asked: packets that went out
+/// inside super-segments, and the super-segments (TUN writes) they made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroStats {
+    pub tcp_merged: u64,
+    pub tcp_writes: u64,
+    pub udp_merged: u64,
+    pub udp_writes: u64,
+}
+
 pub struct Coalescer {
     /// Virtio header, then the pending packet.
     buf: Box<[u8]>,
     /// Bytes of the pending packet (after the header); 0 when nothing is pending.
     len: usize,
     pending: Option<Pending>,
+    /// UDP datagrams are merged too (only for a TUN that accepted USO).
+    udp: bool,
+    stats: GroStats,
 }
 
 impl Default for Coalescer {
@@ -104,12 +170,26 @@ impl Default for Coalescer {
 }
 
 impl Coalescer {
+    /// A coalescer for TCP only: UDP datagrams pass through one by one.
     pub fn new() -> Coalescer {
+        Coalescer::with_udp(false)
+    }
+
+    /// With `udp`, UDP datagrams are coalesced into `GSO_UDP_L4` writes as well: only for a
+    /// TUN that accepted `TUN_F_USO4|TUN_F_USO6`, as an older kernel rejects such a write.
+    pub fn with_udp(udp: bool) -> Coalescer {
         Coalescer {
             buf: vec![0u8; VIRTIO_HDR_LEN + MAX_COALESCED].into_boxed_slice(),
             len: 0,
             pending: None,
+            udp,
+            stats: GroStats::default(),
         }
+    }
+
+    /// The counts since the last call, and starts them again from zero.
+    pub fn take_stats(&mut self) -> GroStats {
+        std::mem::take(&mut self.stats)
     }
 
     /// Takes one decrypted packet. `slot` is [`VIRTIO_HDR_LEN`] bytes of headroom followed
@@ -117,7 +197,7 @@ impl Coalescer {
     /// filled in). `emit` receives whole TUN writes: a virtio header and a packet.
     pub fn push(&mut self, slot: &mut [u8], emit: &mut impl FnMut(&[u8])) {
         let packet = &slot[VIRTIO_HDR_LEN..];
-        match Segment::parse(packet) {
+        match Segment::parse(packet).filter(|s| self.udp || !s.udp) {
             Some(seg)
                 if self.can_merge(packet, &seg)
                     && self.head_verifies()
@@ -156,20 +236,36 @@ impl Coalescer {
                 let c = finish(sum(&packet[..20], 0));
                 put16(packet, 10, c);
             }
+            if f.udp {
+                put16(packet, f.l4 + 4, (len - f.l4) as u16);
+            }
             // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel (or its
             // own segmentation) completes it.
             let (src, dst) = ip_addrs(packet, f.v6);
-            let partial = fold(pseudo_header(src, dst, IPPROTO_TCP, len - f.l4));
-            put16(packet, f.l4 + TCP_CSUM, partial);
+            let partial = fold(pseudo_header(src, dst, f.proto(), len - f.l4));
+            put16(packet, f.l4 + f.csum_offset(), partial);
+            let gso_type = match (f.udp, f.v6) {
+                (true, _) => GSO_UDP_L4,
+                (false, true) => GSO_TCPV6,
+                (false, false) => GSO_TCPV4,
+            };
             VirtioHdr {
                 flags: F_NEEDS_CSUM,
-                gso_type: if f.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                gso_type,
                 hdr_len: f.hlen as u16,
                 gso_size: p.mss as u16,
                 csum_start: f.l4 as u16,
-                csum_offset: TCP_CSUM as u16,
+                csum_offset: f.csum_offset() as u16,
             }
             .encode(hdr_bytes);
+            let n = p.segments as u64;
+            if f.udp {
+                self.stats.udp_merged += n;
+                self.stats.udp_writes += 1;
+            } else {
+                self.stats.tcp_merged += n;
+                self.stats.tcp_writes += 1;
+            }
         }
         emit(&self.buf[..VIRTIO_HDR_LEN + len]);
     }
@@ -205,15 +301,14 @@ impl Coalescer {
         let f = &p.first;
         if p.closed
             || seg.v6 != f.v6
+            || seg.udp != f.udp
             || seg.hlen != f.hlen
-            || seg.seq != p.next_seq
             || seg.payload > p.mss
             || self.len + seg.payload > MAX_COALESCED
         {
             return false;
         }
         let head = &self.buf[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + f.hlen];
-        let l4 = f.l4;
         let same_ip = if f.v6 {
             // Version, traffic class, flow label; next header, hop limit; addresses.
             head[..4] == packet[..4] && head[6..40] == packet[6..40]
@@ -224,16 +319,31 @@ impl Coalescer {
                 && head[8..10] == packet[8..10]
                 && head[12..20] == packet[12..20]
         };
+        if f.udp {
+            return same_ip && self.udp_can_join(p, head, packet);
+        }
+        let l4 = f.l4;
         // Ports; acknowledgement; data offset; window; urgent pointer; options (timestamps
         // included) — everything but the sequence number, the flags checked above, and the
         // checksum. The urgent pointer means nothing without URG, but a merge would copy the
         // first segment's into every later one, so a segment that carries another one is
         // delivered as it came (found by the gro_coalesce fuzz target).
-        same_ip
+        seg.seq == p.next_seq
+            && same_ip
             && head[l4..l4 + 4] == packet[l4..l4 + 4]
             && head[l4 + 8..l4 + 13] == packet[l4 + 8..l4 + 13]
             && head[l4 + 14..l4 + 16] == packet[l4 + 14..l4 + 16]
             && head[l4 + 18..f.hlen] == packet[l4 + 18..f.hlen]
+    }
+
+    /// The UDP rules beyond the IP header: same ports, room for one more, and over IPv4
+    /// without DF the next IP ID (segmentation numbers the datagrams from the first's).
+    fn udp_can_join(&self, p: &Pending, head: &[u8], packet: &[u8]) -> bool {
+        let l4 = p.first.l4;
+        let ids_ok = p.first.v6
+            || head[6] & 0x40 != 0
+            || be16(packet, 4) == be16(head, 4).wrapping_add(p.segments as u16);
+        p.segments < MAX_UDP_SEGMENTS && ids_ok && head[l4..l4 + 4] == packet[l4..l4 + 4]
     }
 
     fn merge(&mut self, packet: &[u8], seg: &Segment) {
@@ -255,13 +365,14 @@ impl Coalescer {
     }
 }
 
-/// Whether `packet` (parsed as `seg`) has a valid IPv4 header checksum and TCP checksum.
+/// Whether `packet` (parsed as `seg`) has a valid IPv4 header checksum and transport
+/// checksum.
 fn checksums_verify(packet: &[u8], seg: &Segment) -> bool {
     let ip_ok = seg.v6 || finish(sum(&packet[..seg.l4], 0)) == 0;
     let (src, dst) = ip_addrs(packet, seg.v6);
-    let tcp =
-        pseudo_header(src, dst, IPPROTO_TCP, packet.len() - seg.l4) + sum(&packet[seg.l4..], 0);
-    ip_ok && finish(tcp) == 0
+    let l4 =
+        pseudo_header(src, dst, seg.proto(), packet.len() - seg.l4) + sum(&packet[seg.l4..], 0);
+    ip_ok && finish(l4) == 0
 }
 
 #[cfg(test)]
@@ -271,9 +382,13 @@ mod tests {
     use super::*;
     use crate::packet::{assert_valid, complete_partial, l4_offset, Tcp, Udp};
 
-    /// Feeds `packets` through a coalescer, returns the TUN writes as (header, packet).
+    /// Feeds `packets` through a coalescer (UDP on), returns the TUN writes as (header,
+    /// packet).
     fn coalesce(packets: &[Vec<u8>]) -> Vec<(VirtioHdr, Vec<u8>)> {
-        let mut c = Coalescer::new();
+        coalesce_with(Coalescer::with_udp(true), packets)
+    }
+
+    fn coalesce_with(mut c: Coalescer, packets: &[Vec<u8>]) -> Vec<(VirtioHdr, Vec<u8>)> {
         let mut out = Vec::new();
         let mut emit = |b: &[u8]| {
             let h = VirtioHdr::decode(b).expect("header");
@@ -594,5 +709,422 @@ mod tests {
             let out = coalesce(std::slice::from_ref(&p));
             assert_eq!(out, vec![(VirtioHdr::NONE, p)]);
         }
+    }
+
+    /// Datagrams of one UDP flow with these payload sizes, each its own bytes; IPv4 IDs
+    /// count up from 7.
+    fn udp_run(v6: bool, df: bool, sizes: &[usize]) -> Vec<Vec<u8>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut u = Udp::new(v6, 0);
+                u.payload = crate::packet::pattern(i as u32 * 31, n);
+                u.df = df;
+                u.ip_id = 7 + i as u16;
+                u.build()
+            })
+            .collect()
+    }
+
+    /// Packets per TUN write: 1 for a plain one, else how many segments the header asks for.
+    fn per_write(out: &[(VirtioHdr, Vec<u8>)]) -> Vec<usize> {
+        out.iter()
+            .map(|(h, p)| {
+                if h.gso_type == GSO_NONE {
+                    assert_eq!(*h, VirtioHdr::NONE);
+                    1
+                } else {
+                    (p.len() - usize::from(h.hdr_len)).div_ceil(usize::from(h.gso_size))
+                }
+            })
+            .collect()
+    }
+
+    /// Re-segments every write with our GSO (the kernel's stand-in) after checking the
+    /// header and completing the checksum the way the kernel would.
+    fn resegment(out: &[(VirtioHdr, Vec<u8>)]) -> Vec<Vec<u8>> {
+        let mut segs = Vec::new();
+        let mut scratch = vec![0u8; 65_536];
+        for (h, p) in out {
+            if h.gso_type == GSO_NONE {
+                segs.push(p.clone());
+                continue;
+            }
+            let l4 = l4_offset(p);
+            assert_eq!(h.flags, F_NEEDS_CSUM);
+            assert_eq!(usize::from(h.csum_start), l4);
+            if h.gso_type == GSO_UDP_L4 {
+                assert_eq!(usize::from(h.hdr_len), l4 + 8);
+                assert_eq!(usize::from(h.csum_offset), UDP_CSUM);
+                assert_eq!(usize::from(be16(p, l4 + 4)), p.len() - l4, "UDP length");
+                let mut whole = p.clone();
+                complete_partial(&mut whole, l4, UDP_CSUM);
+                assert_valid(&whole);
+            }
+            assert!(p.len() <= MAX_COALESCED);
+            let mut again = p.clone();
+            split(*h, &mut again, &mut scratch, |s| segs.push(s.to_vec())).expect("split");
+        }
+        segs
+    }
+
+    #[test]
+    fn a_udp_run_becomes_one_gso_udp_l4_write_and_splits_back_identically() {
+        let tail = |n: usize, size: usize, last: usize| {
+            let mut v = vec![size; n];
+            v.push(last);
+            v
+        };
+        // (name, IPv6?, DF?, payload sizes, packets per write)
+        type Case = (&'static str, bool, bool, Vec<usize>, Vec<usize>);
+        let cases: [Case; 6] = [
+            ("v4 DF", false, true, vec![1200; 20], vec![20]),
+            ("v4 no DF", false, false, tail(20, 1200, 500), vec![21]),
+            ("v6", true, false, tail(10, 1380, 1), vec![11]),
+            ("64 at most", false, true, vec![900; 70], vec![64, 6]),
+            ("64 KiB at most", false, true, vec![1400; 60], vec![46, 14]),
+            ("one", false, true, vec![1200], vec![1]),
+        ];
+        for (name, v6, df, sizes, want) in cases {
+            let packets = udp_run(v6, df, &sizes);
+            let mut c = Coalescer::with_udp(true);
+            let mut out = Vec::new();
+            for p in &packets {
+                let mut slot = vec![0xee; VIRTIO_HDR_LEN];
+                slot.extend_from_slice(p);
+                c.push(&mut slot, &mut |b: &[u8]| {
+                    out.push((
+                        VirtioHdr::decode(b).expect("header"),
+                        b[VIRTIO_HDR_LEN..].to_vec(),
+                    ))
+                });
+            }
+            c.flush(&mut |b: &[u8]| {
+                out.push((
+                    VirtioHdr::decode(b).expect("header"),
+                    b[VIRTIO_HDR_LEN..].to_vec(),
+                ))
+            });
+            assert_eq!(per_write(&out), want, "{name}");
+            for (h, _) in out.iter().filter(|(h, _)| h.gso_type != GSO_NONE) {
+                assert_eq!(
+                    (h.gso_type, h.gso_size),
+                    (GSO_UDP_L4, sizes[0] as u16),
+                    "{name}"
+                );
+            }
+            assert!(resegment(&out) == packets, "{name}: datagrams differ");
+            let merged: usize = want.iter().filter(|&&n| n > 1).sum();
+            let stats = c.take_stats();
+            assert_eq!(stats.udp_merged, merged as u64, "{name}");
+            assert_eq!(stats.tcp_merged, 0, "{name}");
+            assert_eq!(c.take_stats(), GroStats::default(), "{name}: taken");
+        }
+    }
+
+    /// Recomputes an IPv4 header checksum, and the UDP checksum when there is one.
+    fn refresh_udp(p: &mut [u8]) {
+        let v6 = p[0] >> 4 == 6;
+        let l4 = l4_offset(p);
+        if !v6 {
+            put16(p, 10, 0);
+            let ip = finish(sum(&p[..l4], 0));
+            put16(p, 10, ip);
+        }
+        if v6 || be16(p, l4 + UDP_CSUM) != 0 {
+            put16(p, l4 + UDP_CSUM, 0);
+            let (src, dst) = ip_addrs(p, v6);
+            let c = finish(pseudo_header(src, dst, IPPROTO_UDP, p.len() - l4) + sum(&p[l4..], 0));
+            put16(p, l4 + UDP_CSUM, if c == 0 { 0xffff } else { c });
+        }
+    }
+
+    #[test]
+    fn udp_datagrams_merge_only_when_the_kernel_would_take_them_apart_unchanged() {
+        type Edit = fn(&mut Vec<u8>);
+        // (name, IPv6?, DF?, which of 4 datagrams, edit, checksums made valid again,
+        // packets per write)
+        type Case = (&'static str, bool, bool, usize, Edit, bool, Vec<usize>);
+        let cases: [Case; 18] = [
+            ("nothing", false, true, 0, |_| {}, false, vec![4]),
+            (
+                "other source port",
+                false,
+                true,
+                2,
+                |p| p[21] ^= 1,
+                true,
+                vec![2, 1, 1],
+            ),
+            (
+                "other destination port",
+                true,
+                false,
+                1,
+                |p| p[43] ^= 1,
+                true,
+                vec![1, 1, 2],
+            ),
+            (
+                "destination address",
+                false,
+                true,
+                1,
+                |p| p[19] ^= 1,
+                true,
+                vec![1, 1, 2],
+            ),
+            ("TTL", false, true, 3, |p| p[8] -= 1, true, vec![3, 1]),
+            (
+                "TOS/ECN",
+                false,
+                true,
+                1,
+                |p| p[1] |= 3,
+                true,
+                vec![1, 1, 2],
+            ),
+            ("DF", false, true, 1, |p| p[6] &= !0x40, true, vec![1, 1, 2]),
+            (
+                "hop limit",
+                true,
+                false,
+                1,
+                |p| p[7] -= 1,
+                true,
+                vec![1, 1, 2],
+            ),
+            (
+                "flow label",
+                true,
+                false,
+                2,
+                |p| p[3] ^= 1,
+                true,
+                vec![2, 1, 1],
+            ),
+            (
+                "shorter in the middle",
+                false,
+                true,
+                1,
+                |p| shorten(p, 100),
+                true,
+                vec![2, 2],
+            ),
+            (
+                "longer in the middle",
+                false,
+                true,
+                2,
+                |p| lengthen(p, 1),
+                true,
+                vec![2, 2],
+            ),
+            (
+                "bad UDP checksum",
+                false,
+                true,
+                1,
+                |p| p[20 + 6] ^= 0x5a,
+                false,
+                vec![1, 1, 2],
+            ),
+            (
+                "bad IPv4 header checksum",
+                false,
+                true,
+                2,
+                |p| p[10] ^= 0xa5,
+                false,
+                vec![2, 1, 1],
+            ),
+            (
+                "bad UDPv6 checksum",
+                true,
+                false,
+                0,
+                |p| p[40 + 6] ^= 0x5a,
+                false,
+                vec![1, 3],
+            ),
+            (
+                "IP ID not the next, no DF",
+                false,
+                false,
+                2,
+                |p| p[5] ^= 0x10,
+                true,
+                vec![2, 1, 1],
+            ),
+            (
+                "IP ID not the next, DF",
+                false,
+                true,
+                2,
+                |p| p[5] ^= 0x10,
+                true,
+                vec![4],
+            ),
+            (
+                "fragment (MF)",
+                false,
+                false,
+                1,
+                |p| p[6] |= 0x20,
+                true,
+                vec![1, 1, 2],
+            ),
+            (
+                "fragment offset",
+                false,
+                false,
+                3,
+                |p| p[7] = 1,
+                true,
+                vec![3, 1],
+            ),
+        ];
+        for (name, v6, df, at, edit, refresh, want) in cases {
+            let mut packets = udp_run(v6, df, &[1000; 4]);
+            edit(&mut packets[at]);
+            if refresh {
+                refresh_udp(&mut packets[at]);
+                assert_valid(&packets[at]);
+            }
+            let out = coalesce(&packets);
+            assert_eq!(per_write(&out), want, "{name}");
+            // Whatever merged splits back into exactly what came in, in order; with DF the
+            // IPv4 IDs (and so the header checksums) are numbered from the first.
+            let ids_free = |mut ps: Vec<Vec<u8>>| {
+                for p in ps.iter_mut().filter(|p| !v6 && p[6] & 0x40 != 0) {
+                    p[4..6].fill(0);
+                    p[10..12].fill(0);
+                }
+                ps
+            };
+            assert!(
+                ids_free(resegment(&out)) == ids_free(packets),
+                "{name}: datagrams differ"
+            );
+        }
+    }
+
+    /// Cuts `n` bytes off a UDP datagram's payload (lengths fixed, checksums not).
+    fn shorten(p: &mut Vec<u8>, n: usize) {
+        p.truncate(p.len() - n);
+        fix_lengths(p);
+    }
+
+    fn lengthen(p: &mut Vec<u8>, n: usize) {
+        p.extend(std::iter::repeat_n(0x42, n));
+        fix_lengths(p);
+    }
+
+    fn fix_lengths(p: &mut [u8]) {
+        let l4 = l4_offset(p);
+        if p[0] >> 4 == 6 {
+            put16(p, 4, (p.len() - 40) as u16);
+        } else {
+            put16(p, 2, p.len() as u16);
+        }
+        put16(p, l4 + 4, (p.len() - l4) as u16);
+    }
+
+    #[test]
+    fn udp_that_must_not_merge_passes_through_byte_for_byte() {
+        let plain = |edit: fn(&mut Udp)| {
+            (0..3)
+                .map(|i| {
+                    let mut u = Udp::new(false, 800);
+                    u.df = true;
+                    u.ip_id = i;
+                    edit(&mut u);
+                    u.build()
+                })
+                .collect::<Vec<_>>()
+        };
+        // No checksum (zero) over IPv4: a merged run would come out with checksums.
+        let no_csum = plain(|u| u.checksum = false);
+        // IP options: not a plain header.
+        let mut options = plain(|_| {});
+        for p in &mut options {
+            p.splice(20..20, [1, 1, 1, 0]); // NOP NOP NOP EOL
+            p[0] = 0x46;
+            let n = p.len() as u16;
+            put16(p, 2, n);
+            put16(p, 10, 0);
+            let c = finish(sum(&p[..24], 0));
+            put16(p, 10, c);
+        }
+        // An IPv6 extension header (hop-by-hop) in front of UDP.
+        let ext: Vec<Vec<u8>> = udp_run(true, false, &[800; 3])
+            .into_iter()
+            .map(|mut p| {
+                p[6] = 0;
+                p.splice(40..40, [IPPROTO_UDP, 0, 1, 4, 0, 0, 0, 0]);
+                let n = (p.len() - 40) as u16;
+                put16(&mut p, 4, n);
+                p
+            })
+            .collect();
+        // A UDP length field that disagrees with the IP length.
+        let mut bad_len = plain(|_| {});
+        for p in &mut bad_len {
+            put16(p, 20 + 4, 100);
+        }
+        // Empty datagrams.
+        let empty = plain(|u| u.payload.clear());
+        for (name, packets) in [
+            ("no checksum", no_csum),
+            ("IP options", options),
+            ("IPv6 extension header", ext),
+            ("UDP length", bad_len),
+            ("empty", empty),
+        ] {
+            let out = coalesce(&packets);
+            let want: Vec<(VirtioHdr, Vec<u8>)> = packets
+                .iter()
+                .map(|p| (VirtioHdr::NONE, p.clone()))
+                .collect();
+            assert!(out == want, "{name}: merged or changed");
+        }
+        // UDP off (the TUN did not accept USO): one write per datagram, untouched.
+        let packets = udp_run(false, true, &[1000; 4]);
+        let out = coalesce_with(Coalescer::new(), &packets);
+        assert_eq!(per_write(&out), vec![1; 4], "UDP off");
+        assert_eq!(resegment(&out), packets);
+    }
+
+    #[test]
+    fn tcp_and_udp_of_one_host_pair_stay_apart() {
+        let t = run(false, 1, 3000, 1000, false);
+        let u = udp_run(false, true, &[1000; 3]);
+        let packets = vec![
+            t[0].clone(),
+            t[1].clone(),
+            u[0].clone(),
+            u[1].clone(),
+            u[2].clone(),
+            t[2].clone(),
+        ];
+        let out = coalesce(&packets);
+        assert_eq!(per_write(&out), vec![2, 3, 1]);
+        let types: Vec<u8> = out.iter().map(|(h, _)| h.gso_type).collect();
+        assert_eq!(types, vec![GSO_TCPV4, GSO_UDP_L4, GSO_NONE]);
+        let mut c = Coalescer::with_udp(true);
+        let mut sink = |_: &[u8]| {};
+        for p in &packets {
+            let mut slot = vec![0; VIRTIO_HDR_LEN];
+            slot.extend_from_slice(p);
+            c.push(&mut slot, &mut sink);
+        }
+        c.flush(&mut sink);
+        let s = c.take_stats();
+        assert_eq!(
+            (s.tcp_merged, s.tcp_writes, s.udp_merged, s.udp_writes),
+            (2, 1, 3, 1)
+        );
     }
 }
