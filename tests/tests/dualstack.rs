@@ -62,6 +62,42 @@ fn snapshots(cluster: &Cluster) -> Vec<String> {
         .collect()
 }
 
+/// Starts every node's agent in routing `mode` and waits for the mesh to converge.
+async fn start_agents(cluster: &mut Cluster, mode: &str) {
+    for i in 0..cluster.nodes.len() {
+        cluster
+            .start_node_agent(i, &["--routing", mode])
+            .expect("agent");
+    }
+    assert!(
+        cluster.wait_converged(Duration::from_secs(60)).await,
+        "{mode}: mesh never converged:\n{}",
+        cluster.logs()
+    );
+}
+
+/// Stops every agent with SIGTERM and asserts each node is as `before` (its snapshot
+/// before the agents), with the agents' logs when it is not.
+fn stop_agents_and_compare(cluster: &mut Cluster, before: &[String], what: &str) {
+    let mut logs = String::new();
+    for node in &mut cluster.nodes {
+        let mut agent = node.agent.take().expect("agent");
+        assert!(agent
+            .stop_with(libc::SIGTERM, Duration::from_secs(10))
+            .is_some_and(|s| s.success()));
+        logs.push_str(&format!("--- agent {} ---\n{}\n", node.name, agent.log()));
+    }
+    for (n, before) in cluster.nodes.iter().zip(before) {
+        let after = snapshot(&n.ns).expect("snapshot");
+        assert!(
+            &after == before,
+            "{what}: {} is not as it was before the agent:\n{}\n{logs}",
+            n.name,
+            diff_text(before, &after),
+        );
+    }
+}
+
 /// Agents in `mode` on both nodes: the mesh forms over IPv6 and dual-stack pods talk across
 /// the clouds in both families; a graceful stop leaves every node as it was.
 async fn pods_talk_over_both_families(mode: &str) {
@@ -73,16 +109,7 @@ async fn pods_talk_over_both_families(mode: &str) {
         "{mode}: the pods' IPv6 must not cross the clouds before the mesh"
     );
     let before = snapshots(&cluster);
-    for i in 0..cluster.nodes.len() {
-        cluster
-            .start_node_agent(i, &["--routing", mode])
-            .expect("agent");
-    }
-    assert!(
-        cluster.wait_converged(Duration::from_secs(60)).await,
-        "{mode}: mesh never converged:\n{}",
-        cluster.logs()
-    );
+    start_agents(&mut cluster, mode).await;
 
     // The endpoints each agent derived from its Node, as published and as dialled.
     let peers = cluster.peers().await.expect("peers");
@@ -124,21 +151,7 @@ async fn pods_talk_over_both_families(mode: &str) {
         "{mode}: IPv6 to the remote pod goes into the tunnel: {route}"
     );
 
-    for node in &mut cluster.nodes {
-        let mut agent = node.agent.take().expect("agent");
-        assert!(agent
-            .stop_with(libc::SIGTERM, Duration::from_secs(10))
-            .is_some_and(|s| s.success()));
-    }
-    for (n, before) in cluster.nodes.iter().zip(&before) {
-        let after = snapshot(&n.ns).expect("snapshot");
-        assert!(
-            &after == before,
-            "{mode}: {} is not as it was before the agent:\n{}",
-            n.name,
-            diff_text(before, &after)
-        );
-    }
+    stop_agents_and_compare(&mut cluster, &before, mode);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,16 +201,7 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
         "flannel-v6.1 must not cross the clouds before the mesh"
     );
     let before = snapshots(&cluster);
-    for i in 0..cluster.nodes.len() {
-        cluster
-            .start_node_agent(i, &["--routing", "vxlan"])
-            .expect("agent");
-    }
-    assert!(
-        cluster.wait_converged(Duration::from_secs(60)).await,
-        "mesh never converged:\n{}",
-        cluster.logs()
-    );
+    start_agents(&mut cluster, "vxlan").await;
 
     // Each node's IPv6 mesh IP, from its status, and on its tunnel; its published IPv6 VTEP
     // is flannel's.
@@ -317,21 +321,5 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
         );
     }
 
-    let mut logs = String::new();
-    for node in &mut cluster.nodes {
-        let mut agent = node.agent.take().expect("agent");
-        assert!(agent
-            .stop_with(libc::SIGTERM, Duration::from_secs(10))
-            .is_some_and(|s| s.success()));
-        logs.push_str(&format!("--- agent {} ---\n{}\n", node.name, agent.log()));
-    }
-    for (n, before) in cluster.nodes.iter().zip(&before) {
-        let after = snapshot(&n.ns).expect("snapshot");
-        assert!(
-            &after == before,
-            "{} is not as it was before the agent:\n{}\n{logs}",
-            n.name,
-            diff_text(before, &after),
-        );
-    }
+    stop_agents_and_compare(&mut cluster, &before, "dual-stack mesh");
 }
