@@ -391,6 +391,29 @@ impl Cluster {
         }
         out
     }
+
+    /// Every node's [`snapshot`](crate::snapshot::snapshot), in node order: what
+    /// [`Cluster::assert_restored`] compares against.
+    pub fn snapshots(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| crate::snapshot::snapshot(&n.ns).expect("snapshot"))
+            .collect()
+    }
+
+    /// Asserts every node is as `before` ([`Cluster::snapshots`]) says, naming `when` and
+    /// showing the differences and `logs` when one is not.
+    pub fn assert_restored(&self, before: &[String], when: &str, logs: &str) {
+        for (n, before) in self.nodes.iter().zip(before) {
+            let after = crate::snapshot::snapshot(&n.ns).expect("snapshot");
+            assert!(
+                &after == before,
+                "{when}: {} is not as it was before the agent:\n{}\n{logs}",
+                n.name,
+                crate::snapshot::diff_text(before, &after)
+            );
+        }
+    }
 }
 
 /// The two clouds' gateways, vsphere (1) and aws (2): each with a `lan` bridge

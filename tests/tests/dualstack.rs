@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use isthmus_tests::cluster::{Cluster, ClusterOptions};
 use isthmus_tests::netns::Netns;
 use isthmus_tests::overlay::{self, Overlay};
-use isthmus_tests::snapshot::{diff_text, snapshot};
 use isthmus_tests::traffic::{ping, ping_within, tcp_transfer};
 
 const VSPHERE: &str = "vsphere-1";
@@ -54,14 +53,6 @@ fn pod<'a>(overlay: &'a Overlay, name: &str) -> (&'a Netns, IpAddr, IpAddr) {
     (&n.pod, IpAddr::V4(n.pod_ip), IpAddr::V6(v6))
 }
 
-fn snapshots(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .nodes
-        .iter()
-        .map(|n| snapshot(&n.ns).expect("snapshot"))
-        .collect()
-}
-
 /// Starts every node's agent in routing `mode` and waits for the mesh to converge.
 async fn start_agents(cluster: &mut Cluster, mode: &str) {
     for i in 0..cluster.nodes.len() {
@@ -87,15 +78,7 @@ fn stop_agents_and_compare(cluster: &mut Cluster, before: &[String], what: &str)
             .is_some_and(|s| s.success()));
         logs.push_str(&format!("--- agent {} ---\n{}\n", node.name, agent.log()));
     }
-    for (n, before) in cluster.nodes.iter().zip(before) {
-        let after = snapshot(&n.ns).expect("snapshot");
-        assert!(
-            &after == before,
-            "{what}: {} is not as it was before the agent:\n{}\n{logs}",
-            n.name,
-            diff_text(before, &after),
-        );
-    }
+    cluster.assert_restored(before, what, &logs);
 }
 
 /// Agents in `mode` on both nodes: the mesh forms over IPv6 and dual-stack pods talk across
@@ -108,7 +91,7 @@ async fn pods_talk_over_both_families(mode: &str) {
         !ping(v_pod, a_ip6, 1),
         "{mode}: the pods' IPv6 must not cross the clouds before the mesh"
     );
-    let before = snapshots(&cluster);
+    let before = cluster.snapshots();
     start_agents(&mut cluster, mode).await;
 
     // The endpoints each agent derived from its Node, as published and as dialled.
@@ -200,7 +183,7 @@ async fn flannel_ipv6_vxlan_crosses_a_dual_stack_mesh_with_its_source_rewritten(
         !ping(v_pod, a_ip6, 1),
         "flannel-v6.1 must not cross the clouds before the mesh"
     );
-    let before = snapshots(&cluster);
+    let before = cluster.snapshots();
     start_agents(&mut cluster, "vxlan").await;
 
     // Each node's IPv6 mesh IP, from its status, and on its tunnel; its published IPv6 VTEP

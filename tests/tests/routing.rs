@@ -50,26 +50,6 @@ fn pod_ip(overlay: &Overlay, name: &str) -> IpAddr {
     IpAddr::V4(overlay.named(name).expect("overlay node").pod_ip)
 }
 
-fn snapshots(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .nodes
-        .iter()
-        .map(|n| snapshot(&n.ns).expect("snapshot"))
-        .collect()
-}
-
-fn assert_restored(cluster: &Cluster, before: &[String], when: &str) {
-    for (n, before) in cluster.nodes.iter().zip(before) {
-        let after = snapshot(&n.ns).expect("snapshot");
-        assert!(
-            &after == before,
-            "{when}: {} is not as it was before the agent:\n{}",
-            n.name,
-            diff_text(before, &after)
-        );
-    }
-}
-
 fn start_agents(cluster: &mut Cluster, extra: &[&str]) {
     for i in 0..cluster.nodes.len() {
         cluster.start_node_agent(i, extra).expect("agent");
@@ -190,7 +170,7 @@ fn check_cli(cluster: &Cluster, name: &str, expect_up: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothing() {
     let (mut cluster, overlay) = four_nodes(1500).await;
-    let before = snapshots(&cluster);
+    let before = cluster.snapshots();
     let pod = |name: &str| &overlay.named(name).expect("pod").pod;
     assert!(
         !ping(pod(VSPHERE_1), pod_ip(&overlay, AWS_1), 1),
@@ -289,7 +269,7 @@ async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothi
         stats.lost, 0,
         "same-location pods lost packets while the mesh came and went: {stats:?}"
     );
-    assert_restored(&cluster, &before, "after graceful removal");
+    cluster.assert_restored(&before, "after graceful removal", "");
     assert!(!ping(pod(VSPHERE_1), pod_ip(&overlay, AWS_1), 1));
 
     println!(
@@ -310,7 +290,7 @@ async fn vxlan_mode_carries_pods_across_clouds_and_graceful_removal_leaves_nothi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_then_cleanup_restores_exactly_at_mtu_1400() {
     let (mut cluster, overlay) = four_nodes(1400).await;
-    let before = snapshots(&cluster);
+    let before = cluster.snapshots();
     let pod = |name: &str| &overlay.named(name).expect("pod").pod;
     start_agents(&mut cluster, &[]);
     wait_cross_cloud(&cluster, &overlay);
@@ -373,17 +353,17 @@ async fn sigkill_then_cleanup_restores_exactly_at_mtu_1400() {
     );
     // Put flannel's original back (the test's own churn), then every node is as before.
     fdb(aws2.node_ip);
-    assert_restored(&cluster, &before, "after SIGKILL and cleanup");
+    cluster.assert_restored(&before, "after SIGKILL and cleanup", "");
     for node in &cluster.nodes {
         cleanup(node);
     }
-    assert_restored(&cluster, &before, "after a second cleanup");
+    cluster.assert_restored(&before, "after a second cleanup", "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
     let (mut cluster, overlay) = four_nodes(1500).await;
-    let before = snapshots(&cluster);
+    let before = cluster.snapshots();
     let pod = |name: &str| &overlay.named(name).expect("pod").pod;
     start_agents(&mut cluster, &["--routing", "routed"]);
     wait_cross_cloud(&cluster, &overlay);
@@ -426,7 +406,7 @@ async fn routed_mode_carries_pods_across_clouds_without_touching_flannel() {
             .stop_with(libc::SIGTERM, Duration::from_secs(10))
             .is_some_and(|s| s.success()));
     }
-    assert_restored(&cluster, &before, "after graceful removal (routed)");
+    cluster.assert_restored(&before, "after graceful removal (routed)", "");
 }
 
 /// The TUN device deleted under a running agent: its reader fails, and the agent stops as on
