@@ -69,9 +69,13 @@ impl Kernel {
     /// This node's VTEP: the VXLAN device's MAC and its address of the family `v6` names
     /// (flannel puts the pod subnet's network address there; an IPv6 device's link-local
     /// address is not it).
-    pub async fn vtep(&self, device: &str, v6: bool) -> anyhow::Result<Option<Vtep>> {
-        let Some((index, Some(mac), _)) = self.link(device).await? else {
-            return Ok(None);
+    /// Returns the device's index too (0: no such device), so a caller needs no second
+    /// lookup.
+    pub async fn vtep(&self, device: &str, v6: bool) -> anyhow::Result<(u32, Option<Vtep>)> {
+        let (index, mac) = match self.link(device).await? {
+            Some((index, Some(mac), _)) => (index, mac),
+            Some((index, None, _)) => return Ok((index, None)),
+            None => return Ok((0, None)),
         };
         let mut addrs = self
             .handle
@@ -96,7 +100,7 @@ impl Kernel {
                 found = ip;
             }
         }
-        Ok(found.map(|ip| Vtep { mac, ip }))
+        Ok((index, found.map(|ip| Vtep { mac, ip })))
     }
 
     /// The underlay's MTU: the lowest MTU of the devices the IPv4 and IPv6 default routes

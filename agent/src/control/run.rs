@@ -138,9 +138,9 @@ impl Agent {
                 &routing.vxlan_device
             };
             let kernel = self.router.kernel();
-            let (index, found) = match (kernel.link(device).await, kernel.vtep(device, v6).await) {
-                (Ok(link), Ok(vtep)) => (link.map_or(0, |l| l.0), vtep),
-                (Err(e), _) | (_, Err(e)) => {
+            let (index, found) = match kernel.vtep(device, v6).await {
+                Ok(found) => found,
+                Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "reading {device} failed");
                     continue;
                 }
