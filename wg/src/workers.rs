@@ -11,9 +11,9 @@
 //! TUN see every peer's packets in the order they came, nonces are never reused (a counter
 //! is reserved once, under the lock), and the replay window sees arrivals in arrival order.
 //!
-//! Nothing is allocated per packet: job lists are reserved once per thread, the pool splits
-//! a batch by halving (fork-join on the stack), and the messages are sealed and opened in
-//! the batch buffer itself.
+//! Nothing is allocated per packet: job lists are reserved once per thread, the caller and
+//! the pool threads claim ranges of a batch's jobs from one counter ([`pool`]), and the
+//! messages are sealed and opened in the batch buffer itself.
 //!
 //! [`Tunn::reserve_seal`]: boringtun::noise::Tunn::reserve_seal
 //! [`Tunn::open_check`]: boringtun::noise::Tunn::open_check
@@ -25,12 +25,18 @@ use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{OpenKey, SealKey};
 
-/// Below this many jobs a half is not split further: a ~1 µs AEAD per job is worth a
-/// hand-off, a fraction of one is not.
+/// Up to this many jobs a batch runs on the caller alone: a ~1 µs AEAD per job is worth
+/// a hand-off, a fraction of one is not.
 const GRAIN: usize = 4;
 
 /// Where a job's bytes are in the batch buffer.
-pub trait Job: Send {
+///
+/// # Safety
+///
+/// `span` must return the same range every time it is called on a job, before and after
+/// `run`: the pool checks the spans once ([`check_spans`]) and then hands each job its part
+/// of the buffer on any thread.
+pub unsafe trait Job: Send {
     /// What every job of a batch reads (the batch's keys).
     type Shared: Sync + ?Sized;
     fn span(&self) -> Range<usize>;
@@ -81,9 +87,10 @@ pub fn default_size(cores: usize) -> usize {
 
 /// The crypto worker pool. One worker runs every job on the calling thread (no pool, no
 /// hand-off: the single-threaded data path as it was); `n` run them on the calling thread
-/// and `n - 1` pool threads.
+/// and `n - 1` pool threads. Callers on several threads may share it: while one caller's
+/// batch holds the pool, another runs its own batch by itself.
 pub struct Workers {
-    pool: Option<rayon_core::ThreadPool>,
+    pool: Option<pool::Pool>,
     size: usize,
 }
 
@@ -96,10 +103,7 @@ impl Workers {
         };
         let pool = if size > 1 {
             Some(
-                rayon_core::ThreadPoolBuilder::new()
-                    .num_threads(size - 1)
-                    .thread_name(|i| format!("crypto-{i}"))
-                    .build()
+                pool::Pool::new(size - 1)
                     .with_context(|| format!("starting {size} crypto workers"))?,
             )
         } else {
@@ -122,44 +126,55 @@ impl Workers {
     ) -> Result<(), SpanError> {
         check_spans(jobs.iter().map(Job::span), buf.len())?;
         let Some(pool) = self.pool.as_ref().filter(|_| jobs.len() > GRAIN) else {
-            run_all(jobs, shared, buf, 0);
+            run_all(jobs, shared, buf);
             return Ok(());
         };
-        // The caller is one of the workers: it keeps its share, the pool (one thread
-        // fewer) takes the rest, so a batch costs one hand-off, not two.
-        let mine = jobs.len() / self.size;
-        let cut = jobs[mine].span().start;
-        let (left, right) = buf.split_at_mut(cut);
-        let (first, second) = jobs.split_at_mut(mine);
-        pool.in_place_scope(|scope| {
-            scope.spawn(move |_| fork(second, shared, right, cut));
-            run_all(first, shared, left, 0);
-        });
+        let count = jobs.len();
+        let (job_at, buf_at) = (SyncPtr(jobs.as_mut_ptr()), SyncPtr(buf.as_mut_ptr()));
+        let task = |range: Range<usize>| {
+            for i in range {
+                // SAFETY: the pool hands out each index below `count` once, so this is the
+                // only reference to job `i`; `jobs` outlives the call and is not used
+                // through the slice until `pool.run` returns.
+                let job = unsafe { &mut *job_at.get().add(i) };
+                let s = job.span();
+                // SAFETY: `Job` promises a stable span, and `check_spans` showed the spans
+                // in bounds and disjoint: this part of `buf` is job `i`'s alone.
+                let part = unsafe {
+                    std::slice::from_raw_parts_mut(buf_at.get().add(s.start), s.end - s.start)
+                };
+                job.run(shared, part);
+            }
+        };
+        if !pool.run(count, &task) {
+            // Another thread's batch has the pool: this one runs here, as with no pool.
+            run_all(jobs, shared, buf);
+        }
         Ok(())
     }
 }
 
-fn run_all<J: Job>(jobs: &mut [J], shared: &J::Shared, buf: &mut [u8], base: usize) {
-    for job in jobs {
-        let s = job.span();
-        job.run(shared, &mut buf[s.start - base..s.end - base]);
+/// A pointer the jobs' task may carry to other threads: what it points at is split
+/// between them by index (jobs) or by the checked spans (the buffer).
+struct SyncPtr<T>(*mut T);
+
+impl<T> SyncPtr<T> {
+    /// Through a method, so that a closure captures the whole (`Sync`) wrapper and not the
+    /// raw pointer field.
+    fn get(&self) -> *mut T {
+        self.0
     }
 }
 
-/// Halves the jobs, and the buffer between the two halves' spans, until the halves are
-/// small; `buf` starts at offset `base` of the batch buffer.
-fn fork<J: Job>(jobs: &mut [J], shared: &J::Shared, buf: &mut [u8], base: usize) {
-    if jobs.len() <= GRAIN {
-        return run_all(jobs, shared, buf, base);
+// SAFETY: the pointee is only reached through disjoint indices or spans (see `Workers::run`)
+// and is `Send` (jobs) or plain bytes.
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+fn run_all<J: Job>(jobs: &mut [J], shared: &J::Shared, buf: &mut [u8]) {
+    for job in jobs {
+        let s = job.span();
+        job.run(shared, &mut buf[s]);
     }
-    let mid = jobs.len() / 2;
-    let cut = jobs[mid].span().start - base;
-    let (left, right) = buf.split_at_mut(cut);
-    let (first, second) = jobs.split_at_mut(mid);
-    rayon_core::join(
-        || fork(first, shared, left, base),
-        || fork(second, shared, right, base + cut),
-    );
 }
 
 /// A data message to seal in place: the header goes at `start`, the plaintext is already
@@ -172,7 +187,8 @@ pub struct SealJob {
     sealed: bool,
 }
 
-impl Job for SealJob {
+// SAFETY: the span is computed from fields only `SealJobs::push` sets.
+unsafe impl Job for SealJob {
     type Shared = [SealKey];
 
     fn span(&self) -> Range<usize> {
@@ -277,7 +293,8 @@ pub struct OpenJob {
     result: Result<usize, WireGuardError>,
 }
 
-impl Job for OpenJob {
+// SAFETY: the span is a field only `OpenJobs::push` sets.
+unsafe impl Job for OpenJob {
     type Shared = [OpenKey];
 
     fn span(&self) -> Range<usize> {
@@ -394,6 +411,8 @@ impl OpenJobs {
 /// tests run (a connected pair, sealed batches, opened batches, order checked).
 #[cfg(any(test, feature = "testing"))]
 pub mod stream;
+
+mod pool;
 
 #[cfg(test)]
 mod tests;
