@@ -25,10 +25,6 @@ use anyhow::Context;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{OpenKey, SealKey};
 
-/// Up to this many jobs a batch runs on the caller alone: a ~1 µs AEAD per job is worth
-/// a hand-off, a fraction of one is not.
-const GRAIN: usize = 4;
-
 /// Where a job's bytes are in the batch buffer.
 ///
 /// # Safety
@@ -125,7 +121,7 @@ impl Workers {
         buf: &mut [u8],
     ) -> Result<(), SpanError> {
         check_spans(jobs.iter().map(Job::span), buf.len())?;
-        let Some(pool) = self.pool.as_ref().filter(|_| jobs.len() > GRAIN) else {
+        let Some(pool) = self.pool.as_ref() else {
             run_all(jobs, shared, buf);
             return Ok(());
         };
@@ -147,7 +143,8 @@ impl Workers {
             }
         };
         if !pool.run(count, &task) {
-            // Another thread's batch has the pool: this one runs here, as with no pool.
+            // Too small to share, or another thread's batch has the pool: this one runs
+            // here, as with no pool.
             run_all(jobs, shared, buf);
         }
         Ok(())

@@ -32,6 +32,16 @@ use std::time::{Duration, Instant};
 /// counters, the sends), short enough that an idle tunnel costs nothing measurable.
 pub const SPIN: Duration = Duration::from_micros(50);
 
+/// A pool thread joins a batch for at least this many indices (jobs: ~0.75 µs of AEAD
+/// each, against a hand-off of about a microsecond), so a 64-job batch on a 32-core node
+/// takes the caller and 7 pool threads, not 32 threads racing for one job each.
+pub const PER_THREAD: usize = 8;
+
+/// How many pool threads a batch of `len` indices admits, of `threads`.
+pub fn helpers_for(len: usize, threads: usize) -> usize {
+    (len / PER_THREAD).saturating_sub(1).min(threads)
+}
+
 /// The low bits of `state`: how many pool threads are inside the current generation.
 const INSIDE: u64 = (1 << 31) - 1;
 /// Set once the caller has closed the current generation: nobody may enter any more.
@@ -65,8 +75,9 @@ struct Shared {
     stop: AtomicBool,
     /// Per pool thread: it is parked (or about to), and the next batch must unpark it.
     parked: Box<[Padded<AtomicBool>]>,
-    /// How many threads claim: the pool's and the caller.
-    claimers: usize,
+    /// How many pool threads the current batch admits ([`helpers_for`]); written with the
+    /// batch, read after entering or trying to.
+    helpers: AtomicU64,
 }
 
 // SAFETY: `batch` is the only non-Sync field. It is written by the one caller holding
@@ -91,7 +102,8 @@ impl Shared {
             if front >= back {
                 return None;
             }
-            let chunk = ((back - front) / (2 * self.claimers as u64)).max(1);
+            let claimers = self.helpers.load(Ordering::Relaxed) + 1;
+            let chunk = ((back - front) / (2 * claimers)).max(1);
             let (next, range) = if from_back {
                 (pack(front, back - chunk), back - chunk..back)
             } else {
@@ -140,7 +152,7 @@ impl Pool {
             parked: (0..threads)
                 .map(|_| Padded(AtomicBool::new(false)))
                 .collect(),
-            claimers: threads + 1,
+            helpers: AtomicU64::new(0),
         });
         let mut pool = Pool {
             shared,
@@ -158,17 +170,22 @@ impl Pool {
     }
 
     /// Runs `task` over ranges that cover `0..len` exactly once between them, on this
-    /// thread and on whichever pool threads join; returns when all have run. False, having
-    /// run nothing, when another caller's batch holds the pool (or `len` needs more than 32
-    /// bits): run it yourself then.
+    /// thread and on whichever pool threads join (at most [`helpers_for`]); returns when
+    /// all have run. False, having run nothing, when the batch is too small to share, when
+    /// another caller's batch holds the pool, or when `len` needs more than 32 bits: run
+    /// it yourself then.
     ///
     /// A panic in `task`, here or on a pool thread, is raised here after the batch has
     /// left every pool thread.
     pub fn run(&self, len: usize, task: &(dyn Fn(Range<usize>) + Sync)) -> bool {
         let shared = &*self.shared;
+        let helpers = helpers_for(len, self.threads.len());
         let Ok(end) = u32::try_from(len) else {
             return false;
         };
+        if helpers == 0 {
+            return false;
+        }
         if shared
             .busy
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -189,13 +206,21 @@ impl Pool {
             .unclaimed
             .0
             .store(pack(0, end.into()), Ordering::Relaxed);
+        shared.helpers.store(helpers as u64, Ordering::Relaxed);
         let open = (generation(shared.state.0.load(Ordering::Relaxed)) + 1) << GEN_SHIFT;
         // SeqCst pairs with the parking thread's SeqCst store of its flag and load of
         // `state`: either it sees this generation, or this thread sees its flag.
         shared.state.0.store(open, Ordering::SeqCst);
+        // Wake parked threads, no more than the batch admits (a wake-up is a syscall);
+        // threads still hot come by themselves.
+        let mut woken = 0;
         for (flag, thread) in shared.parked.iter().zip(&self.threads) {
+            if woken == helpers {
+                break;
+            }
             if flag.0.swap(false, Ordering::SeqCst) {
                 thread.thread().unpark();
+                woken += 1;
             }
         }
         let finish = Finish(shared);
@@ -256,6 +281,12 @@ fn pool_thread(shared: &Shared, me: usize) {
         let Some(state) = wait_for_batch(shared, me, seen) else {
             return;
         };
+        // `helpers` was written before the generation was published (acquired above).
+        if state & INSIDE >= shared.helpers.load(Ordering::Relaxed) {
+            // Full: this batch has its threads.
+            seen = generation(state);
+            continue;
+        }
         if shared
             .state
             .0
@@ -325,17 +356,63 @@ mod tests {
 
     use super::*;
 
-    /// Runs one batch of `len` indices and counts how often each ran.
+    /// Runs one batch of `len` indices (here if the pool refuses it, as `Workers` does) and
+    /// counts how often each ran.
     fn counted(pool: &Pool, len: usize, each: impl Fn(usize) + Sync) -> Vec<u32> {
         let counts: Vec<AtomicU32> = (0..len).map(|_| AtomicU32::new(0)).collect();
-        let ran = pool.run(len, &|range: Range<usize>| {
+        let task = |range: Range<usize>| {
             for i in range {
                 counts[i].fetch_add(1, Ordering::Relaxed);
                 each(i);
             }
-        });
-        assert!(ran, "the pool was free");
+        };
+        let shared = pool.run(len, &task);
+        assert_eq!(
+            shared,
+            helpers_for(len, pool.threads.len()) > 0,
+            "{len} indices"
+        );
+        if !shared {
+            task(0..len);
+        }
         counts.into_iter().map(AtomicU32::into_inner).collect()
+    }
+
+    #[test]
+    fn a_batch_admits_a_pool_thread_per_eight_indices_beyond_the_callers() {
+        // (indices, pool threads, admitted)
+        let cases = [
+            (0, 3, 0),
+            (15, 3, 0),
+            (16, 3, 1),
+            (64, 1, 1),
+            (64, 3, 3),
+            (64, 31, 7),
+            (256, 31, 31),
+        ];
+        for (len, threads, want) in cases {
+            assert_eq!(helpers_for(len, threads), want, "{len} on {threads}");
+        }
+    }
+
+    #[test]
+    fn no_more_threads_join_than_the_batch_admits() {
+        let pool = Pool::new(6).expect("pool");
+        for len in [16, 24, 64] {
+            let names = Mutex::new(std::collections::BTreeSet::new());
+            counted(&pool, len, |_| {
+                // Slow enough that every woken thread would have time to join.
+                thread::sleep(Duration::from_micros(300));
+                let name = thread::current().name().unwrap_or("").to_string();
+                names.lock().expect("names").insert(name);
+            });
+            let names = names.into_inner().expect("names");
+            let want = helpers_for(len, 6) + 1;
+            assert!(
+                names.len() <= want && names.len() > 1,
+                "{len} indices: {names:?}, at most {want} threads"
+            );
+        }
     }
 
     #[test]
@@ -476,6 +553,7 @@ mod tests {
         let pool = Pool::new(1).expect("pool");
         let shared = &*pool.shared;
         shared.unclaimed.0.store(pack(0, 64), Ordering::Relaxed);
+        shared.helpers.store(1, Ordering::Relaxed);
         let mut got = Vec::new();
         // The caller from the front, a pool thread from the back, taking turns.
         for turn in 0.. {

@@ -51,7 +51,13 @@ fn every_job_runs_once_on_its_own_bytes_whatever_the_pool() {
     for size in [1, 2, 3] {
         let workers = Workers::new(size).expect("pool");
         assert_eq!(workers.size(), size);
-        for count in [0usize, 1, GRAIN, GRAIN + 1, 64] {
+        for count in [
+            0usize,
+            1,
+            2 * pool::PER_THREAD - 1,
+            2 * pool::PER_THREAD,
+            64,
+        ] {
             // Uneven lengths with a one-byte gap after each span.
             let mut jobs = Vec::new();
             let mut at = 0;
