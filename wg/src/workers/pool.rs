@@ -378,6 +378,21 @@ mod tests {
         counts.into_iter().map(AtomicU32::into_inner).collect()
     }
 
+    fn on_pool_thread() -> bool {
+        thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("crypto-"))
+    }
+
+    /// Waits (yielding) until `count` is non-zero, or 5 s: on a loaded machine a woken
+    /// thread may take a while to run, and a test must not mistake that for a lost wake-up.
+    fn until_nonzero(count: &AtomicUsize) {
+        let since = Instant::now();
+        while count.load(Ordering::SeqCst) == 0 && since.elapsed() < Duration::from_secs(5) {
+            thread::yield_now();
+        }
+    }
+
     #[test]
     fn a_batch_admits_a_pool_thread_per_eight_indices_beyond_the_callers() {
         // (indices, pool threads, admitted)
@@ -400,8 +415,15 @@ mod tests {
         let pool = Pool::new(6).expect("pool");
         for len in [16, 24, 64] {
             let names = Mutex::new(std::collections::BTreeSet::new());
+            let pool_ran = AtomicUsize::new(0);
             counted(&pool, len, |_| {
-                // Slow enough that every woken thread would have time to join.
+                if on_pool_thread() {
+                    pool_ran.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    // The caller holds back until a pool thread is in.
+                    until_nonzero(&pool_ran);
+                }
+                // Slow enough that every hot or woken thread would have time to join.
                 thread::sleep(Duration::from_micros(300));
                 let name = thread::current().name().unwrap_or("").to_string();
                 names.lock().expect("names").insert(name);
@@ -436,19 +458,20 @@ mod tests {
         for _ in 0..3 {
             // Long enough for the pool thread to park.
             thread::sleep(SPIN * 100);
-            let names = Mutex::new(Vec::new());
+            let pool_ran = AtomicUsize::new(0);
             let counts = counted(&pool, 64, |_| {
-                // Slow indices, so that the caller cannot finish alone before a woken
-                // thread arrives.
-                thread::sleep(Duration::from_millis(1));
-                let name = thread::current().name().unwrap_or("").to_string();
-                names.lock().expect("names").push(name);
+                if on_pool_thread() {
+                    pool_ran.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    // Without a wake-up the caller would wait here 5 s and then run
+                    // every index itself.
+                    until_nonzero(&pool_ran);
+                }
             });
             assert!(counts.iter().all(|&c| c == 1), "{counts:?}");
-            let names = names.into_inner().expect("names");
             assert!(
-                names.iter().any(|n| n == "crypto-0"),
-                "the parked pool thread never joined the batch: {names:?}"
+                pool_ran.into_inner() > 0,
+                "the parked pool thread never joined the batch"
             );
         }
     }
@@ -487,14 +510,17 @@ mod tests {
     #[test]
     fn a_panic_on_a_pool_thread_reaches_the_caller_and_the_pool_goes_on() {
         let pool = Pool::new(1).expect("pool");
+        let pool_ran = AtomicUsize::new(0);
         let raised = panic::catch_unwind(AssertUnwindSafe(|| {
             counted(&pool, 64, |_| {
-                thread::sleep(Duration::from_micros(200));
-                if thread::current().name() == Some("crypto-0") {
-                    panic!("injected fault on the pool thread");
+                if on_pool_thread() {
+                    pool_ran.fetch_add(1, Ordering::SeqCst);
+                    panic::resume_unwind(Box::new("injected fault on the pool thread"));
                 }
+                until_nonzero(&pool_ran);
             })
         }));
+        assert_eq!(pool_ran.into_inner(), 1, "the pool thread ran one index");
         assert!(raised.is_err(), "the pool thread's panic was swallowed");
         let counts = counted(&pool, 64, |_| {});
         assert!(counts.iter().all(|&c| c == 1), "{counts:?}");
