@@ -1,23 +1,25 @@
 //! The threads under [`super::Workers`]: a parallel for-each over the indices of one batch,
 //! shared by the caller and pool threads that stay hot between batches.
 //!
-//! Why not a general-purpose pool: a batch is ~50 µs of AEAD, so a hand-off must cost well
-//! under a microsecond. rayon's fork-join, measured in the `workers` bench, lost ~35 µs per
-//! batch: its pool threads sleep between batches and a caller from outside the pool blocks
-//! on a latch, so every batch paid two wake-ups (a futex and, in a VM, an IPI each). Here
-//! the pool threads spin for [`SPIN`] after each batch before they park, the caller works
-//! through the batch itself while they join, and it waits for them only while they finish
-//! the indices they already claimed. A parked thread is woken for the next batch, and the
-//! caller does not wait for it: whatever it claims on arrival is left over.
+//! Why not a general-purpose pool: a batch is ~25 µs of AEAD per thread, so a hand-off
+//! must cost well under a microsecond. rayon's fork-join, measured in the `workers` bench,
+//! lost ~35 µs per shared batch: its pool threads slept between batches and a caller from
+//! outside the pool blocked on a latch, so every batch paid two wake-ups (a futex and, in
+//! a VM, an IPI each). Here the pool threads spin for [`SPIN`] after each batch before
+//! they park, the caller works through the batch itself while they join, and it waits for
+//! them only while they finish the indices they already claimed. A parked thread is woken
+//! for the next batch, but the caller does not wait for it: it gets what is left when it
+//! arrives.
 //!
 //! The protocol, on one word (`state`: generation, closed bit, threads inside):
-//! - the caller writes the task, resets the claim counter and publishes a new generation;
+//! - the caller writes the task, the unclaimed range and how many pool threads may join
+//!   ([`helpers_for`]), then publishes a new generation;
 //! - a pool thread enters that generation with a compare-and-swap that fails once it is
-//!   closed, claims ranges of indices (guided: a share of what is left) until none are
-//!   left, and leaves;
-//! - the caller claims too; when none are left it closes the generation and waits until
-//!   every thread that entered has left. Then nothing touches the task any more: a thread
-//!   that arrives later finds the generation closed and does not enter.
+//!   closed or full, claims ranges of indices from the back (guided: a share of what is
+//!   left) until none are left, and leaves;
+//! - the caller claims from the front; when none are left it closes the generation and
+//!   waits until every thread that entered has left. Then nothing touches the task any
+//!   more: a thread that arrives later finds the generation closed and does not enter.
 
 use std::cell::UnsafeCell;
 use std::ops::Range;
