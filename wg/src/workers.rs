@@ -70,9 +70,9 @@ pub fn check_spans(
 
 /// How many workers a node with `cores` cores gets by default: one per core, except on two
 /// cores or fewer, where none is added. There the TUN reader and the UDP receivers already
-/// keep every core busy, and handing packets to more threads only adds hand-offs: on this
-/// 2-core machine two workers moved 0.78x (1 stream) and 0.68x (4 streams) of the inline
-/// data path's rate (`make bench`, 2026-11-30, `docs/benchmarks.md`).
+/// keep every core busy, and handing packets to more threads only adds hand-offs: on a
+/// 2-core machine two workers moved 0.99x (1 stream) and 0.85x (4 streams) of the inline
+/// data path's rate for more CPU (`docs/benchmarks.md`, 2026-11-30 14:10).
 pub fn default_size(cores: usize) -> usize {
     if cores <= 2 {
         1
