@@ -4,12 +4,14 @@
 # For every implementation it builds two namespaces joined by a veth pair (the underlay,
 # 198.18.0.0/30 from the benchmarking range, living only inside the namespaces), starts
 # the daemon in each namespace, configures both sides identically with the real `wg` tool,
-# checks a ping through the tunnel, then runs iperf3 TCP (1 stream and -P 4) through it.
+# checks a ping through the tunnel, then runs iperf3 TCP (1 stream and -P 4) through it,
+# or with --udp LEN unlimited-rate UDP of LEN-byte payloads (the rate the receiver got).
 # Runs are interleaved (repetition -> implementation -> streams) so that drift on the
 # machine spreads over every implementation. Reports medians as a markdown table on
 # stdout and in the generated section of docs/benchmarks.md.
 #
 #   bash benches/netns-throughput.sh [--reps N] [--seconds S] [--only a,b] [--out FILE|-]
+#                                    [--streams 1,4] [--udp LEN]
 #
 # Implementations: veth (no tunnel, the ceiling), isthmus, wireguard-go-current,
 # wireguard-go-debian, boringtun-cli. One whose binary is missing is skipped. With
@@ -28,6 +30,7 @@ DURATION=${BENCH_SECONDS:-5}
 ONLY=${BENCH_ONLY:-}
 OUT=${BENCH_OUT:-$REPO/docs/benchmarks.md}
 STREAMS=${BENCH_STREAMS:-1,4}
+UDP_LEN=${BENCH_UDP:-}
 ISTHMUS_BASELINE_AGENT=${ISTHMUS_BASELINE_AGENT:-}
 ALL_IMPLS=(veth isthmus ${ISTHMUS_BASELINE_AGENT:+isthmus-baseline} wireguard-go-current wireguard-go-debian boringtun-cli)
 COMMAND_LINE="bash benches/netns-throughput.sh${*:+ $*}"
@@ -41,12 +44,17 @@ while (($#)); do
     --only) ONLY=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --streams) STREAMS=$2; shift 2 ;;
+    --udp) UDP_LEN=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "--reps must be a positive integer" >&2; exit 2; }
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || { echo "--seconds must be a positive integer" >&2; exit 2; }
+[ -z "$UDP_LEN" ] || [[ $UDP_LEN =~ ^[1-9][0-9]*$ && $UDP_LEN -le 1372 ]] ||
+  { echo "--udp takes a payload length of 1..1372 bytes (1400-byte IP packets fit the tunnel MTU)" >&2; exit 2; }
+UDP_ARGS=()
+[ -z "$UDP_LEN" ] || UDP_ARGS=(-u -b 0 -l "$UDP_LEN")
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, TUN)" >&2; exit 1; }
 for cmd in ip wg iperf3 ping ss python3 timeout; do
   command -v "$cmd" >/dev/null || { echo "missing $cmd: run scripts/install-deps.sh" >&2; exit 1; }
@@ -255,7 +263,8 @@ run_iperf() { # impl rep streams target -> appends a line to $WORK/results.tsv
   done
   a0=$(cpu_ticks "$PID_A") b0=$(cpu_ticks "$PID_B") h0=$(host_ticks) t0=$EPOCHREALTIME
   timeout $((DURATION + 30)) ip netns exec "$NS_B" \
-    iperf3 -c "$target" -t "$DURATION" -P "$streams" -J --connect-timeout 5000 >"$json" 2>&1 || status=fail
+    iperf3 -c "$target" -t "$DURATION" -P "$streams" ${UDP_ARGS[@]+"${UDP_ARGS[@]}"} -J \
+    --connect-timeout 5000 >"$json" 2>&1 || status=fail
   t1=$EPOCHREALTIME a1=$(cpu_ticks "$PID_A") b1=$(cpu_ticks "$PID_B") h1=$(host_ticks)
   stop_pid "$spid"
   forget LIVE_PIDS "$spid"
@@ -265,7 +274,13 @@ run_iperf() { # impl rep streams target -> appends a line to $WORK/results.tsv
 import json, sys
 d = json.load(open(sys.argv[1]))
 if "error" in d: sys.exit(d["error"])
-print("%.3f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$json" 2>&1) || status=fail
+end = d["end"]
+# TCP: what the receiver got. UDP (no sum_received before iperf3 3.x): sent less lost.
+if "sum_received" in end:
+    bps = end["sum_received"]["bits_per_second"]
+else:
+    bps = end["sum"]["bits_per_second"] * (1 - end["sum"]["lost_percent"] / 100)
+print("%.3f" % (bps / 1e9))' "$json" 2>&1) || status=fail
   if [ $status = fail ]; then
     log "$impl rep $rep P$streams: iperf3 failed: $(head -c 300 <<<"$gbps")"
     gbps=-
@@ -380,8 +395,10 @@ REPORT_MACHINE="$(nproc) CPUs (${cpu_model:-unknown}), kernel $(uname -r), ${os_
 REPORT_DATE=$(date -u +'%Y-%m-%d %H:%M UTC')
 REPORT_SKIPPED=$(printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}")
 REPORT_COMMAND=$COMMAND_LINE REPORT_REPS=$REPS REPORT_SECONDS=$DURATION REPORT_MTU=$MTU
+REPORT_LOAD=${UDP_LEN:+UDP, unlimited rate, $UDP_LEN-byte payloads,}
+REPORT_LOAD=${REPORT_LOAD:-TCP}
 REPORT_IMPLS="${IMPLS[*]}"
-export REPORT_MACHINE REPORT_DATE REPORT_SKIPPED REPORT_COMMAND REPORT_REPS REPORT_SECONDS REPORT_MTU REPORT_IMPLS
+export REPORT_MACHINE REPORT_DATE REPORT_SKIPPED REPORT_COMMAND REPORT_REPS REPORT_SECONDS REPORT_MTU REPORT_IMPLS REPORT_LOAD
 python3 - "$WORK/results.tsv" "$WORK/versions.tsv" "$OUT" <<'PY'
 import os, statistics, sys
 
@@ -420,7 +437,7 @@ lines = [
     f"- Machine: {env['REPORT_MACHINE']}",
     f"- Command: `{env['REPORT_COMMAND']}`",
     f"- Date: {env['REPORT_DATE']}",
-    f"- Repetitions: {env['REPORT_REPS']} (interleaved), {env['REPORT_SECONDS']} s of iperf3 TCP per run,"
+    f"- Repetitions: {env['REPORT_REPS']} (interleaved), {env['REPORT_SECONDS']} s of iperf3 {env['REPORT_LOAD']} per run,"
     f" streams: {', '.join(map(str, streams))}; tunnel MTU {env['REPORT_MTU']}",
     "",
     "| Implementation | Streams | Gbit/s (median) | min–max | vs isthmus | CPU sender (% of a core) | CPU receiver (% of a core) | host busy | runs ok |",
