@@ -258,9 +258,10 @@ impl Sandbox {
             Step::SwitchLoadBalancer => {
                 let backend = self.node_ip(&self.new[0])?;
                 let outside = self.outside.as_ref().context("no outside client")?;
-                outside.switch_to(&self.c.clouds[1], backend)?;
+                let checked = outside.switch_to(&self.c.clouds[1], backend)?;
                 self.say(&format!(
-                    "load balancer switched: the outside client now calls {}'s NodePort",
+                    "load balancer switched: the outside client now calls {}'s NodePort \
+                     (health check passed after {checked:.1?})",
                     self.new[0]
                 ));
             }

@@ -140,7 +140,7 @@ pub struct OutsideClient {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
     // Last: the thread lives in it.
-    _ns: Netns,
+    ns: Netns,
 }
 
 /// `cloud`'s load balancer: its gateway forwards the public [`NODE_PORT`] to `backend`'s.
@@ -226,16 +226,33 @@ impl OutsideClient {
             records,
             stop,
             thread: Some(thread),
-            _ns: ns,
+            ns,
         })
     }
 
-    /// The load-balancer switch: `cloud`'s load balancer is pointed at `backend` (a node
-    /// IP there) and from now on, calls go to it.
-    pub fn switch_to(&self, cloud: &Cloud, backend: Ipv4Addr) -> anyhow::Result<()> {
+    /// The load-balancer switch, as a cloud's load balancer makes it: `cloud`'s load
+    /// balancer is pointed at `backend` (a node IP there), and calls go to it once its
+    /// health check passes (a request through it answers; for at most 60 s). Returns how
+    /// long that took. A new node's kube-proxy may still be writing its NodePort rules
+    /// when the node turns Ready: a CI run once saw the first two calls through a new
+    /// node time out.
+    pub fn switch_to(&self, cloud: &Cloud, backend: Ipv4Addr) -> anyhow::Result<Duration> {
         balance(cloud, backend)?;
-        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = lb_address(cloud);
-        Ok(())
+        let next = lb_address(cloud);
+        let since = std::time::Instant::now();
+        let healthy = self.ns.enter({
+            let next = next.clone();
+            move || {
+                isthmus_tests::daemon::wait_until(Duration::from_secs(60), || {
+                    request(&next, 0, TIMEOUT).ok()
+                })
+            }
+        })?;
+        if !healthy {
+            anyhow::bail!("the NodePort never answered through {next}: not switching to it");
+        }
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(since.elapsed())
     }
 
     pub fn records(&self) -> Vec<Record> {

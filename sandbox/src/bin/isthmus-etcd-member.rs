@@ -99,7 +99,10 @@ fn join(endpoints: &[String], name: &str, peer: &str) -> anyhow::Result<String> 
                 }
             });
             match attempt {
-                Ok(members) => return Ok(initial_cluster(&members, name, peer)),
+                Ok(members) => {
+                    wait_until_listed(endpoints, name, peer, deadline);
+                    return Ok(initial_cluster(&members, name, peer));
+                }
                 Err(e) => {
                     eprintln!("isthmus-etcd-member: {name}: {ep}: {e:#}");
                     last = Some(e);
@@ -110,6 +113,35 @@ fn join(endpoints: &[String], name: &str, peer: &str) -> anyhow::Result<String> 
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint given")))
         .with_context(|| format!("could not join through {endpoints:?} in {JOIN_FOR:?}"))
+}
+
+/// Waits (until `deadline`) for every member at `endpoints` to list this one. etcd, when it
+/// starts, checks `--initial-cluster` against the membership of whichever peer answers
+/// first, and a peer that has not yet applied the add answers with one member fewer: etcd
+/// then exits with "member count is unequal" (seen in a CI run of the short profile).
+fn wait_until_listed(endpoints: &[String], name: &str, peer: &str, deadline: Instant) {
+    loop {
+        let lagging: Vec<&String> = endpoints
+            .iter()
+            .filter(|ep| {
+                !member_list(ep, TIMEOUT).is_ok_and(|members| {
+                    members
+                        .iter()
+                        .any(|m| m.peer_urls.iter().any(|u| u == peer))
+                })
+            })
+            .collect();
+        if lagging.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "isthmus-etcd-member: {name}: not yet listed by {lagging:?}; starting anyway"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `name=peerURL,...` for every member: this one under its own name, members that have not
