@@ -167,6 +167,17 @@ fn balance(cloud: &Cloud, backend: Ipv4Addr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a call from `ns` to `target` answers, retried for at most 60 s: the health check
+/// before measuring starts and before a load balancer switch.
+fn answers(ns: &Netns, target: &str) -> anyhow::Result<bool> {
+    let target = target.to_string();
+    ns.enter(move || {
+        isthmus_tests::daemon::wait_until(Duration::from_secs(60), || {
+            request(&target, 0, TIMEOUT).ok()
+        })
+    })
+}
+
 /// The load balancer's public address in `cloud`.
 pub fn lb_address(cloud: &Cloud) -> String {
     format!("203.0.113.{}:{NODE_PORT}", cloud.n)
@@ -190,15 +201,7 @@ impl OutsideClient {
         balance(&c.clouds[0], backend)?;
         let first = lb_address(&c.clouds[0]);
         // Measuring starts once the path answers, as a user's monitoring would.
-        let answered = ns.enter({
-            let first = first.clone();
-            move || {
-                isthmus_tests::daemon::wait_until(Duration::from_secs(60), || {
-                    request(&first, 0, TIMEOUT).ok()
-                })
-            }
-        })?;
-        if !answered {
+        if !answers(&ns, &first)? {
             anyhow::bail!("the NodePort never answered through {first}");
         }
         let target = Arc::new(Mutex::new(first));
@@ -240,15 +243,7 @@ impl OutsideClient {
         balance(cloud, backend)?;
         let next = lb_address(cloud);
         let since = std::time::Instant::now();
-        let healthy = self.ns.enter({
-            let next = next.clone();
-            move || {
-                isthmus_tests::daemon::wait_until(Duration::from_secs(60), || {
-                    request(&next, 0, TIMEOUT).ok()
-                })
-            }
-        })?;
-        if !healthy {
+        if !answers(&self.ns, &next)? {
             anyhow::bail!("the NodePort never answered through {next}: not switching to it");
         }
         *self.target.lock().unwrap_or_else(PoisonError::into_inner) = next;
