@@ -264,7 +264,10 @@ run_iperf() { # impl rep streams target -> appends a line to $WORK/results.tsv
   a0=$(cpu_ticks "$PID_A") b0=$(cpu_ticks "$PID_B") h0=$(host_ticks) t0=$EPOCHREALTIME
   timeout $((DURATION + 30)) ip netns exec "$NS_B" \
     iperf3 -c "$target" -t "$DURATION" -P "$streams" ${UDP_ARGS[@]+"${UDP_ARGS[@]}"} -J \
-    --connect-timeout 5000 >"$json" 2>&1 || status=fail
+    --connect-timeout 5000 >"$json" 2>"$json.err" || status=fail
+  # Warnings (e.g. a UDP payload longer than the control connection's MSS) go to stderr,
+  # kept out of the JSON.
+  [ -s "$json.err" ] && log "$impl rep $rep P$streams: iperf3 said: $(head -c 300 "$json.err")"
   t1=$EPOCHREALTIME a1=$(cpu_ticks "$PID_A") b1=$(cpu_ticks "$PID_B") h1=$(host_ticks)
   stop_pid "$spid"
   forget LIVE_PIDS "$spid"
