@@ -277,13 +277,8 @@ run_iperf() { # impl rep streams target -> appends a line to $WORK/results.tsv
 import json, sys
 d = json.load(open(sys.argv[1]))
 if "error" in d: sys.exit(d["error"])
-end = d["end"]
-# TCP: what the receiver got. UDP (no sum_received before iperf3 3.x): sent less lost.
-if "sum_received" in end:
-    bps = end["sum_received"]["bits_per_second"]
-else:
-    bps = end["sum"]["bits_per_second"] * (1 - end["sum"]["lost_percent"] / 100)
-print("%.3f" % (bps / 1e9))' "$json" 2>&1) || status=fail
+# What the receiver got, TCP or UDP (iperf3 3.12, Debian 12, reports both the same way).
+print("%.3f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))' "$json" 2>&1) || status=fail
   if [ $status = fail ]; then
     log "$impl rep $rep P$streams: iperf3 failed: $(head -c 300 <<<"$gbps")"
     gbps=-

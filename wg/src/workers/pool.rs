@@ -214,13 +214,15 @@ impl Pool {
         // `state`: either it sees this generation, or this thread sees its flag.
         shared.state.0.store(open, Ordering::SeqCst);
         // Wake parked threads, no more than the batch admits (a wake-up is a syscall);
-        // threads still hot come by themselves.
+        // threads still hot come by themselves. A flag is read before it is swapped, so
+        // the flags of hot threads stay shared in every cache instead of bouncing to this
+        // core once per batch (a SeqCst load pairs with the parking side as well).
         let mut woken = 0;
         for (flag, thread) in shared.parked.iter().zip(&self.threads) {
             if woken == helpers {
                 break;
             }
-            if flag.0.swap(false, Ordering::SeqCst) {
+            if flag.0.load(Ordering::SeqCst) && flag.0.swap(false, Ordering::SeqCst) {
                 thread.thread().unpark();
                 woken += 1;
             }
