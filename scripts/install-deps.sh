@@ -30,6 +30,8 @@ declare -A wanted=(
   [conntrack]=conntrack
   [nsenter]=util-linux
   [gcc]=gcc
+  # tests/tests/pmtu.rs turns the nodes' segmentation offloads off so eth0 drops what is too big
+  [ethtool]=ethtool
 )
 
 missing=()
