@@ -319,8 +319,11 @@ fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
     let uapi = server::serve(iface, Arc::new(tunnel.clone()))?;
     if let Some(sig) = signals.forever().next() {
         let gro = tunnel.gro_stats();
+        let sent = tunnel.send_stats();
         tracing::info!(
             signal = sig,
+            sent_datagrams = sent.datagrams,
+            send_calls = sent.calls,
             gro_tcp_merged = gro.tcp_merged,
             gro_tcp_writes = gro.tcp_writes,
             gro_udp_merged = gro.udp_merged,

@@ -531,19 +531,23 @@ fn udp_bursts(from: &Host, to: &Host, dst: IpAddr, bursts: u32) -> Vec<u32> {
     got
 }
 
-/// The `gro_udp_merged` count in a stopped isthmus daemon's "shutting down" log line.
-fn gro_udp_merged(host: &mut Host) -> u64 {
+/// A stopped isthmus daemon's "shutting down" log line, which carries its data-path counts.
+fn shutdown_line(host: &mut Host) -> String {
     host.daemon.stop();
     let log = host.daemon.log();
-    let line = log
-        .lines()
+    log.lines()
         .rev()
         .find(|l| l.contains("shutting down"))
-        .unwrap_or_else(|| panic!("no shutdown line in\n{log}"));
+        .unwrap_or_else(|| panic!("no shutdown line in\n{log}"))
+        .to_string()
+}
+
+/// The `key=N` count in a [`shutdown_line`].
+fn count_in(line: &str, key: &str) -> u64 {
     line.split_whitespace()
-        .find_map(|w| w.strip_prefix("gro_udp_merged="))
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no gro_udp_merged in {line:?}"))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
 /// UDP inside the tunnel is coalesced (issue 18): bursts of equal datagrams, sent with UDP
@@ -567,7 +571,7 @@ fn udp_bursts_arrive_coalesced_intact_and_in_order(sender: Impl) {
             pair.logs()
         );
     }
-    let merged = gro_udp_merged(&mut pair.b);
+    let merged = count_in(&shutdown_line(&mut pair.b), "gro_udp_merged");
     eprintln!(
         "{sender:?} -> isthmus: {} datagrams inside IPv4 and as many inside IPv6, {merged} \
          of them written inside GSO_UDP_L4 super-packets",
@@ -592,6 +596,67 @@ fn udp_bursts_between_isthmus_hosts_arrive_coalesced_intact_and_in_order() {
 #[test]
 fn udp_bursts_from_wireguard_go_arrive_coalesced_intact_and_in_order() {
     udp_bursts_arrive_coalesced_intact_and_in_order(Impl::WireguardGo);
+}
+
+/// Datagrams the TUN hands over one read each (flannel's VXLAN, plain UDP: no GSO from the
+/// application) leave the sender in GSO sends, not one send each (issue 18): while the
+/// sending daemon is paused, a burst of separate datagrams queues in its TUN; once it
+/// resumes, it reads the whole queue before it sends. All arrive, intact and in order, and
+/// its shutdown log counts far fewer send calls than datagrams.
+#[test]
+fn datagrams_queued_in_the_tun_leave_in_few_sends_intact_and_in_order() {
+    let mut pair = Pair::new(Impl::Isthmus, Impl::Isthmus, Underlay::V4).expect("pair");
+    assert!(ping(&pair.a.ns, pair.b.inner_v4(), 1), "{}", pair.logs());
+    let dst = pair.b.inner_v4();
+    let rx = isthmus_tests::traffic::udp_socket(&pair.b.ns, (dst, 9001).into()).expect("rx");
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx =
+        isthmus_tests::traffic::udp_socket(&pair.a.ns, (pair.a.inner_v4(), 0).into()).expect("tx");
+    let body = |seq: u32| -> Vec<u8> {
+        let mut d = seq.to_be_bytes().to_vec();
+        d.extend((4..DATAGRAM).map(|i| (seq as usize * 13 + i) as u8));
+        d
+    };
+    let (bursts, per_burst) = (20u32, 32u32);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    for b in 0..bursts {
+        pair.a.daemon.signal(libc::SIGSTOP);
+        for seq in b * per_burst..(b + 1) * per_burst {
+            tx.send_to(&body(seq), (dst, 9001)).expect("send");
+        }
+        pair.a.daemon.signal(libc::SIGCONT);
+        for _ in 0..per_burst {
+            let Ok(n) = rx.recv(&mut buf) else { break };
+            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+            assert!(buf[..n] == body(seq)[..], "datagram {seq}: bytes differ");
+            got.push(seq);
+        }
+    }
+    let want: Vec<u32> = (0..bursts * per_burst).collect();
+    assert!(
+        got == want,
+        "{} of {} datagrams, first out of place at {:?}\n{}",
+        got.len(),
+        want.len(),
+        got.iter().zip(&want).position(|(g, w)| g != w),
+        pair.logs()
+    );
+    let line = shutdown_line(&mut pair.a);
+    let (datagrams, calls) = (
+        count_in(&line, "sent_datagrams"),
+        count_in(&line, "send_calls"),
+    );
+    eprintln!("{datagrams} data datagrams left a in {calls} send calls");
+    // The pings' few datagrams went out one per call; each burst should be one or two calls.
+    assert!(
+        datagrams >= u64::from(bursts * per_burst),
+        "only {datagrams} counted as sent"
+    );
+    assert!(
+        calls * 4 <= datagrams,
+        "{calls} send calls for {datagrams} datagrams: the queued datagrams were sent one by one"
+    );
 }
 
 /// netns.sh: "Test using NAT". a sits behind a router that source-NATs it and forgets a UDP

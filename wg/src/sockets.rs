@@ -266,18 +266,20 @@ impl Sockets {
     }
 
     /// Sends `data`, datagrams of `segment` bytes back to back (the last may be shorter),
-    /// to `to` in as few system calls as the kernel allows.
-    pub fn send_segments(&self, data: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+    /// to `to` in as few system calls as the kernel allows. Returns how many it made.
+    pub fn send_segments(&self, data: &[u8], segment: usize, to: SocketAddr) -> io::Result<usize> {
         let (sock, to) = self.for_dest(to)?;
         let per_send = sock
             .max_segments()
             .max(1)
             .min(MAX_GSO_BYTES / segment.max(1))
             .max(1);
+        let mut sends = 0;
         for run in data.chunks(per_send * segment) {
             sock.send(to, run, segment)?;
+            sends += 1;
         }
-        Ok(())
+        Ok(sends)
     }
 
     /// Tells the reader threads of these sockets to stop (after a rebind).

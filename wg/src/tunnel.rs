@@ -8,7 +8,9 @@
 //! ([`gso::split`]), sealed back to back into an [`OutBatch`], and leave in UDP GSO sends of
 //! up to 64 datagrams. Inbound, one UDP GRO receive returns up to 64 datagrams; they are
 //! opened one by one and coalesced ([`Coalescer`]) into super-segments written to the TUN
-//! in one go. One thread per direction (TUN reader; one UDP reader per family), so the two
+//! in one go. The TUN reader keeps reading while packets are queued (up to
+//! [`TUN_READS_PER_BATCH`]) and sends once the queue is empty, so datagrams the TUN hands
+//! over one by one (VXLAN, UDP) leave in GSO sends too. One thread per direction (TUN reader; one UDP reader per family), so the two
 //! directions run on two cores; within a direction, per-peer order is kept.
 
 use std::io::{self, IoSlice};
@@ -42,6 +44,11 @@ pub const DEFAULT_MTU: u16 = 1420;
 /// Outbound staging: room for two 64 KiB super-segments' worth of datagrams.
 const OUT_BATCH_BYTES: usize = 2 * (MAX_PACKET + 64 * DATA_OVERHEAD);
 const OUT_BATCH_RUNS: usize = 256;
+
+/// TUN reads sealed into one batch before it is sent even though more are queued: bounds
+/// the delay a queued packet sees to one batch's sealing, while a run of datagrams read one
+/// by one (VXLAN, UDP) still leaves in a few GSO sends instead of one send each.
+const TUN_READS_PER_BATCH: usize = 64;
 
 /// The least room a seal needs: a data message, or the 148-byte handshake initiation sent
 /// instead while there is no session.
@@ -100,6 +107,8 @@ pub struct Net {
     udp_gro: bool,
     /// What the coalescers wrote, summed over the UDP readers.
     gro: GroCounters,
+    /// What the send batches cost: datagrams, and the system calls that sent them.
+    sent: SendCounters,
     sockets: RwLock<Arc<Sockets>>,
 }
 
@@ -150,6 +159,35 @@ impl GroCounters {
             tcp_writes: self.tcp_writes.load(Ordering::Relaxed),
             udp_merged: self.udp_merged.load(Ordering::Relaxed),
             udp_writes: self.udp_writes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How many data datagrams the TUN reader sent, and in how many system calls: their ratio
+/// is what batching the sends saves (1.0: one call per datagram).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendStats {
+    pub datagrams: u64,
+    pub calls: u64,
+}
+
+#[derive(Default)]
+struct SendCounters {
+    datagrams: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl SendCounters {
+    fn add(&self, datagrams: usize, calls: usize) {
+        self.datagrams
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
+        self.calls.fetch_add(calls as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> SendStats {
+        SendStats {
+            datagrams: self.datagrams.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
         }
     }
 }
@@ -237,6 +275,7 @@ impl Tunnel {
             vnet,
             udp_gro,
             gro: GroCounters::default(),
+            sent: SendCounters::default(),
             sockets: RwLock::new(sockets.clone()),
         });
         engine.reconfigure(config, &Default::default(), net.as_ref());
@@ -274,6 +313,11 @@ impl Tunnel {
     /// writes, for TCP and UDP.
     pub fn gro_stats(&self) -> GroStats {
         self.net.gro.get()
+    }
+
+    /// The data datagrams sent so far, and the system calls that sent them.
+    pub fn send_stats(&self) -> SendStats {
+        self.net.sent.get()
     }
 
     /// Applies `change` (a parsed `wg set`, or what [`Tunnel::sync`] makes) through the one
@@ -528,16 +572,32 @@ impl Tunnel {
     }
 
     /// Outbound: read (super-)packets from the TUN, split, seal into a batch, GSO-send.
+    /// The device is non-blocking: reads go on while packets are queued, the batch is sent
+    /// when the queue runs dry (or after [`TUN_READS_PER_BATCH`] reads), and only then does
+    /// the thread wait in `poll`.
     fn tun_loop(&self) {
+        if let Err(e) = self.net.tun.set_nonblocking(true) {
+            return self.fail(format!("making the TUN device non-blocking failed: {e}"));
+        }
         let mut rx = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut segment = vec![0u8; MAX_PACKET];
         let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
         let mut jobs = SealJobs::with_capacity(SEAL_JOBS);
         let mut burst = self.engine.burst();
+        let mut reads = 0;
         loop {
             let n = match self.net.tun.recv(&mut rx) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing more queued: send what was sealed, then wait for the next.
+                    self.flush(&mut batch, &mut jobs);
+                    reads = 0;
+                    if let Err(e) = wait_readable(&self.net.tun) {
+                        return self.fail(format!("waiting for the TUN device failed: {e}"));
+                    }
+                    continue;
+                }
                 Err(e) => {
                     // Not an exit here: the owner has routing to restore first.
                     return self.fail(format!("reading the TUN device failed: {e}"));
@@ -564,7 +624,11 @@ impl Tunnel {
             } else {
                 seal(&mut rx[..n]);
             }
-            self.flush(&mut batch, &mut jobs);
+            reads += 1;
+            if reads >= TUN_READS_PER_BATCH {
+                self.flush(&mut batch, &mut jobs);
+                reads = 0;
+            }
         }
     }
 
@@ -615,12 +679,18 @@ impl Tunnel {
             return;
         }
         let sockets = self.net.sockets.read().clone();
-        batch.flush(|to, datagrams, segment| {
-            if let Err(e) = sockets.send_segments(datagrams, segment, to) {
-                tracing::debug!(endpoint = %to, error = %e, "send failed");
-                self.engine.drops().record(DropReason::IoError);
-            }
-        });
+        batch.flush(
+            |to, datagrams, segment| match sockets.send_segments(datagrams, segment, to) {
+                Ok(calls) => self
+                    .net
+                    .sent
+                    .add(datagrams.len().div_ceil(segment.max(1)), calls),
+                Err(e) => {
+                    tracing::debug!(endpoint = %to, error = %e, "send failed");
+                    self.engine.drops().record(DropReason::IoError);
+                }
+            },
+        );
     }
 
     fn timer_loop(&self) {
@@ -633,6 +703,28 @@ impl Tunnel {
                 self.engine.set_mtu(mtu);
             }
             self.engine.tick(&mut scratch, self.net.as_ref());
+        }
+    }
+}
+
+/// Blocks until `tun` has a packet to read (or an error to report, which the next read
+/// returns: a deleted device wakes the poll with `POLLERR`).
+fn wait_readable(tun: &SyncDevice) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: tun.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, its count, no timeout; the fd outlives the call.
+        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -27,6 +27,7 @@ use isthmus_wg::drops::DropReason;
 use isthmus_wg::key::Key;
 use isthmus_wg::offload::gro::GroStats;
 use isthmus_wg::tunnel::Tunnel;
+use isthmus_wg::SendStats;
 
 /// A mesh or routing pass only touches the tunnel and netlink; one that runs this long is
 /// wedged, and a restart (which restores routing from the journal) is the cure.
@@ -91,6 +92,8 @@ pub struct Sample {
     pub drops: Vec<(DropReason, u64)>,
     /// Decrypted packets coalesced into super-segments on the way to the TUN, so far.
     pub gro: GroStats,
+    /// Data datagrams sent, and the system calls that sent them (GSO sends carry many).
+    pub sent: SendStats,
     pub ready: bool,
 }
 
@@ -157,6 +160,9 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         gro_merged.get_or_create(&labels).inc_by(merged);
         gro_writes.get_or_create(&labels).inc_by(writes);
     }
+    let (sent_datagrams, send_calls) = (Counter::<u64>::default(), Counter::<u64>::default());
+    sent_datagrams.inc_by(sample.sent.datagrams);
+    send_calls.inc_by(sample.sent.calls);
     let peers = Gauge::<i64>::default();
     peers.set(sample.peers.len() as i64);
     let ready = Gauge::<i64>::default();
@@ -201,6 +207,16 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         "isthmus_gro_writes",
         "Coalesced super-segments written to the TUN, by protocol",
         gro_writes,
+    );
+    r.register(
+        "isthmus_sent_datagrams",
+        "Data messages sent to peers",
+        sent_datagrams,
+    );
+    r.register(
+        "isthmus_send_calls",
+        "System calls that sent them (one UDP GSO send carries up to 64)",
+        send_calls,
     );
     r.register(
         "isthmus_routing_reassertions",
@@ -323,6 +339,7 @@ impl AgentOps {
                 .map(|r| (*r, engine.drops().get(*r)))
                 .collect(),
             gro: tunnel.gro_stats(),
+            sent: tunnel.send_stats(),
             ready: readiness.check().is_ok(),
         }
     }
@@ -413,6 +430,10 @@ mod tests {
                 udp_merged: 130,
                 udp_writes: 3,
             },
+            sent: SendStats {
+                datagrams: 640,
+                calls: 21,
+            },
             ready: true,
         };
         let text = render(&sample, &counters);
@@ -429,6 +450,8 @@ mod tests {
             "isthmus_gro_merged_packets_total{proto=\"tcp\"} 44",
             "isthmus_gro_merged_packets_total{proto=\"udp\"} 130",
             "isthmus_gro_writes_total{proto=\"udp\"} 3",
+            "isthmus_sent_datagrams_total 640",
+            "isthmus_send_calls_total 21",
             "isthmus_reconcile_duration_seconds_count 1",
             "isthmus_ready 1",
             "isthmus_key_rotations_total 1",
