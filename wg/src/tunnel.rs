@@ -576,6 +576,8 @@ impl Tunnel {
     /// when the queue runs dry (or after [`TUN_READS_PER_BATCH`] reads), and only then does
     /// the thread wait in `poll`.
     fn tun_loop(&self) {
+        // The flag is the file's, so the other threads' TUN writes carry it too; they never
+        // waited anyway: a TUN file's send buffer is INT_MAX (`tun_chr_open`).
         if let Err(e) = self.net.tun.set_nonblocking(true) {
             return self.fail(format!("making the TUN device non-blocking failed: {e}"));
         }
