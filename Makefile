@@ -72,7 +72,9 @@ fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RUNS=$(FUZZ_RUNS) FUZZ_TARGETS="$(FUZZ_TARGETS)" \
 	  FUZZ_KEEP=1 bash scripts/fuzz-smoke.sh
 
-## Throughput side by side with wireguard-go and boringtun-cli; writes docs/benchmarks.md.
+## Throughput side by side with wireguard-go and boringtun-cli, plain TCP and then TCP inside
+## VXLAN (flannel's encapsulation, pod traffic between clouds); writes docs/benchmarks.md.
 bench: build
 	bash scripts/build-peers.sh
 	bash benches/netns-throughput.sh
+	bash benches/netns-throughput.sh --vxlan

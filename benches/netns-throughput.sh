@@ -6,12 +6,15 @@
 # the daemon in each namespace, configures both sides identically with the real `wg` tool,
 # checks a ping through the tunnel, then runs iperf3 TCP (1 stream and -P 4) through it,
 # or with --udp LEN unlimited-rate UDP of LEN-byte payloads (the rate the receiver got).
+# With --vxlan the traffic runs inside a VXLAN device on each side (flannel's
+# encapsulation: VNI 1, port 8472, checksums on) laid over the tunnel, or over the veth
+# for `veth`: what pod-to-pod traffic between clouds looks like to the tunnel.
 # Runs are interleaved (repetition -> implementation -> streams) so that drift on the
 # machine spreads over every implementation. Reports medians as a markdown table on
 # stdout and in the generated section of docs/benchmarks.md.
 #
 #   bash benches/netns-throughput.sh [--reps N] [--seconds S] [--only a,b] [--out FILE|-]
-#                                    [--streams 1,4] [--udp LEN]
+#                                    [--streams 1,4] [--udp LEN] [--vxlan]
 #
 # Implementations: veth (no tunnel, the ceiling), isthmus, wireguard-go-current,
 # wireguard-go-debian, boringtun-cli. One whose binary is missing is skipped. With
@@ -31,11 +34,12 @@ ONLY=${BENCH_ONLY:-}
 OUT=${BENCH_OUT:-$REPO/docs/benchmarks.md}
 STREAMS=${BENCH_STREAMS:-1,4}
 UDP_LEN=${BENCH_UDP:-}
+VXLAN=${BENCH_VXLAN:-}
 ISTHMUS_BASELINE_AGENT=${ISTHMUS_BASELINE_AGENT:-}
 ALL_IMPLS=(veth isthmus ${ISTHMUS_BASELINE_AGENT:+isthmus-baseline} wireguard-go-current wireguard-go-debian boringtun-cli)
 COMMAND_LINE="bash benches/netns-throughput.sh${*:+ $*}"
 
-usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case $1 in
@@ -45,6 +49,7 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --streams) STREAMS=$2; shift 2 ;;
     --udp) UDP_LEN=$2; shift 2 ;;
+    --vxlan) VXLAN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -66,6 +71,9 @@ IFS=, read -r -a STREAM_COUNTS <<<"$STREAMS"
 UNDER_A=198.18.0.1 UNDER_B=198.18.0.2 UNDER_LEN=30
 INNER_A=10.200.0.1 INNER_B=10.200.0.2 INNER_LEN=24
 WG_PORT=51820 MTU=1420
+# --vxlan: the overlay's addresses, and its MTU (the tunnel's less VXLAN's 50 bytes, on the
+# veth too so that both carry the same inner packets).
+VX_A=10.201.0.1 VX_B=10.201.0.2 VX_MTU=1370 VX_DEV=isbvx0
 CLK_TCK=$(getconf CLK_TCK)
 
 log() { echo "[netns-throughput] $*" >&2; }
@@ -229,6 +237,12 @@ check_ping() { # target: up to ~10 s, the first packets wait for the handshake
   return 1
 }
 
+vxlan_setup() { # ns local remote address: a VXLAN device as flannel makes it (the netns goes with it)
+  ip -n "$1" link add "$VX_DEV" type vxlan id 1 local "$2" remote "$3" dstport 8472 nolearning &&
+    ip -n "$1" link set "$VX_DEV" mtu "$VX_MTU" up &&
+    ip -n "$1" addr add "$4/24" dev "$VX_DEV"
+}
+
 cpu_ticks() { # pid -> utime+stime in clock ticks (all threads), or nothing
   local stat rest f
   [ -n "$1" ] && stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
@@ -323,6 +337,12 @@ trial() { # impl rep: one setup, every stream count, one teardown
     configure "$NS_B" "$IF_B" "$WORK/b.key" "$(cat "$WORK/a.pub")" "$UNDER_A" "$INNER_B" "$INNER_A" || return 1
   fi
   check_ping "$target" || return 1
+  if [ -n "$VXLAN" ]; then
+    vxlan_setup "$NS_A" "$target" "$([ "$impl" = veth ] && echo $UNDER_B || echo $INNER_B)" "$VX_A" || return 1
+    vxlan_setup "$NS_B" "$([ "$impl" = veth ] && echo $UNDER_B || echo $INNER_B)" "$target" "$VX_B" || return 1
+    target=$VX_A
+    check_ping "$target" || return 1
+  fi
   for streams in "${STREAM_COUNTS[@]}"; do
     run_iperf "$impl" "$rep" "$streams" "$target"
   done
@@ -395,8 +415,11 @@ REPORT_SKIPPED=$(printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}")
 REPORT_COMMAND=$COMMAND_LINE REPORT_REPS=$REPS REPORT_SECONDS=$DURATION REPORT_MTU=$MTU
 REPORT_LOAD=${UDP_LEN:+UDP, unlimited rate, $UDP_LEN-byte payloads,}
 REPORT_LOAD=${REPORT_LOAD:-TCP}
+[ -z "$VXLAN" ] || REPORT_LOAD="$REPORT_LOAD inside VXLAN (MTU $VX_MTU),"
+# Each kind of load has its own generated section: plain TCP's is `netns-throughput`.
+REPORT_MODE=$(IFS=-; m=(${UDP_LEN:+udp} ${VXLAN:+vxlan}); echo "${m[*]}")
 REPORT_IMPLS="${IMPLS[*]}"
-export REPORT_MACHINE REPORT_DATE REPORT_SKIPPED REPORT_COMMAND REPORT_REPS REPORT_SECONDS REPORT_MTU REPORT_IMPLS REPORT_LOAD
+export REPORT_MODE REPORT_MACHINE REPORT_DATE REPORT_SKIPPED REPORT_COMMAND REPORT_REPS REPORT_SECONDS REPORT_MTU REPORT_IMPLS REPORT_LOAD
 python3 - "$WORK/results.tsv" "$WORK/versions.tsv" "$OUT" <<'PY'
 import os, statistics, sys
 
@@ -429,8 +452,10 @@ for impl in impls:
 def f(v, fmt="%.2f"):
     return "–" if v is None else fmt % v
 
+mode = env.get("REPORT_MODE", "")
+titles = {"": "", "udp": ", UDP", "vxlan": ", TCP inside VXLAN", "udp-vxlan": ", UDP inside VXLAN"}
 lines = [
-    "## netns throughput (generated)",
+    f"## netns throughput{titles.get(mode, ', ' + mode)} (generated)",
     "",
     f"- Machine: {env['REPORT_MACHINE']}",
     f"- Command: `{env['REPORT_COMMAND']}`",
@@ -471,16 +496,24 @@ print(section)
 
 if out == "-":
     sys.exit(0)
-BEGIN = "<!-- BEGIN netns-throughput: generated by benches/netns-throughput.sh, do not edit -->"
-END = "<!-- END netns-throughput -->"
+def markers(mode):
+    name = "netns-throughput" + (f"-{mode}" if mode else "")
+    return (f"<!-- BEGIN {name}: generated by benches/netns-throughput.sh, do not edit -->",
+            f"<!-- END {name} -->")
+BEGIN, END = markers(mode)
 block = f"{BEGIN}\n{section}{END}"
 try:
     text = open(out).read()
 except FileNotFoundError:
     text = ""
+_, PLAIN_END = markers("")
 if BEGIN in text and END in text:
     head, rest = text.split(BEGIN, 1)
     text = head + block + rest.split(END, 1)[1]
+elif PLAIN_END in text:
+    # A new kind of load goes right after plain TCP's table.
+    head, rest = text.split(PLAIN_END, 1)
+    text = head + PLAIN_END + "\n\n" + block + rest
 else:
     text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
 open(out, "w").write(text)
