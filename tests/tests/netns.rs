@@ -510,25 +510,50 @@ fn udp_bursts(from: &Host, to: &Host, dst: IpAddr, bursts: u32) -> Vec<u32> {
         )
     };
     assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
-    let body = |seq: u32| -> Vec<u8> {
-        let mut d = seq.to_be_bytes().to_vec();
-        d.extend((4..DATAGRAM).map(|i| (seq as usize * 7 + i) as u8));
-        d
-    };
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 65_536];
     for b in 0..bursts {
         let first = b * BURST as u32;
-        let send: Vec<u8> = (first..first + BURST as u32).flat_map(body).collect();
+        let send: Vec<u8> = (first..first + BURST as u32).flat_map(datagram).collect();
         tx.send_to(&send, (dst, 9000)).expect("UDP GSO send");
-        for _ in 0..BURST {
-            let Ok(n) = rx.recv(&mut buf) else { break };
-            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
-            assert!(buf[..n] == body(seq)[..], "datagram {seq}: bytes differ");
-            got.push(seq);
-        }
+        receive(&rx, BURST, &mut got);
     }
     got
+}
+
+/// Datagram `seq` of a test's stream: its sequence number, then bytes derived from it.
+fn datagram(seq: u32) -> Vec<u8> {
+    let mut d = seq.to_be_bytes().to_vec();
+    d.extend((4..DATAGRAM).map(|i| (seq as usize * 7 + i) as u8));
+    d
+}
+
+/// Receives up to `count` [`datagram`]s on `rx` (fewer if it stays quiet for its read
+/// timeout), checks each one's bytes, and appends their sequence numbers to `got`.
+fn receive(rx: &std::net::UdpSocket, count: usize, got: &mut Vec<u32>) {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..count {
+        let Ok(n) = rx.recv(&mut buf) else { break };
+        let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+        assert!(
+            buf[..n] == datagram(seq)[..],
+            "datagram {seq}: bytes differ"
+        );
+        got.push(seq);
+    }
+}
+
+/// Asserts that `got` is `0..want` in order; `context` says where, `logs` what the daemons
+/// said.
+fn assert_all_in_order(got: &[u32], want: u32, context: &str, logs: impl FnOnce() -> String) {
+    let want: Vec<u32> = (0..want).collect();
+    assert!(
+        got == want,
+        "{context}{} of {} datagrams, first out of place at {:?}\n{}",
+        got.len(),
+        want.len(),
+        got.iter().zip(&want).position(|(g, w)| g != w),
+        logs()
+    );
 }
 
 /// A stopped isthmus daemon's "shutting down" log line, which carries its data-path counts.
@@ -561,15 +586,9 @@ fn udp_bursts_arrive_coalesced_intact_and_in_order(sender: Impl) {
     let bursts = 50;
     for dst in [b.inner_v4(), b.inner_v6()] {
         let got = udp_bursts(a, b, dst, bursts);
-        let want: Vec<u32> = (0..bursts * BURST as u32).collect();
-        assert!(
-            got == want,
-            "to {dst}: {} of {} datagrams, first out of place at {:?}\n{}",
-            got.len(),
-            want.len(),
-            got.iter().zip(&want).position(|(g, w)| g != w),
+        assert_all_in_order(&got, bursts * BURST as u32, &format!("to {dst}: "), || {
             pair.logs()
-        );
+        });
     }
     let merged = count_in(&shutdown_line(&mut pair.b), "gro_udp_merged");
     eprintln!(
@@ -612,36 +631,17 @@ fn datagrams_queued_in_the_tun_leave_in_few_sends_intact_and_in_order() {
     rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let tx =
         isthmus_tests::traffic::udp_socket(&pair.a.ns, (pair.a.inner_v4(), 0).into()).expect("tx");
-    let body = |seq: u32| -> Vec<u8> {
-        let mut d = seq.to_be_bytes().to_vec();
-        d.extend((4..DATAGRAM).map(|i| (seq as usize * 13 + i) as u8));
-        d
-    };
     let (bursts, per_burst) = (20u32, 32u32);
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 65_536];
     for b in 0..bursts {
         pair.a.daemon.signal(libc::SIGSTOP);
         for seq in b * per_burst..(b + 1) * per_burst {
-            tx.send_to(&body(seq), (dst, 9001)).expect("send");
+            tx.send_to(&datagram(seq), (dst, 9001)).expect("send");
         }
         pair.a.daemon.signal(libc::SIGCONT);
-        for _ in 0..per_burst {
-            let Ok(n) = rx.recv(&mut buf) else { break };
-            let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
-            assert!(buf[..n] == body(seq)[..], "datagram {seq}: bytes differ");
-            got.push(seq);
-        }
+        receive(&rx, per_burst as usize, &mut got);
     }
-    let want: Vec<u32> = (0..bursts * per_burst).collect();
-    assert!(
-        got == want,
-        "{} of {} datagrams, first out of place at {:?}\n{}",
-        got.len(),
-        want.len(),
-        got.iter().zip(&want).position(|(g, w)| g != w),
-        pair.logs()
-    );
+    assert_all_in_order(&got, bursts * per_burst, "", || pair.logs());
     let line = shutdown_line(&mut pair.a);
     let (datagrams, calls) = (
         count_in(&line, "sent_datagrams"),
