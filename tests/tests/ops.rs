@@ -96,6 +96,13 @@ fn check_peer(samples: &[Sample], peer: &str) {
     );
     assert!(value(samples, "isthmus_routing_reassertions_total", &[]).is_some());
     assert_eq!(value(samples, "isthmus_ready", &[]), Some(1.0));
+    // The pings went out as data messages; a send call carries one or more of them.
+    let sent = value(samples, "isthmus_sent_datagrams_total", &[]);
+    let calls = value(samples, "isthmus_send_calls_total", &[]);
+    assert!(
+        matches!((sent, calls), (Some(d), Some(c)) if c >= 1.0 && c <= d),
+        "sent datagrams {sent:?}, send calls {calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
