@@ -322,13 +322,13 @@ teardown() { # stop the daemons by pid, then delete the namespaces
 }
 
 trial() { # impl rep: one setup, every stream count, one teardown
-  local impl=$1 rep=$2 target streams
+  local impl=$1 rep=$2 target source streams
   CUR_IMPL=$impl PID_A='' PID_B=''
   netns_setup || return 1
   if [ "$impl" = veth ]; then
-    target=$UNDER_A
+    target=$UNDER_A source=$UNDER_B
   else
-    target=$INNER_A
+    target=$INNER_A source=$INNER_B
     start_impl "$impl" "$NS_A" "$IF_A" || return 1
     PID_A=$START_PID
     start_impl "$impl" "$NS_B" "$IF_B" || return 1
@@ -338,8 +338,8 @@ trial() { # impl rep: one setup, every stream count, one teardown
   fi
   check_ping "$target" || return 1
   if [ -n "$VXLAN" ]; then
-    vxlan_setup "$NS_A" "$target" "$([ "$impl" = veth ] && echo $UNDER_B || echo $INNER_B)" "$VX_A" || return 1
-    vxlan_setup "$NS_B" "$([ "$impl" = veth ] && echo $UNDER_B || echo $INNER_B)" "$target" "$VX_B" || return 1
+    vxlan_setup "$NS_A" "$target" "$source" "$VX_A" || return 1
+    vxlan_setup "$NS_B" "$source" "$target" "$VX_B" || return 1
     target=$VX_A
     check_ping "$target" || return 1
   fi

@@ -10,8 +10,9 @@
 //! opened one by one and coalesced ([`Coalescer`]) into super-segments written to the TUN
 //! in one go. The TUN reader keeps reading while packets are queued (up to
 //! [`TUN_READS_PER_BATCH`]) and sends once the queue is empty, so datagrams the TUN hands
-//! over one by one (VXLAN, UDP) leave in GSO sends too. One thread per direction (TUN reader; one UDP reader per family), so the two
-//! directions run on two cores; within a direction, per-peer order is kept.
+//! over one by one (VXLAN, UDP) leave in GSO sends too. One thread per direction (TUN
+//! reader; one UDP reader per family), so the two directions run on two cores; within a
+//! direction, per-peer order is kept.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
