@@ -3,7 +3,6 @@
 //! Binaries come from `scripts/build-kube.sh` (`.cache/kube/bin`, or `$KUBE_APISERVER_BIN`,
 //! `$ETCD_BIN`, `$KUBECTL_BIN`). Everything started is stopped by PID on drop.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use kube::{Client, Config};
 use tempfile::TempDir;
 
 use crate::daemon::{wait_until, Daemon};
+use crate::ports::loopback_port;
 
 /// Namespace the deploy/ manifests install into.
 pub const NAMESPACE: &str = "isthmus-system";
@@ -38,10 +38,6 @@ pub fn kube_bin(name: &str, env: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -89,8 +85,8 @@ pub struct SharedEtcd {
 impl SharedEtcd {
     pub fn start() -> anyhow::Result<SharedEtcd> {
         let dir = tempfile::Builder::new().prefix("isthmus-etcd").tempdir()?;
-        let port = free_port()?;
-        let etcd = spawn_etcd(dir.path(), port, free_port()?)?;
+        let port = loopback_port()?;
+        let etcd = spawn_etcd(dir.path(), port, loopback_port()?)?;
         Ok(SharedEtcd {
             _etcd: etcd,
             port,
@@ -236,18 +232,18 @@ impl KubeRig {
         openssl(d, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
         let admin_token = format!(
             "admin-{:x}",
-            std::process::id() as u64 * 7919 + free_port()? as u64
+            std::process::id() as u64 * 7919 + loopback_port()? as u64
         );
         std::fs::write(
             d.join("tokens.csv"),
             format!("{admin_token},admin,admin-uid,\"system:masters\"\n"),
         )?;
 
-        let (etcd_port, etcd_peer_port) = (free_port()?, free_port()?);
+        let (etcd_port, etcd_peer_port) = (loopback_port()?, loopback_port()?);
         let mut rig = KubeRig {
             apiserver: None,
             etcd: None,
-            port: free_port()?,
+            port: loopback_port()?,
             etcd_port,
             etcd_peer_port,
             admin_token,

@@ -19,6 +19,7 @@ pub mod kube;
 pub mod netns;
 pub mod overlay;
 pub mod pair;
+pub mod ports;
 pub mod publisher;
 pub mod rig;
 pub mod scale;

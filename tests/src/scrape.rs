@@ -1,18 +1,14 @@
-//! Talking to the `--metrics-addr` endpoint from a test: a free loopback port to give it, a
-//! one-shot HTTP GET, and a parser for the samples in the text exposition (enough of the
-//! format for assertions: names, labels without escaped quotes, values).
+//! Talking to the `--metrics-addr` endpoint from a test (its port from
+//! [`crate::ports::loopback_addr`]): a one-shot HTTP GET, and a parser for the samples in
+//! the text exposition (enough of the format for assertions: names, labels without escaped
+//! quotes, values).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::Context;
-
-/// A loopback address whose port was free a moment ago.
-pub fn free_loopback() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
 
 /// `GET path` on `addr`: the status code and the body.
 pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {

@@ -11,7 +11,7 @@
 //! deleted MeshCluster no longer served; one replica acts through the seed's Lease and the
 //! other takes over when it goes.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use isthmus_api::{MeshCluster, WireGuardPeer, WireGuardPeerSpec, REACHABLE};
@@ -173,13 +173,6 @@ async fn wait_reachable(
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
 fn start_coordinator(seed: &KubeRig, kubeconfig: &str, identity: &str, extra: &[&str]) -> Daemon {
     seed::start_coordinator(seed, std::path::Path::new(kubeconfig), identity, extra)
         .expect("coordinator")
@@ -235,7 +228,10 @@ async fn one_seed_coordinator_serves_many_clusters() {
         store_kubeconfig(&seed, name, &kubeconfig(rig, &rig.url(), &token)).await;
     }
     store_kubeconfig(&seed, "bad-token", &kubeconfig(&a, &a.url(), "not-a-token")).await;
-    let nowhere = format!("https://127.0.0.1:{}", free_port());
+    let nowhere = format!(
+        "https://127.0.0.1:{}",
+        isthmus_tests::ports::loopback_port().expect("a port")
+    );
     store_kubeconfig(&seed, "unreachable", &kubeconfig(&a, &nowhere, "t")).await;
 
     // a takes the coordinators' default IPv6 pool (`--mesh-cidr-v6`), b names its own.
@@ -259,7 +255,7 @@ async fn one_seed_coordinator_serves_many_clusters() {
         .expect("seed kubeconfig")
         .display()
         .to_string();
-    let metrics = scrape::free_loopback().expect("a port");
+    let metrics = isthmus_tests::ports::loopback_addr().expect("a port");
     let metrics_arg = metrics.to_string();
     let mut replicas = vec![
         (

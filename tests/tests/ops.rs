@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use isthmus_tests::cluster::Cluster;
 use isthmus_tests::daemon::eventually;
-use isthmus_tests::scrape::{free_loopback, get, parse, value, Sample};
+use isthmus_tests::ports::loopback_addr;
+use isthmus_tests::scrape::{get, parse, value, Sample};
 use isthmus_tests::traffic::ping_within;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -111,7 +112,7 @@ async fn probes_and_metrics_follow_the_mesh() {
     let mut agents = Vec::new();
     for cloud in [0, 1] {
         let i = cluster.add_node_idle(cloud, 1).await.expect("node");
-        let addr = free_loopback().unwrap();
+        let addr = loopback_addr().unwrap();
         cluster
             .start_node_agent(i, &["--metrics-addr", &addr.to_string()])
             .expect("agent");
@@ -133,7 +134,7 @@ async fn probes_and_metrics_follow_the_mesh() {
         assert_eq!(value(&early, "isthmus_ready", &[]), Some(0.0));
     }
 
-    let coordinator = free_loopback().unwrap();
+    let coordinator = loopback_addr().unwrap();
     cluster
         .start_coordinator_with("c1", &["--metrics-addr", &coordinator.to_string()])
         .expect("coordinator");
