@@ -21,6 +21,9 @@ pub enum Impl {
     /// isthmus with `ISTHMUS_CRYPTO_WORKERS=3`: sealing and opening on the worker pool
     /// (the calling thread and two pool threads), which the default leaves off on two cores.
     IsthmusWorkers,
+    /// isthmus with `ISTHMUS_TUN_TUNNEL_GSO=0`: a VXLAN device routed into its TUN hands
+    /// over one datagram per read (as before kernel 6.17), not 64 KiB super-packets.
+    IsthmusNoTunnelGso,
     /// The current wireguard-go (see `wireguard_go_binary`).
     WireguardGo,
     /// Debian's packaged wireguard-go.
@@ -98,7 +101,10 @@ impl Host {
         let log = dir.join(format!("daemon-{n}.log"));
         let port = 51819 + u16::from(n);
         let daemon = match kind {
-            Impl::Isthmus | Impl::IsthmusNoOffload | Impl::IsthmusWorkers => Daemon::spawn(
+            Impl::Isthmus
+            | Impl::IsthmusNoOffload
+            | Impl::IsthmusWorkers
+            | Impl::IsthmusNoTunnelGso => Daemon::spawn(
                 &ns.name,
                 &crate::agent_binary(),
                 &[
@@ -113,6 +119,14 @@ impl Host {
                     (
                         "ISTHMUS_TUN_OFFLOAD",
                         if kind == Impl::IsthmusNoOffload {
+                            "0"
+                        } else {
+                            "1"
+                        },
+                    ),
+                    (
+                        "ISTHMUS_TUN_TUNNEL_GSO",
+                        if kind == Impl::IsthmusNoTunnelGso {
                             "0"
                         } else {
                             "1"

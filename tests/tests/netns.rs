@@ -659,6 +659,73 @@ fn datagrams_queued_in_the_tun_leave_in_few_sends_intact_and_in_order() {
     );
 }
 
+/// A VXLAN device over the tunnel, as flannel lays `flannel.1` over the mesh (VNI 1, port
+/// 8472, UDP checksums, MTU 1370), on both hosts; each side's device at 10.201.0.n/24.
+fn vxlan_over_tunnel(pair: &Pair) {
+    for (me, other) in [(&pair.a, &pair.b), (&pair.b, &pair.a)] {
+        let (local, remote) = (me.inner_v4().to_string(), other.inner_v4().to_string());
+        let addr = format!("10.201.0.{}/24", me.n);
+        for args in [
+            &[
+                "link", "add", "istvx", "type", "vxlan", "id", "1", "dstport", "8472", "local",
+                &local, "remote", &remote, "udpcsum",
+            ][..],
+            &["link", "set", "istvx", "mtu", "1370", "up"],
+            &["addr", "add", &addr, "dev", "istvx"],
+        ] {
+            me.ns.ip(args).expect("VXLAN device");
+        }
+    }
+}
+
+/// The packets the kernel handed a host's TUN device (`tx_packets`: one per super-packet).
+fn tun_packets(host: &Host) -> u64 {
+    link_counters(&host.ns, &host.iface)
+        .expect("TUN counters")
+        .tx_packets
+}
+
+/// flannel's pod traffic across the mesh: TCP inside VXLAN inside the tunnel. A checked
+/// 40 MiB transfer between the VXLAN devices arrives intact; returns the data datagrams the
+/// sender sent and the packets its TUN handed it.
+fn tcp_inside_vxlan(sender: Impl) -> (u64, u64) {
+    let mut pair = Pair::new(sender, Impl::Isthmus, Underlay::V4).expect("pair");
+    assert!(ping(&pair.a.ns, pair.b.inner_v4(), 1), "{}", pair.logs());
+    vxlan_over_tunnel(&pair);
+    let to: IpAddr = "10.201.0.2".parse().unwrap();
+    assert!(
+        ping(&pair.a.ns, to, 2),
+        "no ping inside VXLAN\n{}",
+        pair.logs()
+    );
+    let before = tun_packets(&pair.a);
+    tcp_transfer(&pair.a.ns, &pair.b.ns, to, 40 << 20)
+        .unwrap_or_else(|e| panic!("TCP inside VXLAN: {e:#}\n{}", pair.logs()));
+    let read = tun_packets(&pair.a) - before;
+    let datagrams = count_in(&shutdown_line(&mut pair.a), "sent_datagrams");
+    eprintln!("{sender:?}: {datagrams} datagrams sent, from {read} packets read off the TUN");
+    (datagrams, read)
+}
+
+/// With the TUN's UDP tunnel offload (kernel ≥ 6.17) the VXLAN device hands the sender
+/// 64 KiB super-packets, which it splits into VXLAN datagrams whose outer and inner
+/// headers and checksums the receiving kernel takes (the transfer checks every byte): far
+/// fewer packets off the TUN than datagrams sent. Switched off, one datagram per packet.
+#[test]
+fn tcp_inside_vxlan_leaves_the_tun_in_super_packets_and_arrives_intact() {
+    let (datagrams, read) = tcp_inside_vxlan(Impl::Isthmus);
+    assert!(
+        read * 8 <= datagrams,
+        "{read} TUN packets for {datagrams} datagrams: VXLAN was not handed over in \
+         super-packets"
+    );
+    let (datagrams, read) = tcp_inside_vxlan(Impl::IsthmusNoTunnelGso);
+    assert!(
+        read * 10 >= datagrams * 9,
+        "with ISTHMUS_TUN_TUNNEL_GSO=0, {read} TUN packets for {datagrams} datagrams"
+    );
+}
+
 /// netns.sh: "Test using NAT". a sits behind a router that source-NATs it and forgets a UDP
 /// mapping after 2 s of silence; b is on the far side and has no endpoint for a. a's first
 /// packet teaches b the NAT's address and port; a's persistent keepalive (1 s) keeps the

@@ -173,6 +173,35 @@ impl Udp {
     }
 }
 
+/// `inner` as a Linux VXLAN device sends it (flannel's port 8472, VNI 1, an inner Ethernet
+/// header), over IPv4 or IPv6, outer UDP checksum filled in; and the offset of the inner
+/// IP header.
+pub fn vxlan(outer_v6: bool, inner: &[u8]) -> (Vec<u8>, usize) {
+    let ethertype: u16 = if inner.first().map(|b| b >> 4) == Some(6) {
+        0x86dd
+    } else {
+        0x0800
+    };
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    payload.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1]);
+    payload.extend_from_slice(&ethertype.to_be_bytes());
+    payload.extend_from_slice(inner);
+    let (src, dst) = ends(outer_v6);
+    let p = Udp {
+        src,
+        dst,
+        sport: 40_000,
+        dport: 8472,
+        payload,
+        checksum: true,
+        ip_id: 0x1234,
+        df: true,
+    }
+    .build();
+    let inner_nh = p.len() - inner.len();
+    (p, inner_nh)
+}
+
 /// An IPv4/UDP packet of exactly `len` bytes (at least 28) from `src` to `dst`, valid
 /// checksums: the engine's and the benches' everyday packet (boringtun checks the inner
 /// length after decryption).

@@ -4,9 +4,10 @@
 //! that fails changes nothing.
 //!
 //! The hot path crosses the kernel once per batch, not once per packet. Outbound, the TUN
-//! (with virtio-net offloads) hands over TCP super-segments of up to 64 KiB; they are split
-//! ([`gso::split`]), sealed back to back into an [`OutBatch`], and leave in UDP GSO sends of
-//! up to 64 datagrams. Inbound, one UDP GRO receive returns up to 64 datagrams; they are
+//! (with virtio-net offloads) hands over TCP super-segments of up to 64 KiB, and VXLAN ones
+//! where the kernel offloads UDP tunnels; they are split ([`gso::split_encapsulated`]),
+//! sealed back to back into an [`OutBatch`], and leave in UDP GSO sends of up to 64
+//! datagrams. Inbound, one UDP GRO receive returns up to 64 datagrams; they are
 //! opened one by one and coalesced ([`Coalescer`]) into super-segments written to the TUN
 //! in one go. The TUN reader keeps reading while packets are queued (up to
 //! [`TUN_READS_PER_BATCH`]) and sends once the queue is empty, so datagrams the TUN hands
@@ -31,7 +32,7 @@ use crate::drops::DropReason;
 use crate::engine::{Burst, Engine, Queued, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use crate::key::Key;
 use crate::offload::gro::{Coalescer, GroStats};
-use crate::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
+use crate::offload::{gso, Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
 use crate::snat::SourceRewrite;
 use crate::sockets::{Sockets, Udp, RECV_BUF};
 use crate::workers::{OpenJobs, SealJobs, Workers};
@@ -58,6 +59,16 @@ const MIN_SEAL_ROOM: usize = 256;
 /// Set to `0` to open the TUN without offloads (one packet per read and write), e.g. to
 /// measure what they bring or to work around a kernel that mishandles them.
 pub const OFFLOAD_ENV: &str = "ISTHMUS_TUN_OFFLOAD";
+
+/// Set to `0` to keep encapsulated super-packets off the TUN (`TUN_F_UDP_TUNNEL_GSO`): a
+/// VXLAN device routed into the tunnel then hands over one datagram per read, as before
+/// kernel 6.17. To measure what they bring, or to work around a kernel that mishandles them.
+pub const TUNNEL_GSO_ENV: &str = "ISTHMUS_TUN_TUNNEL_GSO";
+
+/// `TUN_F_UDP_TUNNEL_GSO` and `TUN_F_UDP_TUNNEL_GSO_CSUM` (linux/if_tun.h, kernel ≥ 6.17;
+/// not in libc yet).
+const TUN_F_UDP_TUNNEL_GSO: libc::c_uint = 0x080;
+const TUN_F_UDP_TUNNEL_GSO_CSUM: libc::c_uint = 0x100;
 
 /// Set to `0` to keep UDP datagrams out of GRO (one TUN write each) even when the TUN
 /// accepted UDP segmentation offload, e.g. to measure what coalescing them brings.
@@ -104,6 +115,9 @@ pub struct Net {
     tun: SyncDevice,
     /// The TUN speaks virtio-net headers (offloads on): every read and write has one.
     vnet: bool,
+    /// Their length: [`VIRTIO_HDR_LEN`], or [`VIRTIO_TUNNEL_HDR_LEN`] once the TUN also
+    /// hands over encapsulated super-packets ([`enable_tunnel_gso`]); 0 without headers.
+    vnet_len: usize,
     /// UDP datagrams are coalesced too ([`udp_gro_wanted`]).
     udp_gro: bool,
     /// What the coalescers wrote, summed over the UDP readers.
@@ -122,12 +136,36 @@ impl Transmit for Net {
         if self.vnet {
             let mut hdr = [0u8; VIRTIO_HDR_LEN];
             VirtioHdr::NONE.encode(&mut hdr);
-            self.tun
-                .send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet)])
-                .map(|_| ())
+            self.write_framed(&[&hdr, packet])
         } else {
             self.tun.send(packet).map(|_| ())
         }
+    }
+}
+
+impl Net {
+    /// Writes one packet to the TUN: `parts` start with the [`VIRTIO_HDR_LEN`]-byte header
+    /// when the TUN has headers. The long header's extra fields (receive hash, tunnel
+    /// offsets) are zero on what we write: no packet we write is encapsulated GSO.
+    fn write_framed(&self, parts: &[&[u8]]) -> io::Result<()> {
+        const PAD: [u8; VIRTIO_TUNNEL_HDR_LEN - VIRTIO_HDR_LEN] =
+            [0; VIRTIO_TUNNEL_HDR_LEN - VIRTIO_HDR_LEN];
+        let mut iov = [IoSlice::new(&[]); 4];
+        let mut n = 0;
+        for (i, part) in parts.iter().enumerate() {
+            if i == 0 && self.vnet_len == VIRTIO_TUNNEL_HDR_LEN {
+                // The long header: its first ten bytes, then zeros.
+                let (head, rest) = part.split_at(VIRTIO_HDR_LEN.min(part.len()));
+                iov[n] = IoSlice::new(head);
+                iov[n + 1] = IoSlice::new(&PAD);
+                iov[n + 2] = IoSlice::new(rest);
+                n += 3;
+            } else if n < iov.len() {
+                iov[n] = IoSlice::new(part);
+                n += 1;
+            }
+        }
+        self.tun.send_vectored(&iov[..n]).map(|_| ())
     }
 }
 
@@ -194,10 +232,10 @@ impl SendCounters {
 }
 
 /// Opens the TUN device, with offloads unless they are switched off or refused. Returns
-/// the device, whether it speaks virtio-net headers, and whether it also accepted UDP
-/// segmentation offload (tun-rs asks for `TUN_F_USO4|TUN_F_USO6` and falls back to TCP
-/// offloads alone when the kernel refuses them).
-fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool, bool)> {
+/// the device, the length of its virtio-net headers (0: none), and whether it also
+/// accepted UDP segmentation offload (tun-rs asks for `TUN_F_USO4|TUN_F_USO6` and falls
+/// back to TCP offloads alone when the kernel refuses them).
+fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, usize, bool)> {
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(iface)
@@ -218,7 +256,25 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool, bool)> {
                          UDP datagrams are written one by one"
                     );
                 }
-                return Ok((tun, vnet, uso));
+                if !vnet {
+                    return Ok((tun, 0, false));
+                }
+                let tunnels = std::env::var(TUNNEL_GSO_ENV).map_or(true, |v| v.trim() != "0");
+                if !tunnels {
+                    return Ok((tun, VIRTIO_HDR_LEN, uso));
+                }
+                return match enable_tunnel_gso(&tun, uso) {
+                    Ok(()) => Ok((tun, VIRTIO_TUNNEL_HDR_LEN, uso)),
+                    Err(e) => {
+                        tracing::info!(
+                            iface,
+                            error = %e,
+                            "TUN refused UDP tunnel segmentation offload (kernel < 6.17?); \
+                             VXLAN packets are read one by one"
+                        );
+                        Ok((tun, VIRTIO_HDR_LEN, uso))
+                    }
+                };
             }
             Err(e) => {
                 tracing::warn!(iface, error = %e, "TUN offloads refused; one packet per read")
@@ -228,7 +284,40 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, bool, bool)> {
     let tun = build(false).with_context(|| {
         format!("creating TUN device {iface} (needs CAP_NET_ADMIN and /dev/net/tun)")
     })?;
-    Ok((tun, false, false))
+    Ok((tun, 0, false))
+}
+
+/// Asks the TUN to hand over encapsulated super-packets too: a VXLAN device routed into
+/// the tunnel (flannel's) then gives one read per 64 KiB instead of one per datagram. That
+/// takes the long virtio-net header on every read and write, set first; on a refusal the
+/// header goes back to the short one and the offloads stay as tun-rs set them.
+fn enable_tunnel_gso(tun: &SyncDevice, uso: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = tun.as_raw_fd();
+    let set_len = |len: usize| {
+        let len = len as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, valid for the call.
+        if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let mut flags = libc::TUN_F_CSUM
+        | libc::TUN_F_TSO4
+        | libc::TUN_F_TSO6
+        | TUN_F_UDP_TUNNEL_GSO
+        | TUN_F_UDP_TUNNEL_GSO_CSUM;
+    if uso {
+        flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+    }
+    set_len(VIRTIO_TUNNEL_HDR_LEN)?;
+    // SAFETY: TUNSETOFFLOAD takes the flags by value.
+    if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
+        let refused = io::Error::last_os_error();
+        set_len(VIRTIO_HDR_LEN)?;
+        return Err(refused);
+    }
+    Ok(())
 }
 
 /// One running WireGuard interface: the TUN device, the UDP sockets, the [`Engine`] and the
@@ -261,7 +350,8 @@ impl Tunnel {
         let wanted = workers_wanted(setting.as_deref())
             .with_context(|| format!("{WORKERS_ENV}={setting:?}: not a worker count"))?;
         let workers = Workers::new(wanted)?;
-        let (tun, vnet, uso) = open_tun(iface, mtu)?;
+        let (tun, vnet_len, uso) = open_tun(iface, mtu)?;
+        let vnet = vnet_len > 0;
         let udp_gro = udp_gro_wanted(vnet, uso, std::env::var(UDP_GRO_ENV).ok().as_deref());
         let sockets = Arc::new(
             Sockets::bind(listen_port, 0)
@@ -274,6 +364,7 @@ impl Tunnel {
         let net = Arc::new(Net {
             tun,
             vnet,
+            vnet_len,
             udp_gro,
             gro: GroCounters::default(),
             sent: SendCounters::default(),
@@ -298,6 +389,7 @@ impl Tunnel {
             port = sockets.port,
             mtu,
             tun_offload = vnet,
+            tun_tunnel_gso = vnet_len == VIRTIO_TUNNEL_HDR_LEN,
             udp_gro,
             crypto_workers = tunnel.workers.size(),
             udp_gso_segments = sockets.v4.max_segments(),
@@ -483,7 +575,7 @@ impl Tunnel {
         let net = self.net.as_ref();
         let drops = self.engine.drops();
         let mut emit = |b: &[u8]| {
-            if net.tun.send(b).is_err() {
+            if net.write_framed(&[b]).is_err() {
                 drops.record(DropReason::IoError);
             }
         };
@@ -582,7 +674,8 @@ impl Tunnel {
         if let Err(e) = self.net.tun.set_nonblocking(true) {
             return self.fail(format!("making the TUN device non-blocking failed: {e}"));
         }
-        let mut rx = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
+        let hdr_len = self.net.vnet_len;
+        let mut rx = vec![0u8; hdr_len + MAX_PACKET];
         let mut segment = vec![0u8; MAX_PACKET];
         let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
         let mut jobs = SealJobs::with_capacity(SEAL_JOBS);
@@ -616,9 +709,12 @@ impl Tunnel {
             };
             if self.net.vnet {
                 let split = VirtioHdr::decode(&rx[..n])
+                    .filter(|_| n >= hdr_len)
                     .ok_or(gso::SplitError::Truncated)
                     .and_then(|hdr| {
-                        gso::split(hdr, &mut rx[VIRTIO_HDR_LEN..n], &mut segment, &mut seal)
+                        let encap = Encap::decode(&rx[..n]).filter(|_| hdr_len > VIRTIO_HDR_LEN);
+                        let packet = &mut rx[hdr_len..n];
+                        gso::split_encapsulated(hdr, encap, packet, &mut segment, &mut seal)
                     });
                 if let Err(e) = split {
                     tracing::debug!(error = %e, "unusable packet from the TUN");

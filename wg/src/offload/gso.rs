@@ -2,9 +2,17 @@
 //! 64 KiB of TCP or UDP) becomes the MTU-sized packets a peer expects, each with its own
 //! IP length and ID, TCP sequence number and flags, and complete checksums — what the
 //! kernel's own GSO would have put on the wire.
+//!
+//! An encapsulated super-packet (a VXLAN device routed into the TUN, with
+//! `TUN_F_UDP_TUNNEL_GSO`) is split the same way inside, and each segment gets its own
+//! outer IP and UDP lengths, outer IPv4 ID and checksum, and outer UDP checksum; the
+//! tunnel header and inner Ethernet header are copied as they are.
 
 use super::checksum::{finish, pseudo_header, sum};
-use super::virtio::{VirtioHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
+use super::virtio::{
+    Encap, VirtioHdr, F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6,
+    GSO_UDP_L4, GSO_UDP_TUNNEL_IPV4, GSO_UDP_TUNNEL_IPV6,
+};
 use super::*;
 
 /// Why a packet read from the TUN could not be split (each is counted as malformed).
@@ -34,6 +42,19 @@ pub fn split(
     hdr: VirtioHdr,
     packet: &mut [u8],
     scratch: &mut [u8],
+    emit: impl FnMut(&mut [u8]),
+) -> Result<usize, SplitError> {
+    split_encapsulated(hdr, None, packet, scratch, emit)
+}
+
+/// [`split`] for a TUN with the long header: `encap` holds its tunnel fields, used when
+/// `hdr` says the super-packet is encapsulated in UDP (refused when it says so and there
+/// are none).
+pub fn split_encapsulated(
+    hdr: VirtioHdr,
+    encap: Option<Encap>,
+    packet: &mut [u8],
+    scratch: &mut [u8],
     mut emit: impl FnMut(&mut [u8]),
 ) -> Result<usize, SplitError> {
     if hdr.gso_type == GSO_NONE {
@@ -43,12 +64,20 @@ pub fn split(
         emit(packet);
         return Ok(1);
     }
-    let v6 = match packet.first().map(|b| b >> 4) {
+    let tunnel_bits = hdr.gso_type & (GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6);
+    let outer = match (tunnel_bits, encap) {
+        (0, _) => None,
+        (_, None) => return Err(SplitError::GsoType(hdr.gso_type)),
+        (bits, Some(e)) => Some(Outer::parse(bits, e, hdr.flags, packet)?),
+    };
+    // Everything below is about the inner packet, which starts at `nh` (0 unencapsulated).
+    let nh = outer.map_or(0, |o| o.inner_nh);
+    let v6 = match packet.get(nh).map(|b| b >> 4) {
         Some(4) => false,
         Some(6) => true,
         _ => return Err(SplitError::NotIp),
     };
-    let tcp = match hdr.gso_type & !GSO_ECN {
+    let tcp = match hdr.gso_type & !(GSO_ECN | tunnel_bits) {
         GSO_TCPV4 if !v6 => true,
         GSO_TCPV6 if v6 => true,
         GSO_TCPV4 | GSO_TCPV6 => return Err(SplitError::Family),
@@ -60,9 +89,9 @@ pub fn split(
     // header so every offset below is in bounds.
     let l4 = usize::from(hdr.csum_start);
     let ip_ok = if v6 {
-        l4 >= 40
+        l4 >= nh + 40
     } else {
-        packet.len() >= 20 && l4 == usize::from(packet[0] & 0x0f) * 4 && l4 >= 20
+        packet.len() >= nh + 20 && l4 == nh + usize::from(packet[nh] & 0x0f) * 4 && l4 >= nh + 20
     };
     if !ip_ok || packet.len() < l4 + 8 {
         return Err(SplitError::Header);
@@ -99,7 +128,7 @@ pub fn split(
     let segments = payload.div_ceil(mss);
     let seq0 = if tcp { be32(packet, l4 + 4) } else { 0 };
     let flags0 = if tcp { packet[l4 + TCP_FLAGS] } else { 0 };
-    let id0 = if v6 { 0 } else { be16(packet, 4) };
+    let id0 = if v6 { 0 } else { be16(packet, nh + 4) };
 
     for i in 0..segments {
         let start = hlen + i * mss;
@@ -109,13 +138,13 @@ pub fn split(
         seg[..hlen].copy_from_slice(&packet[..hlen]);
         seg[hlen..].copy_from_slice(&packet[start..end]);
         if v6 {
-            put16(seg, 4, (len - 40) as u16);
+            put16(seg, nh + 4, (len - nh - 40) as u16);
         } else {
-            put16(seg, 2, len as u16);
-            put16(seg, 4, id0.wrapping_add(i as u16));
-            put16(seg, 10, 0);
-            let c = finish(sum(&seg[..l4], 0));
-            put16(seg, 10, c);
+            put16(seg, nh + 2, (len - nh) as u16);
+            put16(seg, nh + 4, id0.wrapping_add(i as u16));
+            put16(seg, nh + 10, 0);
+            let c = finish(sum(&seg[nh..l4], 0));
+            put16(seg, nh + 10, c);
         }
         if tcp {
             put32(seg, l4 + 4, seq0.wrapping_add((i * mss) as u32));
@@ -132,13 +161,94 @@ pub fn split(
             put16(seg, l4 + 4, (len - l4) as u16);
         }
         put16(seg, csum_at, 0);
-        let (src, dst) = ip_addrs(seg, v6);
-        let c = finish(pseudo_header(src, dst, proto, len - l4) + sum(&seg[l4..], 0));
+        let (src, dst) = ip_addrs(&seg[nh..], v6);
+        let body = sum(&seg[l4..], 0);
+        let c = finish(pseudo_header(src, dst, proto, len - l4) + body);
         // A UDP checksum of zero means "none"; its one's-complement twin is sent instead.
-        put16(seg, csum_at, if c == 0 && !tcp { 0xffff } else { c });
+        let c = if c == 0 && !tcp { 0xffff } else { c };
+        put16(seg, csum_at, c);
+        if let Some(o) = outer {
+            // The inner transport bytes now sum to `body + c`: no second pass over them.
+            o.finish_segment(seg, i, l4, body + u64::from(c));
+        }
         emit(seg);
     }
     Ok(segments)
+}
+
+/// The outer headers of an encapsulated super-packet: IP, then UDP at `th`, then the
+/// tunnel's own headers up to the inner IP header at `inner_nh`.
+#[derive(Clone, Copy)]
+struct Outer {
+    v6: bool,
+    th: usize,
+    inner_nh: usize,
+    /// Fill in the outer UDP checksum ([`F_UDP_TUNNEL_CSUM`]); zero otherwise.
+    csum: bool,
+    id0: u16,
+}
+
+impl Outer {
+    fn parse(bits: u8, e: Encap, flags: u8, packet: &[u8]) -> Result<Outer, SplitError> {
+        let v6 = match bits {
+            GSO_UDP_TUNNEL_IPV4 => false,
+            GSO_UDP_TUNNEL_IPV6 => true,
+            _ => return Err(SplitError::GsoType(bits)),
+        };
+        match packet.first().map(|b| b >> 4) {
+            Some(4) if !v6 => {}
+            Some(6) if v6 => {}
+            Some(4 | 6) => return Err(SplitError::Family),
+            _ => return Err(SplitError::NotIp),
+        }
+        let (th, inner_nh) = (usize::from(e.outer_th), usize::from(e.inner_nh));
+        let ip_ok = if v6 {
+            th >= 40
+        } else {
+            packet.len() >= 20 && th == usize::from(packet[0] & 0x0f) * 4 && th >= 20
+        };
+        // The inner IP header starts after the outer UDP header, and is there.
+        if !ip_ok || inner_nh < th + 8 || packet.len() < inner_nh + 20 {
+            return Err(SplitError::Header);
+        }
+        Ok(Outer {
+            v6,
+            th,
+            inner_nh,
+            csum: flags & F_UDP_TUNNEL_CSUM != 0,
+            id0: if v6 { 0 } else { be16(packet, 4) },
+        })
+    }
+
+    /// Fixes segment `i`'s outer headers once its inner packet is final; `inner_l4_sum` is
+    /// the unfolded sum of its inner transport bytes from `l4` on, checksum included.
+    fn finish_segment(&self, seg: &mut [u8], i: usize, l4: usize, inner_l4_sum: u64) {
+        let len = seg.len();
+        let th = self.th;
+        put16(seg, th + 4, (len - th) as u16);
+        put16(seg, th + UDP_CSUM, 0);
+        if self.csum {
+            // Summing a stretch on its own is only right when it starts on an even offset
+            // from the UDP header; the odd case (never made by a real tunnel) sums it all.
+            let body = if (l4 - th).is_multiple_of(2) {
+                sum(&seg[th..l4], inner_l4_sum)
+            } else {
+                sum(&seg[th..], 0)
+            };
+            let (src, dst) = ip_addrs(seg, self.v6);
+            let c = finish(pseudo_header(src, dst, IPPROTO_UDP, len - th) + body);
+            put16(seg, th + UDP_CSUM, if c == 0 { 0xffff } else { c });
+        }
+        if self.v6 {
+            put16(seg, 4, (len - 40) as u16);
+        } else {
+            put16(seg, 2, len as u16);
+            put16(seg, 4, self.id0.wrapping_add(i as u16));
+            put16(seg, 10, 0);
+            let c = finish(sum(&seg[..th], 0));
+            put16(seg, 10, c);
+        }
+    }
 }
 
 /// Completes a CHECKSUM_PARTIAL packet: the field holds the pseudo-header sum, the rest is
@@ -157,7 +267,7 @@ fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(
 mod tests {
     use super::super::checksum::fold;
     use super::*;
-    use crate::packet::{assert_valid, Tcp, Udp};
+    use crate::packet::{assert_valid, vxlan, Tcp, Udp};
 
     /// A super-segment as the kernel hands it over: real headers, the transport checksum
     /// field holding only the pseudo-header sum (CHECKSUM_PARTIAL).
@@ -224,6 +334,209 @@ mod tests {
             }
             assert_eq!(data, t.payload, "payload reassembles");
         }
+    }
+
+    /// An encapsulated super-packet as a VXLAN device over the TUN hands it over with
+    /// `TUN_F_UDP_TUNNEL_GSO`: the inner super-segment's checksum partial, the outer
+    /// headers sized for the whole, the outer UDP checksum stale.
+    fn vxlan_super_segment(
+        outer_v6: bool,
+        inner_v6: bool,
+        payload: usize,
+        mss: u16,
+    ) -> (VirtioHdr, Encap, Vec<u8>, Tcp) {
+        let (inner_hdr, inner, t) = super_segment(inner_v6, payload, mss, TCP_ACK | TCP_PSH);
+        let (mut p, nh) = vxlan(outer_v6, &inner);
+        let th = if outer_v6 { 40 } else { 20 };
+        put16(&mut p, th + UDP_CSUM, 0x1234);
+        let tunnel = if outer_v6 {
+            GSO_UDP_TUNNEL_IPV6
+        } else {
+            GSO_UDP_TUNNEL_IPV4
+        };
+        let hdr = VirtioHdr {
+            flags: F_NEEDS_CSUM | F_UDP_TUNNEL_CSUM,
+            gso_type: inner_hdr.gso_type | tunnel,
+            hdr_len: (nh as u16) + inner_hdr.hdr_len,
+            csum_start: (nh as u16) + inner_hdr.csum_start,
+            ..inner_hdr
+        };
+        let encap = Encap {
+            outer_th: th as u16,
+            inner_nh: nh as u16,
+        };
+        (hdr, encap, p, t)
+    }
+
+    fn split_encapsulated_all(
+        hdr: VirtioHdr,
+        encap: Encap,
+        p: &mut [u8],
+    ) -> Result<Vec<Vec<u8>>, SplitError> {
+        let mut out = Vec::new();
+        let mut scratch = vec![0u8; 65_536];
+        let n = split_encapsulated(hdr, Some(encap), p, &mut scratch, |s| out.push(s.to_vec()))?;
+        assert_eq!(n, out.len());
+        Ok(out)
+    }
+
+    #[test]
+    fn vxlan_super_packets_split_into_valid_vxlan_packets_of_valid_segments() {
+        // (outer IPv6?, inner IPv6?, payload, inner MSS, expected segments); MSS 1268 is
+        // TCP with timestamps inside flannel's VXLAN MTU of 1370 less the tunnel's 50.
+        let cases = [
+            (false, false, 60_000, 1268, 48),
+            (true, true, 59_000, 1228, 49),
+            (false, true, 10_000, 1248, 9),
+            (true, false, 1268, 1268, 1),
+        ];
+        for (outer_v6, inner_v6, payload, mss, want) in cases {
+            let (hdr, encap, mut p, t) = vxlan_super_segment(outer_v6, inner_v6, payload, mss);
+            let original = p.clone();
+            let segs = split_encapsulated_all(hdr, encap, &mut p).expect("split");
+            let case = format!("outer v6 {outer_v6}, inner v6 {inner_v6}, {payload} bytes");
+            assert_eq!(segs.len(), want, "{case}");
+            let (th, nh) = (usize::from(encap.outer_th), usize::from(encap.inner_nh));
+            let l4 = nh + if inner_v6 { 40 } else { 20 };
+            let mut data = Vec::new();
+            for (i, s) in segs.iter().enumerate() {
+                // Outer: lengths, IPv4 header checksum, UDP checksum over it all.
+                assert_valid(s);
+                assert_ne!(be16(s, th + UDP_CSUM), 0, "outer UDP checksum filled in");
+                assert_eq!(
+                    usize::from(be16(s, th + 4)),
+                    s.len() - th,
+                    "outer UDP length"
+                );
+                assert_eq!(&s[th..th + 4], &original[th..th + 4], "outer ports");
+                assert_eq!(&s[th + 8..nh], &original[th + 8..nh], "VXLAN and Ethernet");
+                if !outer_v6 {
+                    assert_eq!(be16(s, 4), 0x1234u16.wrapping_add(i as u16), "outer ID");
+                }
+                // Inner: a valid segment in its place.
+                let inner = &s[nh..];
+                assert_valid(inner);
+                let seq = be32(s, l4 + 4);
+                assert_eq!(
+                    seq,
+                    t.seq.wrapping_add((i * usize::from(mss)) as u32),
+                    "{case}"
+                );
+                let last = i + 1 == segs.len();
+                assert_eq!(
+                    s[l4 + TCP_FLAGS] & TCP_PSH != 0,
+                    last,
+                    "PSH on the last only"
+                );
+                assert!(inner.len() - (l4 - nh) - 32 <= usize::from(mss));
+                data.extend_from_slice(&s[l4 + 32..]);
+            }
+            assert_eq!(data, t.payload, "{case}: payload reassembles");
+        }
+    }
+
+    #[test]
+    fn vxlan_without_outer_checksums_and_with_udp_inside() {
+        // The probe's case: a UDP GSO send inside VXLAN (12,000 bytes, 1200 a datagram),
+        // from a VXLAN device with `noudpcsum`: the outer checksum stays zero.
+        let inner = Udp::new(false, 12_000).build();
+        let (mut p, nh) = vxlan(false, &inner);
+        let hdr = VirtioHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_TUNNEL_IPV4 | GSO_UDP_L4,
+            hdr_len: (nh + 28) as u16,
+            gso_size: 1200,
+            csum_start: (nh + 20) as u16,
+            csum_offset: UDP_CSUM as u16,
+        };
+        let encap = Encap {
+            outer_th: 20,
+            inner_nh: nh as u16,
+        };
+        let segs = split_encapsulated_all(hdr, encap, &mut p).expect("split");
+        assert_eq!(segs.len(), 10);
+        for s in &segs {
+            assert_eq!(be16(s, 20 + UDP_CSUM), 0, "no outer checksum asked for");
+            assert_valid(s);
+            assert_valid(&s[nh..]);
+            assert_eq!(s.len(), nh + 28 + 1200);
+        }
+    }
+
+    #[test]
+    fn malformed_encapsulation_is_refused() {
+        let (hdr, encap, p, _) = vxlan_super_segment(false, false, 5000, 1268);
+        let nh = usize::from(encap.inner_nh);
+        let cases: Vec<(VirtioHdr, Option<Encap>, SplitError)> = vec![
+            // Encapsulated, but the TUN gave no tunnel fields.
+            (hdr, None, SplitError::GsoType(hdr.gso_type)),
+            // Both outer families at once.
+            (
+                VirtioHdr {
+                    gso_type: hdr.gso_type | GSO_UDP_TUNNEL_IPV6,
+                    ..hdr
+                },
+                Some(encap),
+                SplitError::GsoType(GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6),
+            ),
+            // Says IPv6 outside, is IPv4.
+            (
+                VirtioHdr {
+                    gso_type: GSO_TCPV4 | GSO_UDP_TUNNEL_IPV6,
+                    ..hdr
+                },
+                Some(encap),
+                SplitError::Family,
+            ),
+            // The outer UDP header is not where the outer IP header ends.
+            (
+                hdr,
+                Some(Encap {
+                    outer_th: 24,
+                    ..encap
+                }),
+                SplitError::Header,
+            ),
+            // The inner header inside the outer UDP header.
+            (
+                hdr,
+                Some(Encap {
+                    inner_nh: 24,
+                    ..encap
+                }),
+                SplitError::Header,
+            ),
+            // The inner header past the end.
+            (
+                hdr,
+                Some(Encap {
+                    inner_nh: 6000,
+                    ..encap
+                }),
+                SplitError::Header,
+            ),
+            // The inner transport offset off the inner IP header.
+            (
+                VirtioHdr {
+                    csum_start: (nh + 24) as u16,
+                    ..hdr
+                },
+                Some(encap),
+                SplitError::Header,
+            ),
+        ];
+        for (hdr, encap, want) in cases {
+            let mut p = p.clone();
+            let mut scratch = vec![0u8; 65_536];
+            let got = split_encapsulated(hdr, encap, &mut p, &mut scratch, |_| {});
+            assert_eq!(got, Err(want), "{hdr:?} {encap:?}");
+        }
+        // The plain split never takes an encapsulated packet.
+        let mut p = p.clone();
+        assert_eq!(
+            split_all(hdr, &mut p),
+            Err(SplitError::GsoType(hdr.gso_type))
+        );
     }
 
     #[test]

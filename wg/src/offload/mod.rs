@@ -47,7 +47,7 @@ pub mod gro;
 pub mod gso;
 pub mod virtio;
 
-pub use virtio::{VirtioHdr, VIRTIO_HDR_LEN};
+pub use virtio::{Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
 
 pub(crate) const IPPROTO_TCP: u8 = 6;
 pub(crate) const IPPROTO_UDP: u8 = 17;
