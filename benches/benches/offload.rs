@@ -7,15 +7,21 @@
 //! a one-flow coalescer, tun-rs's `GROTable` takes the whole batch. The results are
 //! checked to match before anything is timed. `cargo bench -p isthmus-benches --bench
 //! offload`; the figures and the decision are in `wg/src/offload/mod.rs`.
+//!
+//! A third group has no peer (tun-rs splits no tunnels): the same payload split as a plain
+//! TCP super-segment and as a VXLAN one (what flannel's device hands an offloading TUN),
+//! to show what the outer headers add per segment.
 
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput};
 use isthmus_benches::bench_mode;
 use isthmus_wg::offload::gro::Coalescer;
-use isthmus_wg::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
-use isthmus_wg::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
-use isthmus_wg::packet::{assert_valid, Tcp};
+use isthmus_wg::offload::virtio::{
+    F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_TCPV4, GSO_UDP_TUNNEL_IPV4,
+};
+use isthmus_wg::offload::{gso, Encap, VirtioHdr, VIRTIO_HDR_LEN};
+use isthmus_wg::packet::{assert_valid, vxlan, Tcp};
 use tun_rs::{GROTable, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
 
 /// A 1420-byte tunnel MTU and Linux's TCP timestamps: 40 + 12 bytes of headers.
@@ -34,6 +40,35 @@ fn super_segment() -> (VirtioHdr, Vec<u8>) {
         csum_offset: 16,
     };
     (hdr, Tcp::new(false, 1, PAYLOAD).build())
+}
+
+/// VXLAN's 50 bytes of outer headers, and the inner MSS inside flannel's MTU (1370 here).
+const VXLAN_HLEN: usize = 50;
+const VXLAN_MSS: usize = 1370 - HLEN;
+const VXLAN_PAYLOAD: usize = 65_535 - VXLAN_HLEN - HLEN;
+
+/// The same TCP payload as a plain super-segment and as a VXLAN one, both at
+/// [`VXLAN_MSS`]: (plain header, plain packet, VXLAN header, tunnel offsets, VXLAN packet).
+fn vxlan_pair() -> (VirtioHdr, Vec<u8>, VirtioHdr, Encap, Vec<u8>) {
+    let plain = VirtioHdr {
+        gso_size: VXLAN_MSS as u16,
+        ..super_segment().0
+    };
+    let inner = Tcp::new(false, 1, VXLAN_PAYLOAD).build();
+    let (outer, nh) = vxlan(false, &inner);
+    let hdr = VirtioHdr {
+        flags: F_NEEDS_CSUM | F_UDP_TUNNEL_CSUM,
+        gso_type: GSO_TCPV4 | GSO_UDP_TUNNEL_IPV4,
+        hdr_len: (nh + HLEN) as u16,
+        gso_size: VXLAN_MSS as u16,
+        csum_start: (nh + 20) as u16,
+        csum_offset: 16,
+    };
+    let encap = Encap {
+        outer_th: 20,
+        inner_nh: nh as u16,
+    };
+    (plain, inner, hdr, encap, outer)
 }
 
 fn theirs(hdr: VirtioHdr) -> VirtioNetHdr {
@@ -108,6 +143,18 @@ fn check() {
         whole,
         "tun-rs coalesced into the first buffer"
     );
+    // The VXLAN split gives valid VXLAN packets around the plain split's segments.
+    let (plain, mut inner, hdr, encap, mut outer) = vxlan_pair();
+    let mut scratch = vec![0u8; 65_535];
+    let mut want = Vec::new();
+    gso::split(plain, &mut inner, &mut scratch, |s| want.push(s.to_vec())).expect("split");
+    let mut got = Vec::new();
+    gso::split_encapsulated(hdr, Some(encap), &mut outer, &mut scratch, |s| {
+        assert_valid(s);
+        got.push(s[usize::from(encap.inner_nh)..].to_vec());
+    })
+    .expect("VXLAN split");
+    assert_eq!(got, want, "the same segments inside VXLAN");
 }
 
 fn main() {
@@ -133,6 +180,25 @@ fn main() {
     let mut sizes = vec![0usize; 64];
     g.bench_function("tun-rs", |b| {
         b.iter(|| tun_rs::gso_split(&mut packet, theirs(hdr), &mut bufs, &mut sizes, 0, false))
+    });
+    g.finish();
+
+    let (plain, mut inner, vx_hdr, encap, mut outer) = vxlan_pair();
+    let mut g = c.benchmark_group("offload-split-vxlan-64k");
+    g.throughput(Throughput::Bytes(VXLAN_PAYLOAD as u64));
+    g.bench_function("isthmus-plain", |b| {
+        b.iter(|| {
+            gso::split(plain, &mut inner, &mut scratch, |s| {
+                black_box(s);
+            })
+        })
+    });
+    g.bench_function("isthmus-vxlan", |b| {
+        b.iter(|| {
+            gso::split_encapsulated(vx_hdr, Some(encap), &mut outer, &mut scratch, |s| {
+                black_box(s);
+            })
+        })
     });
     g.finish();
 
