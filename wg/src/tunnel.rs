@@ -265,14 +265,14 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, usize, bool)> 
                 }
                 return match enable_tunnel_gso(&tun, uso) {
                     Ok(()) => Ok((tun, VIRTIO_TUNNEL_HDR_LEN, uso)),
-                    Err(e) => {
+                    Err((e, hdr_len)) => {
                         tracing::info!(
                             iface,
                             error = %e,
                             "TUN refused UDP tunnel segmentation offload (kernel < 6.17?); \
                              VXLAN packets are read one by one"
                         );
-                        Ok((tun, VIRTIO_HDR_LEN, uso))
+                        Ok((tun, hdr_len, uso))
                     }
                 };
             }
@@ -290,8 +290,10 @@ fn open_tun(iface: &str, mtu: u16) -> anyhow::Result<(SyncDevice, usize, bool)> 
 /// Asks the TUN to hand over encapsulated super-packets too: a VXLAN device routed into
 /// the tunnel (flannel's) then gives one read per 64 KiB instead of one per datagram. That
 /// takes the long virtio-net header on every read and write, set first; on a refusal the
-/// header goes back to the short one and the offloads stay as tun-rs set them.
-fn enable_tunnel_gso(tun: &SyncDevice, uso: bool) -> io::Result<()> {
+/// header goes back to the short one and the offloads stay as tun-rs set them. A refusal
+/// says which header length is in effect, so reads and writes keep the device's framing
+/// even if the header could not be set back.
+fn enable_tunnel_gso(tun: &SyncDevice, uso: bool) -> Result<(), (io::Error, usize)> {
     use std::os::fd::AsRawFd;
     let fd = tun.as_raw_fd();
     let set_len = |len: usize| {
@@ -310,12 +312,14 @@ fn enable_tunnel_gso(tun: &SyncDevice, uso: bool) -> io::Result<()> {
     if uso {
         flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
     }
-    set_len(VIRTIO_TUNNEL_HDR_LEN)?;
+    set_len(VIRTIO_TUNNEL_HDR_LEN).map_err(|e| (e, VIRTIO_HDR_LEN))?;
     // SAFETY: TUNSETOFFLOAD takes the flags by value.
     if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
         let refused = io::Error::last_os_error();
-        set_len(VIRTIO_HDR_LEN)?;
-        return Err(refused);
+        return Err(match set_len(VIRTIO_HDR_LEN) {
+            Ok(()) => (refused, VIRTIO_HDR_LEN),
+            Err(_) => (refused, VIRTIO_TUNNEL_HDR_LEN),
+        });
     }
     Ok(())
 }
