@@ -113,10 +113,9 @@ pub enum SetError {
 /// The I/O side the engine transmits through.
 pub struct Net {
     tun: SyncDevice,
-    /// The TUN speaks virtio-net headers (offloads on): every read and write has one.
-    vnet: bool,
-    /// Their length: [`VIRTIO_HDR_LEN`], or [`VIRTIO_TUNNEL_HDR_LEN`] once the TUN also
-    /// hands over encapsulated super-packets ([`enable_tunnel_gso`]); 0 without headers.
+    /// The length of the virtio-net header on every read and write (offloads on):
+    /// [`VIRTIO_HDR_LEN`], or [`VIRTIO_TUNNEL_HDR_LEN`] once the TUN also hands over
+    /// encapsulated super-packets ([`enable_tunnel_gso`]); 0 without headers.
     vnet_len: usize,
     /// UDP datagrams are coalesced too ([`udp_gro_wanted`]).
     udp_gro: bool,
@@ -133,10 +132,10 @@ impl Transmit for Net {
     }
 
     fn write_tun(&self, packet: &[u8]) -> io::Result<()> {
-        if self.vnet {
+        if self.vnet() {
             let mut hdr = [0u8; VIRTIO_HDR_LEN];
             VirtioHdr::NONE.encode(&mut hdr);
-            self.write_framed(&[&hdr, packet])
+            self.write_vnet(&hdr, packet)
         } else {
             self.tun.send(packet).map(|_| ())
         }
@@ -144,28 +143,26 @@ impl Transmit for Net {
 }
 
 impl Net {
-    /// Writes one packet to the TUN: `parts` start with the [`VIRTIO_HDR_LEN`]-byte header
-    /// when the TUN has headers. The long header's extra fields (receive hash, tunnel
-    /// offsets) are zero on what we write: no packet we write is encapsulated GSO.
-    fn write_framed(&self, parts: &[&[u8]]) -> io::Result<()> {
+    /// The TUN speaks virtio-net headers (offloads on): every read and write has one.
+    fn vnet(&self) -> bool {
+        self.vnet_len > 0
+    }
+
+    /// Writes `packet` to a TUN with headers, behind the [`VIRTIO_HDR_LEN`] bytes of
+    /// `hdr`, zero-padded to the long header when the TUN has it: the long header's extra
+    /// fields (receive hash, tunnel offsets) stay zero, as nothing we write is encapsulated
+    /// GSO.
+    fn write_vnet(&self, hdr: &[u8], packet: &[u8]) -> io::Result<()> {
         const PAD: [u8; VIRTIO_TUNNEL_HDR_LEN - VIRTIO_HDR_LEN] =
             [0; VIRTIO_TUNNEL_HDR_LEN - VIRTIO_HDR_LEN];
-        let mut iov = [IoSlice::new(&[]); 4];
-        let mut n = 0;
-        for (i, part) in parts.iter().enumerate() {
-            if i == 0 && self.vnet_len == VIRTIO_TUNNEL_HDR_LEN {
-                // The long header: its first ten bytes, then zeros.
-                let (head, rest) = part.split_at(VIRTIO_HDR_LEN.min(part.len()));
-                iov[n] = IoSlice::new(head);
-                iov[n + 1] = IoSlice::new(&PAD);
-                iov[n + 2] = IoSlice::new(rest);
-                n += 3;
-            } else if n < iov.len() {
-                iov[n] = IoSlice::new(part);
-                n += 1;
-            }
-        }
-        self.tun.send_vectored(&iov[..n]).map(|_| ())
+        let pad: &[u8] = if self.vnet_len == VIRTIO_TUNNEL_HDR_LEN {
+            &PAD
+        } else {
+            &[]
+        };
+        self.tun
+            .send_vectored(&[IoSlice::new(hdr), IoSlice::new(pad), IoSlice::new(packet)])
+            .map(|_| ())
     }
 }
 
@@ -367,7 +364,6 @@ impl Tunnel {
         config.listen_port = sockets.port;
         let net = Arc::new(Net {
             tun,
-            vnet,
             vnet_len,
             udp_gro,
             gro: GroCounters::default(),
@@ -578,8 +574,15 @@ impl Tunnel {
         let mut gro = Coalescer::with_udp(self.net.udp_gro);
         let net = self.net.as_ref();
         let drops = self.engine.drops();
+        // What it is handed starts with the short header when the TUN has headers.
         let mut emit = |b: &[u8]| {
-            if net.write_framed(&[b]).is_err() {
+            let written = if net.vnet() {
+                let (hdr, packet) = b.split_at(VIRTIO_HDR_LEN.min(b.len()));
+                net.write_vnet(hdr, packet)
+            } else {
+                net.tun.send(b).map(|_| ())
+            };
+            if written.is_err() {
                 drops.record(DropReason::IoError);
             }
         };
@@ -588,7 +591,7 @@ impl Tunnel {
         let mut jobs = OpenJobs::with_capacity(OPEN_JOBS);
         // A packet with its headroom: into the coalescer, or straight to the TUN.
         let deliver = |slot: &mut [u8], gro: &mut Coalescer, emit: &mut dyn FnMut(&[u8])| {
-            if net.vnet {
+            if net.vnet() {
                 gro.push(slot, &mut |b| emit(b));
             } else {
                 emit(&slot[VIRTIO_HDR_LEN..]);
@@ -711,12 +714,14 @@ impl Tunnel {
                 }
                 self.seal_into(&mut batch, &mut jobs, &burst, packet)
             };
-            if self.net.vnet {
+            if self.net.vnet() {
                 let split = VirtioHdr::decode(&rx[..n])
                     .filter(|_| n >= hdr_len)
                     .ok_or(gso::SplitError::Truncated)
                     .and_then(|hdr| {
-                        let encap = Encap::decode(&rx[..n]).filter(|_| hdr_len > VIRTIO_HDR_LEN);
+                        let encap = (hdr_len == VIRTIO_TUNNEL_HDR_LEN)
+                            .then(|| Encap::decode(&rx[..n]))
+                            .flatten();
                         let packet = &mut rx[hdr_len..n];
                         gso::split_encapsulated(hdr, encap, packet, &mut segment, &mut seal)
                     });
