@@ -175,7 +175,10 @@ impl_command() { # impl iface port -> DAEMON_CMD
   local bin
   bin=$(impl_binary "$1")
   case $1 in
-    isthmus | isthmus-baseline) DAEMON_CMD=("$bin" tunnel --iface "$2" --listen-port "$3") ;;
+    # With --vxlan, isthmus is told the VXLAN devices' port, as the agent learns flannel's.
+    # (A baseline build from before --vxlan-port existed needs a wrapper that drops it.)
+    isthmus | isthmus-baseline)
+      DAEMON_CMD=("$bin" tunnel --iface "$2" --listen-port "$3" ${VXLAN:+--vxlan-port 8472}) ;;
     wireguard-go-*) DAEMON_CMD=(env WG_PROCESS_FOREGROUND=1 "$bin" -f "$2") ;;
     # boringtun-cli drops privileges to the sudo user by default and exits when there is
     # none ("NULL from getlogin"); WG_SUDO / --disable-drop-privileges keep root.

@@ -12,6 +12,7 @@ use isthmus_agent::control::options::{RoutingOptions, RunOptions};
 use isthmus_agent::control::publish::PublishOptions;
 use isthmus_agent::control::run::{cleanup, run};
 use isthmus_routing::Mode;
+use isthmus_wg::offload::gro::MAX_VXLAN_PORTS;
 use isthmus_wg::tunnel::{Tunnel, DEFAULT_MTU};
 use isthmus_wg::uapi::server;
 
@@ -36,6 +37,12 @@ enum Command {
         /// MTU of the TUN device.
         #[arg(long, default_value_t = DEFAULT_MTU)]
         mtu: u16,
+        /// UDP port of a local VXLAN device (its `dstport`; flannel's is 8472) whose
+        /// traffic arrives through this tunnel: TCP inside it is written to the TUN as
+        /// 64 KiB tunnel super-packets (kernel ≥ 6.17). Repeat for more (up to 4). Name only
+        /// ports a VXLAN device listens on.
+        #[arg(long = "vxlan-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        vxlan_ports: Vec<u16>,
     },
     /// The node agent (DaemonSet): tunnel, publish this node's WireGuardPeer, follow the
     /// admitted peers, steer cross-location overlay traffic into the tunnel.
@@ -309,10 +316,17 @@ fn check_iface(iface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
+fn run_tunnel(iface: &str, listen_port: u16, mtu: u16, vxlan_ports: &[u16]) -> anyhow::Result<()> {
     check_iface(iface)?;
+    if vxlan_ports.len() > MAX_VXLAN_PORTS {
+        anyhow::bail!(
+            "--vxlan-port: at most {MAX_VXLAN_PORTS}, got {}",
+            vxlan_ports.len()
+        );
+    }
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let tunnel = Tunnel::start(iface, listen_port, mtu)?;
+    tunnel.set_vxlan_ports(vxlan_ports);
     let signals_handle = signals.handle();
     // A tunnel that stopped ends the wait as a signal would, so the socket goes too.
     tunnel.on_failure(move || signals_handle.close());
@@ -328,6 +342,8 @@ fn run_tunnel(iface: &str, listen_port: u16, mtu: u16) -> anyhow::Result<()> {
             gro_tcp_writes = gro.tcp_writes,
             gro_udp_merged = gro.udp_merged,
             gro_udp_writes = gro.udp_writes,
+            gro_vxlan_merged = gro.vxlan_merged,
+            gro_vxlan_writes = gro.vxlan_writes,
             "shutting down"
         );
     }
@@ -348,7 +364,8 @@ fn main() -> ExitCode {
             iface,
             listen_port,
             mtu,
-        } => run_tunnel(&iface, listen_port, mtu),
+            vxlan_ports,
+        } => run_tunnel(&iface, listen_port, mtu, &vxlan_ports),
         Command::Run(args) => run_agent(*args),
         Command::Peers {
             iface,

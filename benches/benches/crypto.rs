@@ -4,6 +4,8 @@
 //!   [`boringtun::noise::Tunn`] peers (framing, counters, replay window, length checks, copies).
 //! - `raw ChaCha20-Poly1305 seal+open`: ring's `seal_in_place_separate_tag` + `open_in_place`
 //!   on the same size, nonce from a counter as in WireGuard data messages: the ceiling.
+//! - `raw ChaCha20-Poly1305 seal`: the seal alone, so each side's share of the cipher is
+//!   known (the floor any WireGuard daemon on ring pays per byte; docs/benchmarks.md).
 //!
 //! Criterion's figures are the primary result. Under `cargo bench` a short interleaved
 //! `Instant` timing afterwards prints `encap+decap / raw AEAD = X%` (project target: >= 85%).
@@ -21,6 +23,7 @@ const GROUP: &str = "data-path-1420B";
 const TUNN_ID: &str = "boringtun Tunn encapsulate+decapsulate";
 const ENGINE_ID: &str = "isthmus engine outbound+inbound";
 const AEAD_ID: &str = "raw ChaCha20-Poly1305 seal+open";
+const SEAL_ID: &str = "raw ChaCha20-Poly1305 seal";
 const PIPELINE_ID: &str = "isthmus batched path per packet (GSO split+seal+open+GRO)";
 /// Project target for (boringtun round trip) / (raw AEAD) throughput.
 const TARGET_RATIO: f64 = 0.85;
@@ -96,6 +99,20 @@ impl AeadBench {
             .expect("open");
         plain.len()
     }
+
+    /// Seal only: what the sending side's cipher costs (the opening side's is the
+    /// seal+open figure minus this one).
+    #[inline]
+    fn seal(&mut self) -> usize {
+        let counter = self.counter;
+        self.counter += 1;
+        let data = &mut self.buf[..PACKET_LEN];
+        let tag = self
+            .sealer
+            .seal_in_place_separate_tag(Self::nonce(counter), Aad::empty(), black_box(data))
+            .expect("seal");
+        tag.as_ref().len()
+    }
 }
 
 /// Both benchmarks in one group so criterion reports them side by side, in bytes/s.
@@ -111,6 +128,7 @@ fn bench_data_path(c: &mut Criterion) {
     group.bench_function(TUNN_ID, |b| b.iter(|| tunn.step()));
     let mut aead = AeadBench::new();
     group.bench_function(AEAD_ID, |b| b.iter(|| aead.step()));
+    group.bench_function(SEAL_ID, |b| b.iter(|| aead.seal()));
     group.finish();
 
     // The batched path moves one 64 KiB super-segment per iteration.

@@ -107,7 +107,7 @@ fn slots(segments: &[Vec<u8>]) -> Vec<Vec<u8>> {
 
 fn ours_coalesce(gro: &mut Coalescer, slots: &mut [Vec<u8>]) -> usize {
     let mut written = 0;
-    let mut emit = |w: &[u8]| written += w.len();
+    let mut emit = |h: &[u8], p: &[u8]| written += h.len() + p.len();
     for slot in slots.iter_mut() {
         gro.push(slot, &mut emit);
     }

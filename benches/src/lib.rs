@@ -359,7 +359,7 @@ impl Pipeline {
         b.refresh(&mut engines.burst_b);
         let burst = &engines.burst_b;
         let mut written = 0;
-        let mut emit = |w: &[u8]| written += w.len();
+        let mut emit = |h: &[u8], p: &[u8]| written += h.len() + p.len();
         batch.flush(|_to, datagrams, size| {
             for d in datagrams.chunks(size) {
                 let n = b

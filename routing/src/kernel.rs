@@ -13,7 +13,7 @@ use rtnetlink::packet_core::{
     NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -64,6 +64,36 @@ impl Kernel {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
         }
+    }
+
+    /// The UDP port VXLAN device `name` listens on (its `dstport`); `None` when there is
+    /// no such link or it is not a VXLAN device.
+    pub async fn vxlan_port(&self, name: &str) -> anyhow::Result<Option<u16>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let link = match links.try_next().await {
+            Ok(link) => link,
+            // ENODEV: no such link.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
+            Err(e) => return Err(e).with_context(|| format!("looking up link {name}")),
+        };
+        let port = link.and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                    LinkInfo::Data(InfoData::Vxlan(v)) => v.iter().find_map(|x| match x {
+                        InfoVxlan::Port(p) => Some(*p),
+                        _ => None,
+                    }),
+                    _ => None,
+                }),
+                _ => None,
+            })
+        });
+        Ok(port)
     }
 
     /// This node's VTEP: the VXLAN device's MAC and its address of the family `v6` names

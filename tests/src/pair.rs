@@ -113,6 +113,9 @@ impl Host {
                     &iface,
                     "--listen-port",
                     &port.to_string(),
+                    // The port of the VXLAN devices tests lay over the tunnel (flannel's).
+                    "--vxlan-port",
+                    "8472",
                 ],
                 &[
                     ("RUST_LOG", "info"),

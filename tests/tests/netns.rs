@@ -685,11 +685,25 @@ fn tun_packets(host: &Host) -> u64 {
         .tx_packets
 }
 
-/// flannel's pod traffic across the mesh: TCP inside VXLAN inside the tunnel. A checked
-/// 40 MiB transfer between the VXLAN devices arrives intact; returns the data datagrams the
-/// sender sent and the packets its TUN handed it.
-fn tcp_inside_vxlan(sender: Impl) -> (u64, u64) {
-    let mut pair = Pair::new(sender, Impl::Isthmus, Underlay::V4).expect("pair");
+/// What one [`tcp_inside_vxlan`] transfer took.
+#[derive(Debug)]
+struct VxlanTransfer {
+    /// Data datagrams the sender sent.
+    datagrams: u64,
+    /// Packets the sender's TUN handed it (the kernel's `tx_packets`).
+    read: u64,
+    /// Packets the receiver's VXLAN device took in (the kernel's `rx_packets`: one per
+    /// datagram, or one per tunnel super-packet it decapsulated whole).
+    decapsulated: u64,
+    /// Datagrams the receiver wrote inside tunnel super-packets, and those writes.
+    vxlan_merged: u64,
+    vxlan_writes: u64,
+}
+
+/// flannel's pod traffic across the mesh: TCP inside VXLAN inside the tunnel, between two
+/// daemons of `kind`. A checked 40 MiB transfer between the VXLAN devices arrives intact.
+fn tcp_inside_vxlan(kind: Impl) -> VxlanTransfer {
+    let mut pair = Pair::new(kind, kind, Underlay::V4).expect("pair");
     assert!(ping(&pair.a.ns, pair.b.inner_v4(), 1), "{}", pair.logs());
     vxlan_over_tunnel(&pair);
     let to: IpAddr = "10.201.0.2".parse().unwrap();
@@ -698,32 +712,56 @@ fn tcp_inside_vxlan(sender: Impl) -> (u64, u64) {
         "no ping inside VXLAN\n{}",
         pair.logs()
     );
-    let before = tun_packets(&pair.a);
+    let vxlan_rx = |host: &Host| {
+        link_counters(&host.ns, "istvx")
+            .expect("VXLAN counters")
+            .rx_packets
+    };
+    let (read_before, rx_before) = (tun_packets(&pair.a), vxlan_rx(&pair.b));
     tcp_transfer(&pair.a.ns, &pair.b.ns, to, 40 << 20)
         .unwrap_or_else(|e| panic!("TCP inside VXLAN: {e:#}\n{}", pair.logs()));
-    let read = tun_packets(&pair.a) - before;
+    let read = tun_packets(&pair.a) - read_before;
+    let decapsulated = vxlan_rx(&pair.b) - rx_before;
     let datagrams = count_in(&shutdown_line(&mut pair.a), "sent_datagrams");
-    eprintln!("{sender:?}: {datagrams} datagrams sent, from {read} packets read off the TUN");
-    (datagrams, read)
+    let receiver = shutdown_line(&mut pair.b);
+    let t = VxlanTransfer {
+        datagrams,
+        read,
+        decapsulated,
+        vxlan_merged: count_in(&receiver, "gro_vxlan_merged"),
+        vxlan_writes: count_in(&receiver, "gro_vxlan_writes"),
+    };
+    eprintln!("{kind:?}: {t:?}");
+    t
 }
 
 /// With the TUN's UDP tunnel offload (kernel ≥ 6.17) the VXLAN device hands the sender
 /// 64 KiB super-packets, which it splits into VXLAN datagrams whose outer and inner
 /// headers and checksums the receiving kernel takes (the transfer checks every byte): far
-/// fewer packets off the TUN than datagrams sent. Switched off, one datagram per packet.
+/// fewer packets off the TUN than datagrams sent. The receiver merges the datagrams back
+/// into tunnel super-packets that its VXLAN device decapsulates whole: far fewer packets
+/// into that device than datagrams. Switched off, one packet per datagram on both sides.
 #[test]
-fn tcp_inside_vxlan_leaves_the_tun_in_super_packets_and_arrives_intact() {
-    let (datagrams, read) = tcp_inside_vxlan(Impl::Isthmus);
+fn tcp_inside_vxlan_crosses_both_tuns_in_super_packets_and_arrives_intact() {
+    let on = tcp_inside_vxlan(Impl::Isthmus);
     assert!(
-        read * 8 <= datagrams,
-        "{read} TUN packets for {datagrams} datagrams: VXLAN was not handed over in \
-         super-packets"
+        on.read * 8 <= on.datagrams,
+        "{on:?}: VXLAN was not handed over in super-packets"
     );
-    let (datagrams, read) = tcp_inside_vxlan(Impl::IsthmusNoTunnelGso);
     assert!(
-        read * 10 >= datagrams * 9,
-        "with ISTHMUS_TUN_TUNNEL_GSO=0, {read} TUN packets for {datagrams} datagrams"
+        on.decapsulated * 8 <= on.datagrams && on.vxlan_writes * 8 <= on.vxlan_merged,
+        "{on:?}: VXLAN was not written to the receiving TUN in super-packets"
     );
+    assert!(
+        on.vxlan_merged * 10 >= on.datagrams * 9,
+        "{on:?}: most datagrams went in one by one"
+    );
+    let off = tcp_inside_vxlan(Impl::IsthmusNoTunnelGso);
+    assert!(
+        off.read * 10 >= off.datagrams * 9 && off.decapsulated * 10 >= off.datagrams * 9,
+        "with ISTHMUS_TUN_TUNNEL_GSO=0, {off:?}"
+    );
+    assert_eq!(off.vxlan_writes, 0, "{off:?}");
 }
 
 /// netns.sh: "Test using NAT". a sits behind a router that source-NATs it and forgets a UDP

@@ -17,7 +17,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -31,7 +31,7 @@ use crate::config::{Change, DeviceConfig, PeerConfig};
 use crate::drops::DropReason;
 use crate::engine::{Burst, Engine, Queued, Transmit, DATA_OVERHEAD, MAX_PACKET};
 use crate::key::Key;
-use crate::offload::gro::{Coalescer, GroStats};
+use crate::offload::gro::{Coalescer, GroStats, MAX_VXLAN_PORTS};
 use crate::offload::{gso, Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
 use crate::snat::SourceRewrite;
 use crate::sockets::{Sockets, Udp, RECV_BUF};
@@ -70,6 +70,12 @@ pub const TUNNEL_GSO_ENV: &str = "ISTHMUS_TUN_TUNNEL_GSO";
 const TUN_F_UDP_TUNNEL_GSO: libc::c_uint = 0x080;
 const TUN_F_UDP_TUNNEL_GSO_CSUM: libc::c_uint = 0x100;
 
+/// Set to `0` to write TCP inside VXLAN into the TUN datagram by datagram (each split
+/// again by the kernel before the VXLAN socket) rather than as tunnel super-packets, even
+/// when VXLAN ports are set ([`Tunnel::set_vxlan_ports`]) and the TUN accepted tunnel
+/// offload. To measure what they bring, or to work around a kernel that mishandles them.
+pub const VXLAN_GRO_ENV: &str = "ISTHMUS_TUN_VXLAN_GRO";
+
 /// Set to `0` to keep UDP datagrams out of GRO (one TUN write each) even when the TUN
 /// accepted UDP segmentation offload, e.g. to measure what coalescing them brings.
 pub const UDP_GRO_ENV: &str = "ISTHMUS_TUN_UDP_GRO";
@@ -99,6 +105,28 @@ pub fn udp_gro_wanted(vnet: bool, uso: bool, setting: Option<&str>) -> bool {
     vnet && uso && setting.map(str::trim) != Some("0")
 }
 
+/// Whether TCP inside VXLAN is coalesced into tunnel super-packets: only on a TUN whose
+/// header is the long one (it accepted `TUN_F_UDP_TUNNEL_GSO`, kernel ≥ 6.17), and unless
+/// [`VXLAN_GRO_ENV`] is `0`.
+pub fn vxlan_gro_wanted(vnet_len: usize, setting: Option<&str>) -> bool {
+    vnet_len == VIRTIO_TUNNEL_HDR_LEN && setting.map(str::trim) != Some("0")
+}
+
+/// Up to [`MAX_VXLAN_PORTS`] ports packed into one word (0: none), so each receive batch
+/// reads the current set without a lock.
+fn pack_ports(ports: &[u16]) -> u64 {
+    ports
+        .iter()
+        .filter(|&&p| p != 0)
+        .take(MAX_VXLAN_PORTS)
+        .enumerate()
+        .fold(0, |w, (i, &p)| w | u64::from(p) << (16 * i))
+}
+
+fn unpack_ports(w: u64) -> [u16; MAX_VXLAN_PORTS] {
+    std::array::from_fn(|i| (w >> (16 * i)) as u16)
+}
+
 /// Why a [`Change`] could not be applied; nothing changed.
 #[derive(Debug, thiserror::Error)]
 pub enum SetError {
@@ -119,6 +147,11 @@ pub struct Net {
     vnet_len: usize,
     /// UDP datagrams are coalesced too ([`udp_gro_wanted`]).
     udp_gro: bool,
+    /// TCP inside VXLAN may be coalesced into tunnel super-packets ([`vxlan_gro_wanted`]);
+    /// cleared for good if the kernel refuses one ([`Net::tunnel_write_refused`]).
+    vxlan_gro: AtomicBool,
+    /// The local VXLAN ports whose TCP is coalesced, packed ([`pack_ports`]).
+    vxlan_ports: AtomicU64,
     /// What the coalescers wrote, summed over the UDP readers.
     gro: GroCounters,
     /// What the send batches cost: datagrams, and the system calls that sent them.
@@ -143,22 +176,43 @@ impl Transmit for Net {
 }
 
 impl Net {
+    /// A tunnel super-packet write failed with `EINVAL`: a kernel whose checks differ from
+    /// the ones the coalescer works around. Stops merging VXLAN for the life of the process
+    /// (datagrams go in one by one or as UDP runs again; TCP resends what was lost), once,
+    /// with a warning.
+    fn tunnel_write_refused(&self, e: &io::Error) {
+        if self.vxlan_gro.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                error = %e,
+                "the TUN refused a VXLAN super-packet; VXLAN is written datagram by datagram from now on"
+            );
+        }
+    }
+
     /// The TUN speaks virtio-net headers (offloads on): every read and write has one.
     fn vnet(&self) -> bool {
         self.vnet_len > 0
     }
 
-    /// Writes `packet` to a TUN with headers, behind the [`VIRTIO_HDR_LEN`] bytes of
-    /// `hdr`, zero-padded to the long header when the TUN has it: the long header's extra
-    /// fields (receive hash, tunnel offsets) stay zero, as nothing we write is encapsulated
-    /// GSO.
+    /// Writes `packet` to a TUN with headers, behind `hdr`: the short header, zero-padded
+    /// to the long one when the TUN has it (the receive hash and tunnel offsets stay zero),
+    /// or a whole long header (a tunnel super-packet from the coalescer).
     fn write_vnet(&self, hdr: &[u8], packet: &[u8]) -> io::Result<()> {
         const PAD: [u8; VIRTIO_TUNNEL_HDR_LEN - VIRTIO_HDR_LEN] =
             [0; VIRTIO_TUNNEL_HDR_LEN - VIRTIO_HDR_LEN];
-        let pad: &[u8] = if self.vnet_len == VIRTIO_TUNNEL_HDR_LEN {
-            &PAD
-        } else {
-            &[]
+        let Some(pad) = self
+            .vnet_len
+            .checked_sub(hdr.len())
+            .and_then(|n| PAD.get(..n))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a {}-byte virtio-net header for a TUN that takes {}",
+                    hdr.len(),
+                    self.vnet_len
+                ),
+            ));
         };
         self.tun
             .send_vectored(&[IoSlice::new(hdr), IoSlice::new(pad), IoSlice::new(packet)])
@@ -173,6 +227,8 @@ struct GroCounters {
     tcp_writes: AtomicU64,
     udp_merged: AtomicU64,
     udp_writes: AtomicU64,
+    vxlan_merged: AtomicU64,
+    vxlan_writes: AtomicU64,
 }
 
 impl GroCounters {
@@ -182,6 +238,8 @@ impl GroCounters {
             (&self.tcp_writes, s.tcp_writes),
             (&self.udp_merged, s.udp_merged),
             (&self.udp_writes, s.udp_writes),
+            (&self.vxlan_merged, s.vxlan_merged),
+            (&self.vxlan_writes, s.vxlan_writes),
         ] {
             if n > 0 {
                 c.fetch_add(n, Ordering::Relaxed);
@@ -195,6 +253,8 @@ impl GroCounters {
             tcp_writes: self.tcp_writes.load(Ordering::Relaxed),
             udp_merged: self.udp_merged.load(Ordering::Relaxed),
             udp_writes: self.udp_writes.load(Ordering::Relaxed),
+            vxlan_merged: self.vxlan_merged.load(Ordering::Relaxed),
+            vxlan_writes: self.vxlan_writes.load(Ordering::Relaxed),
         }
     }
 }
@@ -354,6 +414,7 @@ impl Tunnel {
         let (tun, vnet_len, uso) = open_tun(iface, mtu)?;
         let vnet = vnet_len > 0;
         let udp_gro = udp_gro_wanted(vnet, uso, std::env::var(UDP_GRO_ENV).ok().as_deref());
+        let vxlan_gro = vxlan_gro_wanted(vnet_len, std::env::var(VXLAN_GRO_ENV).ok().as_deref());
         let sockets = Arc::new(
             Sockets::bind(listen_port, 0)
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
@@ -366,6 +427,8 @@ impl Tunnel {
             tun,
             vnet_len,
             udp_gro,
+            vxlan_gro: AtomicBool::new(vxlan_gro),
+            vxlan_ports: AtomicU64::new(0),
             gro: GroCounters::default(),
             sent: SendCounters::default(),
             sockets: RwLock::new(sockets.clone()),
@@ -391,6 +454,7 @@ impl Tunnel {
             tun_offload = vnet,
             tun_tunnel_gso = vnet_len == VIRTIO_TUNNEL_HDR_LEN,
             udp_gro,
+            vxlan_gro,
             crypto_workers = tunnel.workers.size(),
             udp_gso_segments = sockets.v4.max_segments(),
             "tunnel up"
@@ -503,6 +567,22 @@ impl Tunnel {
         Ok(())
     }
 
+    /// Coalesces TCP inside VXLAN datagrams to these local ports (a VXLAN device's
+    /// `dstport`, flannel's 8472) into tunnel super-packets from now on; an empty set
+    /// stops it. Only ports a VXLAN device listens on: the kernel hands such a write whole
+    /// to whatever socket has the port. Up to [`MAX_VXLAN_PORTS`]; inert (datagrams are
+    /// written one by one or as UDP runs) unless the TUN accepted tunnel offload.
+    pub fn set_vxlan_ports(&self, ports: &[u16]) {
+        let packed = pack_ports(ports);
+        if self.net.vxlan_ports.swap(packed, Ordering::Relaxed) != packed {
+            tracing::info!(
+                ports = ?ports,
+                coalesced = self.net.vxlan_gro.load(Ordering::Relaxed),
+                "VXLAN ports set"
+            );
+        }
+    }
+
     /// Rewrites the source of UDP to mesh IPs to this node's mesh IP from now on (`None`:
     /// stop). See [`SourceRewrite`].
     pub fn set_source_rewrite(&self, rewrite: Option<SourceRewrite>) {
@@ -574,15 +654,17 @@ impl Tunnel {
         let mut gro = Coalescer::with_udp(self.net.udp_gro);
         let net = self.net.as_ref();
         let drops = self.engine.drops();
-        // What it is handed starts with the short header when the TUN has headers.
-        let mut emit = |b: &[u8]| {
+        // A header (empty when the TUN has none) and a packet.
+        let mut emit = |hdr: &[u8], packet: &[u8]| {
             let written = if net.vnet() {
-                let (hdr, packet) = b.split_at(VIRTIO_HDR_LEN.min(b.len()));
                 net.write_vnet(hdr, packet)
             } else {
-                net.tun.send(b).map(|_| ())
+                net.tun.send(packet).map(|_| ())
             };
-            if written.is_err() {
+            if let Err(e) = written {
+                if hdr.len() == VIRTIO_TUNNEL_HDR_LEN && e.raw_os_error() == Some(libc::EINVAL) {
+                    net.tunnel_write_refused(&e);
+                }
                 drops.record(DropReason::IoError);
             }
         };
@@ -590,11 +672,11 @@ impl Tunnel {
         let pooled = self.workers.size() > 1;
         let mut jobs = OpenJobs::with_capacity(OPEN_JOBS);
         // A packet with its headroom: into the coalescer, or straight to the TUN.
-        let deliver = |slot: &mut [u8], gro: &mut Coalescer, emit: &mut dyn FnMut(&[u8])| {
+        let deliver = |slot: &mut [u8], gro: &mut Coalescer, emit: &mut dyn FnMut(&[u8], &[u8])| {
             if net.vnet() {
-                gro.push(slot, &mut |b| emit(b));
+                gro.push(slot, &mut |h, p| emit(h, p));
             } else {
-                emit(&slot[VIRTIO_HDR_LEN..]);
+                emit(&[], &slot[VIRTIO_HDR_LEN..]);
             }
         };
         while !set.is_retired() {
@@ -617,6 +699,12 @@ impl Tunnel {
                 }
             };
             self.engine.refresh(&mut burst);
+            let ports = if net.vxlan_gro.load(Ordering::Relaxed) {
+                net.vxlan_ports.load(Ordering::Relaxed)
+            } else {
+                0
+            };
+            gro.set_vxlan_ports(unpack_ports(ports));
             let len = got.len.min(rx.len());
             let stride = got.stride.max(1);
             for start in (0..len).step_by(stride) {

@@ -155,6 +155,7 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
     for (proto, merged, writes) in [
         ("tcp", sample.gro.tcp_merged, sample.gro.tcp_writes),
         ("udp", sample.gro.udp_merged, sample.gro.udp_writes),
+        ("vxlan", sample.gro.vxlan_merged, sample.gro.vxlan_writes),
     ] {
         let labels = vec![("proto", proto.to_string())];
         gro_merged.get_or_create(&labels).inc_by(merged);
@@ -200,7 +201,7 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
     );
     r.register(
         "isthmus_gro_merged_packets",
-        "Decrypted packets written to the TUN inside coalesced super-segments, by protocol",
+        "Decrypted packets written to the TUN inside coalesced super-segments, by protocol (vxlan: TCP inside VXLAN)",
         gro_merged,
     );
     r.register(
@@ -429,6 +430,8 @@ mod tests {
                 tcp_writes: 1,
                 udp_merged: 130,
                 udp_writes: 3,
+                vxlan_merged: 90,
+                vxlan_writes: 2,
             },
             sent: SendStats {
                 datagrams: 640,
@@ -450,6 +453,8 @@ mod tests {
             "isthmus_gro_merged_packets_total{proto=\"tcp\"} 44",
             "isthmus_gro_merged_packets_total{proto=\"udp\"} 130",
             "isthmus_gro_writes_total{proto=\"udp\"} 3",
+            "isthmus_gro_merged_packets_total{proto=\"vxlan\"} 90",
+            "isthmus_gro_writes_total{proto=\"vxlan\"} 2",
             "isthmus_sent_datagrams_total 640",
             "isthmus_send_calls_total 21",
             "isthmus_reconcile_duration_seconds_count 1",

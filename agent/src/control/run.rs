@@ -130,6 +130,7 @@ impl Agent {
             return false;
         }
         let mut changed = false;
+        let mut ports = Vec::new();
         for v6 in [false, true] {
             let routing = &self.opts.routing;
             let device = if v6 {
@@ -138,6 +139,14 @@ impl Agent {
                 &routing.vxlan_device
             };
             let kernel = self.router.kernel();
+            // The port flannel's VXLAN arrives on: TCP inside it is coalesced for the TUN.
+            match kernel.vxlan_port(device).await {
+                Ok(Some(port)) => ports.push(port),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "reading {device}'s port failed")
+                }
+            }
             let (index, found) = match kernel.vtep(device, v6).await {
                 Ok(found) => found,
                 Err(e) => {
@@ -164,6 +173,9 @@ impl Agent {
             *known = found;
             changed = true;
         }
+        ports.sort_unstable();
+        ports.dedup();
+        self.tunnel.set_vxlan_ports(&ports);
         changed
     }
 

@@ -24,9 +24,30 @@
 //! a checksum (zero) is never merged (the merged one would get checksums it never had),
 //! and without DF the IPv4 IDs must be consecutive, as the kernel's GRO requires, because
 //! segmentation numbers them from the first (with DF the ID means nothing, RFC 6864).
+//!
+//! ## TCP inside VXLAN
+//!
+//! With [`Coalescer::set_vxlan_ports`] (only for a TUN that accepted UDP tunnel offload,
+//! kernel ≥ 6.17), datagrams to a local VXLAN device's port that carry TCP are merged the
+//! way the kernel's GRO merges them for a NIC: same outer headers (but lengths, checksums
+//! and, without DF, consecutive IPv4 IDs), the same VXLAN and inner Ethernet headers, and
+//! the inner segments by the TCP rules above. The write is one `GSO_TCPV4|6` +
+//! `GSO_UDP_TUNNEL_IPV4|6` super-packet with the 24-byte header's tunnel offsets, which the
+//! VXLAN socket takes whole: the kernel decapsulates 64 KiB at once instead of ~45
+//! datagrams. Only ports a VXLAN device listens on may be named: the kernel hands such a
+//! super-packet whole to whatever socket has the port.
+//!
+//! The kernel (6.17–6.18 at least, `virtio_net_hdr_tnl_to_skb`) refuses a tunnel
+//! super-packet whose outer transport header starts before byte 34 (`ETH_HLEN` + a
+//! 20-byte IPv4 header): it counts an Ethernet header a TUN's packets do not have. So an
+//! IPv4 outer header is written with 16 bytes of NOP options (36 bytes); the VXLAN device
+//! strips the outer headers, options and all, so nothing past this host sees them.
 
 use super::checksum::{finish, fold, pseudo_header, sum};
-use super::virtio::{VirtioHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VIRTIO_HDR_LEN};
+use super::virtio::{
+    Encap, VirtioHdr, F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+    GSO_UDP_TUNNEL_IPV4, GSO_UDP_TUNNEL_IPV6, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN,
+};
 use super::*;
 
 /// The largest IP packet the coalescer builds (the IPv4 total-length limit).
@@ -36,43 +57,99 @@ pub const MAX_COALESCED: usize = 65_535;
 /// (`UDP_GRO_CNT_MAX`).
 pub const MAX_UDP_SEGMENTS: usize = 64;
 
-const UDP_HLEN: usize = 8;
+/// How many VXLAN ports [`Coalescer::set_vxlan_ports`] keeps (flannel uses one; a
+/// dual-stack node's two devices share it).
+pub const MAX_VXLAN_PORTS: usize = 4;
 
-/// A TCP data segment or UDP datagram the coalescer could merge.
+const UDP_HLEN: usize = 8;
+const VXLAN_HLEN: usize = 8;
+const ETH_HLEN: usize = 14;
+/// The NOP options an IPv4 outer header gets on a tunnel write (see the module docs).
+const OUTER_V4_OPTIONS: usize = 16;
+/// IPv4 option "no operation".
+const IPOPT_NOP: u8 = 1;
+
+/// An encapsulated segment's outer side: VXLAN in UDP over IPv4 (no options) or IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outer {
+    v6: bool,
+    /// Where the outer UDP header starts (the outer IP header's length).
+    th: usize,
+    /// The outer UDP checksum is filled in (VXLAN's `udpcsum`), not zero.
+    csum: bool,
+}
+
+impl Outer {
+    /// Where the inner IP header starts: after the UDP, VXLAN and inner Ethernet headers.
+    fn inner_nh(&self) -> usize {
+        self.th + UDP_HLEN + VXLAN_HLEN + ETH_HLEN
+    }
+
+    /// The bytes the outer IPv4 header grows by on the write.
+    fn options(&self) -> usize {
+        if self.v6 {
+            0
+        } else {
+            OUTER_V4_OPTIONS
+        }
+    }
+}
+
+/// A TCP data segment or UDP datagram the coalescer could merge, plain or (TCP only)
+/// inside VXLAN. Offsets are from the packet's first byte.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
+    /// The (inner) IP header is IPv6.
     v6: bool,
     udp: bool,
-    /// IP header length = transport offset.
+    /// Where the (inner) IP header starts: 0, or after the VXLAN encapsulation.
+    nh: usize,
+    /// Where the (inner) transport header starts.
     l4: usize,
-    /// IP + transport header length.
+    /// All header bytes in front of the payload.
     hlen: usize,
     /// TCP sequence number (0 for UDP).
     seq: u32,
     payload: usize,
     psh: bool,
+    outer: Option<Outer>,
+}
+
+/// A plain IPv4 header (no options, not a fragment) or IPv6 header (no extension headers)
+/// whose length field matches the slice: (IPv6?, header length, protocol).
+fn ip_header(p: &[u8]) -> Option<(bool, usize, u8)> {
+    match p.first()? >> 4 {
+        4 => {
+            let ok = p.len() >= 28
+                && p[0] == 0x45
+                && usize::from(be16(p, 2)) == p.len()
+                && be16(p, 6) & 0x3fff == 0;
+            ok.then_some((false, 20, p[9]))
+        }
+        6 => {
+            let ok = p.len() >= 48 && usize::from(be16(p, 4)) + 40 == p.len();
+            ok.then_some((true, 40, p[6]))
+        }
+        _ => None,
+    }
 }
 
 impl Segment {
-    /// Plain IPv4 (no options, not a fragment) or IPv6 (no extension headers) carrying TCP
-    /// with payload and no flags but ACK and PSH, or UDP with payload and (over IPv4) a
-    /// checksum; lengths consistent with the slice.
-    fn parse(p: &[u8]) -> Option<Segment> {
-        let (v6, l4, proto) = match p.first()? >> 4 {
-            4 => {
-                let ok = p.len() >= 28
-                    && p[0] == 0x45
-                    && usize::from(be16(p, 2)) == p.len()
-                    && be16(p, 6) & 0x3fff == 0;
-                (false, if ok { 20 } else { return None }, p[9])
-            }
-            6 => {
-                let ok = p.len() >= 48 && usize::from(be16(p, 4)) + 40 == p.len();
-                (true, if ok { 40 } else { return None }, p[6])
-            }
-            _ => return None,
-        };
+    /// A TCP segment with payload and no flags but ACK and PSH, or a UDP datagram with
+    /// payload and (over IPv4) a checksum; with `vxlan` ports, also TCP inside a VXLAN
+    /// datagram to one of them. Lengths consistent with the slice.
+    fn parse(p: &[u8], vxlan: &[u16; MAX_VXLAN_PORTS]) -> Option<Segment> {
+        let (v6, l4, proto) = ip_header(p)?;
         if proto == IPPROTO_UDP {
+            let to_vxlan = p.len() > l4 + UDP_HLEN && {
+                let port = be16(p, l4 + 2);
+                port != 0 && vxlan.contains(&port)
+            };
+            if to_vxlan {
+                if let Some(s) = Segment::in_vxlan(p, v6, l4) {
+                    return Some(s);
+                }
+            }
             let hlen = l4 + UDP_HLEN;
             let ok = hlen < p.len()
                 && usize::from(be16(p, l4 + 4)) == p.len() - l4
@@ -80,14 +157,24 @@ impl Segment {
             return ok.then_some(Segment {
                 v6,
                 udp: true,
+                nh: 0,
                 l4,
                 hlen,
                 seq: 0,
                 payload: p.len() - hlen,
                 psh: false,
+                outer: None,
             });
         }
-        if proto != IPPROTO_TCP || p.len() < l4 + 20 {
+        if proto != IPPROTO_TCP {
+            return None;
+        }
+        Segment::tcp(p, v6, l4)
+    }
+
+    /// The TCP part of [`Segment::parse`], offsets relative to `p`.
+    fn tcp(p: &[u8], v6: bool, l4: usize) -> Option<Segment> {
+        if p.len() < l4 + 20 {
             return None;
         }
         let thlen = usize::from(p[l4 + 12] >> 4) * 4;
@@ -103,11 +190,46 @@ impl Segment {
         Some(Segment {
             v6,
             udp: false,
+            nh: 0,
             l4,
             hlen,
             seq: be32(p, l4 + 4),
             payload: p.len() - hlen,
             psh: flags & TCP_PSH != 0,
+            outer: None,
+        })
+    }
+
+    /// A TCP segment inside VXLAN: the UDP length right, a VXLAN header with only the
+    /// VNI flag and zero reserved bytes, an untagged inner Ethernet header whose type
+    /// matches the inner IP version.
+    fn in_vxlan(p: &[u8], outer_v6: bool, th: usize) -> Option<Segment> {
+        let outer = Outer {
+            v6: outer_v6,
+            th,
+            csum: be16(p, th + UDP_CSUM) != 0,
+        };
+        let nh = outer.inner_nh();
+        if usize::from(be16(p, th + 4)) != p.len() - th || p.len() <= nh {
+            return None;
+        }
+        let vx = th + UDP_HLEN;
+        if p[vx] != 0x08 || p[vx + 1..vx + 4] != [0, 0, 0] || p[vx + 7] != 0 {
+            return None;
+        }
+        let inner = &p[nh..];
+        let (v6, l4, proto) = ip_header(inner)?;
+        let ethertype = if v6 { 0x86dd } else { 0x0800 };
+        if proto != IPPROTO_TCP || be16(p, nh - 2) != ethertype {
+            return None;
+        }
+        let s = Segment::tcp(inner, v6, l4)?;
+        Some(Segment {
+            nh,
+            l4: nh + s.l4,
+            hlen: nh + s.hlen,
+            outer: Some(outer),
+            ..s
         })
     }
 
@@ -143,23 +265,33 @@ struct Pending {
 }
 
 /// What a coalescer wrote since [`Coalescer::take_stats`] last asked: packets that went out
-/// inside super-segments, and the super-segments (TUN writes) they made.
+/// inside super-segments, and the super-segments (TUN writes) they made. TCP inside VXLAN
+/// counts as `vxlan`, not `tcp`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroStats {
     pub tcp_merged: u64,
     pub tcp_writes: u64,
     pub udp_merged: u64,
     pub udp_writes: u64,
+    pub vxlan_merged: u64,
+    pub vxlan_writes: u64,
 }
 
+/// Room in front of the pending packet for the outer IPv4 options of a tunnel write.
+const HEAD: usize = OUTER_V4_OPTIONS;
+
 pub struct Coalescer {
-    /// Virtio header, then the pending packet.
+    /// [`HEAD`] spare bytes, then the pending packet.
     buf: Box<[u8]>,
-    /// Bytes of the pending packet (after the header); 0 when nothing is pending.
+    /// The virtio-net header of the write [`Coalescer::flush`] makes.
+    hdr: [u8; VIRTIO_TUNNEL_HDR_LEN],
+    /// Bytes of the pending packet; 0 when nothing is pending.
     len: usize,
     pending: Option<Pending>,
     /// UDP datagrams are merged too (only for a TUN that accepted USO).
     udp: bool,
+    /// Local VXLAN ports (0: unused) whose TCP is merged into tunnel super-packets.
+    vxlan: [u16; MAX_VXLAN_PORTS],
     stats: GroStats,
 }
 
@@ -179,12 +311,22 @@ impl Coalescer {
     /// TUN that accepted `TUN_F_USO4|TUN_F_USO6`, as an older kernel rejects such a write.
     pub fn with_udp(udp: bool) -> Coalescer {
         Coalescer {
-            buf: vec![0u8; VIRTIO_HDR_LEN + MAX_COALESCED].into_boxed_slice(),
+            buf: vec![0u8; HEAD + MAX_COALESCED].into_boxed_slice(),
+            hdr: [0; VIRTIO_TUNNEL_HDR_LEN],
             len: 0,
             pending: None,
             udp,
+            vxlan: [0; MAX_VXLAN_PORTS],
             stats: GroStats::default(),
         }
+    }
+
+    /// Merges TCP inside VXLAN datagrams to these ports (0 entries are unused) into
+    /// tunnel super-packets, written with the 24-byte header: only for a TUN that accepted
+    /// `TUN_F_UDP_TUNNEL_GSO` and whose header is [`VIRTIO_TUNNEL_HDR_LEN`] long, and only
+    /// ports a local VXLAN device listens on. Takes effect from the next run.
+    pub fn set_vxlan_ports(&mut self, ports: [u16; MAX_VXLAN_PORTS]) {
+        self.vxlan = ports;
     }
 
     /// The counts since the last call, and starts them again from zero.
@@ -194,10 +336,12 @@ impl Coalescer {
 
     /// Takes one decrypted packet. `slot` is [`VIRTIO_HDR_LEN`] bytes of headroom followed
     /// by the packet; a packet that cannot be merged is emitted from `slot` itself (header
-    /// filled in). `emit` receives whole TUN writes: a virtio header and a packet.
-    pub fn push(&mut self, slot: &mut [u8], emit: &mut impl FnMut(&[u8])) {
+    /// filled in). `emit` receives whole TUN writes: the virtio-net header
+    /// ([`VIRTIO_HDR_LEN`] bytes, or [`VIRTIO_TUNNEL_HDR_LEN`] for a tunnel super-packet;
+    /// the writer pads a short one to the device's length with zeros) and the packet.
+    pub fn push(&mut self, slot: &mut [u8], emit: &mut impl FnMut(&[u8], &[u8])) {
         let packet = &slot[VIRTIO_HDR_LEN..];
-        match Segment::parse(packet).filter(|s| self.udp || !s.udp) {
+        match Segment::parse(packet, &self.vxlan).filter(|s| self.udp || !s.udp) {
             Some(seg)
                 if self.can_merge(packet, &seg)
                     && self.head_verifies()
@@ -212,66 +356,77 @@ impl Coalescer {
             None => {
                 self.flush(emit);
                 VirtioHdr::NONE.encode(slot);
-                emit(slot);
+                let (hdr, packet) = slot.split_at(VIRTIO_HDR_LEN);
+                emit(hdr, packet);
             }
         }
     }
 
     /// Emits whatever is pending; call at the end of every batch.
-    pub fn flush(&mut self, emit: &mut impl FnMut(&[u8])) {
+    pub fn flush(&mut self, emit: &mut impl FnMut(&[u8], &[u8])) {
         let Some(p) = self.pending.take() else { return };
         let len = std::mem::take(&mut self.len);
-        let (hdr_bytes, packet) = self.buf.split_at_mut(VIRTIO_HDR_LEN);
-        let packet = &mut packet[..len];
+        let mut start = HEAD;
+        let mut hdr_len = VIRTIO_HDR_LEN;
         if p.segments == 1 {
             // Untouched, checksums intact.
-            VirtioHdr::NONE.encode(hdr_bytes);
+            VirtioHdr::NONE.encode(&mut self.hdr);
         } else {
             let f = p.first;
-            if f.v6 {
-                put16(packet, 4, (len - 40) as u16);
-            } else {
-                put16(packet, 2, len as u16);
-                put16(packet, 10, 0);
-                let c = finish(sum(&packet[..20], 0));
-                put16(packet, 10, c);
-            }
-            if f.udp {
-                put16(packet, f.l4 + 4, (len - f.l4) as u16);
-            }
-            // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel (or its
-            // own segmentation) completes it.
-            let (src, dst) = ip_addrs(packet, f.v6);
-            let partial = fold(pseudo_header(src, dst, f.proto(), len - f.l4));
-            put16(packet, f.l4 + f.csum_offset(), partial);
-            let gso_type = match (f.udp, f.v6) {
+            let packet = &mut self.buf[HEAD..HEAD + len];
+            fix_lengths_and_checksums(packet, &f);
+            let mut gso_type = match (f.udp, f.v6) {
                 (true, _) => GSO_UDP_L4,
                 (false, true) => GSO_TCPV6,
                 (false, false) => GSO_TCPV4,
             };
+            let mut flags = F_NEEDS_CSUM;
+            let mut grown = 0;
+            if let Some(o) = f.outer {
+                gso_type |= if o.v6 {
+                    GSO_UDP_TUNNEL_IPV6
+                } else {
+                    GSO_UDP_TUNNEL_IPV4
+                };
+                if o.csum {
+                    flags |= F_UDP_TUNNEL_CSUM;
+                }
+                grown = o.options();
+                if grown > 0 {
+                    start = HEAD - grown;
+                    add_outer_v4_options(&mut self.buf[start..HEAD + len]);
+                }
+                hdr_len = VIRTIO_TUNNEL_HDR_LEN;
+                self.hdr[VIRTIO_HDR_LEN..].fill(0);
+                Encap {
+                    outer_th: (o.th + grown) as u16,
+                    inner_nh: (o.inner_nh() + grown) as u16,
+                }
+                .encode(&mut self.hdr);
+            }
             VirtioHdr {
-                flags: F_NEEDS_CSUM,
+                flags,
                 gso_type,
-                hdr_len: f.hlen as u16,
+                hdr_len: (f.hlen + grown) as u16,
                 gso_size: p.mss as u16,
-                csum_start: f.l4 as u16,
+                csum_start: (f.l4 + grown) as u16,
                 csum_offset: f.csum_offset() as u16,
             }
-            .encode(hdr_bytes);
+            .encode(&mut self.hdr);
             let n = p.segments as u64;
-            if f.udp {
-                self.stats.udp_merged += n;
-                self.stats.udp_writes += 1;
-            } else {
-                self.stats.tcp_merged += n;
-                self.stats.tcp_writes += 1;
-            }
+            let (merged, writes) = match (f.outer, f.udp) {
+                (Some(_), _) => (&mut self.stats.vxlan_merged, &mut self.stats.vxlan_writes),
+                (None, true) => (&mut self.stats.udp_merged, &mut self.stats.udp_writes),
+                (None, false) => (&mut self.stats.tcp_merged, &mut self.stats.tcp_writes),
+            };
+            *merged += n;
+            *writes += 1;
         }
-        emit(&self.buf[..VIRTIO_HDR_LEN + len]);
+        emit(&self.hdr[..hdr_len], &self.buf[start..HEAD + len]);
     }
 
     fn start(&mut self, packet: &[u8], seg: Segment) {
-        self.buf[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + packet.len()].copy_from_slice(packet);
+        self.buf[HEAD..HEAD + packet.len()].copy_from_slice(packet);
         self.len = packet.len();
         self.pending = Some(Pending {
             first: seg,
@@ -290,7 +445,7 @@ impl Coalescer {
         };
         if !p.verified {
             // Still one segment: the buffer holds it exactly as it came.
-            let packet = &self.buf[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + self.len];
+            let packet = &self.buf[HEAD..HEAD + self.len];
             p.verified = checksums_verify(packet, &p.first);
         }
         p.verified
@@ -299,26 +454,33 @@ impl Coalescer {
     fn can_merge(&self, packet: &[u8], seg: &Segment) -> bool {
         let Some(p) = &self.pending else { return false };
         let f = &p.first;
+        let grows = f.outer.map_or(0, |o| o.options());
         if p.closed
             || seg.v6 != f.v6
             || seg.udp != f.udp
+            || seg.outer != f.outer
             || seg.hlen != f.hlen
             || seg.payload > p.mss
-            || self.len + seg.payload > MAX_COALESCED
+            || self.len + seg.payload + grows > MAX_COALESCED
         {
             return false;
         }
-        let head = &self.buf[VIRTIO_HDR_LEN..VIRTIO_HDR_LEN + f.hlen];
-        let same_ip = if f.v6 {
-            // Version, traffic class, flow label; next header, hop limit; addresses.
-            head[..4] == packet[..4] && head[6..40] == packet[6..40]
-        } else {
-            // Version, IHL, TOS (with ECN); DF; TTL, protocol; addresses.
-            head[..2] == packet[..2]
-                && head[6] & 0x40 == packet[6] & 0x40
-                && head[8..10] == packet[8..10]
-                && head[12..20] == packet[12..20]
-        };
+        let head = &self.buf[HEAD..HEAD + f.hlen];
+        if let Some(o) = f.outer {
+            // Outer IP (but lengths, checksum and IDs), ports, VXLAN and Ethernet headers.
+            let ids_ok = o.v6
+                || head[6] & 0x40 != 0
+                || be16(packet, 4) == be16(head, 4).wrapping_add(p.segments as u16);
+            let th = o.th;
+            if !(same_ip(head, packet, 0, o.v6)
+                && ids_ok
+                && head[th..th + 4] == packet[th..th + 4]
+                && head[th + UDP_HLEN..f.nh] == packet[th + UDP_HLEN..f.nh])
+            {
+                return false;
+            }
+        }
+        let same_ip = same_ip(head, packet, f.nh, f.v6);
         if f.udp {
             return same_ip && self.udp_can_join(p, head, packet);
         }
@@ -350,7 +512,7 @@ impl Coalescer {
         let Some(p) = self.pending.as_mut() else {
             return;
         };
-        let at = VIRTIO_HDR_LEN + self.len;
+        let at = HEAD + self.len;
         self.buf[at..at + seg.payload].copy_from_slice(&packet[seg.hlen..]);
         self.len += seg.payload;
         p.segments += 1;
@@ -360,19 +522,102 @@ impl Coalescer {
         }
         if seg.psh {
             p.closed = true;
-            self.buf[VIRTIO_HDR_LEN + p.first.l4 + TCP_FLAGS] |= TCP_PSH;
+            self.buf[HEAD + p.first.l4 + TCP_FLAGS] |= TCP_PSH;
         }
     }
 }
 
-/// Whether `packet` (parsed as `seg`) has a valid IPv4 header checksum and transport
-/// checksum.
+/// Whether the IP headers at `at` agree in everything segmentation copies: for IPv6 the
+/// version, traffic class, flow label, next header, hop limit and addresses; for IPv4 the
+/// version, IHL, TOS (with ECN), DF, TTL, protocol and addresses.
+fn same_ip(head: &[u8], packet: &[u8], at: usize, v6: bool) -> bool {
+    let (h, p) = (&head[at..], &packet[at..]);
+    if v6 {
+        h[..4] == p[..4] && h[6..40] == p[6..40]
+    } else {
+        h[..2] == p[..2]
+            && h[6] & 0x40 == p[6] & 0x40
+            && h[8..10] == p[8..10]
+            && h[12..20] == p[12..20]
+    }
+}
+
+/// A merged run's length fields, IPv4 header checksums and partial transport checksum
+/// (CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel or its own
+/// segmentation completes it); for a tunnel run the outer ones too, the outer UDP
+/// checksum as the kernel's GRO leaves it (the pseudo-header sum).
+fn fix_lengths_and_checksums(packet: &mut [u8], f: &Segment) {
+    let len = packet.len();
+    set_ip_length(&mut packet[f.nh..], f.v6);
+    if f.udp {
+        put16(packet, f.l4 + 4, (len - f.l4) as u16);
+    }
+    let (src, dst) = ip_addrs(&packet[f.nh..], f.v6);
+    let partial = fold(pseudo_header(src, dst, f.proto(), len - f.l4));
+    put16(packet, f.l4 + f.csum_offset(), partial);
+    if let Some(o) = f.outer {
+        set_ip_length(packet, o.v6);
+        put16(packet, o.th + 4, (len - o.th) as u16);
+        if o.csum {
+            let (src, dst) = ip_addrs(packet, o.v6);
+            let partial = fold(pseudo_header(src, dst, IPPROTO_UDP, len - o.th));
+            put16(packet, o.th + UDP_CSUM, partial);
+        }
+    }
+}
+
+/// Sets the length field of the IP header at the start of `packet` to the slice's length,
+/// and an IPv4 header's checksum (a plain 20-byte header).
+fn set_ip_length(packet: &mut [u8], v6: bool) {
+    let len = packet.len();
+    if v6 {
+        put16(packet, 4, (len - 40) as u16);
+    } else {
+        put16(packet, 2, len as u16);
+        put16(packet, 10, 0);
+        let c = finish(sum(&packet[..20], 0));
+        put16(packet, 10, c);
+    }
+}
+
+/// `b` is [`OUTER_V4_OPTIONS`] spare bytes and then an IPv4 packet with a 20-byte header:
+/// moves the header to the front and fills the gap with NOP options, fixing IHL, the total
+/// length and the header checksum.
+fn add_outer_v4_options(b: &mut [u8]) {
+    let n = OUTER_V4_OPTIONS;
+    b.copy_within(n..n + 20, 0);
+    b[20..20 + n].fill(IPOPT_NOP);
+    b[0] = 0x40 | ((20 + n) / 4) as u8;
+    let total = be16(b, 2) as usize + n;
+    put16(b, 2, total as u16);
+    put16(b, 10, 0);
+    let c = finish(sum(&b[..20 + n], 0));
+    put16(b, 10, c);
+}
+
+/// Whether `packet` (parsed as `seg`) has valid IPv4 header checksums and transport
+/// checksums: for a tunnel segment the outer IPv4 header's and, unless zero, the outer UDP
+/// checksum, which reuses the inner transport's sum rather than reading the payload twice.
 fn checksums_verify(packet: &[u8], seg: &Segment) -> bool {
-    let ip_ok = seg.v6 || finish(sum(&packet[..seg.l4], 0)) == 0;
-    let (src, dst) = ip_addrs(packet, seg.v6);
-    let l4 =
-        pseudo_header(src, dst, seg.proto(), packet.len() - seg.l4) + sum(&packet[seg.l4..], 0);
-    ip_ok && finish(l4) == 0
+    let inner = &packet[seg.nh..];
+    let ip_ok = seg.v6 || finish(sum(&inner[..seg.l4 - seg.nh], 0)) == 0;
+    let (src, dst) = ip_addrs(inner, seg.v6);
+    let body = sum(&packet[seg.l4..], 0);
+    let l4 = pseudo_header(src, dst, seg.proto(), packet.len() - seg.l4) + body;
+    if !(ip_ok && finish(l4) == 0) {
+        return false;
+    }
+    let Some(o) = seg.outer else { return true };
+    let outer_ip_ok = o.v6 || finish(sum(&packet[..o.th], 0)) == 0;
+    // The stretch from the UDP header to the inner transport header has an even length
+    // (8 + 8 + 14 + 20 or 40), so the inner sum continues it.
+    let outer_udp_ok = !o.csum || {
+        let (src, dst) = ip_addrs(packet, o.v6);
+        let s = pseudo_header(src, dst, IPPROTO_UDP, packet.len() - o.th)
+            + sum(&packet[o.th..seg.l4], body);
+        finish(s) == 0
+    };
+    outer_ip_ok && outer_udp_ok
 }
 
 #[cfg(test)]
@@ -390,9 +635,9 @@ mod tests {
 
     fn coalesce_with(mut c: Coalescer, packets: &[Vec<u8>]) -> Vec<(VirtioHdr, Vec<u8>)> {
         let mut out = Vec::new();
-        let mut emit = |b: &[u8]| {
-            let h = VirtioHdr::decode(b).expect("header");
-            out.push((h, b[VIRTIO_HDR_LEN..].to_vec()));
+        let mut emit = |h: &[u8], p: &[u8]| {
+            assert_eq!(h.len(), VIRTIO_HDR_LEN);
+            out.push((VirtioHdr::decode(h).expect("header"), p.to_vec()));
         };
         for p in packets {
             let mut slot = vec![0xee; VIRTIO_HDR_LEN];
@@ -447,6 +692,299 @@ mod tests {
             }
             assert_eq!(got, want);
         }
+    }
+
+    /// `inner` in VXLAN to port 8472 as [`crate::packet::vxlan`] builds it, with the outer
+    /// UDP checksum zeroed unless `csum`, and over IPv4 without DF and with `id` when one
+    /// is given.
+    fn in_vxlan(outer_v6: bool, inner: &[u8], csum: bool, id: Option<u16>) -> Vec<u8> {
+        let (mut p, _) = crate::packet::vxlan(outer_v6, inner);
+        let th = if outer_v6 { 40 } else { 20 };
+        if !csum {
+            put16(&mut p, th + UDP_CSUM, 0);
+        }
+        if let (false, Some(id)) = (outer_v6, id) {
+            put16(&mut p, 4, id);
+            p[6] &= !0x40;
+            put16(&mut p, 10, 0);
+            let c = finish(sum(&p[..20], 0));
+            put16(&mut p, 10, c);
+        }
+        p
+    }
+
+    /// Feeds `packets` through a coalescer with VXLAN port 8472 (UDP on); the writes as
+    /// (header bytes, packet).
+    fn coalesce_vxlan(packets: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut c = Coalescer::with_udp(true);
+        c.set_vxlan_ports([8472, 0, 0, 0]);
+        let mut out = Vec::new();
+        let mut emit = |h: &[u8], p: &[u8]| out.push((h.to_vec(), p.to_vec()));
+        for p in packets {
+            let mut slot = vec![0xee; VIRTIO_HDR_LEN];
+            slot.extend_from_slice(p);
+            c.push(&mut slot, &mut emit);
+        }
+        c.flush(&mut emit);
+        let s = c.take_stats();
+        let tunnel_writes = out.iter().filter(|(h, _)| h.len() == 24).count();
+        assert_eq!(s.vxlan_writes as usize, tunnel_writes);
+        out
+    }
+
+    /// Splits a tunnel write the way the kernel would (our GSO, which the e2e tests hold to
+    /// the kernel's) and compares each segment with the datagram that came in: the outer
+    /// IPv4 options dropped, the IPv4 IDs and header checksums aside (regenerated).
+    fn assert_tunnel_resegments_to(hdr: &[u8], packet: &[u8], original: &[Vec<u8>]) {
+        let h = VirtioHdr::decode(hdr).expect("header");
+        let e = Encap::decode(hdr).expect("tunnel fields");
+        let outer_v6 = packet[0] >> 4 == 6;
+        let th = usize::from(e.outer_th);
+        assert_eq!(th, if outer_v6 { 40 } else { 36 }, "outer transport offset");
+        assert_eq!(usize::from(e.inner_nh), th + 30);
+        assert_eq!(
+            usize::from(h.csum_start),
+            usize::from(e.inner_nh) + l4_offset(&packet[usize::from(e.inner_nh)..])
+        );
+        assert_eq!(usize::from(h.hdr_len), usize::from(h.csum_start) + 32);
+        if !outer_v6 {
+            assert_eq!(packet[0], 0x49, "IPv4 outer header with options");
+            assert_eq!(&packet[20..36], &[IPOPT_NOP; 16]);
+            assert_eq!(usize::from(be16(packet, 2)), packet.len());
+            assert_eq!(finish(sum(&packet[..36], 0)), 0, "outer header checksum");
+        }
+        // The lengths the receiving stack reads before anything is split: the outer UDP
+        // length (a short one would trim the packet), the inner IP length.
+        assert_eq!(
+            usize::from(be16(packet, th + 4)),
+            packet.len() - th,
+            "outer UDP length"
+        );
+        let nh = usize::from(e.inner_nh);
+        let inner_len = if packet[nh] >> 4 == 6 {
+            usize::from(be16(packet, nh + 4)) + 40
+        } else {
+            assert_eq!(
+                finish(sum(&packet[nh..nh + 20], 0)),
+                0,
+                "inner header checksum"
+            );
+            usize::from(be16(packet, nh + 2))
+        };
+        assert_eq!(inner_len, packet.len() - nh, "inner IP length");
+        if outer_v6 {
+            assert_eq!(
+                usize::from(be16(packet, 4)) + 40,
+                packet.len(),
+                "outer IPv6 length"
+            );
+        }
+        let mut again = packet.to_vec();
+        let mut segs: Vec<Vec<u8>> = Vec::new();
+        let mut scratch = vec![0u8; 65_536];
+        super::super::gso::split_encapsulated(h, Some(e), &mut again, &mut scratch, |s| {
+            segs.push(s.to_vec())
+        })
+        .expect("split");
+        assert_eq!(segs.len(), original.len());
+        let grown = if outer_v6 { 0 } else { 16 };
+        for (i, (got, want)) in segs.iter().zip(original).enumerate() {
+            let (mut got, mut want) = (got[th..].to_vec(), want[th - grown..].to_vec());
+            // Inner IPv4 ID and header checksum.
+            let nh = 30;
+            if got[nh] >> 4 == 4 {
+                for p in [&mut got, &mut want] {
+                    put16(p, nh + 4, 0);
+                    put16(p, nh + 10, 0);
+                }
+            }
+            assert_eq!(got, want, "segment {i} from the outer UDP header on");
+        }
+    }
+
+    #[test]
+    fn tcp_inside_vxlan_becomes_one_tunnel_super_packet() {
+        // (outer IPv6?, inner IPv6?, outer UDP checksum?, outer IPv4 without DF?)
+        let cases = [
+            (false, false, true, false),
+            (false, false, false, true),
+            (false, true, true, false),
+            (true, false, true, false),
+            (true, true, false, false),
+        ];
+        for (outer_v6, inner_v6, csum, no_df) in cases {
+            let name =
+                format!("outer v6 {outer_v6}, inner v6 {inner_v6}, csum {csum}, no DF {no_df}");
+            let mss = if inner_v6 { 1298 } else { 1318 };
+            let inner = run(inner_v6, 7, 40 * mss + 99, mss, true);
+            let packets: Vec<Vec<u8>> = inner
+                .iter()
+                .enumerate()
+                .map(|(i, p)| in_vxlan(outer_v6, p, csum, no_df.then_some(500 + i as u16)))
+                .collect();
+            let out = coalesce_vxlan(&packets);
+            assert_eq!(out.len(), 1, "{name}");
+            let (hdr, p) = &out[0];
+            assert_eq!(hdr.len(), VIRTIO_TUNNEL_HDR_LEN, "{name}");
+            let h = VirtioHdr::decode(hdr).expect("header");
+            let inner_type = if inner_v6 { GSO_TCPV6 } else { GSO_TCPV4 };
+            let outer_type = if outer_v6 {
+                GSO_UDP_TUNNEL_IPV6
+            } else {
+                GSO_UDP_TUNNEL_IPV4
+            };
+            assert_eq!(h.gso_type, inner_type | outer_type, "{name}");
+            let csum_flag = if csum { F_UDP_TUNNEL_CSUM } else { 0 };
+            assert_eq!(h.flags, F_NEEDS_CSUM | csum_flag, "{name}");
+            assert_eq!(usize::from(h.gso_size), mss, "{name}");
+            assert!(p.len() <= MAX_COALESCED, "{name}");
+            assert_tunnel_resegments_to(hdr, p, &packets);
+        }
+    }
+
+    #[test]
+    fn a_tunnel_super_packet_stays_within_64_kib_options_included() {
+        let inner = run(false, 1, 60 * 1318, 1318, false);
+        let packets: Vec<Vec<u8>> = inner
+            .iter()
+            .map(|p| in_vxlan(false, p, true, None))
+            .collect();
+        let out = coalesce_vxlan(&packets);
+        assert_eq!(out.len(), 2);
+        let mut used = 0;
+        for (hdr, p) in &out {
+            assert!(p.len() <= MAX_COALESCED, "{} bytes", p.len());
+            let n = (p.len() - usize::from(VirtioHdr::decode(hdr).expect("header").hdr_len))
+                .div_ceil(1318);
+            assert_tunnel_resegments_to(hdr, p, &packets[used..used + n]);
+            used += n;
+        }
+        assert_eq!(used, packets.len());
+    }
+
+    #[test]
+    fn vxlan_datagrams_that_differ_are_not_merged_into_one_tunnel_write() {
+        let inner = run(false, 1000, 4 * 1000, 1000, false);
+        let wrap = |p: &Vec<u8>| in_vxlan(false, p, true, None);
+        let base: Vec<Vec<u8>> = inner.iter().map(wrap).collect();
+        // Edits to the second datagram (outer checksums fixed up after, unless said).
+        let edit = |f: &dyn Fn(&mut Vec<u8>), fix: bool| {
+            let mut ps = base.clone();
+            f(&mut ps[1]);
+            if fix {
+                let p = &mut ps[1];
+                put16(p, 10, 0);
+                let c = finish(sum(&p[..20], 0));
+                put16(p, 10, c);
+                put16(p, 20 + UDP_CSUM, 0);
+                let s = pseudo_header(&p[12..16], &p[16..20], IPPROTO_UDP, p.len() - 20)
+                    + sum(&p[20..], 0);
+                let c = finish(s);
+                put16(p, 20 + UDP_CSUM, c);
+            }
+            ps
+        };
+        // (name, datagrams, what each write holds: T n = a tunnel write of n, U n = a UDP
+        // run of n, 1 = alone)
+        let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
+            ("all alike", base.clone(), "T4"),
+            ("another VNI", edit(&|p| p[20 + 8 + 6] = 2, true), "1 1 T2"),
+            (
+                "another inner MAC",
+                edit(&|p| p[20 + 16 + 5] = 9, true),
+                "1 1 T2",
+            ),
+            (
+                "another outer source port",
+                edit(&|p| put16(p, 20, 40_001), true),
+                "1 1 T2",
+            ),
+            ("a VXLAN flag", edit(&|p| p[20 + 8] = 0x0c, true), "1 1 T2"),
+            (
+                "a bad outer UDP checksum",
+                edit(&|p| p[27] ^= 1, false),
+                "1 1 T2",
+            ),
+            (
+                "a bad outer IPv4 checksum",
+                edit(&|p| p[11] ^= 1, false),
+                "1 1 T2",
+            ),
+            (
+                "no outer checksum on one",
+                edit(&|p| put16(p, 26, 0), false),
+                "1 1 T2",
+            ),
+        ];
+        for (name, packets, want) in cases {
+            let out = coalesce_vxlan(&packets);
+            let got: Vec<String> = out
+                .iter()
+                .map(|(h, p)| {
+                    let v = VirtioHdr::decode(h).expect("header");
+                    let n = if v.gso_type == GSO_NONE {
+                        return "1".to_string();
+                    } else {
+                        (p.len() - usize::from(v.hdr_len)).div_ceil(usize::from(v.gso_size))
+                    };
+                    if h.len() == VIRTIO_TUNNEL_HDR_LEN {
+                        format!("T{n}")
+                    } else {
+                        format!("U{n}")
+                    }
+                })
+                .collect();
+            assert_eq!(got.join(" "), want, "{name}");
+        }
+        // Not VXLAN to us: the same datagrams to another port are a plain UDP run, and
+        // without ports set nothing is a tunnel write.
+        let other: Vec<Vec<u8>> = base
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                put16(&mut p, 22, 4789);
+                put16(&mut p, 26, 0);
+                let s = pseudo_header(&p[12..16], &p[16..20], IPPROTO_UDP, p.len() - 20)
+                    + sum(&p[20..], 0);
+                let c = finish(s);
+                put16(&mut p, 26, c);
+                p
+            })
+            .collect();
+        let out = coalesce_vxlan(&other);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (
+                out[0].0.len(),
+                VirtioHdr::decode(&out[0].0).expect("header").gso_type
+            ),
+            (VIRTIO_HDR_LEN, GSO_UDP_L4)
+        );
+        let plain = coalesce(&base);
+        assert_eq!(plain.len(), 1);
+        assert_eq!(plain[0].0.gso_type, GSO_UDP_L4);
+    }
+
+    #[test]
+    fn udp_inside_vxlan_stays_a_udp_run() {
+        let inner: Vec<Vec<u8>> = (0..5u16)
+            .map(|i| {
+                let mut u = Udp::new(false, 1000);
+                u.ip_id = 10 + i;
+                u.build()
+            })
+            .collect();
+        let packets: Vec<Vec<u8>> = inner
+            .iter()
+            .map(|p| in_vxlan(false, p, true, None))
+            .collect();
+        let out = coalesce_vxlan(&packets);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.len(), VIRTIO_HDR_LEN);
+        assert_eq!(
+            VirtioHdr::decode(&out[0].0).expect("header").gso_type,
+            GSO_UDP_L4
+        );
     }
 
     #[test]
@@ -793,18 +1331,12 @@ mod tests {
             for p in &packets {
                 let mut slot = vec![0xee; VIRTIO_HDR_LEN];
                 slot.extend_from_slice(p);
-                c.push(&mut slot, &mut |b: &[u8]| {
-                    out.push((
-                        VirtioHdr::decode(b).expect("header"),
-                        b[VIRTIO_HDR_LEN..].to_vec(),
-                    ))
+                c.push(&mut slot, &mut |h: &[u8], b: &[u8]| {
+                    out.push((VirtioHdr::decode(h).expect("header"), b.to_vec()))
                 });
             }
-            c.flush(&mut |b: &[u8]| {
-                out.push((
-                    VirtioHdr::decode(b).expect("header"),
-                    b[VIRTIO_HDR_LEN..].to_vec(),
-                ))
+            c.flush(&mut |h: &[u8], b: &[u8]| {
+                out.push((VirtioHdr::decode(h).expect("header"), b.to_vec()))
             });
             assert_eq!(per_write(&out), want, "{name}");
             for (h, _) in out.iter().filter(|(h, _)| h.gso_type != GSO_NONE) {
@@ -1114,7 +1646,7 @@ mod tests {
         let types: Vec<u8> = out.iter().map(|(h, _)| h.gso_type).collect();
         assert_eq!(types, vec![GSO_TCPV4, GSO_UDP_L4, GSO_NONE]);
         let mut c = Coalescer::with_udp(true);
-        let mut sink = |_: &[u8]| {};
+        let mut sink = |_: &[u8], _: &[u8]| {};
         for p in &packets {
             let mut slot = vec![0; VIRTIO_HDR_LEN];
             slot.extend_from_slice(p);

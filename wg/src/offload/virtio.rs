@@ -48,6 +48,13 @@ impl Encap {
             inner_nh: u16::from_le_bytes([b[22], b[23]]),
         })
     }
+
+    /// Writes the tunnel fields into a header of [`VIRTIO_TUNNEL_HDR_LEN`] bytes at the
+    /// start of `b` (the fields before them are left as they are).
+    pub fn encode(&self, b: &mut [u8]) {
+        b[20..22].copy_from_slice(&self.outer_th.to_le_bytes());
+        b[22..24].copy_from_slice(&self.inner_nh.to_le_bytes());
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
