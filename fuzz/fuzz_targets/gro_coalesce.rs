@@ -11,7 +11,8 @@
 //! byte 3: the header byte to flip, and (bit 7) DF on a UDP datagram or, on a TCP
 //! segment, that it travels inside VXLAN to port 8472 (over IPv6 for flow 2, else IPv4;
 //! the outer UDP checksum filled in unless byte 2's bit 0 is set), as flannel sends it:
-//! the coalescer has that port set, so such runs become tunnel super-packets. The bad-IPv4-
+//! the coalescer has that port set, so IPv4 runs become tunnel super-packets (IPv6 ones
+//! stay UDP runs: the kernel would refuse them). The bad-IPv4-
 //! header bit then spoils the outer header, and the flipped byte may be any header byte,
 //! outer ones included.
 //!
