@@ -953,6 +953,37 @@ mod tests {
     }
 
     #[test]
+    fn vxlan_is_coalesced_only_on_a_tun_with_the_long_header() {
+        // (virtio-net header length, ISTHMUS_TUN_VXLAN_GRO, coalesce VXLAN)
+        let cases = [
+            (VIRTIO_TUNNEL_HDR_LEN, None, true),
+            (VIRTIO_TUNNEL_HDR_LEN, Some("1"), true),
+            (VIRTIO_TUNNEL_HDR_LEN, Some("0"), false),
+            (VIRTIO_TUNNEL_HDR_LEN, Some(" 0"), false),
+            (VIRTIO_HDR_LEN, None, false),
+            (0, Some("1"), false),
+        ];
+        for (len, setting, want) in cases {
+            assert_eq!(vxlan_gro_wanted(len, setting), want, "{len} {setting:?}");
+        }
+    }
+
+    #[test]
+    fn vxlan_ports_pack_into_one_word_without_zeros_and_at_most_four() {
+        // (ports given, ports the coalescer gets)
+        let cases: [(&[u16], [u16; MAX_VXLAN_PORTS]); 5] = [
+            (&[], [0; 4]),
+            (&[8472], [8472, 0, 0, 0]),
+            (&[0, 4789, 0, 8472], [4789, 8472, 0, 0]),
+            (&[1, 2, 3, 4, 5], [1, 2, 3, 4]),
+            (&[65535, 65535], [65535, 65535, 0, 0]),
+        ];
+        for (given, want) in cases {
+            assert_eq!(unpack_ports(pack_ports(given)), want, "{given:?}");
+        }
+    }
+
+    #[test]
     fn the_worker_setting_is_a_count_or_the_default() {
         let cases: [(Option<&str>, Option<usize>); 7] = [
             (None, Some(0)),
