@@ -13,7 +13,7 @@ use rtnetlink::packet_core::{
     NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
+use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -38,8 +38,8 @@ impl Kernel {
         Kernel { handle }
     }
 
-    /// The index, MAC and MTU of link `name`, if it exists.
-    pub async fn link(&self, name: &str) -> anyhow::Result<Option<(u32, Option<Mac>, u32)>> {
+    /// Link `name`'s message, if it exists.
+    async fn find_link(&self, name: &str) -> anyhow::Result<Option<LinkMessage>> {
         let mut links = self
             .handle
             .link()
@@ -47,40 +47,33 @@ impl Kernel {
             .match_name(name.to_string())
             .execute();
         match links.try_next().await {
-            Ok(Some(l)) => {
-                let mut mac = None;
-                let mut mtu = 0;
-                for a in &l.attributes {
-                    match a {
-                        LinkAttribute::Address(b) => mac = Mac::try_from(b.as_slice()).ok(),
-                        LinkAttribute::Mtu(m) => mtu = *m,
-                        _ => {}
-                    }
-                }
-                Ok(Some((l.header.index, mac, mtu)))
-            }
-            Ok(None) => Ok(None),
+            Ok(link) => Ok(link),
             // ENODEV: no such link.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
         }
     }
 
+    /// The index, MAC and MTU of link `name`, if it exists.
+    pub async fn link(&self, name: &str) -> anyhow::Result<Option<(u32, Option<Mac>, u32)>> {
+        Ok(self.find_link(name).await?.map(|l| {
+            let mut mac = None;
+            let mut mtu = 0;
+            for a in &l.attributes {
+                match a {
+                    LinkAttribute::Address(b) => mac = Mac::try_from(b.as_slice()).ok(),
+                    LinkAttribute::Mtu(m) => mtu = *m,
+                    _ => {}
+                }
+            }
+            (l.header.index, mac, mtu)
+        }))
+    }
+
     /// The UDP port VXLAN device `name` listens on (its `dstport`); `None` when there is
     /// no such link or it is not a VXLAN device.
     pub async fn vxlan_port(&self, name: &str) -> anyhow::Result<Option<u16>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let link = match links.try_next().await {
-            Ok(link) => link,
-            // ENODEV: no such link.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
-            Err(e) => return Err(e).with_context(|| format!("looking up link {name}")),
-        };
+        let link = self.find_link(name).await?;
         let port = link.and_then(|l| {
             l.attributes.iter().find_map(|a| match a {
                 LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {

@@ -24,14 +24,12 @@ pub const VXLAN_PORTS: [u16; 2] = [8472, 4789];
 pub const MIN_MSS: u16 = 536;
 
 use crate::offload::{
-    be16, put16, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, TCP_CSUM, TCP_FLAGS, UDP_CSUM,
+    be16, put16, ETH_HLEN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, TCP_CSUM, TCP_FLAGS, UDP_CSUM,
+    UDP_HLEN, VXLAN_HLEN,
 };
 
 const TCP_SYN: u8 = 0x02;
 const TCP_HEADER: usize = 20;
-const UDP_HEADER: usize = 8;
-const VXLAN_HEADER: usize = 8;
-const ETHERNET_HEADER: usize = 14;
 const MSS_OPTION: u8 = 2;
 
 /// Where a SYN's MSS value sits and which checksums cover it.
@@ -106,14 +104,14 @@ fn locate(packet: &[u8]) -> Option<Site> {
             udp: None,
         }),
         UDP => {
-            let ports_ok = packet.len() >= l4 + UDP_HEADER
+            let ports_ok = packet.len() >= l4 + UDP_HLEN
                 && VXLAN_PORTS.contains(&be16(packet, l4 + 2))
-                && packet.len() >= l4 + UDP_HEADER + VXLAN_HEADER + ETHERNET_HEADER;
+                && packet.len() >= l4 + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
             if !ports_ok {
                 return None;
             }
-            let eth = l4 + UDP_HEADER + VXLAN_HEADER;
-            let inner = eth + ETHERNET_HEADER;
+            let eth = l4 + UDP_HLEN + VXLAN_HLEN;
+            let inner = eth + ETH_HLEN;
             let ip_version = match be16(packet, eth + 12) {
                 0x0800 => 4,
                 0x86dd => 6,
@@ -219,10 +217,10 @@ mod tests {
 
     /// `inner` wrapped in Ethernet, VXLAN, UDP to `port` and IPv4 or IPv6.
     fn vxlan(outer_v6: bool, inner: &[u8], udp_checksum: bool, port: u16) -> Vec<u8> {
-        let mut frame = vec![0u8; VXLAN_HEADER + ETHERNET_HEADER];
+        let mut frame = vec![0u8; VXLAN_HLEN + ETH_HLEN];
         frame[0] = 0x08;
         let ethertype: u16 = if inner[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
-        put16(&mut frame, VXLAN_HEADER + 12, ethertype);
+        put16(&mut frame, VXLAN_HLEN + 12, ethertype);
         frame.extend_from_slice(inner);
         let mut udp = Udp::new(outer_v6, 0);
         udp.dport = port;
@@ -286,8 +284,7 @@ mod tests {
             let case = format!("outer v6 {outer_v6}, inner v6 {inner_v6}, UDP sum {udp_checksum}");
             let inner = segment(inner_v6, TCP_SYN, &mss(1410));
             let mut p = vxlan(outer_v6, &inner, udp_checksum, port);
-            let inner_at =
-                if outer_v6 { 40 } else { 20 } + UDP_HEADER + VXLAN_HEADER + ETHERNET_HEADER;
+            let inner_at = if outer_v6 { 40 } else { 20 } + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
             let tcp = inner_at + if inner_v6 { 40 } else { 20 };
             // The path's 1300 bytes carry outer IP, UDP, VXLAN, Ethernet, inner IP, TCP, MSS.
             let want = 1300 - (tcp + TCP_HEADER) as u16;

@@ -63,9 +63,6 @@ pub const MAX_UDP_SEGMENTS: usize = 64;
 /// dual-stack node's two devices share it).
 pub const MAX_VXLAN_PORTS: usize = 4;
 
-const UDP_HLEN: usize = 8;
-const VXLAN_HLEN: usize = 8;
-const ETH_HLEN: usize = 14;
 /// The NOP options an IPv4 outer header gets on a tunnel write (see the module docs).
 const OUTER_V4_OPTIONS: usize = 16;
 /// IPv4 option "no operation".

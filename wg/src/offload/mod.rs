@@ -52,6 +52,12 @@ pub use virtio::{Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
 pub(crate) const IPPROTO_TCP: u8 = 6;
 pub(crate) const IPPROTO_UDP: u8 = 17;
 
+/// Header sizes of what flannel's VXLAN wraps around a pod's packet (also for
+/// [`crate::mss`]).
+pub(crate) const UDP_HLEN: usize = 8;
+pub(crate) const VXLAN_HLEN: usize = 8;
+pub(crate) const ETH_HLEN: usize = 14;
+
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
