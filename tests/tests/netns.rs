@@ -662,7 +662,7 @@ fn datagrams_queued_in_the_tun_leave_in_few_sends_intact_and_in_order() {
 /// A VXLAN device over the tunnel, as flannel lays `flannel.1` over the mesh (VNI 1, port
 /// 8472, UDP checksums, MTU 1370), on both hosts, between the tunnel's IPv4 addresses or,
 /// with `outer_v6`, its IPv6 ones (MTU 1350, as `flannel-v6.1`); each side's device at
-/// 10.201.0.n/24.
+/// 10.201.0.n/24 and fd00:201::n/64.
 fn vxlan_over_tunnel(pair: &Pair, outer_v6: bool) {
     for (me, other) in [(&pair.a, &pair.b), (&pair.b, &pair.a)] {
         let (local, remote) = if outer_v6 {
@@ -671,6 +671,7 @@ fn vxlan_over_tunnel(pair: &Pair, outer_v6: bool) {
             (me.inner_v4().to_string(), other.inner_v4().to_string())
         };
         let addr = format!("10.201.0.{}/24", me.n);
+        let addr6 = format!("fd00:201::{}/64", me.n);
         let mtu = if outer_v6 { "1350" } else { "1370" };
         for args in [
             &[
@@ -693,6 +694,7 @@ fn vxlan_over_tunnel(pair: &Pair, outer_v6: bool) {
             ][..],
             &["link", "set", "istvx", "mtu", mtu, "up"],
             &["addr", "add", &addr, "dev", "istvx"],
+            &["addr", "add", &addr6, "dev", "istvx", "nodad"],
         ] {
             me.ns.ip(args).expect("VXLAN device");
         }
@@ -721,14 +723,21 @@ struct VxlanTransfer {
     vxlan_writes: u64,
 }
 
-/// flannel's pod traffic across the mesh: TCP inside VXLAN (over the tunnel's IPv4 or, with
-/// `outer_v6`, IPv6 addresses) inside the tunnel, between two daemons of `kind`. A checked
-/// 40 MiB transfer between the VXLAN devices arrives intact.
-fn tcp_inside_vxlan(kind: Impl, outer_v6: bool) -> VxlanTransfer {
+/// flannel's pod traffic across the mesh: TCP over IPv4 (or, with `inner_v6`, IPv6) inside
+/// VXLAN (over the tunnel's IPv4 or, with `outer_v6`, IPv6 addresses) inside the tunnel,
+/// between two daemons of `kind`. A checked 40 MiB transfer between the VXLAN devices
+/// arrives intact.
+fn tcp_inside_vxlan(kind: Impl, outer_v6: bool, inner_v6: bool) -> VxlanTransfer {
     let mut pair = Pair::new(kind, kind, Underlay::V4).expect("pair");
     assert!(ping(&pair.a.ns, pair.b.inner_v4(), 1), "{}", pair.logs());
     vxlan_over_tunnel(&pair, outer_v6);
-    let to: IpAddr = "10.201.0.2".parse().unwrap();
+    let to: IpAddr = if inner_v6 {
+        "fd00:201::2"
+    } else {
+        "10.201.0.2"
+    }
+    .parse()
+    .unwrap();
     assert!(
         ping(&pair.a.ns, to, 2),
         "no ping inside VXLAN\n{}",
@@ -753,7 +762,7 @@ fn tcp_inside_vxlan(kind: Impl, outer_v6: bool) -> VxlanTransfer {
         vxlan_merged: count_in(&receiver, "gro_vxlan_merged"),
         vxlan_writes: count_in(&receiver, "gro_vxlan_writes"),
     };
-    eprintln!("{kind:?}, outer IPv6 {outer_v6}: {t:?}");
+    eprintln!("{kind:?}, outer IPv6 {outer_v6}, inner IPv6 {inner_v6}: {t:?}");
     t
 }
 
@@ -768,20 +777,23 @@ fn tcp_inside_vxlan(kind: Impl, outer_v6: bool) -> VxlanTransfer {
 /// never as a refused tunnel write (which would cost the packet and stop the merging).
 #[test]
 fn tcp_inside_vxlan_crosses_both_tuns_in_super_packets_and_arrives_intact() {
-    let on = tcp_inside_vxlan(Impl::Isthmus, false);
-    assert!(
-        on.read * 8 <= on.datagrams,
-        "{on:?}: VXLAN was not handed over in super-packets"
-    );
-    assert!(
-        on.decapsulated * 8 <= on.datagrams && on.vxlan_writes * 8 <= on.vxlan_merged,
-        "{on:?}: VXLAN was not written to the receiving TUN in super-packets"
-    );
-    assert!(
-        on.vxlan_merged * 10 >= on.datagrams * 9,
-        "{on:?}: most datagrams went in one by one"
-    );
-    let v6 = tcp_inside_vxlan(Impl::Isthmus, true);
+    // TCP over IPv4 and over IPv6 inside IPv4 VXLAN.
+    for inner_v6 in [false, true] {
+        let on = tcp_inside_vxlan(Impl::Isthmus, false, inner_v6);
+        assert!(
+            on.read * 8 <= on.datagrams,
+            "{on:?}: VXLAN was not handed over in super-packets"
+        );
+        assert!(
+            on.decapsulated * 8 <= on.datagrams && on.vxlan_writes * 8 <= on.vxlan_merged,
+            "{on:?}: VXLAN was not written to the receiving TUN in super-packets"
+        );
+        assert!(
+            on.vxlan_merged * 10 >= on.datagrams * 9,
+            "{on:?}: most datagrams went in one by one"
+        );
+    }
+    let v6 = tcp_inside_vxlan(Impl::Isthmus, true, false);
     assert!(
         v6.read * 8 <= v6.datagrams,
         "{v6:?}: VXLAN over IPv6 was not handed over in super-packets"
@@ -791,7 +803,7 @@ fn tcp_inside_vxlan_crosses_both_tuns_in_super_packets_and_arrives_intact() {
         (0, 0),
         "{v6:?}: VXLAN over IPv6 written as tunnel super-packets"
     );
-    let off = tcp_inside_vxlan(Impl::IsthmusNoTunnelGso, false);
+    let off = tcp_inside_vxlan(Impl::IsthmusNoTunnelGso, false, false);
     assert!(
         off.read * 10 >= off.datagrams * 9 && off.decapsulated * 10 >= off.datagrams * 9,
         "with ISTHMUS_TUN_TUNNEL_GSO=0, {off:?}"
