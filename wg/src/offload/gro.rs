@@ -525,8 +525,9 @@ fn same_ip(head: &[u8], packet: &[u8], at: usize, v6: bool) -> bool {
 
 /// A merged run's length fields, IPv4 header checksums and partial transport checksum
 /// (CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel or its own
-/// segmentation completes it); for a tunnel run the outer ones too, the outer UDP
-/// checksum as the kernel's GRO leaves it (the pseudo-header sum).
+/// segmentation completes it); for a tunnel run the outer lengths too (its IPv4 header
+/// checksum comes with the options), the outer UDP checksum as the kernel's GRO leaves it
+/// (the pseudo-header sum).
 fn fix_lengths_and_checksums(packet: &mut [u8], f: &Segment) {
     let len = packet.len();
     set_ip_length(&mut packet[f.nh..], f.v6);
@@ -538,7 +539,9 @@ fn fix_lengths_and_checksums(packet: &mut [u8], f: &Segment) {
     put16(packet, f.l4 + f.csum_offset(), partial);
     if let Some(o) = f.outer {
         let th = OUTER_TH;
-        set_ip_length(packet, false);
+        // Only the length: the header checksum is computed once, after the options go in
+        // (`add_outer_v4_options`).
+        put16(packet, 2, len as u16);
         put16(packet, th + 4, (len - th) as u16);
         if o.csum {
             let (src, dst) = ip_addrs(packet, false);
