@@ -334,10 +334,13 @@ fn run_tunnel(iface: &str, listen_port: u16, mtu: u16, vxlan_ports: &[u16]) -> a
     if let Some(sig) = signals.forever().next() {
         let gro = tunnel.gro_stats();
         let sent = tunnel.send_stats();
+        let received = tunnel.recv_stats();
         tracing::info!(
             signal = sig,
             sent_datagrams = sent.datagrams,
             send_calls = sent.calls,
+            received_datagrams = received.datagrams,
+            receive_calls = received.calls,
             gro_tcp_merged = gro.tcp_merged,
             gro_tcp_writes = gro.tcp_writes,
             gro_udp_merged = gro.udp_merged,

@@ -792,6 +792,12 @@ fn tcp_inside_vxlan_crosses_both_tuns_in_super_packets_and_arrives_intact() {
             on.vxlan_merged * 10 >= on.datagrams * 9,
             "{on:?}: most datagrams went in one by one"
         );
+        // A run that goes on in the next queued GRO batch (the peer's next GSO send) joins
+        // the same write: ~43 datagrams per write; ~20 when each receive ends a write.
+        assert!(
+            on.vxlan_writes * 32 <= on.vxlan_merged,
+            "{on:?}: writes end with each receive"
+        );
     }
     let v6 = tcp_inside_vxlan(Impl::Isthmus, true, false);
     assert!(
@@ -1034,5 +1040,74 @@ fn wg_inside_wg_carries_traffic() {
     assert!(
         outer_tx > inner_tx,
         "the outer device carried the inner one's datagrams"
+    );
+}
+
+/// The data plane's UDP sockets are non-blocking; a send that finds the send buffer full
+/// waits for room, as a blocking send did, so a link slower than the sender holds the
+/// sender back instead of losing datagrams. Here a 200 Mbit/s link (a token bucket that
+/// queues, never drops) and a sender offering 24 MB in GSO sends at once: more than the send
+/// buffer holds. Every send succeeds and every datagram arrives.
+#[test]
+fn a_full_send_buffer_holds_the_sender_back_instead_of_losing_datagrams() {
+    use isthmus_wg::sockets::Sockets;
+    use std::net::{SocketAddr, UdpSocket};
+    isthmus_tests::require_root();
+    const SIZE: usize = 1200;
+    const PER_SEND: usize = 50;
+    const SENDS: usize = 400;
+    let name = isthmus_tests::unique_name();
+    let a = Netns::new(&format!("{name}-s")).expect("sender namespace");
+    let b = Netns::new(&format!("{name}-r")).expect("receiver namespace");
+    let (ea, eb) = veth(&a, &b, &format!("{name}q")).unwrap();
+    a.ip(&["addr", "add", "198.18.9.1/30", "dev", &ea]).unwrap();
+    b.ip(&["addr", "add", "198.18.9.2/30", "dev", &eb]).unwrap();
+    a.exec(
+        "tc",
+        &[
+            "qdisc", "add", "dev", &ea, "root", "tbf", "rate", "200mbit", "burst", "64kb", "limit",
+            "256mb",
+        ],
+    )
+    .unwrap();
+    let to: SocketAddr = "198.18.9.2:51820".parse().unwrap();
+    let receiver = b.spawn_in(move || -> anyhow::Result<usize> {
+        let sock = UdpSocket::bind(to)?;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = vec![0u8; 2048];
+        let mut got = 0;
+        // Until the link has been quiet for 2 s.
+        while let Ok(n) = sock.recv(&mut buf) {
+            anyhow::ensure!(n == SIZE, "a {n}-byte datagram");
+            got += 1;
+        }
+        Ok(got)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = a
+        .enter(move || -> anyhow::Result<(usize, Duration)> {
+            let sockets = Sockets::bind(0, 0)?;
+            let data = vec![7u8; SIZE * PER_SEND];
+            let started = Instant::now();
+            for i in 0..SENDS {
+                sockets
+                    .send_segments(&data, SIZE, to)
+                    .with_context(|| format!("send {i} of {SENDS}"))?;
+            }
+            Ok((SENDS * PER_SEND, started.elapsed()))
+        })
+        .unwrap();
+    let (sent, took) = sent.unwrap_or_else(|e| panic!("{e:#}"));
+    let got = receiver
+        .join()
+        .expect("receiver thread")
+        .and_then(|r| r)
+        .unwrap_or_else(|e| panic!("receiver: {e:#}"));
+    eprintln!("{sent} datagrams sent in {took:?}, {got} received");
+    assert_eq!(got, sent, "datagrams lost at a full send buffer");
+    // The sends outran the link: they waited (24 MB at 200 Mbit/s is ~1 s).
+    assert!(
+        took >= Duration::from_millis(300),
+        "the sender never waited: {took:?}"
     );
 }

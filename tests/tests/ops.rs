@@ -104,6 +104,13 @@ fn check_peer(samples: &[Sample], peer: &str) {
         matches!((sent, calls), (Some(d), Some(c)) if c >= 1.0 && c <= d),
         "sent datagrams {sent:?}, send calls {calls:?}"
     );
+    // The replies came in the same way: a receive call takes one or more datagrams.
+    let received = value(samples, "isthmus_received_datagrams_total", &[]);
+    let calls = value(samples, "isthmus_receive_calls_total", &[]);
+    assert!(
+        matches!((received, calls), (Some(d), Some(c)) if c >= 1.0 && c <= d),
+        "received datagrams {received:?}, receive calls {calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

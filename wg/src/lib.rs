@@ -62,4 +62,4 @@ pub use config::{AllowedIpChange, Change, DeviceConfig, PeerChange, PeerConfig, 
 pub use engine::{Burst, Engine, Sealed, Transmit, DATA_OVERHEAD};
 pub use key::Key;
 pub use snapshot::{DeviceSnapshot, PeerSnapshot};
-pub use tunnel::{SendStats, Tunnel};
+pub use tunnel::{BatchStats, Tunnel};

@@ -4,24 +4,36 @@
 //! Each socket sends with UDP GSO (one `sendmsg` with `UDP_SEGMENT` carries up to 64
 //! datagrams of one size to one destination) and receives with UDP GRO (one `recvmsg`
 //! returns up to 64 coalesced datagrams and their size), through `quinn-udp`, which probes
-//! what the kernel supports and stops segmenting if a device refuses it. The sockets stay
-//! blocking so a full send buffer pushes back on the TUN reader instead of dropping.
+//! what the kernel supports and stops segmenting if a device refuses it.
+//!
+//! The sockets are non-blocking. A receive takes what is queued, up to [`RECV_BATCH`] GRO
+//! batches in one `recvmmsg`, and says when the queue ran dry, so the reader writes what it
+//! coalesced exactly then, and waits in `poll` only after that. A send that finds the send
+//! buffer full waits in `poll` for room (up to [`SEND_WAIT`]), so a full buffer pushes back
+//! on the TUN reader instead of dropping.
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// How long a blocked receive waits before it looks whether its sockets were replaced.
+/// How long a reader waits for datagrams before it looks whether its sockets were replaced.
 pub const RECV_POLL: Duration = Duration::from_millis(250);
 
-/// Bytes one GRO receive can return: up to 64 datagrams (the kernel's UDP_GRO_CNT_MAX) of
+/// How long a send waits for room in a full send buffer before it gives up on the datagrams
+/// (the buffer drains at the device's pace; a second means something is wedged).
+pub const SEND_WAIT: Duration = Duration::from_secs(1);
+
+/// Bytes one GRO batch can hold: up to 64 datagrams (the kernel's UDP_GRO_CNT_MAX) of
 /// at most a 1500-byte underlay's UDP payload, rounded up.
 pub const RECV_BUF: usize = 64 * 2048;
+
+/// GRO batches one receive call may return (each a peer's GSO send, or one datagram).
+pub const RECV_BATCH: usize = 4;
 
 /// The most UDP payload one GSO send may carry (an IPv4 packet's 65,535 bytes less the IP
 /// and UDP headers).
@@ -62,12 +74,11 @@ impl Udp {
         let _ = sock.set_send_buffer_size(4 << 20);
         sock.bind(&addr.into())?;
         let sock: UdpSocket = sock.into();
-        // quinn-udp enables GRO and packet info and makes the socket non-blocking; this
-        // data plane blocks in its own threads instead (see the module comment).
+        // quinn-udp enables GRO and packet info and makes the socket non-blocking (see
+        // the module comment).
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
-        sock.set_nonblocking(false)?;
+        sock.set_nonblocking(true)?;
         allow_fragments(&sock, domain)?;
-        sock.set_read_timeout(Some(RECV_POLL))?;
         Ok(Udp {
             sock,
             state,
@@ -97,7 +108,9 @@ impl Udp {
             segment_size: gso.then_some(segment),
             src_ip: None,
         };
-        match self.state.try_send(UdpSockRef::from(&self.sock), &transmit) {
+        let sent =
+            self.waiting_for_room(|| self.state.try_send(UdpSockRef::from(&self.sock), &transmit));
+        match sent {
             Err(e) if gso && refused_gso(&e) => {
                 if e.raw_os_error() == Some(libc::EMSGSIZE) {
                     self.gso_refused_from.fetch_min(segment, Ordering::Relaxed);
@@ -111,27 +124,105 @@ impl Udp {
 
     fn send_one_by_one(&self, to: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         for one in contents.chunks(segment) {
-            self.sock.send_to(one, to)?;
+            self.waiting_for_room(|| self.sock.send_to(one, to))?;
         }
         Ok(())
     }
 
-    /// Waits up to [`RECV_POLL`] for datagrams (`WouldBlock` or `TimedOut` when none came).
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
-        let mut meta = [RecvMeta::default()];
-        let mut bufs = [IoSliceMut::new(buf)];
+    /// Runs `send` until it does not find the send buffer full, waiting for room in
+    /// between; after [`SEND_WAIT`] without room, the `WouldBlock` error.
+    fn waiting_for_room<T>(&self, mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        let mut deadline = None;
+        loop {
+            match send() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let until = *deadline.get_or_insert_with(|| Instant::now() + SEND_WAIT);
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() || !wait_for(&self.sock, libc::POLLOUT, left)? {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Takes the GRO batches queued on the socket into `inbox`, without waiting: how many
+    /// (`WouldBlock` when none is). Fewer than [`RECV_BATCH`]: the queue ran dry.
+    pub fn recv(&self, inbox: &mut Inbox) -> io::Result<usize> {
+        let mut meta = [RecvMeta::default(); RECV_BATCH];
+        let mut chunks = inbox.buf.chunks_mut(RECV_BUF);
+        let mut bufs: [IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or(&mut [])));
         let n = self
             .state
             .recv(UdpSockRef::from(&self.sock), &mut bufs, &mut meta)?;
         if n == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let m = meta[0];
-        Ok(Received {
-            from: m.addr,
-            len: m.len,
-            stride: if m.stride == 0 { m.len } else { m.stride },
-        })
+        for (got, m) in inbox.got.iter_mut().zip(&meta[..n]) {
+            *got = Received {
+                from: m.addr,
+                len: m.len.min(RECV_BUF),
+                stride: if m.stride == 0 { m.len } else { m.stride },
+            };
+        }
+        Ok(n)
+    }
+
+    /// Waits up to `timeout` for datagrams to receive; whether any are queued.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        wait_for(&self.sock, libc::POLLIN, timeout)
+    }
+}
+
+/// Room for [`RECV_BATCH`] GRO batches and what [`Udp::recv`] learnt about each.
+pub struct Inbox {
+    buf: Vec<u8>,
+    got: [Received; RECV_BATCH],
+}
+
+impl Default for Inbox {
+    fn default() -> Inbox {
+        Inbox {
+            buf: vec![0u8; RECV_BATCH * RECV_BUF],
+            got: [Received {
+                from: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                len: 0,
+                stride: 0,
+            }; RECV_BATCH],
+        }
+    }
+}
+
+impl Inbox {
+    /// The `i`-th batch of the last receive: who sent it, and its buffer (of which the
+    /// first `len` bytes are datagrams of `stride` bytes).
+    pub fn batch(&mut self, i: usize) -> (Received, &mut [u8]) {
+        let got = self.got[i];
+        (got, &mut self.buf[i * RECV_BUF..(i + 1) * RECV_BUF])
+    }
+}
+
+/// Waits up to `timeout` for `events` on `sock`; whether they came (a socket error counts:
+/// the next call reports it).
+fn wait_for(sock: &UdpSocket, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: one valid pollfd, its count; the fd outlives the call.
+        let rc = unsafe { libc::poll(&mut fd, 1, ms) };
+        if rc >= 0 {
+            return Ok(rc > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -289,5 +380,80 @@ impl Sockets {
 
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Sends `runs` GSO sends of `per_run` datagrams, each run's datagrams one size apart
+    /// from the last run's, so none coalesce with another.
+    fn send_runs(from: &Sockets, to: u16, runs: usize, per_run: usize) {
+        for r in 0..runs {
+            let size = 200 + r;
+            let data = vec![u8::try_from(r).unwrap_or(0); size * per_run];
+            from.send_segments(&data, size, loopback(to)).unwrap();
+        }
+    }
+
+    #[test]
+    fn one_receive_takes_every_queued_batch_up_to_the_limit_and_says_when_it_ran_dry() {
+        let rx = Sockets::bind(0, 0).unwrap();
+        let tx = Sockets::bind(0, 0).unwrap();
+        let mut inbox = Inbox::default();
+        let empty = rx.v4.recv(&mut inbox).unwrap_err();
+        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock, "{empty}");
+        assert!(!rx.v4.wait_readable(Duration::from_millis(20)).unwrap());
+
+        send_runs(&tx, rx.port, RECV_BATCH + 1, 3);
+        assert!(rx.v4.wait_readable(Duration::from_secs(2)).unwrap());
+        let mut seen = Vec::new();
+        let mut calls = Vec::new();
+        while seen.len() < RECV_BATCH + 1 {
+            let n = rx.v4.recv(&mut inbox).unwrap();
+            calls.push(n);
+            for i in 0..n {
+                let (got, buf) = inbox.batch(i);
+                assert_eq!(got.from.port(), tx.port);
+                seen.push((got.len, got.stride, buf[0]));
+            }
+        }
+        // Loopback keeps a GSO send whole for a GRO socket: one batch per send.
+        let want: Vec<_> = (0..RECV_BATCH + 1)
+            .map(|r| (3 * (200 + r), 200 + r, u8::try_from(r).unwrap()))
+            .collect();
+        assert_eq!(seen, want);
+        assert_eq!(calls, [RECV_BATCH, 1], "a full receive, then the rest");
+        let dry = rx.v4.recv(&mut inbox).unwrap_err();
+        assert_eq!(dry.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_send_that_finds_no_room_retries_and_gives_up_after_the_wait() {
+        let s = Sockets::bind(0, 0).unwrap();
+        let mut refusals = 3;
+        let sent = s.v4.waiting_for_room(|| {
+            if refusals == 0 {
+                return Ok(7);
+            }
+            refusals -= 1;
+            Err(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+        assert_eq!(sent.unwrap(), 7, "sent once there was room");
+        let other = s
+            .v4
+            .waiting_for_room(|| Err::<(), _>(io::Error::from(io::ErrorKind::PermissionDenied)));
+        assert_eq!(other.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        // A socket that keeps refusing (here: the closure) is given up on after SEND_WAIT.
+        let started = Instant::now();
+        let never =
+            s.v4.waiting_for_room(|| Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock)));
+        assert_eq!(never.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert!(started.elapsed() >= SEND_WAIT);
     }
 }

@@ -7,11 +7,13 @@
 //! (with virtio-net offloads) hands over TCP super-segments of up to 64 KiB, and VXLAN ones
 //! where the kernel offloads UDP tunnels; they are split ([`gso::split_encapsulated`]),
 //! sealed back to back into an [`OutBatch`], and leave in UDP GSO sends of up to 64
-//! datagrams. Inbound, one UDP GRO receive returns up to 64 datagrams; they are
-//! opened one by one and coalesced ([`Coalescer`]) into super-segments written to the TUN
-//! in one go. The TUN reader keeps reading while packets are queued (up to
-//! [`TUN_READS_PER_BATCH`]) and sends once the queue is empty, so datagrams the TUN hands
-//! over one by one (VXLAN, UDP) leave in GSO sends too. One thread per direction (TUN
+//! datagrams. Inbound, one receive returns up to [`RECV_BATCH`] GRO batches of up to 64
+//! datagrams each; they are opened one by one and coalesced ([`Coalescer`]) into
+//! super-segments written to the TUN in one go. Both readers keep reading while packets
+//! are queued and finish their batch when the queue is empty: the TUN reader sends (or
+//! after [`TUN_READS_PER_BATCH`] reads), so datagrams the TUN hands over one by one
+//! (VXLAN, UDP) leave in GSO sends too; the socket readers write what they coalesced, so
+//! a run split over two of a peer's GSO sends is written once. One thread per direction (TUN
 //! reader; one UDP reader per family), so the two directions run on two cores; within a
 //! direction, per-peer order is kept.
 
@@ -34,7 +36,7 @@ use crate::key::Key;
 use crate::offload::gro::{Coalescer, GroStats, MAX_VXLAN_PORTS};
 use crate::offload::{gso, Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
 use crate::snat::SourceRewrite;
-use crate::sockets::{Sockets, Udp, RECV_BUF};
+use crate::sockets::{Inbox, Sockets, Udp, RECV_BATCH, RECV_POLL};
 use crate::workers::{OpenJobs, SealJobs, Workers};
 
 /// How often session timers run; boringtun rounds its timers to this order anyway.
@@ -155,7 +157,9 @@ pub struct Net {
     /// What the coalescers wrote, summed over the UDP readers.
     gro: GroCounters,
     /// What the send batches cost: datagrams, and the system calls that sent them.
-    sent: SendCounters,
+    sent: BatchCounters,
+    /// The same for receiving, summed over the UDP readers.
+    received: BatchCounters,
     sockets: RwLock<Arc<Sockets>>,
 }
 
@@ -259,29 +263,30 @@ impl GroCounters {
     }
 }
 
-/// How many data datagrams the TUN reader sent, and in how many system calls: their ratio
-/// is what batching the sends saves (1.0: one call per datagram).
+/// Datagrams moved through the UDP sockets, and the system calls that moved them: their
+/// ratio is what batching saves (1.0: one call per datagram). Sent: the TUN reader's data
+/// messages; received: everything the socket readers took in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SendStats {
+pub struct BatchStats {
     pub datagrams: u64,
     pub calls: u64,
 }
 
 #[derive(Default)]
-struct SendCounters {
+struct BatchCounters {
     datagrams: AtomicU64,
     calls: AtomicU64,
 }
 
-impl SendCounters {
+impl BatchCounters {
     fn add(&self, datagrams: usize, calls: usize) {
         self.datagrams
             .fetch_add(datagrams as u64, Ordering::Relaxed);
         self.calls.fetch_add(calls as u64, Ordering::Relaxed);
     }
 
-    fn get(&self) -> SendStats {
-        SendStats {
+    fn get(&self) -> BatchStats {
+        BatchStats {
             datagrams: self.datagrams.load(Ordering::Relaxed),
             calls: self.calls.load(Ordering::Relaxed),
         }
@@ -430,7 +435,8 @@ impl Tunnel {
             vxlan_gro: AtomicBool::new(vxlan_gro),
             vxlan_ports: AtomicU64::new(0),
             gro: GroCounters::default(),
-            sent: SendCounters::default(),
+            sent: BatchCounters::default(),
+            received: BatchCounters::default(),
             sockets: RwLock::new(sockets.clone()),
         });
         engine.reconfigure(config, &Default::default(), net.as_ref());
@@ -473,8 +479,13 @@ impl Tunnel {
     }
 
     /// The data datagrams sent so far, and the system calls that sent them.
-    pub fn send_stats(&self) -> SendStats {
+    pub fn send_stats(&self) -> BatchStats {
         self.net.sent.get()
+    }
+
+    /// The datagrams received so far, and the system calls that received them.
+    pub fn recv_stats(&self) -> BatchStats {
+        self.net.received.get()
     }
 
     /// Applies `change` (a parsed `wg set`, or what [`Tunnel::sync`] makes) through the one
@@ -646,9 +657,12 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Inbound: GRO receives, open each datagram, coalesce, write to the TUN.
+    /// Inbound: GRO receives, open each datagram, coalesce, write to the TUN. What was
+    /// coalesced is written when the socket's queue runs dry, so a run that goes on in the
+    /// next GRO batch (the rest of a peer's burst, already queued) joins the same write;
+    /// nothing waits for datagrams that have not arrived.
     fn socket_loop(&self, set: &Sockets, udp: &Udp) {
-        let mut rx = vec![0u8; RECV_BUF];
+        let mut inbox = Inbox::default();
         // Decrypted packets land after room for the virtio-net header.
         let mut slot = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut gro = Coalescer::with_udp(self.net.udp_gro);
@@ -679,22 +693,23 @@ impl Tunnel {
                 emit(&[], &slot[VIRTIO_HDR_LEN..]);
             }
         };
+        // The queue ran dry: wait for datagrams before the next receive.
+        let mut idle = false;
         while !set.is_retired() {
-            let got = match udp.recv(&mut rx) {
-                Ok(got) => got,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
+            if std::mem::take(&mut idle) {
+                if let Err(e) = udp.wait_readable(RECV_POLL) {
+                    tracing::warn!(error = %e, "waiting for UDP datagrams failed");
+                    thread::sleep(RECV_POLL);
                 }
+            }
+            let batches = match udp.recv(&mut inbox) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => {
-                    // ICMP errors surface here as ECONNREFUSED and the like; keep serving.
-                    tracing::debug!(error = %e, "UDP receive error");
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        // ICMP errors surface here as ECONNREFUSED and the like; keep serving.
+                        tracing::debug!(error = %e, "UDP receive error");
+                    }
                     continue;
                 }
             };
@@ -705,33 +720,46 @@ impl Tunnel {
                 0
             };
             gro.set_vxlan_ports(unpack_ports(ports));
-            let len = got.len.min(rx.len());
-            let stride = got.stride.max(1);
-            for start in (0..len).step_by(stride) {
-                let span = start..(start + stride).min(len);
-                if pooled {
-                    match self.engine.open_queue(&burst, &rx, span.clone(), &mut jobs) {
-                        Queued::Queued | Queued::Refused => continue,
-                        // A handshake may replace the sessions of what is queued: those first.
-                        Queued::NotData => {
-                            self.open_queued(&burst, got.from, &mut rx, &mut jobs, &mut |p| {
-                                deliver(p, &mut gro, &mut emit)
-                            })
+            let mut datagrams = 0;
+            for i in 0..batches {
+                let (got, rx) = inbox.batch(i);
+                let len = got.len.min(rx.len());
+                let stride = got.stride.max(1);
+                for start in (0..len).step_by(stride) {
+                    let span = start..(start + stride).min(len);
+                    if pooled {
+                        match self.engine.open_queue(&burst, rx, span.clone(), &mut jobs) {
+                            Queued::Queued | Queued::Refused => continue,
+                            // A handshake may replace the sessions of what is queued: those first.
+                            Queued::NotData => {
+                                self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
+                                    deliver(p, &mut gro, &mut emit)
+                                })
+                            }
                         }
                     }
+                    let datagram = &rx[span];
+                    let opened = self.engine.open(
+                        &burst,
+                        got.from,
+                        datagram,
+                        &mut slot[VIRTIO_HDR_LEN..],
+                        net,
+                    );
+                    let Some(n) = opened else { continue };
+                    deliver(&mut slot[..VIRTIO_HDR_LEN + n], &mut gro, &mut emit);
                 }
-                let datagram = &rx[span];
-                let opened =
-                    self.engine
-                        .open(&burst, got.from, datagram, &mut slot[VIRTIO_HDR_LEN..], net);
-                let Some(n) = opened else { continue };
-                deliver(&mut slot[..VIRTIO_HDR_LEN + n], &mut gro, &mut emit);
+                self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
+                    deliver(p, &mut gro, &mut emit)
+                });
+                datagrams += len.div_ceil(stride);
             }
-            self.open_queued(&burst, got.from, &mut rx, &mut jobs, &mut |p| {
-                deliver(p, &mut gro, &mut emit)
-            });
-            gro.flush(&mut emit);
-            net.gro.add(gro.take_stats());
+            net.received.add(datagrams, usize::from(batches > 0));
+            if batches < RECV_BATCH {
+                idle = true;
+                gro.flush(&mut emit);
+                net.gro.add(gro.take_stats());
+            }
         }
     }
 

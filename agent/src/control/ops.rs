@@ -27,7 +27,7 @@ use isthmus_wg::drops::DropReason;
 use isthmus_wg::key::Key;
 use isthmus_wg::offload::gro::GroStats;
 use isthmus_wg::tunnel::Tunnel;
-use isthmus_wg::SendStats;
+use isthmus_wg::BatchStats;
 
 /// A mesh or routing pass only touches the tunnel and netlink; one that runs this long is
 /// wedged, and a restart (which restores routing from the journal) is the cure.
@@ -93,7 +93,10 @@ pub struct Sample {
     /// Decrypted packets coalesced into super-segments on the way to the TUN, so far.
     pub gro: GroStats,
     /// Data datagrams sent, and the system calls that sent them (GSO sends carry many).
-    pub sent: SendStats,
+    pub sent: BatchStats,
+    /// Datagrams received, and the system calls that received them (GRO receives carry
+    /// many).
+    pub received: BatchStats,
     pub ready: bool,
 }
 
@@ -164,6 +167,10 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
     let (sent_datagrams, send_calls) = (Counter::<u64>::default(), Counter::<u64>::default());
     sent_datagrams.inc_by(sample.sent.datagrams);
     send_calls.inc_by(sample.sent.calls);
+    let (received_datagrams, receive_calls) =
+        (Counter::<u64>::default(), Counter::<u64>::default());
+    received_datagrams.inc_by(sample.received.datagrams);
+    receive_calls.inc_by(sample.received.calls);
     let peers = Gauge::<i64>::default();
     peers.set(sample.peers.len() as i64);
     let ready = Gauge::<i64>::default();
@@ -218,6 +225,16 @@ pub fn render(sample: &Sample, counters: &Counters) -> String {
         "isthmus_send_calls",
         "System calls that sent them (one UDP GSO send carries up to 64)",
         send_calls,
+    );
+    r.register(
+        "isthmus_received_datagrams",
+        "Datagrams received from peers (data, handshakes and cookies)",
+        received_datagrams,
+    );
+    r.register(
+        "isthmus_receive_calls",
+        "System calls that received them (one UDP GRO receive carries up to 64)",
+        receive_calls,
     );
     r.register(
         "isthmus_routing_reassertions",
@@ -341,6 +358,7 @@ impl AgentOps {
                 .collect(),
             gro: tunnel.gro_stats(),
             sent: tunnel.send_stats(),
+            received: tunnel.recv_stats(),
             ready: readiness.check().is_ok(),
         }
     }
@@ -433,9 +451,13 @@ mod tests {
                 vxlan_merged: 90,
                 vxlan_writes: 2,
             },
-            sent: SendStats {
+            sent: BatchStats {
                 datagrams: 640,
                 calls: 21,
+            },
+            received: BatchStats {
+                datagrams: 512,
+                calls: 9,
             },
             ready: true,
         };
@@ -457,6 +479,8 @@ mod tests {
             "isthmus_gro_writes_total{proto=\"vxlan\"} 2",
             "isthmus_sent_datagrams_total 640",
             "isthmus_send_calls_total 21",
+            "isthmus_received_datagrams_total 512",
+            "isthmus_receive_calls_total 9",
             "isthmus_reconcile_duration_seconds_count 1",
             "isthmus_ready 1",
             "isthmus_key_rotations_total 1",
