@@ -11,8 +11,7 @@
 //! byte 3: the header byte to flip, and (bit 7) DF on a UDP datagram or, on a TCP
 //! segment, that it travels inside VXLAN to port 8472 (over IPv6 for flow 2, else IPv4;
 //! the outer UDP checksum filled in unless byte 2's bit 0 is set), as flannel sends it:
-//! the coalescer has that port set, so IPv4 runs become tunnel super-packets (IPv6 ones
-//! stay UDP runs: the kernel would refuse them). The bad-IPv4-
+//! the coalescer has that port set, so runs become tunnel super-packets. The bad-IPv4-
 //! header bit then spoils the outer header, and the flipped byte may be any header byte,
 //! outer ones included.
 //!
@@ -20,9 +19,10 @@
 //! the kernel's own segmentation would), must give back exactly the packets that went in,
 //! in order — only IPv4 IDs and, with them, header checksums may be regenerated, and for
 //! UDP only with DF (without DF a merge needs consecutive IDs, so they come back exact).
-//! A tunnel write's outer IPv4 header carries 16 bytes of NOP options (the kernel wants
-//! them, see `offload::gro`): those are stripped before comparing, after checking they are
-//! exactly that.
+//! A tunnel write's outer header is 16 bytes longer (the kernel wants it so, see
+//! `offload::gro`): NOP options in IPv4, a destination options header holding one
+//! experimental option in IPv6. Those bytes are stripped before comparing, after checking
+//! they are exactly that.
 //! A packet whose checksum is bad must therefore reach the kernel as it came, never
 //! "repaired" by a merge (the kernel would have dropped it).
 #![no_main]
@@ -115,9 +115,20 @@ fn vxlan_inner(p: &[u8]) -> Option<usize> {
     (p.len() > nh + 20 && p[th + 2..th + 4] == 8472u16.to_be_bytes()).then_some(nh)
 }
 
-/// A tunnel write's segment with its outer IPv4 options taken out (checked to be the 16
-/// NOPs the coalescer adds), so it compares with the datagram that came in.
+/// A tunnel write's segment with the 16 bytes the coalescer adds to its outer header taken
+/// out (checked to be the IPv4 NOPs or the IPv6 destination options it writes), so it
+/// compares with the datagram that came in.
 fn strip_outer_options(mut p: Vec<u8>) -> Vec<u8> {
+    if p[0] >> 4 == 6 && p[6] == 60 {
+        let mut want = vec![17, 1, 0x1e, 12];
+        want.extend([0; 12]);
+        assert_eq!(&p[40..56], &want[..], "outer destination options");
+        p.drain(40..56);
+        p[6] = 17;
+        let payload = u16::from_be_bytes([p[4], p[5]]) - 16;
+        p[4..6].copy_from_slice(&payload.to_be_bytes());
+        return p;
+    }
     if p[0] == 0x49 {
         assert!(
             p[20..36].iter().all(|&b| b == 1),

@@ -114,6 +114,18 @@ pub fn vxlan_gro_wanted(vnet_len: usize, setting: Option<&str>) -> bool {
     vnet_len == VIRTIO_TUNNEL_HDR_LEN && setting.map(str::trim) != Some("0")
 }
 
+/// Whether the kernel delivers a tunnel write whose outer IPv6 header carries the
+/// coalescer's destination options header (one unknown option, 16 bytes; see
+/// `offload::gro`), from the namespace's `net.ipv6.max_dst_opts_number` and
+/// `max_dst_opts_length`: a negative number refuses unknown options, a smaller count or
+/// length drops the header. It would be dropped silently, not refused, so IPv6 VXLAN is
+/// merged only where the limits let it through (the defaults do: 8 and unlimited); an
+/// unreadable setting (no IPv6) counts as no.
+pub fn vxlan_over_ipv6_delivered(max_number: Option<&str>, max_length: Option<&str>) -> bool {
+    let read = |v: Option<&str>| v.and_then(|v| v.trim().parse::<i64>().ok());
+    matches!((read(max_number), read(max_length)), (Some(n), Some(l)) if n >= 1 && l >= 16)
+}
+
 /// Up to [`MAX_VXLAN_PORTS`] ports packed into one word (0: none), so each receive batch
 /// reads the current set without a lock.
 fn pack_ports(ports: &[u16]) -> u64 {
@@ -152,6 +164,8 @@ pub struct Net {
     /// TCP inside VXLAN may be coalesced into tunnel super-packets ([`vxlan_gro_wanted`]);
     /// cleared for good if the kernel refuses one ([`Net::tunnel_write_refused`]).
     vxlan_gro: AtomicBool,
+    /// VXLAN over IPv6 is coalesced too ([`vxlan_over_ipv6_delivered`]).
+    vxlan_v6: bool,
     /// The local VXLAN ports whose TCP is coalesced, packed ([`pack_ports`]).
     vxlan_ports: AtomicU64,
     /// What the coalescers wrote, summed over the UDP readers.
@@ -420,6 +434,12 @@ impl Tunnel {
         let vnet = vnet_len > 0;
         let udp_gro = udp_gro_wanted(vnet, uso, std::env::var(UDP_GRO_ENV).ok().as_deref());
         let vxlan_gro = vxlan_gro_wanted(vnet_len, std::env::var(VXLAN_GRO_ENV).ok().as_deref());
+        let sysctl =
+            |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv6/{name}")).ok();
+        let vxlan_v6 = vxlan_over_ipv6_delivered(
+            sysctl("max_dst_opts_number").as_deref(),
+            sysctl("max_dst_opts_length").as_deref(),
+        );
         let sockets = Arc::new(
             Sockets::bind(listen_port, 0)
                 .with_context(|| format!("binding UDP port {listen_port}"))?,
@@ -433,6 +453,7 @@ impl Tunnel {
             vnet_len,
             udp_gro,
             vxlan_gro: AtomicBool::new(vxlan_gro),
+            vxlan_v6,
             vxlan_ports: AtomicU64::new(0),
             gro: GroCounters::default(),
             sent: BatchCounters::default(),
@@ -461,6 +482,7 @@ impl Tunnel {
             tun_tunnel_gso = vnet_len == VIRTIO_TUNNEL_HDR_LEN,
             udp_gro,
             vxlan_gro,
+            vxlan_gro_ipv6 = vxlan_gro && vxlan_v6,
             crypto_workers = tunnel.workers.size(),
             udp_gso_segments = sockets.v4.max_segments(),
             "tunnel up"
@@ -666,6 +688,7 @@ impl Tunnel {
         // Decrypted packets land after room for the virtio-net header.
         let mut slot = vec![0u8; VIRTIO_HDR_LEN + MAX_PACKET];
         let mut gro = Coalescer::with_udp(self.net.udp_gro);
+        gro.set_vxlan_over_ipv6(self.net.vxlan_v6);
         let net = self.net.as_ref();
         let drops = self.engine.drops();
         // A header (empty when the TUN has none) and a packet.
@@ -993,6 +1016,27 @@ mod tests {
         ];
         for (len, setting, want) in cases {
             assert_eq!(vxlan_gro_wanted(len, setting), want, "{len} {setting:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_vxlan_is_merged_only_where_the_kernel_lets_the_options_header_through() {
+        let cases = [
+            (Some("8\n"), Some("2147483647\n"), true, "the defaults"),
+            (Some("1"), Some("16"), true, "just enough"),
+            (Some("0"), Some("2147483647"), false, "no options allowed"),
+            (
+                Some("-8"),
+                Some("2147483647"),
+                false,
+                "unknown options refused",
+            ),
+            (Some("8"), Some("15"), false, "header too long"),
+            (None, Some("2147483647"), false, "no IPv6"),
+            (Some("many"), Some("16"), false, "unreadable"),
+        ];
+        for (number, length, want, why) in cases {
+            assert_eq!(vxlan_over_ipv6_delivered(number, length), want, "{why}");
         }
     }
 
