@@ -762,7 +762,11 @@ mod tests {
     /// Feeds `packets` through a coalescer with VXLAN port 8472 (UDP on); the writes as
     /// (header bytes, packet).
     fn coalesce_vxlan(packets: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut c = Coalescer::with_udp(true);
+        coalesce_vxlan_with(Coalescer::with_udp(true), packets)
+    }
+
+    /// [`coalesce_vxlan`] through `c` (port 8472 set on it here).
+    fn coalesce_vxlan_with(mut c: Coalescer, packets: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<u8>)> {
         c.set_vxlan_ports([8472, 0, 0, 0]);
         let mut out = Vec::new();
         let mut emit = |h: &[u8], p: &[u8]| out.push((h.to_vec(), p.to_vec()));
@@ -1027,17 +1031,8 @@ mod tests {
             .map(|p| in_vxlan(true, p, true, None))
             .collect();
         let mut c = Coalescer::with_udp(true);
-        c.set_vxlan_ports([8472, 0, 0, 0]);
         c.set_vxlan_over_ipv6(false);
-        let mut out = Vec::new();
-        for p in &packets {
-            let mut slot = vec![0xee; VIRTIO_HDR_LEN];
-            slot.extend_from_slice(p);
-            c.push(&mut slot, &mut |h: &[u8], p: &[u8]| {
-                out.push((h.to_vec(), p.len()))
-            });
-        }
-        c.flush(&mut |h: &[u8], p: &[u8]| out.push((h.to_vec(), p.len())));
+        let out = coalesce_vxlan_with(c, &packets);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0.len(), VIRTIO_HDR_LEN);
         let h = VirtioHdr::decode(&out[0].0).expect("header");
