@@ -24,6 +24,10 @@ pub enum Impl {
     /// isthmus with `ISTHMUS_TUN_TUNNEL_GSO=0`: a VXLAN device routed into its TUN hands
     /// over one datagram per read (as before kernel 6.17), not 64 KiB super-packets.
     IsthmusNoTunnelGso,
+    /// isthmus in a namespace whose kernel drops IPv6 packets with unknown destination
+    /// options (`net.ipv6.max_dst_opts_number = -8`): where the receiver's tunnel writes
+    /// of IPv6 VXLAN would vanish, so it must not make them.
+    IsthmusNoUnknownIpv6Options,
     /// The current wireguard-go (see `wireguard_go_binary`).
     WireguardGo,
     /// Debian's packaged wireguard-go.
@@ -97,6 +101,9 @@ impl Host {
     /// wires its own).
     pub fn start(kind: Impl, n: u8, name: &str, dir: &Path) -> anyhow::Result<Host> {
         let ns = Netns::new(&format!("{name}-{n}"))?;
+        if kind == Impl::IsthmusNoUnknownIpv6Options {
+            ns.exec("sysctl", &["-qw", "net.ipv6.max_dst_opts_number=-8"])?;
+        }
         let iface = format!("{name}w{n}");
         let log = dir.join(format!("daemon-{n}.log"));
         let port = 51819 + u16::from(n);
@@ -104,7 +111,8 @@ impl Host {
             Impl::Isthmus
             | Impl::IsthmusNoOffload
             | Impl::IsthmusWorkers
-            | Impl::IsthmusNoTunnelGso => Daemon::spawn(
+            | Impl::IsthmusNoTunnelGso
+            | Impl::IsthmusNoUnknownIpv6Options => Daemon::spawn(
                 &ns.name,
                 &crate::agent_binary(),
                 &[

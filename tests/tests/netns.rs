@@ -773,7 +773,9 @@ fn tcp_inside_vxlan(kind: Impl, outer_v6: bool, inner_v6: bool) -> VxlanTransfer
 /// into tunnel super-packets that its VXLAN device decapsulates whole: far fewer packets
 /// into that device than datagrams. So for TCP over IPv4 and IPv6 inside IPv4 VXLAN, and
 /// over IPv4 inside IPv6 VXLAN (whose outer header the receiver writes with a destination
-/// options header the kernel skips). Switched off, one packet per datagram on both sides.
+/// options header the kernel skips). Where the receiver's kernel would drop that header
+/// (unknown options refused), IPv6 VXLAN stays UDP runs and still arrives. Switched off,
+/// one packet per datagram on both sides.
 #[test]
 fn tcp_inside_vxlan_crosses_both_tuns_in_super_packets_and_arrives_intact() {
     for (outer_v6, inner_v6) in [(false, false), (false, true), (true, false)] {
@@ -797,6 +799,12 @@ fn tcp_inside_vxlan_crosses_both_tuns_in_super_packets_and_arrives_intact() {
             "{on:?}: writes end with each receive"
         );
     }
+    let strict = tcp_inside_vxlan(Impl::IsthmusNoUnknownIpv6Options, true, false);
+    assert_eq!(
+        (strict.vxlan_merged, strict.vxlan_writes),
+        (0, 0),
+        "{strict:?}: IPv6 VXLAN merged where the kernel drops the options header"
+    );
     let off = tcp_inside_vxlan(Impl::IsthmusNoTunnelGso, false, false);
     assert!(
         off.read * 10 >= off.datagrams * 9 && off.decapsulated * 10 >= off.datagrams * 9,
