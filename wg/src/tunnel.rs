@@ -736,48 +736,51 @@ impl Tunnel {
                     continue;
                 }
             };
-            self.engine.refresh(&mut burst);
-            let ports = if net.vxlan_gro.load(Ordering::Relaxed) {
-                net.vxlan_ports.load(Ordering::Relaxed)
-            } else {
-                0
-            };
-            gro.set_vxlan_ports(unpack_ports(ports));
-            let mut datagrams = 0;
-            for i in 0..batches {
-                let (got, rx) = inbox.batch(i);
-                let len = got.len.min(rx.len());
-                let stride = got.stride.max(1);
-                for start in (0..len).step_by(stride) {
-                    let span = start..(start + stride).min(len);
-                    if pooled {
-                        match self.engine.open_queue(&burst, rx, span.clone(), &mut jobs) {
-                            Queued::Queued | Queued::Refused => continue,
-                            // A handshake may replace the sessions of what is queued: those first.
-                            Queued::NotData => {
-                                self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
-                                    deliver(p, &mut gro, &mut emit)
-                                })
+            if batches > 0 {
+                self.engine.refresh(&mut burst);
+                let ports = if net.vxlan_gro.load(Ordering::Relaxed) {
+                    net.vxlan_ports.load(Ordering::Relaxed)
+                } else {
+                    0
+                };
+                gro.set_vxlan_ports(unpack_ports(ports));
+                let mut datagrams = 0;
+                for i in 0..batches {
+                    let (got, rx) = inbox.batch(i);
+                    let len = got.len.min(rx.len());
+                    let stride = got.stride.max(1);
+                    for start in (0..len).step_by(stride) {
+                        let span = start..(start + stride).min(len);
+                        if pooled {
+                            match self.engine.open_queue(&burst, rx, span.clone(), &mut jobs) {
+                                Queued::Queued | Queued::Refused => continue,
+                                // A handshake may replace the sessions of what is queued:
+                                // those first.
+                                Queued::NotData => {
+                                    self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
+                                        deliver(p, &mut gro, &mut emit)
+                                    })
+                                }
                             }
                         }
+                        let datagram = &rx[span];
+                        let opened = self.engine.open(
+                            &burst,
+                            got.from,
+                            datagram,
+                            &mut slot[VIRTIO_HDR_LEN..],
+                            net,
+                        );
+                        let Some(n) = opened else { continue };
+                        deliver(&mut slot[..VIRTIO_HDR_LEN + n], &mut gro, &mut emit);
                     }
-                    let datagram = &rx[span];
-                    let opened = self.engine.open(
-                        &burst,
-                        got.from,
-                        datagram,
-                        &mut slot[VIRTIO_HDR_LEN..],
-                        net,
-                    );
-                    let Some(n) = opened else { continue };
-                    deliver(&mut slot[..VIRTIO_HDR_LEN + n], &mut gro, &mut emit);
+                    self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
+                        deliver(p, &mut gro, &mut emit)
+                    });
+                    datagrams += len.div_ceil(stride);
                 }
-                self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
-                    deliver(p, &mut gro, &mut emit)
-                });
-                datagrams += len.div_ceil(stride);
+                net.received.add(datagrams, 1);
             }
-            net.received.add(datagrams, usize::from(batches > 0));
             if batches < RECV_BATCH {
                 idle = true;
                 gro.flush(&mut emit);

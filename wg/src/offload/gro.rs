@@ -485,12 +485,9 @@ impl Coalescer {
         let head = &self.buf[HEAD..HEAD + f.hlen];
         if let Some(o) = f.outer {
             // Outer IP (but lengths, checksum and IDs), ports, VXLAN and Ethernet headers.
-            let ids_ok = o.v6
-                || head[6] & 0x40 != 0
-                || be16(packet, 4) == be16(head, 4).wrapping_add(p.segments as u16);
             let th = o.th();
             if !(same_ip(head, packet, 0, o.v6)
-                && ids_ok
+                && id_follows(head, packet, o.v6, p.segments)
                 && head[th..th + 4] == packet[th..th + 4]
                 && head[th + UDP_HLEN..f.nh] == packet[th + UDP_HLEN..f.nh])
             {
@@ -519,10 +516,9 @@ impl Coalescer {
     /// without DF the next IP ID (segmentation numbers the datagrams from the first's).
     fn udp_can_join(&self, p: &Pending, head: &[u8], packet: &[u8]) -> bool {
         let l4 = p.first.l4;
-        let ids_ok = p.first.v6
-            || head[6] & 0x40 != 0
-            || be16(packet, 4) == be16(head, 4).wrapping_add(p.segments as u16);
-        p.segments < MAX_UDP_SEGMENTS && ids_ok && head[l4..l4 + 4] == packet[l4..l4 + 4]
+        p.segments < MAX_UDP_SEGMENTS
+            && id_follows(head, packet, p.first.v6, p.segments)
+            && head[l4..l4 + 4] == packet[l4..l4 + 4]
     }
 
     fn merge(&mut self, packet: &[u8], seg: &Segment) {
@@ -542,6 +538,14 @@ impl Coalescer {
             self.buf[HEAD + p.first.l4 + TCP_FLAGS] |= TCP_PSH;
         }
     }
+}
+
+/// Whether the IP header at the start of `packet` may join a run of `segments` whose first
+/// header is `head`'s as segmentation would rebuild it: IPv6, or IPv4 with DF (the ID
+/// means nothing, RFC 6864), or the next consecutive IPv4 ID (segmentation numbers the
+/// segments from the first's).
+fn id_follows(head: &[u8], packet: &[u8], v6: bool, segments: usize) -> bool {
+    v6 || head[6] & 0x40 != 0 || be16(packet, 4) == be16(head, 4).wrapping_add(segments as u16)
 }
 
 /// Whether the IP headers at `at` agree in everything segmentation copies: for IPv6 the
