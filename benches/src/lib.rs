@@ -14,12 +14,13 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use isthmus_wg::batch::OutBatch;
 use isthmus_wg::capture::{Capture, Output};
-use isthmus_wg::engine::MAX_PACKET;
+use isthmus_wg::engine::{Queued, DATA_PLAINTEXT_AT, MAX_PACKET};
 use isthmus_wg::key::Key;
 use isthmus_wg::offload::gro::Coalescer;
 use isthmus_wg::offload::virtio::{F_NEEDS_CSUM, GSO_TCPV4};
 use isthmus_wg::offload::{gso, VirtioHdr, VIRTIO_HDR_LEN};
 use isthmus_wg::packet;
+use isthmus_wg::workers::{OpenJobs, SealJobs, Workers};
 use isthmus_wg::{Burst, DeviceConfig, Engine, PeerConfig, Transmit};
 
 /// Inner packet size the benches use: a full-MTU IPv4 packet on a 1420-byte WireGuard link.
@@ -294,15 +295,20 @@ pub const SUPER_PAYLOAD: usize = 65_535 - 40;
 pub const SUPER_MSS: usize = PACKET_LEN - 40;
 
 /// The whole batched hot path in memory, one 64 KiB TCP super-segment at a time, as the
-/// daemon's threads run it: split (GSO) -> seal each segment into an [`OutBatch`] -> the
-/// batch's GSO runs cut back into datagrams -> open each -> coalesce (GRO) -> one TUN write.
+/// daemon's threads run it on one worker: split (GSO) with each segment built in an
+/// [`OutBatch`] where its data message goes -> sealed there -> (the kernel's send and
+/// receive, not modelled) -> each datagram opened where it lies -> coalesce (GRO) -> one
+/// TUN write.
 pub struct Pipeline {
     engines: EnginePair,
     /// Virtio header, then the super-segment.
     tun_read: Vec<u8>,
-    segment: Vec<u8>,
     batch: OutBatch,
-    slot: Vec<u8>,
+    /// Where each sealed datagram lies in the batch.
+    spans: Vec<std::ops::Range<usize>>,
+    seal_jobs: SealJobs,
+    open_jobs: OpenJobs,
+    workers: Workers,
     gro: Coalescer,
 }
 
@@ -322,9 +328,11 @@ impl Pipeline {
         Pipeline {
             engines: EnginePair::connected(),
             tun_read,
-            segment: vec![0; MAX_PACKET],
             batch: OutBatch::new(2 * (MAX_PACKET + 64 * DATA_OVERHEAD), 256),
-            slot: vec![0; VIRTIO_HDR_LEN + MAX_PACKET],
+            spans: Vec::with_capacity(64),
+            seal_jobs: SealJobs::with_capacity(256),
+            open_jobs: OpenJobs::with_capacity(64),
+            workers: Workers::new(1).expect("one worker"),
             gro: Coalescer::new(),
         }
     }
@@ -339,43 +347,78 @@ impl Pipeline {
         let Pipeline {
             engines,
             tun_read,
-            segment,
             batch,
-            slot,
+            spans,
+            seal_jobs,
+            open_jobs,
+            workers,
             gro,
         } = self;
-        let (a, b) = (&engines.a, &engines.b);
         let hdr = VirtioHdr::decode(tun_read).expect("header");
-        a.refresh(&mut engines.burst_a);
-        let burst = &engines.burst_a;
-        gso::split(hdr, &mut tun_read[VIRTIO_HDR_LEN..], segment, |p| {
-            let space = batch
-                .space(p.len() + DATA_OVERHEAD)
-                .expect("the batch holds a super-segment");
-            let sealed = a.seal(burst, p, space, &engines.sink_a).expect("sealed");
-            batch.commit(sealed.to, sealed.len);
-        })
-        .expect("split");
-        b.refresh(&mut engines.burst_b);
-        let burst = &engines.burst_b;
+        engines.a.refresh(&mut engines.burst_a);
+        let mut sink = BatchSink {
+            engine: &engines.a,
+            burst: &engines.burst_a,
+            out: &engines.sink_a,
+            batch,
+            jobs: seal_jobs,
+            spans,
+        };
+        gso::split_into(hdr, None, &mut tun_read[VIRTIO_HDR_LEN..], &mut sink).expect("split");
+        seal_jobs
+            .run(workers, batch.filled_mut())
+            .expect("sealed in place");
+        let (b, burst) = (&engines.b, &mut engines.burst_b);
+        b.refresh(burst);
         let mut written = 0;
         let mut emit = |h: &[u8], p: &[u8]| written += h.len() + p.len();
-        batch.flush(|_to, datagrams, size| {
-            for d in datagrams.chunks(size) {
-                let n = b
-                    .open(
-                        burst,
-                        ENGINE_FROM_A,
-                        d,
-                        &mut slot[VIRTIO_HDR_LEN..],
-                        &engines.sink_b,
-                    )
+        let buf = batch.filled_mut();
+        for span in spans.drain(..) {
+            let queued = b.open_queue(burst, buf, span, open_jobs);
+            assert!(matches!(queued, Queued::Queued), "a data message");
+        }
+        open_jobs
+            .run(workers, buf, |buf, opened| {
+                let r = b
+                    .open_commit(burst, ENGINE_FROM_A, opened, buf)
                     .expect("opened");
-                gro.push(&mut slot[..VIRTIO_HDR_LEN + n], &mut emit);
-            }
-        });
+                gro.push(&mut buf[r.start - VIRTIO_HDR_LEN..r.end], &mut emit);
+            })
+            .expect("opened in place");
+        batch.clear();
         gro.flush(&mut emit);
         written
+    }
+}
+
+/// The TUN reader's way to take segments: built in the batch, sealed there.
+struct BatchSink<'a> {
+    engine: &'a Engine,
+    burst: &'a Burst,
+    out: &'a LastOutput,
+    batch: &'a mut OutBatch,
+    jobs: &'a mut SealJobs,
+    spans: &'a mut Vec<std::ops::Range<usize>>,
+}
+
+impl gso::Segments for BatchSink<'_> {
+    fn room(&mut self, len: usize) -> Option<&mut [u8]> {
+        let space = self.batch.space(len + DATA_OVERHEAD)?;
+        space.get_mut(DATA_PLAINTEXT_AT..DATA_PLAINTEXT_AT + len)
+    }
+
+    fn built(&mut self, len: usize) {
+        let start = self.batch.offset();
+        assert!(
+            self.engine
+                .seal_placed(self.burst, len, self.batch, self.jobs, self.out),
+            "sealed"
+        );
+        self.spans.push(start..self.batch.offset());
+    }
+
+    fn whole(&mut self, _packet: &mut [u8]) {
+        unreachable!("the pipeline reads only super-segments");
     }
 }
 

@@ -53,6 +53,9 @@ pub trait Transmit {
 /// 16-byte authentication tag. A sealed datagram is this much longer than its packet.
 pub const DATA_OVERHEAD: usize = 32;
 
+/// Where a data message's plaintext starts: after its type, receiver index and counter.
+pub const DATA_PLAINTEXT_AT: usize = DATA_OVERHEAD / 2;
+
 const DATA_TYPE: u8 = 4;
 
 /// WireGuard pads every data message's plaintext to a multiple of this (whitepaper §5.4.6)
@@ -63,6 +66,17 @@ thread_local! {
     /// Where a packet is copied to be padded, once per packet thread: boringtun seals
     /// exactly the bytes it is given, and the packet's own buffer is not ours to grow.
     static PADDED: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_PACKET].into_boxed_slice());
+    /// Where a plaintext built in the send batch is copied when it cannot be sealed there
+    /// (no session yet: `encapsulate` queues it and writes a handshake in its place).
+    static PLACED: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_PACKET].into_boxed_slice());
+}
+
+/// The plaintext of a deferred seal: apart from the batch, or already in it.
+#[derive(Clone, Copy)]
+enum Plain<'p> {
+    Apart(&'p [u8]),
+    /// This many bytes at [`DATA_PLAINTEXT_AT`] past the batch's offset.
+    Placed(usize),
 }
 
 /// The plaintext length a packet of `len` bytes is sealed at: rounded up to
@@ -708,11 +722,44 @@ impl Engine {
         jobs: &mut SealJobs,
         out: &dyn Transmit,
     ) -> bool {
+        self.seal_deferred_from(burst, Plain::Apart(packet), batch, jobs, out)
+    }
+
+    /// [`Engine::seal_deferred`] for a packet already in `batch`: `len` bytes at
+    /// [`DATA_PLAINTEXT_AT`] past [`OutBatch::offset`], where the GSO split built it
+    /// ([`crate::offload::gso::Segments`]), so it is sealed where it lies, never copied.
+    pub fn seal_placed(
+        &self,
+        burst: &Burst,
+        len: usize,
+        batch: &mut OutBatch,
+        jobs: &mut SealJobs,
+        out: &dyn Transmit,
+    ) -> bool {
+        self.seal_deferred_from(burst, Plain::Placed(len), batch, jobs, out)
+    }
+
+    fn seal_deferred_from(
+        &self,
+        burst: &Burst,
+        plain: Plain<'_>,
+        batch: &mut OutBatch,
+        jobs: &mut SealJobs,
+        out: &dyn Transmit,
+    ) -> bool {
         let start = batch.offset();
-        let Some(room) = batch.space(0).map(|s| s.len()) else {
+        let Some(free) = batch.space(0) else {
             return false;
         };
-        let Some(plan) = self.seal_plan(burst, packet, room) else {
+        let room = free.len();
+        let packet = match plain {
+            Plain::Apart(p) => Some(p),
+            Plain::Placed(len) => free.get(DATA_PLAINTEXT_AT..DATA_PLAINTEXT_AT + len),
+        };
+        let Some(plan) = packet.and_then(|p| self.seal_plan(burst, p, room)) else {
+            if packet.is_none() {
+                self.drops.record(DropReason::Malformed);
+            }
             return false;
         };
         let session: &Peer = plan.via.as_deref().unwrap_or(plan.peer);
@@ -731,7 +778,18 @@ impl Engine {
             _ => None,
         };
         let Some((to, receiver_index, counter)) = reserved else {
-            let result = encapsulate_padded(tunn, packet, plan.padded, plan.clamp, space);
+            let result = match plain {
+                Plain::Apart(packet) => {
+                    encapsulate_padded(tunn, packet, plan.padded, plan.clamp, space)
+                }
+                // `encapsulate` writes where the packet lies: seal (or queue) a copy.
+                Plain::Placed(len) => PLACED.with(|copy| {
+                    let mut copy = copy.borrow_mut();
+                    let at = DATA_PLAINTEXT_AT;
+                    copy[..len].copy_from_slice(&space[at..at + len]);
+                    encapsulate_padded(tunn, &copy[..len], plan.padded, plan.clamp, space)
+                }),
+            };
             return match self.sealed(plan.peer, session, result, guard, out) {
                 Some(sealed) => {
                     batch.commit(sealed.to, sealed.len);
@@ -740,11 +798,17 @@ impl Engine {
                 None => false,
             };
         };
-        let plain = &mut space[DATA_OVERHEAD / 2..DATA_OVERHEAD / 2 + plan.padded];
-        plain[..packet.len()].copy_from_slice(packet);
-        plain[packet.len()..].fill(0);
+        let padded = &mut space[DATA_PLAINTEXT_AT..DATA_PLAINTEXT_AT + plan.padded];
+        let len = match plain {
+            Plain::Apart(packet) => {
+                padded[..packet.len()].copy_from_slice(packet);
+                packet.len()
+            }
+            Plain::Placed(len) => len,
+        };
+        padded[len..].fill(0);
         if let Some(path_mtu) = plan.clamp {
-            mss::clamp(&mut plain[..packet.len()], path_mtu);
+            mss::clamp(&mut padded[..len], path_mtu);
         }
         let id = session as *const Peer as usize;
         let tunn = &*tunn;
@@ -825,7 +889,7 @@ impl Engine {
         };
         let (peer, via) = self.by_index(&burst.state, opened.receiver_idx)?;
         let session: &Peer = via.as_deref().unwrap_or(peer);
-        let at = opened.start + DATA_OVERHEAD / 2;
+        let at = opened.start + DATA_PLAINTEXT_AT;
         let plain = buf.get_mut(at..at + n)?;
         let mut guard = session.tunn.lock();
         let Some(tunn) = guard.as_mut() else {

@@ -708,23 +708,52 @@ fn tcp_syns_to_and_from_a_peer_are_clamped_to_its_path_mtu() {
     assert_eq!(advertised_mss(&deliver(&a, &b, ADDR_A)[0]), 1380);
 }
 
-/// `a` seals `packets` through [`Engine::seal_deferred`] and the workers; returns the
-/// datagrams as they leave the batch, back to back, with their spans.
+/// How a packet reaches the send batch: copied in ([`Engine::seal_deferred`]) or built
+/// there first, as the GSO split builds segments ([`Engine::seal_placed`]).
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    Copied,
+    Placed,
+}
+
+/// `a` puts `packet` into `batch` the way `into` says; true when a datagram joined it.
+fn seal_into(
+    a: &Node,
+    into: Placement,
+    packet: &[u8],
+    batch: &mut crate::batch::OutBatch,
+    jobs: &mut crate::workers::SealJobs,
+) -> bool {
+    use crate::engine::DATA_PLAINTEXT_AT;
+    let burst = a.engine.burst();
+    match into {
+        Placement::Copied => a.engine.seal_deferred(&burst, packet, batch, jobs, &a.out),
+        Placement::Placed => {
+            let at = DATA_PLAINTEXT_AT;
+            let space = batch.space(at + packet.len() + 16).expect("room");
+            space[at..at + packet.len()].copy_from_slice(packet);
+            a.engine
+                .seal_placed(&burst, packet.len(), batch, jobs, &a.out)
+        }
+    }
+}
+
+/// `a` seals `packets` through [`Engine::seal_deferred`] (or built in place, `into`) and the
+/// workers; returns the datagrams as they leave the batch, back to back, with their spans.
 fn seal_with_workers(
     a: &Node,
     workers: &crate::workers::Workers,
     packets: &[Vec<u8>],
+    into: Placement,
 ) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
     use crate::batch::OutBatch;
     use crate::workers::SealJobs;
     let mut batch = OutBatch::new(1 << 20, 256);
     let mut jobs = SealJobs::with_capacity(256);
-    let burst = a.engine.burst();
     for p in packets {
         assert!(
-            a.engine
-                .seal_deferred(&burst, p, &mut batch, &mut jobs, &a.out),
-            "a {}-byte packet joined the batch",
+            seal_into(a, into, p, &mut batch, &mut jobs),
+            "a {}-byte packet joined the batch ({into:?})",
             p.len()
         );
     }
@@ -771,7 +800,17 @@ fn open_with_workers(
 
 #[test]
 fn the_workers_carry_a_stream_in_order_padded_and_replay_proof() {
-    let workers = crate::workers::Workers::new(2).expect("pool");
+    for (size, into) in [
+        (2, Placement::Copied),
+        (2, Placement::Placed),
+        (1, Placement::Placed),
+    ] {
+        a_stream_through_the_workers(size, into);
+    }
+}
+
+fn a_stream_through_the_workers(size: usize, into: Placement) {
+    let workers = crate::workers::Workers::new(size).expect("pool");
     let (a, b) = pair();
     a.engine.set_mtu(1420);
     handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
@@ -784,7 +823,7 @@ fn the_workers_carry_a_stream_in_order_padded_and_replay_proof() {
             p
         })
         .collect();
-    let (mut wire, spans) = seal_with_workers(&a, &workers, &packets);
+    let (mut wire, spans) = seal_with_workers(&a, &workers, &packets, into);
     for s in &spans {
         let plain = s.end - s.start - 32;
         assert!(plain % 16 == 0 || plain == 1420, "padded: {plain}");
@@ -793,7 +832,7 @@ fn the_workers_carry_a_stream_in_order_padded_and_replay_proof() {
     let got = open_with_workers(&b, &workers, &mut wire, &spans);
     assert!(
         got == packets,
-        "every packet once, in order, padding trimmed"
+        "every packet once, in order, padding trimmed ({size} workers, {into:?})"
     );
     // The counters are marked: the same datagrams again are refused, by either path.
     let mut buf = vec![0u8; MAX_PACKET];
@@ -818,16 +857,35 @@ fn the_workers_carry_a_stream_in_order_padded_and_replay_proof() {
 fn without_a_session_the_workers_path_initiates_and_queues() {
     use crate::batch::OutBatch;
     use crate::workers::SealJobs;
+    for into in [Placement::Copied, Placement::Placed] {
+        let (a, b) = pair();
+        let mut batch = OutBatch::new(1 << 16, 8);
+        let mut jobs = SealJobs::with_capacity(8);
+        let packet = udp4([10, 0, 0, 1], [10, 0, 0, 2], 60);
+        let joined = seal_into(&a, into, &packet, &mut batch, &mut jobs);
+        assert!(!joined && batch.is_empty() && jobs.is_empty(), "{into:?}");
+        // The initiation left (written where a placed packet lay: it was queued first);
+        // once answered, the queued packet follows on the direct path, intact.
+        assert!(deliver(&a, &b, ADDR_A).is_empty());
+        assert!(deliver(&b, &a, ADDR_B).is_empty());
+        assert_eq!(deliver(&a, &b, ADDR_A), vec![packet], "{into:?}");
+    }
+}
+
+#[test]
+fn a_syn_built_in_the_batch_is_clamped_where_it_lies() {
+    let workers = crate::workers::Workers::new(1).expect("inline");
     let (a, b) = pair();
-    let mut batch = OutBatch::new(1 << 16, 8);
-    let mut jobs = SealJobs::with_capacity(8);
-    let packet = udp4([10, 0, 0, 1], [10, 0, 0, 2], 60);
-    let joined = a
-        .engine
-        .seal_deferred(&a.engine.burst(), &packet, &mut batch, &mut jobs, &a.out);
-    assert!(!joined && batch.is_empty() && jobs.is_empty());
-    // The initiation left; once answered, the queued packet follows on the direct path.
-    assert!(deliver(&a, &b, ADDR_A).is_empty());
-    assert!(deliver(&b, &a, ADDR_B).is_empty());
-    assert_eq!(deliver(&a, &b, ADDR_A), vec![packet]);
+    assert!(a.engine.set_path_mtu(&b.public(), Some(1300)));
+    handshake_and_send(&a, &b, &udp4([10, 0, 0, 1], [10, 0, 0, 2], 30));
+    let packets = vec![
+        syn([10, 0, 0, 1], [10, 0, 0, 2], 0x02, 1460),
+        udp4([10, 0, 0, 1], [10, 0, 0, 2], 77),
+    ];
+    let (mut wire, spans) = seal_with_workers(&a, &workers, &packets, Placement::Placed);
+    let got = open_with_workers(&b, &workers, &mut wire, &spans);
+    assert_eq!(got.len(), 2);
+    crate::packet::assert_valid(&got[0]);
+    assert_eq!(advertised_mss(&got[0]), 1260, "clamped to the path's MTU");
+    assert_eq!(got[1], packets[1]);
 }

@@ -5,11 +5,12 @@
 //!
 //! The hot path crosses the kernel once per batch, not once per packet. Outbound, the TUN
 //! (with virtio-net offloads) hands over TCP super-segments of up to 64 KiB, and VXLAN ones
-//! where the kernel offloads UDP tunnels; they are split ([`gso::split_encapsulated`]),
-//! sealed back to back into an [`OutBatch`], and leave in UDP GSO sends of up to 64
-//! datagrams. Inbound, one receive returns up to [`RECV_BATCH`] GRO batches of up to 64
-//! datagrams each; they are opened one by one and coalesced ([`Coalescer`]) into
-//! super-segments written to the TUN in one go. Both readers keep reading while packets
+//! where the kernel offloads UDP tunnels; they are split ([`gso::split_into`]) straight
+//! into an [`OutBatch`], each segment built where its data message goes and sealed there,
+//! and leave in UDP GSO sends of up to 64 datagrams. Inbound, one receive returns up to
+//! [`RECV_BATCH`] GRO batches of up to 64 datagrams each; they are opened where they
+//! arrived and coalesced ([`Coalescer`]) into super-segments written to the TUN in one go.
+//! Between the TUN and the socket each byte is copied once, by the split or the coalescer. Both readers keep reading while packets
 //! are queued and finish their batch when the queue is empty: the TUN reader sends (or
 //! after [`TUN_READS_PER_BATCH`] reads), so datagrams the TUN hands over one by one
 //! (VXLAN, UDP) leave in GSO sends too; the socket readers write what they coalesced, so
@@ -31,10 +32,13 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 use crate::batch::OutBatch;
 use crate::config::{Change, DeviceConfig, PeerConfig};
 use crate::drops::DropReason;
-use crate::engine::{Burst, Engine, Queued, Transmit, DATA_OVERHEAD, MAX_PACKET};
+use crate::engine::{
+    Burst, Engine, Queued, Transmit, DATA_OVERHEAD, DATA_PLAINTEXT_AT, MAX_PACKET,
+};
 use crate::key::Key;
 use crate::offload::gro::{Coalescer, GroStats, MAX_VXLAN_PORTS};
-use crate::offload::{gso, Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
+use crate::offload::gso::{self, Segments as _};
+use crate::offload::{Encap, VirtioHdr, VIRTIO_HDR_LEN, VIRTIO_TUNNEL_HDR_LEN};
 use crate::snat::SourceRewrite;
 use crate::sockets::{Inbox, Sockets, Udp, RECV_BATCH, RECV_POLL};
 use crate::workers::{OpenJobs, SealJobs, Workers};
@@ -297,6 +301,12 @@ impl BatchCounters {
         self.datagrams
             .fetch_add(datagrams as u64, Ordering::Relaxed);
         self.calls.fetch_add(calls as u64, Ordering::Relaxed);
+    }
+
+    /// Takes back datagrams counted before a send that failed.
+    fn retract(&self, datagrams: usize) {
+        self.datagrams
+            .fetch_sub(datagrams as u64, Ordering::Relaxed);
     }
 
     fn get(&self) -> BatchStats {
@@ -706,7 +716,6 @@ impl Tunnel {
             }
         };
         let mut burst = self.engine.burst();
-        let pooled = self.workers.size() > 1;
         let mut jobs = OpenJobs::with_capacity(OPEN_JOBS);
         // A packet with its headroom: into the coalescer, or straight to the TUN.
         let deliver = |slot: &mut [u8], gro: &mut Coalescer, emit: &mut dyn FnMut(&[u8], &[u8])| {
@@ -737,6 +746,14 @@ impl Tunnel {
                 }
             };
             if batches > 0 {
+                // Counted before anything of them reaches the TUN (see `Tunnel::flush`).
+                let datagrams = (0..batches)
+                    .map(|i| {
+                        let (got, rx) = inbox.batch(i);
+                        got.len.min(rx.len()).div_ceil(got.stride.max(1))
+                    })
+                    .sum();
+                net.received.add(datagrams, 1);
                 self.engine.refresh(&mut burst);
                 let ports = if net.vxlan_gro.load(Ordering::Relaxed) {
                     net.vxlan_ports.load(Ordering::Relaxed)
@@ -744,23 +761,22 @@ impl Tunnel {
                     0
                 };
                 gro.set_vxlan_ports(unpack_ports(ports));
-                let mut datagrams = 0;
                 for i in 0..batches {
                     let (got, rx) = inbox.batch(i);
                     let len = got.len.min(rx.len());
                     let stride = got.stride.max(1);
                     for start in (0..len).step_by(stride) {
                         let span = start..(start + stride).min(len);
-                        if pooled {
-                            match self.engine.open_queue(&burst, rx, span.clone(), &mut jobs) {
-                                Queued::Queued | Queued::Refused => continue,
-                                // A handshake may replace the sessions of what is queued:
-                                // those first.
-                                Queued::NotData => {
-                                    self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
-                                        deliver(p, &mut gro, &mut emit)
-                                    })
-                                }
+                        // Data messages are opened where they arrived, on the workers (this
+                        // thread alone with one worker): no copy before the coalescer's.
+                        match self.engine.open_queue(&burst, rx, span.clone(), &mut jobs) {
+                            Queued::Queued | Queued::Refused => continue,
+                            // A handshake may replace the sessions of what is queued: those
+                            // first.
+                            Queued::NotData => {
+                                self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
+                                    deliver(p, &mut gro, &mut emit)
+                                })
                             }
                         }
                         let datagram = &rx[span];
@@ -777,9 +793,7 @@ impl Tunnel {
                     self.open_queued(&burst, got.from, rx, &mut jobs, &mut |p| {
                         deliver(p, &mut gro, &mut emit)
                     });
-                    datagrams += len.div_ceil(stride);
                 }
-                net.received.add(datagrams, 1);
             }
             if batches < RECV_BATCH {
                 idle = true;
@@ -825,7 +839,6 @@ impl Tunnel {
         }
         let hdr_len = self.net.vnet_len;
         let mut rx = vec![0u8; hdr_len + MAX_PACKET];
-        let mut segment = vec![0u8; MAX_PACKET];
         let mut batch = OutBatch::new(OUT_BATCH_BYTES, OUT_BATCH_RUNS);
         let mut jobs = SealJobs::with_capacity(SEAL_JOBS);
         let mut burst = self.engine.burst();
@@ -849,12 +862,12 @@ impl Tunnel {
                 }
             };
             self.engine.refresh(&mut burst);
-            let rewrite = *self.source_rewrite.read();
-            let mut seal = |packet: &mut [u8]| {
-                if let Some(r) = &rewrite {
-                    r.apply(packet);
-                }
-                self.seal_into(&mut batch, &mut jobs, &burst, packet)
+            let mut sink = SealSink {
+                tunnel: self,
+                batch: &mut batch,
+                jobs: &mut jobs,
+                burst: &burst,
+                rewrite: *self.source_rewrite.read(),
             };
             if self.net.vnet() {
                 let split = VirtioHdr::decode(&rx[..n])
@@ -864,15 +877,14 @@ impl Tunnel {
                         let encap = (hdr_len == VIRTIO_TUNNEL_HDR_LEN)
                             .then(|| Encap::decode(&rx[..n]))
                             .flatten();
-                        let packet = &mut rx[hdr_len..n];
-                        gso::split_encapsulated(hdr, encap, packet, &mut segment, &mut seal)
+                        gso::split_into(hdr, encap, &mut rx[hdr_len..n], &mut sink)
                     });
                 if let Err(e) = split {
                     tracing::debug!(error = %e, "unusable packet from the TUN");
                     self.engine.drops().record(DropReason::Malformed);
                 }
             } else {
-                seal(&mut rx[..n]);
+                sink.whole(&mut rx[..n]);
             }
             reads += 1;
             if reads >= TUN_READS_PER_BATCH {
@@ -882,31 +894,28 @@ impl Tunnel {
         }
     }
 
-    fn seal_into(&self, batch: &mut OutBatch, jobs: &mut SealJobs, burst: &Burst, packet: &[u8]) {
-        let need = self.engine.sealed_len(packet.len()).max(MIN_SEAL_ROOM);
+    /// Room in `batch` for sealing a packet of `len` bytes, the batch sent first if it has
+    /// too little left. `None` (counted) only for a packet larger than an empty batch,
+    /// which the TUN never hands over.
+    fn room_for<'b>(
+        &self,
+        batch: &'b mut OutBatch,
+        jobs: &mut SealJobs,
+        len: usize,
+    ) -> Option<&'b mut [u8]> {
+        let need = self.engine.sealed_len(len).max(MIN_SEAL_ROOM);
         if batch.space(need).is_none() {
             self.flush(batch, jobs);
         }
-        if self.workers.size() > 1 {
-            if batch.space(need).is_none() {
-                self.engine.drops().record(DropReason::Malformed);
-            } else {
-                self.engine
-                    .seal_deferred(burst, packet, batch, jobs, self.net.as_ref());
-            }
-            return;
-        }
-        let Some(space) = batch.space(need) else {
-            // Larger than an empty batch: cannot happen for packets read from the TUN.
+        let space = batch.space(need);
+        if space.is_none() {
             self.engine.drops().record(DropReason::Malformed);
-            return;
-        };
-        if let Some(sealed) = self.engine.seal(burst, packet, space, self.net.as_ref()) {
-            batch.commit(sealed.to, sealed.len);
         }
+        space
     }
 
-    /// Seals what waits for the workers, then sends the batch, run by run, in order.
+    /// Seals what waits for the workers (on this thread alone with one worker), then sends
+    /// the batch, run by run, in order.
     fn flush(&self, batch: &mut OutBatch, jobs: &mut SealJobs) {
         if !jobs.is_empty() {
             match jobs.run(&self.workers, batch.filled_mut()) {
@@ -929,18 +938,20 @@ impl Tunnel {
             return;
         }
         let sockets = self.net.sockets.read().clone();
-        batch.flush(
-            |to, datagrams, segment| match sockets.send_segments(datagrams, segment, to) {
-                Ok(calls) => self
-                    .net
-                    .sent
-                    .add(datagrams.len().div_ceil(segment.max(1)), calls),
+        batch.flush(|to, datagrams, segment| {
+            // Counted before they can arrive anywhere, so a count read once the peer has
+            // them (a test, a shutdown line) includes them; taken back if the send fails.
+            let count = datagrams.len().div_ceil(segment.max(1));
+            self.net.sent.add(count, 0);
+            match sockets.send_segments(datagrams, segment, to) {
+                Ok(calls) => self.net.sent.add(0, calls),
                 Err(e) => {
+                    self.net.sent.retract(count);
                     tracing::debug!(endpoint = %to, error = %e, "send failed");
                     self.engine.drops().record(DropReason::IoError);
                 }
-            },
-        );
+            }
+        });
     }
 
     fn timer_loop(&self) {
@@ -975,6 +986,52 @@ fn wait_readable(tun: &SyncDevice) -> io::Result<()> {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
+        }
+    }
+}
+
+/// The TUN reader's [`gso::Segments`]: each segment is built in the send batch at the
+/// place its data message's plaintext goes and sealed there ([`Engine::seal_placed`]); a
+/// packet that needed no split is copied in ([`Engine::seal_deferred`]). Sealing itself
+/// waits for the batch's flush, on the workers.
+struct SealSink<'a> {
+    tunnel: &'a Tunnel,
+    batch: &'a mut OutBatch,
+    jobs: &'a mut SealJobs,
+    burst: &'a Burst,
+    rewrite: Option<SourceRewrite>,
+}
+
+impl gso::Segments for SealSink<'_> {
+    fn room(&mut self, len: usize) -> Option<&mut [u8]> {
+        let space = self.tunnel.room_for(self.batch, self.jobs, len)?;
+        space.get_mut(DATA_PLAINTEXT_AT..DATA_PLAINTEXT_AT + len)
+    }
+
+    fn built(&mut self, len: usize) {
+        let at = DATA_PLAINTEXT_AT;
+        if let (Some(r), Some(space)) = (&self.rewrite, self.batch.space(at + len)) {
+            r.apply(&mut space[at..at + len]);
+        }
+        let (tunnel, net) = (self.tunnel, self.tunnel.net.as_ref());
+        tunnel
+            .engine
+            .seal_placed(self.burst, len, self.batch, self.jobs, net);
+    }
+
+    fn whole(&mut self, packet: &mut [u8]) {
+        if let Some(r) = &self.rewrite {
+            r.apply(packet);
+        }
+        if self
+            .tunnel
+            .room_for(self.batch, self.jobs, packet.len())
+            .is_some()
+        {
+            let net = self.tunnel.net.as_ref();
+            self.tunnel
+                .engine
+                .seal_deferred(self.burst, packet, self.batch, self.jobs, net);
         }
     }
 }

@@ -55,13 +55,57 @@ pub fn split_encapsulated(
     encap: Option<Encap>,
     packet: &mut [u8],
     scratch: &mut [u8],
-    mut emit: impl FnMut(&mut [u8]),
+    emit: impl FnMut(&mut [u8]),
+) -> Result<usize, SplitError> {
+    let mut sink = Scratch { buf: scratch, emit };
+    split_into(hdr, encap, packet, &mut sink)
+}
+
+/// Where [`split_into`] builds each segment, and who takes it. A caller that seals what it
+/// is handed can have each segment built where it will be sealed: no copy in between.
+pub trait Segments {
+    /// At least `len` bytes to build the next segment in; `None`: no room (the split stops
+    /// there with [`SplitError::Scratch`]).
+    fn room(&mut self, len: usize) -> Option<&mut [u8]>;
+    /// The segment is built: the first `len` bytes of the last [`Segments::room`].
+    fn built(&mut self, len: usize);
+    /// A packet that needed no segmentation, where it was read (its checksum completed).
+    fn whole(&mut self, packet: &mut [u8]);
+}
+
+/// [`split`]'s way: every segment built in one scratch buffer and handed to `emit` there.
+struct Scratch<'a, F> {
+    buf: &'a mut [u8],
+    emit: F,
+}
+
+impl<F: FnMut(&mut [u8])> Segments for Scratch<'_, F> {
+    fn room(&mut self, len: usize) -> Option<&mut [u8]> {
+        self.buf.get_mut(..len)
+    }
+
+    fn built(&mut self, len: usize) {
+        (self.emit)(&mut self.buf[..len]);
+    }
+
+    fn whole(&mut self, packet: &mut [u8]) {
+        (self.emit)(packet);
+    }
+}
+
+/// [`split_encapsulated`] with the segments built where `sink` says. A sink that runs out
+/// of room mid-way has taken the segments before; [`split`] checks its scratch first.
+pub fn split_into(
+    hdr: VirtioHdr,
+    encap: Option<Encap>,
+    packet: &mut [u8],
+    sink: &mut impl Segments,
 ) -> Result<usize, SplitError> {
     if hdr.gso_type == GSO_NONE {
         if hdr.flags & F_NEEDS_CSUM != 0 {
             complete_checksum(packet, hdr.csum_start.into(), hdr.csum_offset.into())?;
         }
-        emit(packet);
+        sink.whole(packet);
         return Ok(1);
     }
     let tunnel_bits = hdr.gso_type & (GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6);
@@ -117,7 +161,8 @@ pub fn split_encapsulated(
         return Err(SplitError::ZeroSegment);
     }
     let payload = packet.len() - hlen;
-    if scratch.len() < hlen + mss.min(payload) {
+    // The whole first segment (the largest) fits, or nothing is taken.
+    if sink.room(hlen + mss.min(payload)).is_none() {
         return Err(SplitError::Scratch);
     }
     let (proto, csum_at) = if tcp {
@@ -134,7 +179,10 @@ pub fn split_encapsulated(
         let start = hlen + i * mss;
         let end = (start + mss).min(packet.len());
         let len = hlen + (end - start);
-        let seg = &mut scratch[..len];
+        let seg = sink
+            .room(len)
+            .and_then(|room| room.get_mut(..len))
+            .ok_or(SplitError::Scratch)?;
         seg[..hlen].copy_from_slice(&packet[..hlen]);
         seg[hlen..].copy_from_slice(&packet[start..end]);
         if v6 {
@@ -171,7 +219,7 @@ pub fn split_encapsulated(
             // The inner transport bytes now sum to `body + c`: no second pass over them.
             o.finish_segment(seg, i, l4, body + u64::from(c));
         }
-        emit(seg);
+        sink.built(len);
     }
     Ok(segments)
 }
@@ -537,6 +585,95 @@ mod tests {
             split_all(hdr, &mut p),
             Err(SplitError::GsoType(hdr.gso_type))
         );
+    }
+
+    /// Builds each segment at its own place in one buffer, `gap` bytes apart, as the TUN
+    /// reader builds them in the send batch; `limit` bytes of buffer in all.
+    struct Spaced {
+        buf: Vec<u8>,
+        at: usize,
+        gap: usize,
+        built: Vec<std::ops::Range<usize>>,
+        wholes: usize,
+    }
+
+    impl Segments for Spaced {
+        fn room(&mut self, len: usize) -> Option<&mut [u8]> {
+            let start = self.at + self.gap;
+            self.buf.get_mut(start..start + len)
+        }
+
+        fn built(&mut self, len: usize) {
+            let start = self.at + self.gap;
+            self.built.push(start..start + len);
+            self.at = start + len;
+        }
+
+        fn whole(&mut self, _packet: &mut [u8]) {
+            self.wholes += 1;
+        }
+    }
+
+    fn spaced(limit: usize) -> Spaced {
+        Spaced {
+            buf: vec![0xa5; limit],
+            at: 0,
+            gap: 16,
+            built: Vec::new(),
+            wholes: 0,
+        }
+    }
+
+    #[test]
+    fn segments_built_where_the_sink_says_match_the_scratch_split() {
+        let (hdr, mut p, _) = super_segment(false, 65_483, 1368, TCP_ACK | TCP_PSH);
+        let want = split_all(hdr, &mut p.clone()).expect("split");
+        let mut sink = spaced(1 << 17);
+        assert_eq!(split_into(hdr, None, &mut p, &mut sink), Ok(want.len()));
+        let got: Vec<Vec<u8>> = sink
+            .built
+            .iter()
+            .map(|r| sink.buf[r.clone()].to_vec())
+            .collect();
+        assert_eq!(got, want, "the same segments, each where it was built");
+        // The bytes between them are the sink's: untouched.
+        assert!(sink
+            .built
+            .iter()
+            .all(|r| sink.buf[r.start - 16..r.start] == [0xa5; 16]));
+        assert_eq!(sink.wholes, 0);
+
+        // A packet that needs no split is handed over where it lies.
+        let single = VirtioHdr {
+            gso_type: GSO_NONE,
+            ..hdr
+        };
+        let mut sink = spaced(0);
+        assert_eq!(split_into(single, None, &mut p, &mut sink), Ok(1));
+        assert_eq!((sink.wholes, sink.built.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_sink_without_room_stops_the_split() {
+        let (hdr, mut p, _) = super_segment(false, 10 * 1368, 1368, TCP_ACK);
+        let seg = 52 + 1368;
+        // Not even the first segment fits: nothing is taken.
+        let mut sink = spaced(seg);
+        assert_eq!(
+            split_into(hdr, None, &mut p.clone(), &mut sink),
+            Err(SplitError::Scratch)
+        );
+        assert!(sink.built.is_empty());
+        // Room for three: three are taken, in order, then the split stops.
+        let mut sink = spaced(3 * (16 + seg));
+        assert_eq!(
+            split_into(hdr, None, &mut p, &mut sink),
+            Err(SplitError::Scratch)
+        );
+        assert_eq!(sink.built.len(), 3);
+        for r in &sink.built {
+            assert_valid(&sink.buf[r.clone()]);
+        }
     }
 
     #[test]
