@@ -3,9 +3,34 @@
 //! 2^16 ≡ 1 (mod 2^16 − 1), so a u64 accumulator of u32s folds to it exactly. The words
 //! are loaded in native byte order (no byte swap per word, and the loop vectorises) and
 //! the folded result is swapped once: the one's-complement sum commutes with byte order.
+//!
+//! On x86-64 a packet-sized stretch is summed by the same loop compiled for AVX2 when the
+//! CPU has it (the default target stops at SSE2): 23 against 40–58 ns per 1420 bytes on
+//! the AMD EPYC host, and every packet is summed once on each side (GSO split, GRO check).
+
+/// From this length on, the wide loop's speed pays for the feature check.
+#[cfg(target_arch = "x86_64")]
+const WIDE_FROM: usize = 256;
 
 /// Adds `data` (as big-endian 16-bit words, an odd last byte padded with zero) to `acc`.
-pub fn sum(data: &[u8], mut acc: u64) -> u64 {
+pub fn sum(data: &[u8], acc: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if data.len() >= WIDE_FROM && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { sum_avx2(data, acc) };
+    }
+    sum_words(data, acc)
+}
+
+/// [`sum_words`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_avx2(data: &[u8], acc: u64) -> u64 {
+    sum_words(data, acc)
+}
+
+#[inline(always)]
+fn sum_words(data: &[u8], mut acc: u64) -> u64 {
     let mut words = data.chunks_exact(4);
     let mut native: u64 = 0;
     for w in &mut words {
@@ -92,6 +117,23 @@ mod tests {
         // All ones: the accumulator must not overflow on a 64 KiB packet.
         let big = vec![0xffu8; 65_534];
         assert_eq!(fold(sum(&big, 0)), 0xffff);
+    }
+
+    /// The wide loop (where the CPU has it) and the plain one agree, around the length
+    /// where `sum` switches and on packet sizes.
+    #[test]
+    fn the_wide_loop_sums_what_the_plain_one_does() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 40_503 >> 7) as u8).collect();
+        for start in 0..4 {
+            for len in (200..320).chain([1419, 1420, 9000, 65_535]) {
+                let d = &data[start..start + len];
+                assert_eq!(
+                    fold(sum(d, 3)),
+                    fold(sum_words(d, 3)),
+                    "start {start} len {len}"
+                );
+            }
+        }
     }
 
     #[test]
