@@ -6,6 +6,9 @@
 # the daemon in each namespace, configures both sides identically with the real `wg` tool,
 # checks a ping through the tunnel, then runs iperf3 TCP (1 stream and -P 4) through it,
 # or with --udp LEN unlimited-rate UDP of LEN-byte payloads (the rate the receiver got).
+# With --rate GBIT the senders are paced to GBIT Gbit/s in all (split over the streams): at
+# a rate every implementation carries, the daemons' CPU per Gbit/s is their own cost, not
+# what is left of two cores that iperf3, the kernel and both daemons fight over.
 # With --vxlan the traffic runs inside a VXLAN device on each side (flannel's
 # encapsulation: VNI 1, port 8472, checksums on) laid over the tunnel, or over the veth
 # for `veth`: what pod-to-pod traffic between clouds looks like to the tunnel.
@@ -14,7 +17,7 @@
 # stdout and in the generated section of docs/benchmarks.md.
 #
 #   bash benches/netns-throughput.sh [--reps N] [--seconds S] [--only a,b] [--out FILE|-]
-#                                    [--streams 1,4] [--udp LEN] [--vxlan]
+#                                    [--streams 1,4] [--udp LEN] [--vxlan] [--rate GBIT]
 #
 # Implementations: veth (no tunnel, the ceiling), isthmus, wireguard-go-current,
 # wireguard-go-debian, boringtun-cli. One whose binary is missing is skipped. With
@@ -35,11 +38,12 @@ OUT=${BENCH_OUT:-$REPO/docs/benchmarks.md}
 STREAMS=${BENCH_STREAMS:-1,4}
 UDP_LEN=${BENCH_UDP:-}
 VXLAN=${BENCH_VXLAN:-}
+RATE=${BENCH_RATE:-}
 ISTHMUS_BASELINE_AGENT=${ISTHMUS_BASELINE_AGENT:-}
 ALL_IMPLS=(veth isthmus ${ISTHMUS_BASELINE_AGENT:+isthmus-baseline} wireguard-go-current wireguard-go-debian boringtun-cli)
 COMMAND_LINE="bash benches/netns-throughput.sh${*:+ $*}"
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
   case $1 in
@@ -50,6 +54,7 @@ while (($#)); do
     --streams) STREAMS=$2; shift 2 ;;
     --udp) UDP_LEN=$2; shift 2 ;;
     --vxlan) VXLAN=1; shift ;;
+    --rate) RATE=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -58,6 +63,10 @@ done
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || { echo "--seconds must be a positive integer" >&2; exit 2; }
 [ -z "$UDP_LEN" ] || [[ $UDP_LEN =~ ^[1-9][0-9]*$ && $UDP_LEN -le 1372 ]] ||
   { echo "--udp takes a payload length of 1..1372 bytes (1400-byte IP packets fit the tunnel MTU)" >&2; exit 2; }
+if [ -n "$RATE" ] && ! { [[ $RATE =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v r="$RATE" 'BEGIN { exit !(r > 0) }'; }; then
+  echo "--rate takes a rate in Gbit/s above 0, e.g. 2 or 0.5" >&2
+  exit 2
+fi
 UDP_ARGS=()
 [ -z "$UDP_LEN" ] || UDP_ARGS=(-u -b 0 -l "$UDP_LEN")
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, TUN)" >&2; exit 1; }
@@ -278,9 +287,12 @@ run_iperf() { # impl rep streams target -> appends a line to $WORK/results.tsv
     [ -n "$(ip netns exec "$NS_A" ss -Hltn 'sport = :5201' 2>/dev/null)" ] && break
     sleep 0.1
   done
+  local load=(${UDP_ARGS[@]+"${UDP_ARGS[@]}"})
+  # iperf3's -b is per stream; a later -b replaces --udp's unlimited one.
+  [ -z "$RATE" ] || load+=(-b "$(awk -v r="$RATE" -v n="$streams" 'BEGIN { printf "%.0f", r * 1e9 / n }')")
   a0=$(cpu_ticks "$PID_A") b0=$(cpu_ticks "$PID_B") h0=$(host_ticks) t0=$EPOCHREALTIME
   timeout $((DURATION + 30)) ip netns exec "$NS_B" \
-    iperf3 -c "$target" -t "$DURATION" -P "$streams" ${UDP_ARGS[@]+"${UDP_ARGS[@]}"} -J \
+    iperf3 -c "$target" -t "$DURATION" -P "$streams" ${load[@]+"${load[@]}"} -J \
     --connect-timeout 5000 >"$json" 2>"$json.err" || status=fail
   # Warnings (e.g. a UDP payload longer than the control connection's MSS) go to stderr,
   # kept out of the JSON.
@@ -416,11 +428,15 @@ REPORT_MACHINE="$(nproc) CPUs (${cpu_model:-unknown}), kernel $(uname -r), ${os_
 REPORT_DATE=$(date -u +'%Y-%m-%d %H:%M UTC')
 REPORT_SKIPPED=$(printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}")
 REPORT_COMMAND=$COMMAND_LINE REPORT_REPS=$REPS REPORT_SECONDS=$DURATION REPORT_MTU=$MTU
-REPORT_LOAD=${UDP_LEN:+UDP, unlimited rate, $UDP_LEN-byte payloads,}
-REPORT_LOAD=${REPORT_LOAD:-TCP}
+if [ -n "$UDP_LEN" ]; then REPORT_LOAD="UDP, $UDP_LEN-byte payloads,"; else REPORT_LOAD=TCP; fi
+if [ -n "$RATE" ]; then
+  REPORT_LOAD="$REPORT_LOAD paced at $RATE Gbit/s in all,"
+elif [ -n "$UDP_LEN" ]; then
+  REPORT_LOAD="UDP, unlimited rate, $UDP_LEN-byte payloads,"
+fi
 [ -z "$VXLAN" ] || REPORT_LOAD="$REPORT_LOAD inside VXLAN (MTU $VX_MTU),"
 # Each kind of load has its own generated section: plain TCP's is `netns-throughput`.
-REPORT_MODE=$(IFS=-; m=(${UDP_LEN:+udp} ${VXLAN:+vxlan}); echo "${m[*]}")
+REPORT_MODE=$(IFS=-; m=(${UDP_LEN:+udp} ${VXLAN:+vxlan} ${RATE:+paced}); echo "${m[*]}")
 REPORT_IMPLS="${IMPLS[*]}"
 export REPORT_MODE REPORT_MACHINE REPORT_DATE REPORT_SKIPPED REPORT_COMMAND REPORT_REPS REPORT_SECONDS REPORT_MTU REPORT_IMPLS REPORT_LOAD
 python3 - "$WORK/results.tsv" "$WORK/versions.tsv" "$OUT" <<'PY'
@@ -456,9 +472,12 @@ def f(v, fmt="%.2f"):
     return "–" if v is None else fmt % v
 
 mode = env.get("REPORT_MODE", "")
-titles = {"": "", "udp": ", UDP", "vxlan": ", TCP inside VXLAN", "udp-vxlan": ", UDP inside VXLAN"}
+parts = mode.split("-") if mode else []
+title = "" if not parts else (", " + ("UDP" if "udp" in parts else "TCP")
+                              + (" inside VXLAN" if "vxlan" in parts else "")
+                              + (", paced" if "paced" in parts else ""))
 lines = [
-    f"## netns throughput{titles.get(mode, ', ' + mode)} (generated)",
+    f"## netns throughput{title} (generated)",
     "",
     f"- Machine: {env['REPORT_MACHINE']}",
     f"- Command: `{env['REPORT_COMMAND']}`",
@@ -466,8 +485,8 @@ lines = [
     f"- Repetitions: {env['REPORT_REPS']} (interleaved), {env['REPORT_SECONDS']} s of iperf3 {env['REPORT_LOAD']} per run,"
     f" streams: {', '.join(map(str, streams))}; tunnel MTU {env['REPORT_MTU']}",
     "",
-    "| Implementation | Streams | Gbit/s (median) | min–max | vs isthmus | CPU sender (% of a core) | CPU receiver (% of a core) | host busy | runs ok |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| Implementation | Streams | Gbit/s (median) | min–max | vs isthmus | CPU sender (% of a core) | CPU receiver (% of a core) | CPU per Gbit/s, sender / receiver | host busy | runs ok |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for impl in impls:
     for s in streams:
@@ -475,14 +494,16 @@ for impl in impls:
         base = stats.get(("isthmus", s), {}).get("gbps")
         ratio = f"{st['gbps'] / base:.2f}×" if st["gbps"] is not None and base else "n/a"
         cpu = ("–", "–") if impl == "veth" else (f(st["tx"], "%.0f"), f(st["rx"], "%.0f"))
+        per = lambda c: None if c is None or not st["gbps"] else c / st["gbps"]
+        per_gbit = "–" if impl == "veth" else f"{f(per(st['tx']), '%.1f')} / {f(per(st['rx']), '%.1f')}"
         rng = f"{f(st['lo'])}–{f(st['hi'])}" if st["lo"] is not None else "–"
-        lines.append(f"| {impl} | {s} | {f(st['gbps'])} | {rng} | {ratio} | {cpu[0]} | {cpu[1]} | {f(st['host'], '%.0f%%')} | {st['n']}/{st['total']} |")
+        lines.append(f"| {impl} | {s} | {f(st['gbps'])} | {rng} | {ratio} | {cpu[0]} | {cpu[1]} | {per_gbit} | {f(st['host'], '%.0f%%')} | {st['n']}/{st['total']} |")
 lines += [
     "",
     "\"vs isthmus\" is the implementation's median divided by isthmus's median for the same stream count"
     " (above 1 = faster than isthmus). CPU is utime+stime of the daemon process (all threads) on the"
     " sending (iperf3 client) and receiving (iperf3 server) side over the run; kernel work done in softirq context is mostly"
-    " charged elsewhere. veth has no daemon. \"host busy\" is the whole machine's CPU use"
+    " charged elsewhere; CPU per Gbit/s is the median CPU over the median rate (% of a core per Gbit/s). veth has no daemon. \"host busy\" is the whole machine's CPU use"
     f" over the run ({os.cpu_count()} CPUs = 100%), including iperf3, the kernel and anything else running.",
     "",
     "Versions:",
