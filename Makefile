@@ -78,3 +78,4 @@ bench: build
 	bash scripts/build-peers.sh
 	bash benches/netns-throughput.sh
 	bash benches/netns-throughput.sh --vxlan
+	bash benches/netns-throughput.sh --rate 2 --streams 1
