@@ -123,7 +123,7 @@ mod tests {
     /// where `sum` switches and on packet sizes.
     #[test]
     fn the_wide_loop_sums_what_the_plain_one_does() {
-        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 40_503 >> 7) as u8).collect();
+        let data: Vec<u8> = (0..70_000u32).map(|i| ((i * 40_503) >> 7) as u8).collect();
         for start in 0..4 {
             for len in (200..320).chain([1419, 1420, 9000, 65_535]) {
                 let d = &data[start..start + len];
