@@ -10,8 +10,8 @@
 //! and leave in UDP GSO sends of up to 64 datagrams. Inbound, one receive returns up to
 //! [`RECV_BATCH`] GRO batches of up to 64 datagrams each; they are opened where they
 //! arrived and coalesced ([`Coalescer`]) into super-segments written to the TUN in one go.
-//! Between the TUN and the socket userspace copies each byte once (the split's copy or the
-//! coalescer's). Both readers keep reading while packets are queued and finish their batch
+//! Between the TUN and the socket userspace copies each byte at most once (the split or the
+//! coalescer). Both readers keep reading while packets are queued and finish their batch
 //! when the queue is empty: the TUN reader sends (or after [`TUN_READS_PER_BATCH`] reads),
 //! so datagrams the TUN hands over one by one (VXLAN, UDP) leave in GSO sends too; the
 //! socket readers write what they coalesced, so a run split over two of a peer's GSO sends
